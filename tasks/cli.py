@@ -1,0 +1,100 @@
+"""What every stage entry point shares: logging, params validation, MLflow child run, exit codes.
+
+    with stage_entry("train", params_path) as ctx:
+        result = run(ctx.params.train, ...)
+        ctx.log_metrics(result)
+
+A `ShrinkflowError` becomes its message on stderr and its exit status (2 for a bad params.yaml),
+never a stack trace; the MLflow child and parent runs are marked FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+from rich.logging import RichHandler
+
+from tasks.config import Params, load_params
+from tasks.errors import ShrinkflowError
+from tasks.io import md5_file, md5_tree
+
+log = logging.getLogger("shrinkflow")
+
+
+@dataclass
+class StageContext:
+    params: Params
+    tracker: object  # tasks.tracking.Tracker (imported lazily: mlflow is slow to import)
+
+    def log_params(self, cfg: BaseModel | dict) -> None:
+        self.tracker.log_params(cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.tracker.log_metrics(metrics, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifact(path, artifact_path)
+
+
+def setup_logging() -> None:
+    """Our loggers at INFO (or SHRINKFLOW_LOG_LEVEL); third-party chatter at WARNING."""
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    for name in ("shrinkflow", "tasks", "flows"):
+        logging.getLogger(name).setLevel(os.environ.get("SHRINKFLOW_LOG_LEVEL", "INFO"))
+
+
+def _lineage(params: Params, params_path: Path) -> dict[str, str]:
+    from tasks.tracking import git_commit
+
+    data = Path(params.dataset.path)
+    lock = Path("dvc.lock")
+    return {
+        "git_commit": git_commit(),
+        "dvc_lock_md5": md5_file(lock) if lock.exists() else "none",
+        "params_md5": md5_file(params_path),
+        "data_md5": md5_tree(data) if data.exists() else "none",
+    }
+
+
+def fail(err: ShrinkflowError) -> None:
+    """Print an expected error for the user and exit with its status."""
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(err.exit_code)
+
+
+@contextlib.contextmanager
+def stage_entry(stage: str, params_path: Path) -> Iterator[StageContext]:
+    """Validate params, open the MLflow child run, and map errors to exit statuses."""
+    setup_logging()
+    try:
+        params = load_params(params_path)
+    except ShrinkflowError as e:
+        fail(e)
+    from tasks.tracking import Tracker, tracking_uri
+
+    try:
+        tracker = Tracker(stage, params.project.mlflow_experiment)
+    except Exception as e:  # any failure to reach the store: say where we tried
+        fail(ShrinkflowError(f"MLflow tracking at {tracking_uri()} is not usable: {e}"))
+    log.info("stage %s: MLflow run %s (parent %s)", stage, tracker.run.info.run_id, tracker.parent_id)
+    try:
+        yield StageContext(params, tracker)
+    except ShrinkflowError as e:
+        tracker.finish("FAILED", _lineage(params, params_path))
+        fail(e)
+    except BaseException:
+        tracker.finish("FAILED", _lineage(params, params_path))
+        raise
+    tracker.finish("FINISHED", _lineage(params, params_path))

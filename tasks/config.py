@@ -1,0 +1,146 @@
+"""Typed, validated params.yaml: one pydantic model per stage, unknown keys rejected.
+
+`load_params` is called by every entry point before any work; a bad file raises ConfigError whose
+message reads `params.yaml: <key.path>: <problem>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import ConfigError
+
+PosInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectCfg(Section):
+    mlflow_experiment: str = Field("shrinkflow", description="MLflow experiment (one per project)")
+    registered_model: str = Field("shrinkflow-detector", description="MLflow registered model name")
+
+
+class DatasetCfg(Section):
+    path: str = Field(
+        "data/default",
+        description="dataset root: {train,val,test}.json (COCO) and the image files they name",
+    )
+
+
+class DataCfg(Section):
+    """Knobs of the built-in default data (composed from scikit-learn's handwritten digits)."""
+
+    seed: int = Field(0, description="seed for splitting the digits and composing canvases")
+    train_images: PosInt = Field(1200, description="composed training canvases")
+    val_images: PosInt = Field(200, description="composed validation canvases")
+    test_images: PosInt = Field(300, description="composed test canvases")
+    canvas_size: int = Field(128, ge=32, le=1024, description="canvas side in pixels")
+    digits_per_image: tuple[PosInt, PosInt] = Field((2, 5), description="min, max digits")
+    digit_size: tuple[PosInt, PosInt] = Field((14, 36), description="min, max digit side, px")
+    clutter: int = Field(6, ge=0, description="distractor strokes and fragments per canvas")
+    split_fractions: tuple[float, float, float] = Field(
+        (0.6, 0.15, 0.25), description="fractions of the 1,797 source digits for train/val/test"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataCfg:
+        lo, hi = self.digit_size
+        if lo > hi or hi > self.canvas_size // 2:
+            raise ValueError("digit_size must be (min <= max <= canvas_size/2)")
+        if self.digits_per_image[0] > self.digits_per_image[1]:
+            raise ValueError("digits_per_image must be (min <= max)")
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) <= 0:
+            raise ValueError("split_fractions must be three positive numbers summing to 1")
+        return self
+
+
+class LabelQaCfg(Section):
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description="fail the run when the share of flagged images exceeds this"
+    )
+    min_box_px: float = Field(1.0, ge=0, description="boxes narrower/shorter than this are flagged")
+
+
+class TrainCfg(Section):
+    seed: int = Field(0, description="torch / numpy seed")
+    epochs: PosInt = Field(30, description="training epochs")
+    batch_size: PosInt = Field(32)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW, one-cycle)")
+    weight_decay: float = Field(1e-4, ge=0)
+    input_size: int = Field(128, ge=32, le=1024, description="square model input side, px")
+    width: float = Field(1.0, gt=0, le=4, description="channel multiplier")
+    depth: int = Field(1, ge=1, le=6, description="extra conv blocks per backbone stage")
+    amp: bool = Field(True, description="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    threads: PosInt = Field(2, description="torch intra-op threads on CPU")
+    augment: bool = Field(True, description="random horizontal shift/scale jitter")
+
+
+class ExportCfg(Section):
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset")
+    max_detections: PosInt = Field(100, description="K of the in-graph top-K decode")
+    score_floor: float = Field(0.01, ge=0, lt=1, description="detections below are not counted")
+    simplifier: Literal["onnxsim", "onnxslim", "none"] = Field("onnxsim")
+    parity_tolerance: float = Field(1e-3, gt=0, description="max |onnx - torch| allowed")
+    parity_images: PosInt = Field(16, description="test images used for the parity check")
+
+
+class BuildEngineCfg(Section):
+    targets: list[Literal["onnxruntime"]] = Field(["onnxruntime"], min_length=1)
+    threads: PosInt = Field(2, description="intra-op threads of every runtime")
+
+
+class EvaluateCfg(Section):
+    score_threshold: float = Field(0.3, gt=0, lt=1, description="operating point for P/R")
+    warmup: int = Field(10, ge=0, description="untimed calls before each timed block")
+    latency_runs: PosInt = Field(60, description="timed batch-1 calls per runtime")
+    throughput_batch: PosInt = Field(32)
+    throughput_runs: PosInt = Field(5)
+    rounds: PosInt = Field(3, description="alternating benchmark rounds (order shuffled)")
+
+
+class Params(Section):
+    project: ProjectCfg = ProjectCfg()
+    dataset: DatasetCfg = DatasetCfg()
+    data: DataCfg = DataCfg()
+    label_qa: LabelQaCfg = LabelQaCfg()
+    train: TrainCfg = TrainCfg()
+    export: ExportCfg = ExportCfg()
+    build_engine: BuildEngineCfg = BuildEngineCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
+
+
+def _format(file: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{file}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or any key is unknown, mistyped or out of range.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: file not found") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: <root>: expected a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(path.name, e)) from e

@@ -1,0 +1,77 @@
+"""Detection metrics with pycocotools: mAP@0.5, mAP@0.5:0.95, precision/recall at an operating
+threshold (from COCOeval's own matching) and the PR curve at IoU 0.5."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+# A runner maps float32 (B, 3, S, S) in [0, 1] to (num, boxes xyxy, scores, classes) arrays.
+Runner = Callable[[np.ndarray], Sequence[np.ndarray]]
+
+
+def predict(runner: Runner, dataset, batch_size: int = 32) -> list[dict]:
+    """Run `runner` over a DetectionSet; return COCO result rows in original image pixels."""
+    rows: list[dict] = []
+    for start in range(0, len(dataset), batch_size):
+        sl = slice(start, start + batch_size)
+        num, boxes, scores, classes = (np.asarray(o) for o in runner(dataset.batch(sl)))
+        for j, image_id in enumerate(dataset.ids[sl]):
+            sx, sy = dataset.scale[start + j]
+            for k in range(int(num[j])):
+                x0, y0, x1, y1 = boxes[j, k].tolist()
+                rows.append({
+                    "image_id": int(image_id),
+                    "category_id": int(dataset.categories[int(classes[j, k])]),
+                    "bbox": [x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy],
+                    "score": float(scores[j, k]),
+                })
+    return rows
+
+
+def coco_metrics(gt: dict, detections: list[dict], score_threshold: float) -> dict:
+    """COCO evaluation of `detections` against the ground-truth COCO dict `gt`.
+
+    Returns map50, map50_95, precision and recall at `score_threshold` (IoU 0.5, COCOeval's
+    greedy matching, area "all", 100 detections), and `pr_curve` rows {recall, precision}.
+    """
+    empty = {"map50": 0.0, "map50_95": 0.0, "precision": 0.0, "recall": 0.0,
+             "pr_curve": [{"recall": r, "precision": 0.0} for r in np.linspace(0, 1, 101)]}
+    if not detections or not gt["annotations"]:
+        return empty
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_gt = COCO()
+        coco_gt.dataset = {k: gt[k] for k in ("images", "annotations", "categories")}
+        for a in coco_gt.dataset["annotations"]:
+            a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(detections)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    # precision: (T iou, R recall, K class, A area, M maxdet); -1 where a class has no gt
+    prec = ev.eval["precision"][0, :, :, 0, -1]
+    valid = prec.mean(axis=0) > -1
+    curve = np.where(prec[:, valid] > -1, prec[:, valid], 0).mean(axis=1)
+    tp = n_det = 0
+    n_gt = sum(1 for a in gt["annotations"] if not a.get("iscrowd", 0))
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != ev.params.areaRng[0] or e["maxDet"] != ev.params.maxDets[-1]:
+            continue
+        keep = (np.asarray(e["dtScores"]) >= score_threshold) & ~e["dtIgnore"][0].astype(bool)
+        n_det += int(keep.sum())
+        tp += int(((e["dtMatches"][0] > 0) & keep).sum())
+    return {
+        "map50": float(ev.stats[1]),
+        "map50_95": float(ev.stats[0]),
+        "precision": tp / n_det if n_det else 0.0,
+        "recall": tp / n_gt if n_gt else 0.0,
+        "pr_curve": [{"recall": float(r), "precision": float(p)}
+                     for r, p in zip(ev.params.recThrs, curve, strict=True)],
+    }

@@ -1,0 +1,140 @@
+"""A small anchor-free detector (CenterNet-style: heatmap + size + offset at stride 4).
+
+Zhou et al., "Objects as Points", 2019 (arXiv:1904.07850). Plain 3x3 convolutions with BN+ReLU
+(depthwise blocks gain little or lose from INT8 on the target CPUs). The config holds every
+channel count, so a pruned model is rebuilt from its checkpoint without torch-pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BASE_CHANNELS = (16, 32, 64, 128)  # stem, stride 4, 8, 16
+BASE_NECK = 64
+STRIDE = 4
+
+
+@dataclass
+class DetectorConfig:
+    num_classes: int = 10
+    input_size: int = 128
+    width: float = 1.0
+    depth: int = 1
+    # Explicit widths; derived from `width` when empty. Pruning rewrites them.
+    channels: list[int] = field(default_factory=list)
+    neck: int = 0
+    head: int = 0
+
+    def __post_init__(self) -> None:
+        scale = lambda c: max(8, int(round(c * self.width / 8)) * 8)  # noqa: E731
+        if not self.channels:
+            self.channels = [scale(c) for c in BASE_CHANNELS]
+        self.neck = self.neck or scale(BASE_NECK)
+        self.head = self.head or scale(BASE_NECK)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, s: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class Detector(nn.Module):
+    """Input (B, 3, S, S) in [0, 1]; output (B, C + 4, S/4, S/4): class heatmap logits, then
+    box width/height and centre offset, both in stride-4 cells."""
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c0, c1, c2, c3 = cfg.channels
+        self.stem = conv_bn(3, c0, s=2)  # /2
+        self.stages = nn.ModuleList()
+        for cin, cout in ((c0, c1), (c1, c2), (c2, c3)):  # /4, /8, /16
+            blocks = [conv_bn(cin, cout, s=2)] + [conv_bn(cout, cout) for _ in range(cfg.depth)]
+            self.stages.append(nn.Sequential(*blocks))
+        n = cfg.neck
+        self.lat3, self.lat2, self.lat1 = conv_bn(c3, n, 1), conv_bn(c2, n, 1), conv_bn(c1, n, 1)
+        self.smooth2, self.smooth1 = conv_bn(n, n), conv_bn(n, n)
+        self.head = conv_bn(n, cfg.head)
+        self.out = nn.Conv2d(cfg.head, cfg.num_classes + 4, 1)
+        nn.init.constant_(self.out.bias[: cfg.num_classes], -2.19)  # prior p=0.1 (focal loss)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - 0.5) / 0.25
+        f1 = self.stages[0](self.stem(x))  # (B, c1, S/4, S/4)
+        f2 = self.stages[1](f1)  # (B, c2, S/8, S/8)
+        f3 = self.stages[2](f2)  # (B, c3, S/16, S/16)
+        p = self.lat3(f3)
+        p = self.smooth2(F.interpolate(p, scale_factor=2.0, mode="nearest") + self.lat2(f2))
+        p = self.smooth1(F.interpolate(p, scale_factor=2.0, mode="nearest") + self.lat1(f1))
+        return self.out(self.head(p))
+
+
+class DetectorWithDecode(nn.Module):
+    """The deployable graph: raw maps -> the 4-output detection signature.
+
+    Returns num_detections (B,) int32, boxes (B, K, 4) xyxy in input pixels, scores (B, K),
+    classes (B, K) int32; rows past num_detections are padding.
+    """
+
+    def __init__(self, model: Detector, max_detections: int = 100, score_floor: float = 0.01):
+        super().__init__()
+        self.model = model
+        self.k = max_detections
+        self.score_floor = score_floor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return decode(self.model(x), self.model.cfg.num_classes, self.k, self.score_floor,
+                      float(self.model.cfg.input_size))
+
+
+def decode(
+    raw: torch.Tensor, num_classes: int, k: int, score_floor: float, size: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    heat = raw[:, :num_classes].sigmoid()  # (B, C, H, W)
+    peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat).to(heat.dtype)  # 3x3 peak NMS
+    _, _, h, w = heat.shape
+    scores, idx = peaks.flatten(1).topk(k)  # (B, K)
+    classes = idx // (h * w)
+    pix = idx % (h * w)
+    ys, xs = (pix // w).to(raw.dtype), (pix % w).to(raw.dtype)
+    gather = pix.unsqueeze(1).expand(-1, 2, -1)  # (B, 2, K)
+    wh = raw[:, num_classes : num_classes + 2].flatten(2).gather(2, gather)
+    off = raw[:, num_classes + 2 : num_classes + 4].flatten(2).gather(2, gather)
+    cx, cy = (xs + off[:, 0]) * STRIDE, (ys + off[:, 1]) * STRIDE
+    bw, bh = wh[:, 0].clamp(min=0.0) * STRIDE, wh[:, 1].clamp(min=0.0) * STRIDE
+    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).clamp(0.0, size)
+    num = (scores >= score_floor).sum(dim=1).to(torch.int32)
+    return num, boxes, scores, classes.to(torch.int32)
+
+
+def build(cfg: DetectorConfig) -> Detector:
+    return Detector(cfg)
+
+
+def load_checkpoint(path) -> tuple[Detector, dict]:
+    """Rebuild a model from a checkpoint written by `save_checkpoint` (weights_only load)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = Detector(DetectorConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
+
+
+def macs_and_params(model: Detector) -> tuple[int, int]:
+    """MACs at the configured input size and parameter count (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    example = torch.zeros(1, 3, model.cfg.input_size, model.cfg.input_size)
+    was_training = model.training
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    model.train(was_training)
+    return int(macs), int(params)

@@ -1,0 +1,235 @@
+"""Stage `train`: the FP32 detector, trained on the cleaned manifest.
+
+Mixed precision (bf16 autocast on CPU, fp16 + GradScaler on CUDA), seeded, AdamW with a one-cycle
+schedule. Per epoch: train loss and val mAP to MLflow and to the DVC plot `plots/curves.csv`.
+The checkpoint holds the model config, weights and categories (loadable with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+from tqdm import tqdm
+
+from tasks.cli import stage_entry
+from tasks.coco import DetectionSet
+from tasks.config import TrainCfg
+from tasks.io import meta, remove, write_json, write_text
+from tasks.metrics import coco_metrics, predict
+from tasks.model import STRIDE, Detector, DetectorConfig, DetectorWithDecode, macs_and_params
+
+log = logging.getLogger(__name__)
+
+
+def make_targets(boxes: list[np.ndarray], labels: list[np.ndarray], num_classes: int, size: int):
+    """CenterNet targets on the stride-4 grid.
+
+    Returns heat (B, C, H, W) with an elliptical Gaussian per object (TTFNet, arXiv:1909.00700),
+    reg (B, 4, H, W) = box w, h and centre offset in cells, mask (B, H, W) = 1 at object centres.
+    """
+    h = w = size // STRIDE
+    b = len(boxes)
+    heat = np.zeros((b, num_classes, h, w), np.float32)
+    reg = np.zeros((b, 4, h, w), np.float32)
+    mask = np.zeros((b, h, w), np.float32)
+    ys, xs = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None, :]
+    for i, (bx, lb) in enumerate(zip(boxes, labels, strict=True)):
+        for (x0, y0, x1, y1), c in zip(bx / STRIDE, lb, strict=True):
+            bw, bh = x1 - x0, y1 - y0
+            if bw <= 0 or bh <= 0:
+                continue
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            ix, iy = min(int(cx), w - 1), min(int(cy), h - 1)
+            sx, sy = max(bw * 0.54 / 6, 0.5), max(bh * 0.54 / 6, 0.5)
+            g = np.exp(-((xs - ix) ** 2) / (2 * sx**2) - ((ys - iy) ** 2) / (2 * sy**2))
+            np.maximum(heat[i, c], g, out=heat[i, c])
+            reg[i, :, iy, ix] = (bw, bh, cx - ix, cy - iy)
+            mask[i, iy, ix] = 1.0
+    return torch.from_numpy(heat), torch.from_numpy(reg), torch.from_numpy(mask)
+
+
+def detection_loss(raw: torch.Tensor, heat, reg, mask, num_classes: int) -> torch.Tensor:
+    """Penalty-reduced focal loss on the heatmap + L1 on size (x0.1) and offset at centres."""
+    logits = raw[:, :num_classes].float()
+    pred = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+    pos = heat.eq(1).float()
+    neg_w = (1 - heat).pow(4)
+    pos_loss = (pos * (1 - pred).pow(2) * torch.log(pred)).sum()
+    neg_loss = ((1 - pos) * neg_w * pred.pow(2) * torch.log(1 - pred)).sum()
+    n = mask.sum().clamp(min=1)
+    focal = -(pos_loss + neg_loss) / n
+    r = raw[:, num_classes : num_classes + 4].float()
+    m = mask.unsqueeze(1)
+    size_l1 = (F.l1_loss(r[:, :2], reg[:, :2], reduction="none") * m).sum() / n
+    off_l1 = (F.l1_loss(r[:, 2:], reg[:, 2:], reduction="none") * m).sum() / n
+    return focal + 0.1 * size_l1 + off_l1
+
+
+def augment(images: np.ndarray, boxes: list[np.ndarray], rng: np.random.Generator):
+    """Random translation (zero fill) and channel permutation; boxes follow the shift."""
+    n, s = images.shape[0], images.shape[1]
+    out = np.zeros_like(images)
+    moved = []
+    for i in range(n):
+        dx, dy = rng.integers(-s // 8, s // 8 + 1, size=2)
+        src = images[i][max(0, -dy) : s - max(0, dy), max(0, -dx) : s - max(0, dx)]
+        out[i, max(0, dy) : max(0, dy) + src.shape[0], max(0, dx) : max(0, dx) + src.shape[1]] = src
+        out[i] = out[i][..., rng.permutation(3)]
+        b = boxes[i] + np.array([dx, dy, dx, dy], np.float32)
+        b = np.clip(b, 0, s)
+        moved.append(b)
+    return out, moved
+
+
+def _keep_visible(boxes, labels, originals):
+    """Drop boxes that the shift pushed mostly out of the canvas (< 60% of the area left)."""
+    out_b, out_l = [], []
+    for b, lb, o in zip(boxes, labels, originals, strict=True):
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        full = (o[:, 2] - o[:, 0]) * (o[:, 3] - o[:, 1])
+        keep = area >= 0.6 * np.maximum(full, 1e-6)
+        out_b.append(b[keep])
+        out_l.append(lb[keep])
+    return out_b, out_l
+
+
+def evaluate_model(model: Detector, data: DetectionSet, score_threshold: float = 0.3) -> dict:
+    """COCO metrics of the PyTorch model on a split (decode as in the exported graph)."""
+    wrapped = DetectorWithDecode(model).eval()
+
+    def runner(x: np.ndarray):
+        with torch.inference_mode():
+            return [t.numpy() for t in wrapped(torch.from_numpy(x))]
+
+    was_training = model.training
+    model.eval()
+    result = coco_metrics(data.coco, predict(runner, data), score_threshold)
+    model.train(was_training)
+    return result
+
+
+def pick_device(cfg: TrainCfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def run(cfg: TrainCfg, *, train: DetectionSet, val: DetectionSet, on_epoch=None):
+    """Train a detector. Returns (model on CPU, per-epoch history rows).
+
+    `on_epoch(row)` is called after each epoch with {epoch, train_loss, val_map50, val_map50_95}.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    num_classes = len(train.categories)
+    model = Detector(DetectorConfig(num_classes, cfg.input_size, cfg.width, cfg.depth)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = rng.permutation(len(train))
+        losses = []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False)
+        for step in bar:
+            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            images = train.images[idx]
+            boxes = [train.boxes[i] for i in idx]
+            labels = [train.labels[i] for i in idx]
+            if cfg.augment:
+                images, shifted = augment(images, boxes, rng)
+                boxes, labels = _keep_visible(shifted, labels, boxes)
+            heat, reg, mask = (t.to(device) for t in make_targets(boxes, labels, num_classes, cfg.input_size))
+            x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                raw = model(x)
+            loss = detection_loss(raw, heat, reg, mask, num_classes)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        model.cpu()
+        val_metrics = evaluate_model(model, val)
+        model.to(device)
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+               "val_map50": val_metrics["map50"], "val_map50_95": val_metrics["map50_95"]}
+        log.info("epoch %d: loss %.4f  val mAP@0.5 %.4f", epoch, row["train_loss"], row["val_map50"])
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+    return model.cpu().eval(), history
+
+
+def save_checkpoint(path: Path, model: Detector, categories: list[dict], extra: dict) -> None:
+    """Write {config, state_dict, categories, ...} atomically (temp file, then rename)."""
+    buf = io.BytesIO()
+    torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
+                "categories": categories, **extra}, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml")),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    out: Path = typer.Option(Path("artifacts/train")),
+) -> None:
+    """Train the FP32 detector on the cleaned manifest."""
+    with stage_entry("train", params) as ctx:
+        cfg = ctx.params.train
+        ctx.log_params(cfg)
+        for stale in ("model.pt", "metrics.json", "meta.json", "plots/curves.csv"):
+            remove(out / stale)
+        m = json.loads(manifest.read_text())
+        train = DetectionSet(m, "train", cfg.input_size)
+        val = DetectionSet(m, "val", cfg.input_size)
+        log.info("train: %d images, val: %d images", len(train), len(val))
+
+        def on_epoch(row: dict) -> None:
+            ctx.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+        model, history = run(cfg, train=train, val=val, on_epoch=on_epoch)
+        macs, n_params = macs_and_params(model)
+        final = evaluate_model(model, val, ctx.params.evaluate.score_threshold)
+        metrics = {"val_map50": final["map50"], "val_map50_95": final["map50_95"],
+                   "train_loss": history[-1]["train_loss"], "macs": macs, "params": n_params}
+        save_checkpoint(out / "model.pt", model, m["splits"]["train"]["categories"],
+                        {"train_cfg": cfg.model_dump(mode="json"), "metrics": metrics})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+        write_text(out / "plots" / "curves.csv", buf.getvalue())
+        write_json(out / "meta.json", meta(cfg, {"manifest": manifest}, ("pycocotools",)))
+        write_json(out / "metrics.json", metrics)
+        ctx.log_metrics(metrics)
+        ctx.log_artifact(out / "plots" / "curves.csv", "plots")
+
+
+if __name__ == "__main__":
+    app()
