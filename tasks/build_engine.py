@@ -27,8 +27,9 @@ def run(cfg: BuildEngineCfg, *, target: str, onnx_path: Path, out: Path) -> dict
     with atomic_dir(out) as tmp:
         facts = engine.build(onnx_path, tmp, cfg)
         size = (tmp / engine.engine_file).stat().st_size if facts["status"] == "ok" else 0
-        write_json(tmp / "engine.json", {"target": target, "engine_file": engine.engine_file,
-                                         **facts})
+        write_json(
+            tmp / "engine.json", {"target": target, "engine_file": engine.engine_file, **facts}
+        )
     return {"target": target, **facts, "build_s": time.perf_counter() - t0, "size_mb": size / 2**20}
 
 

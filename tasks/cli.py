@@ -88,7 +88,9 @@ def stage_entry(stage: str, params_path: Path) -> Iterator[StageContext]:
         tracker = Tracker(stage, params.project.mlflow_experiment)
     except Exception as e:  # any failure to reach the store: say where we tried
         fail(ShrinkflowError(f"MLflow tracking at {tracking_uri()} is not usable: {e}"))
-    log.info("stage %s: MLflow run %s (parent %s)", stage, tracker.run.info.run_id, tracker.parent_id)
+    log.info(
+        "stage %s: MLflow run %s (parent %s)", stage, tracker.run.info.run_id, tracker.parent_id
+    )
     try:
         yield StageContext(params, tracker)
     except ShrinkflowError as e:

@@ -32,7 +32,7 @@ class CocoAnnotation(_Entry):
     id: int
     image_id: int
     category_id: int
-    bbox: tuple[float, float, float, float]
+    bbox: list[float] = Field(min_length=4, max_length=4)
     iscrowd: int = 0
 
 
@@ -58,9 +58,13 @@ def load_coco(path: Path) -> CocoFile:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from e
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+        raise DataError(
+            f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from e
     if not isinstance(raw, dict):
-        raise DataError(f"{path}: <root>: expected a JSON object with images/annotations/categories")
+        raise DataError(
+            f"{path}: <root>: expected a JSON object with images/annotations/categories"
+        )
     try:
         return CocoFile.model_validate(raw)
     except ValidationError as e:
@@ -114,9 +118,13 @@ class DetectionSet:
             self.ids.append(im["id"])
             images.append(np.asarray(pixels))
             self.boxes.append(xyxy * np.array([sx, sy, sx, sy], dtype=np.float32))
-            self.labels.append(np.array([cat_index[a["category_id"]] for a in anns], dtype=np.int64))
+            self.labels.append(
+                np.array([cat_index[a["category_id"]] for a in anns], dtype=np.int64)
+            )
             self.scale.append((1 / sx, 1 / sy))
-        self.images = np.stack(images) if images else np.zeros((0, input_size, input_size, 3), np.uint8)
+        self.images = (
+            np.stack(images) if images else np.zeros((0, input_size, input_size, 3), np.uint8)
+        )
 
     def __len__(self) -> int:
         return len(self.ids)

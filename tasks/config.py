@@ -89,6 +89,9 @@ class ExportCfg(Section):
     simplifier: Literal["onnxsim", "onnxslim", "none"] = Field("onnxsim")
     parity_tolerance: float = Field(1e-3, gt=0, description="max |onnx - torch| allowed")
     parity_images: PosInt = Field(16, description="test images used for the parity check")
+    parity_min_score: float = Field(
+        0.1, ge=0, lt=1, description="detections below this score are not compared for parity"
+    )
 
 
 class BuildEngineCfg(Section):

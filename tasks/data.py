@@ -26,7 +26,9 @@ SPLITS = ("train", "val", "test")
 CATEGORIES = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
 
 
-def split_sources(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+def split_sources(
+    n: int, fractions: tuple[float, float, float], seed: int
+) -> dict[str, np.ndarray]:
     """Disjoint index sets of the source digits, one per split."""
     order = np.random.default_rng(seed).permutation(n)
     n_train = int(round(fractions[0] * n))
@@ -60,7 +62,9 @@ def _clutter(rng: np.random.Generator, img: np.ndarray, count: int) -> np.ndarra
         x0, y0 = rng.uniform(0, size, 2)
         if kind == 0:  # stroke
             x1, y1 = x0 + rng.normal(0, size / 5), y0 + rng.normal(0, size / 5)
-            draw.line([x0, y0, x1, y1], fill=int(rng.integers(80, 200)), width=int(rng.integers(1, 3)))
+            draw.line(
+                [x0, y0, x1, y1], fill=int(rng.integers(80, 200)), width=int(rng.integers(1, 3))
+            )
         elif kind == 1:  # ring
             r = rng.uniform(3, size / 10)
             draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], outline=int(rng.integers(80, 200)))
@@ -74,7 +78,9 @@ def _clutter(rng: np.random.Generator, img: np.ndarray, count: int) -> np.ndarra
 
 def _overlaps(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, int]]) -> bool:
     x, y, w, h = box
-    return any(x < bx + bw and bx < x + w and y < by + bh and by < y + h for bx, by, bw, bh in boxes)
+    return any(
+        x < bx + bw and bx < x + w and y < by + bh and by < y + h for bx, by, bw, bh in boxes
+    )
 
 
 def compose_canvas(
@@ -114,7 +120,11 @@ def compose_canvas(
         ink = alpha > 0.25
         if not ink.any():
             continue
-        colour = np.clip(img[y : y + h, x : x + w].mean((0, 1)) + rng.choice([-1, 1]) * rng.uniform(0.35, 0.7), 0, 1)
+        colour = np.clip(
+            img[y : y + h, x : x + w].mean((0, 1)) + rng.choice([-1, 1]) * rng.uniform(0.35, 0.7),
+            0,
+            1,
+        )
         patch = img[y : y + h, x : x + w]
         img[y : y + h, x : x + w] = patch * (1 - alpha[..., None]) + colour * alpha[..., None]
         ys, xs = np.nonzero(ink)
@@ -145,20 +155,27 @@ def run(cfg: DataCfg, *, out_dir: Path) -> dict:
                 name = f"images/{split}/{image_id:05d}.png"
                 Image.fromarray(pixels).save(tmp / name)
                 coco["images"].append(
-                    {"id": image_id, "file_name": name, "width": cfg.canvas_size, "height": cfg.canvas_size}
+                    {
+                        "id": image_id,
+                        "file_name": name,
+                        "width": cfg.canvas_size,
+                        "height": cfg.canvas_size,
+                    }
                 )
                 for p in placed:
                     src = int(pool[p["index"]])
                     x, y, w, h = p["bbox"]
-                    coco["annotations"].append({
-                        "id": len(coco["annotations"]) + 1,
-                        "image_id": image_id,
-                        "category_id": int(labels[src]) + 1,
-                        "bbox": [x, y, w, h],
-                        "area": w * h,
-                        "iscrowd": 0,
-                        "source_index": src,  # row of sklearn's digits: proves splits are disjoint
-                    })
+                    coco["annotations"].append(
+                        {
+                            "id": len(coco["annotations"]) + 1,
+                            "image_id": image_id,
+                            "category_id": int(labels[src]) + 1,
+                            "bbox": [x, y, w, h],
+                            "area": w * h,
+                            "iscrowd": 0,
+                            "source_index": src,  # sklearn row: proves splits are disjoint
+                        }
+                    )
             write_json(tmp / f"{split}.json", coco)
             metrics[split] = {
                 "images": len(coco["images"]),

@@ -65,8 +65,10 @@ def run(
     lat = time_blocks(runners, one, warmup=cfg.warmup, runs=cfg.latency_runs, rounds=cfg.rounds)
     thr = time_blocks(runners, many, warmup=2, runs=cfg.throughput_runs, rounds=cfg.rounds)
     macs, n_params = macs_and_params(model)
-    sizes = {target: (engine_dir / facts["engine_file"]).stat().st_size / 2**20,
-             BASELINE: checkpoint.stat().st_size / 2**20}
+    sizes = {
+        target: (engine_dir / facts["engine_file"]).stat().st_size / 2**20,
+        BASELINE: checkpoint.stat().st_size / 2**20,
+    }
     kpis = {}
     for name in runners:
         kpis[name] = {
@@ -95,16 +97,30 @@ def run(
 def render_report(metrics: dict) -> str:
     if metrics["status"] != "ok":
         return f"# Evaluation: {metrics['target']}\n\nstatus: {metrics['status']}\n"
-    keys = [*QUALITY, "latency_ms_p50", "latency_ms_p95", "throughput_ips", "size_mb", "params",
-            "macs"]
+    keys = [
+        *QUALITY,
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "throughput_ips",
+        "size_mb",
+        "params",
+        "macs",
+    ]
     base = metrics["baseline"]
     rows = [f"| {k} | {metrics[k]:.4g} | {base[k]:.4g} |" for k in keys]
-    return "\n".join([
-        f"# Evaluation: {metrics['target']}", "",
-        f"Test images: {metrics['test_images']} · threads: {metrics['threads']} · "
-        f"batch-1 speed-up vs eager: {metrics['speedup_vs_eager']:.2f}x", "",
-        f"| KPI | {metrics['target']} | {base['name']} |", "| --- | --- | --- |", *rows, "",
-    ])
+    return "\n".join(
+        [
+            f"# Evaluation: {metrics['target']}",
+            "",
+            f"Test images: {metrics['test_images']} · threads: {metrics['threads']} · "
+            f"batch-1 speed-up vs eager: {metrics['speedup_vs_eager']:.2f}x",
+            "",
+            f"| KPI | {metrics['target']} | {base['name']} |",
+            "| --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
 
 
 app = typer.Typer(add_completion=False)
@@ -125,17 +141,25 @@ def main(
         ctx.log_params({**cfg.model_dump(mode="json"), "target": target})
         for stale in ("metrics.json", "report.md", "meta.json", "plots/pr_curve.csv"):
             remove(out / stale)
-        metrics, curve = run(cfg, target=target, engine_dir=engine, checkpoint=checkpoint,
-                             manifest=json.loads(manifest.read_text()),
-                             engine_cfg=ctx.params.build_engine, export_cfg=ctx.params.export)
+        metrics, curve = run(
+            cfg,
+            target=target,
+            engine_dir=engine,
+            checkpoint=checkpoint,
+            manifest=json.loads(manifest.read_text()),
+            engine_cfg=ctx.params.build_engine,
+            export_cfg=ctx.params.export,
+        )
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["recall", "precision"])
         writer.writeheader()
         writer.writerows(curve)
         write_text(out / "plots" / "pr_curve.csv", buf.getvalue())
         write_text(out / "report.md", render_report(metrics))
-        write_json(out / "meta.json", meta(cfg, {"engine": engine, "checkpoint": checkpoint},
-                                           ("onnxruntime", "pycocotools")))
+        write_json(
+            out / "meta.json",
+            meta(cfg, {"engine": engine, "checkpoint": checkpoint}, ("onnxruntime", "pycocotools")),
+        )
         write_json(out / "metrics.json", metrics)
         ctx.log_metrics(metrics)
         for f in ("report.md", "metrics.json", "plots/pr_curve.csv"):

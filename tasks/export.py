@@ -52,8 +52,13 @@ def to_onnx(model: Detector, cfg: ExportCfg, path: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.onnx"
         torch.onnx.export(
-            wrapped, (example,), str(raw_path), dynamo=True, opset_version=cfg.opset,
-            input_names=["images"], output_names=OUTPUTS,
+            wrapped,
+            (example,),
+            str(raw_path),
+            dynamo=True,
+            opset_version=cfg.opset,
+            input_names=["images"],
+            output_names=OUTPUTS,
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
             verbose=False,
         )
@@ -65,17 +70,34 @@ def to_onnx(model: Detector, cfg: ExportCfg, path: Path) -> dict:
     onnx.save(simplified, str(tmp_path))
     tmp_path.replace(path)
     return {
-        "opset": cfg.opset, "simplifier": cfg.simplifier,
-        "nodes_raw": len(raw.graph.node), "nodes": len(simplified.graph.node),
+        "opset": cfg.opset,
+        "simplifier": cfg.simplifier,
+        "nodes_raw": len(raw.graph.node),
+        "nodes": len(simplified.graph.node),
         "size_mb": path.stat().st_size / 2**20,
     }
+
+
+def _match_diff(boxes_a, scores_a, classes_a, n_a, boxes_b, scores_b, classes_b) -> float:
+    """Largest difference between each of the first `n_a` detections of A and its closest
+    same-class detection anywhere in B's top-K (near-equal scores may swap places)."""
+    if n_a == 0:
+        return 0.0
+    a = np.concatenate([boxes_a[:n_a], scores_a[:n_a, None]], axis=1)  # (n, 5)
+    classes_a = classes_a[:n_a]
+    b = np.concatenate([boxes_b, scores_b[:, None]], axis=1)  # (K, 5)
+    d = np.abs(a[:, None, :] - b[None, :, :]).max(axis=2)  # (n, K)
+    d[classes_a[:, None] != classes_b[None, :]] = np.inf
+    return float(d.min(axis=1).max())
 
 
 def parity(model: Detector, onnx_path: Path, images: np.ndarray, cfg: ExportCfg) -> dict:
     """Compare ONNX Runtime (no graph rewrites) against PyTorch eager on `images` (B, 3, S, S).
 
-    The decoded outputs are compared over the detections both sides report; a differing
-    detection count or class is counted separately.
+    Every detection scoring at least `parity_min_score` on one side is matched to the closest
+    same-class detection in the other side's top-K; `parity_max_abs_diff` is the largest
+    box-coordinate or score gap. (Below that score, peaks on flat heatmap plateaus can split or
+    merge on 1e-7 differences: both outputs are right, they are just not comparable one to one.)
     """
     import onnxruntime as ort
 
@@ -86,33 +108,38 @@ def parity(model: Detector, onnx_path: Path, images: np.ndarray, cfg: ExportCfg)
     wrapped = DetectorWithDecode(model.eval(), cfg.max_detections, cfg.score_floor).eval()
     with torch.inference_mode():
         ref = [t.numpy() for t in wrapped(torch.from_numpy(images))]
-    diff, count_mismatch, class_mismatch = 0.0, 0, 0
+    diff, count_mismatch = 0.0, 0
     for i in range(images.shape[0]):
-        n = int(min(got[0][i], ref[0][i]))
         count_mismatch += int(got[0][i] != ref[0][i])
-        class_mismatch += int((got[3][i, :n] != ref[3][i, :n]).sum())
-        for o in (1, 2):  # boxes, scores
-            if n:
-                diff = max(diff, float(np.abs(got[o][i, :n] - ref[o][i, :n]).max()))
-    return {"parity_max_abs_diff": diff, "parity_count_mismatch": count_mismatch,
-            "parity_class_mismatch": class_mismatch, "parity_images": int(images.shape[0])}
+        for a, b in ((ref, got), (got, ref)):
+            n = int((a[2][i] >= cfg.parity_min_score).sum())  # scores are sorted descending
+            diff = max(diff, _match_diff(a[1][i], a[2][i], a[3][i], n, b[1][i], b[2][i], b[3][i]))
+    return {
+        "parity_max_abs_diff": diff,
+        "parity_count_mismatch": count_mismatch,
+        "parity_images": int(images.shape[0]),
+    }
 
 
 def run(cfg: ExportCfg, *, checkpoint: Path, manifest: dict, out: Path) -> dict:
     """Export the checkpoint to `out` and check parity. Raises GateFailed past the tolerance."""
     model, _ = load_checkpoint(checkpoint)
+    # The exporter warns about every torchvision op it cannot find; this model uses none.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     facts = to_onnx(model, cfg, out)
     test = DetectionSet(manifest, "test", model.cfg.input_size)
     images = test.batch(slice(0, cfg.parity_images))
     result = {**facts, **parity(model, out, images, cfg)}
-    log.info("ONNX parity: max |diff| %.2e over %d images", result["parity_max_abs_diff"],
-             result["parity_images"])
-    if result["parity_max_abs_diff"] > cfg.parity_tolerance or result["parity_class_mismatch"]:
+    log.info(
+        "ONNX parity: max |diff| %.2e over %d images",
+        result["parity_max_abs_diff"],
+        result["parity_images"],
+    )
+    if result["parity_max_abs_diff"] > cfg.parity_tolerance:
         remove(out)
         raise GateFailed(
-            f"ONNX parity: max |onnx - torch| = {result['parity_max_abs_diff']:.3g} "
-            f"(export.parity_tolerance={cfg.parity_tolerance:g}), "
-            f"{result['parity_class_mismatch']} class mismatches"
+            f"ONNX parity: max |onnx - torch| = {result['parity_max_abs_diff']:.3g} exceeds "
+            f"export.parity_tolerance={cfg.parity_tolerance:g}"
         )
     return result
 
@@ -133,10 +160,16 @@ def main(
         ctx.log_params(cfg)
         for stale in ("model.onnx", "metrics.json", "meta.json"):
             remove(out / stale)
-        result = run(cfg, checkpoint=checkpoint, manifest=json.loads(manifest.read_text()),
-                     out=out / "model.onnx")
-        write_json(out / "meta.json", meta(cfg, {"checkpoint": checkpoint},
-                                           ("onnx", "onnxsim", "onnxslim", "onnxruntime")))
+        result = run(
+            cfg,
+            checkpoint=checkpoint,
+            manifest=json.loads(manifest.read_text()),
+            out=out / "model.onnx",
+        )
+        write_json(
+            out / "meta.json",
+            meta(cfg, {"checkpoint": checkpoint}, ("onnx", "onnxsim", "onnxslim", "onnxruntime")),
+        )
         write_json(out / "metrics.json", result)
         ctx.log_metrics(result)
         ctx.log_artifact(out / "model.onnx", "model")

@@ -135,7 +135,11 @@ def check_split(
     """Run every registered rule on one COCO file; return findings and the cleaned COCO dict."""
     coco = load_coco(source)
     ctx = Context(
-        cfg, root, source, {im.id: im for im in coco.images}, {c.id for c in coco.categories},
+        cfg,
+        root,
+        source,
+        {im.id: im for im in coco.images},
+        {c.id for c in coco.categories},
         _decoded_sizes(coco, root, source),
     )
     findings: list[Finding] = []
@@ -156,7 +160,8 @@ def check_split(
     cleaned = {
         "images": [im.model_dump() for im in coco.images if im.id not in bad_images],
         "annotations": [
-            a.model_dump() for a in coco.annotations
+            a.model_dump()
+            for a in coco.annotations
             if a.id not in bad_anns and a.image_id not in bad_images
         ],
         "categories": [c.model_dump() for c in coco.categories],
@@ -187,25 +192,33 @@ def run(cfg: LabelQaCfg, *, dataset: Path) -> tuple[list[Finding], dict, dict]:
         "findings": len(findings),
         "error_rate": len(flagged) / max(total_images, 1),
         "findings_per_rule": {name: by_rule.get(name, 0) for name in RULES},
-        "kept": {s: {"images": len(c["images"]), "annotations": len(c["annotations"])}
-                 for s, c in manifest["splits"].items()},
+        "kept": {
+            s: {"images": len(c["images"]), "annotations": len(c["annotations"])}
+            for s, c in manifest["splits"].items()
+        },
     }
     return findings, manifest, metrics
 
 
 def render_markdown(findings: list[Finding], metrics: dict, limit: int = 200) -> str:
     lines = [
-        "# Label QA report", "",
+        "# Label QA report",
+        "",
         f"Images: {metrics['images']} · findings: {metrics['findings']} · "
-        f"error rate: {metrics['error_rate']:.2%}", "",
-        "| rule | findings |", "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in metrics["findings_per_rule"].items()], "",
+        f"error rate: {metrics['error_rate']:.2%}",
+        "",
+        "| rule | findings |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in metrics["findings_per_rule"].items()],
+        "",
         "| split | image | annotation | rule | severity | message |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for f in findings[:limit]:
-        lines.append(f"| {f.split} | {f.image_id} | {f.annotation_id} | {f.rule} | {f.severity} "
-                     f"| {f.message} |")
+        lines.append(
+            f"| {f.split} | {f.image_id} | {f.annotation_id} | {f.rule} | {f.severity} "
+            f"| {f.message} |"
+        )
     if len(findings) > limit:
         lines.append(f"\n… and {len(findings) - limit} more in report.json")
     return "\n".join(lines) + "\n"
@@ -242,7 +255,9 @@ def main(
         write_json(out / "manifest.json", manifest)
         write_json(out / "meta.json", meta(cfg, {"dataset": dataset}, ("pycocotools",)))
         write_json(out / "metrics.json", metrics)
-        log.info("label QA: %d findings, error rate %.2f%%", len(findings), 100 * metrics["error_rate"])
+        log.info(
+            "label QA: %d findings, error rate %.2f%%", len(findings), 100 * metrics["error_rate"]
+        )
 
 
 if __name__ == "__main__":

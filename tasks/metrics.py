@@ -25,12 +25,14 @@ def predict(runner: Runner, dataset, batch_size: int = 32) -> list[dict]:
             sx, sy = dataset.scale[start + j]
             for k in range(int(num[j])):
                 x0, y0, x1, y1 = boxes[j, k].tolist()
-                rows.append({
-                    "image_id": int(image_id),
-                    "category_id": int(dataset.categories[int(classes[j, k])]),
-                    "bbox": [x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy],
-                    "score": float(scores[j, k]),
-                })
+                rows.append(
+                    {
+                        "image_id": int(image_id),
+                        "category_id": int(dataset.categories[int(classes[j, k])]),
+                        "bbox": [x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy],
+                        "score": float(scores[j, k]),
+                    }
+                )
     return rows
 
 
@@ -40,8 +42,13 @@ def coco_metrics(gt: dict, detections: list[dict], score_threshold: float) -> di
     Returns map50, map50_95, precision and recall at `score_threshold` (IoU 0.5, COCOeval's
     greedy matching, area "all", 100 detections), and `pr_curve` rows {recall, precision}.
     """
-    empty = {"map50": 0.0, "map50_95": 0.0, "precision": 0.0, "recall": 0.0,
-             "pr_curve": [{"recall": r, "precision": 0.0} for r in np.linspace(0, 1, 101)]}
+    empty = {
+        "map50": 0.0,
+        "map50_95": 0.0,
+        "precision": 0.0,
+        "recall": 0.0,
+        "pr_curve": [{"recall": r, "precision": 0.0} for r in np.linspace(0, 1, 101)],
+    }
     if not detections or not gt["annotations"]:
         return empty
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -72,6 +79,8 @@ def coco_metrics(gt: dict, detections: list[dict], score_threshold: float) -> di
         "map50_95": float(ev.stats[0]),
         "precision": tp / n_det if n_det else 0.0,
         "recall": tp / n_gt if n_gt else 0.0,
-        "pr_curve": [{"recall": float(r), "precision": float(p)}
-                     for r, p in zip(ev.params.recThrs, curve, strict=True)],
+        "pr_curve": [
+            {"recall": float(r), "precision": float(p)}
+            for r, p in zip(ev.params.recThrs, curve, strict=True)
+        ],
     }

@@ -91,8 +91,13 @@ class DetectorWithDecode(nn.Module):
         self.score_floor = score_floor
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return decode(self.model(x), self.model.cfg.num_classes, self.k, self.score_floor,
-                      float(self.model.cfg.input_size))
+        return decode(
+            self.model(x),
+            self.model.cfg.num_classes,
+            self.k,
+            self.score_floor,
+            float(self.model.cfg.input_size),
+        )
 
 
 def decode(
@@ -110,7 +115,9 @@ def decode(
     off = raw[:, num_classes + 2 : num_classes + 4].flatten(2).gather(2, gather)
     cx, cy = (xs + off[:, 0]) * STRIDE, (ys + off[:, 1]) * STRIDE
     bw, bh = wh[:, 0].clamp(min=0.0) * STRIDE, wh[:, 1].clamp(min=0.0) * STRIDE
-    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).clamp(0.0, size)
+    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).clamp(
+        0.0, size
+    )
     num = (scores >= score_floor).sum(dim=1).to(torch.int32)
     return num, boxes, scores, classes.to(torch.int32)
 

@@ -73,6 +73,18 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created on first use. With a local store (the default
+    SQLite file) its artifacts go to `mlartifacts/` in the repo rather than MLflow's `mlruns/`."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith(("sqlite:", "file:")):
+        location = Path(ARTIFACT_DIR).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 class Tracker:
     """The MLflow side of one stage process: opens the child run under the execution's parent."""
 
@@ -86,7 +98,7 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.stage = stage
-        self.experiment_id = self._experiment(experiment)
+        self.experiment_id = ensure_experiment(self.client, experiment)
         self.execution_id = execution_id()
         self.parent_id = self._parent()
         self.run = mlflow.start_run(
@@ -95,15 +107,6 @@ class Tracker:
             parent_run_id=self.parent_id,
             tags={"shrinkflow.stage": stage, EXECUTION_TAG: self.execution_id},
         )
-
-    def _experiment(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
-            location = Path(ARTIFACT_DIR).resolve().as_uri()  # keep artifacts inside the repo
-        return self.client.create_experiment(name, artifact_location=location)
 
     def _parent(self) -> str:
         found = self.client.search_runs(
@@ -127,9 +130,7 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         numeric, text = {}, {}
         for k, v in flatten(metrics).items():
-            if isinstance(v, bool):
-                numeric[k] = float(v)
-            elif isinstance(v, int | float):
+            if isinstance(v, int | float):  # bool is an int
                 numeric[k] = float(v)
             elif v is not None:
                 text[k] = str(v)

@@ -155,7 +155,9 @@ def run(cfg: TrainCfg, *, train: DetectionSet, val: DetectionSet, on_epoch=None)
             if cfg.augment:
                 images, shifted = augment(images, boxes, rng)
                 boxes, labels = _keep_visible(shifted, labels, boxes)
-            heat, reg, mask = (t.to(device) for t in make_targets(boxes, labels, num_classes, cfg.input_size))
+            heat, reg, mask = (
+                t.to(device) for t in make_targets(boxes, labels, num_classes, cfg.input_size)
+            )
             x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
                 raw = model(x)
@@ -170,9 +172,15 @@ def run(cfg: TrainCfg, *, train: DetectionSet, val: DetectionSet, on_epoch=None)
         model.cpu()
         val_metrics = evaluate_model(model, val)
         model.to(device)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-               "val_map50": val_metrics["map50"], "val_map50_95": val_metrics["map50_95"]}
-        log.info("epoch %d: loss %.4f  val mAP@0.5 %.4f", epoch, row["train_loss"], row["val_map50"])
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_map50": val_metrics["map50"],
+            "val_map50_95": val_metrics["map50_95"],
+        }
+        log.info(
+            "epoch %d: loss %.4f  val mAP@0.5 %.4f", epoch, row["train_loss"], row["val_map50"]
+        )
         history.append(row)
         if on_epoch:
             on_epoch(row)
@@ -182,8 +190,15 @@ def run(cfg: TrainCfg, *, train: DetectionSet, val: DetectionSet, on_epoch=None)
 def save_checkpoint(path: Path, model: Detector, categories: list[dict], extra: dict) -> None:
     """Write {config, state_dict, categories, ...} atomically (temp file, then rename)."""
     buf = io.BytesIO()
-    torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
-                "categories": categories, **extra}, buf)
+    torch.save(
+        {
+            "config": model.cfg.to_dict(),
+            "state_dict": model.state_dict(),
+            "categories": categories,
+            **extra,
+        },
+        buf,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_bytes(buf.getvalue())
@@ -216,10 +231,19 @@ def main(
         model, history = run(cfg, train=train, val=val, on_epoch=on_epoch)
         macs, n_params = macs_and_params(model)
         final = evaluate_model(model, val, ctx.params.evaluate.score_threshold)
-        metrics = {"val_map50": final["map50"], "val_map50_95": final["map50_95"],
-                   "train_loss": history[-1]["train_loss"], "macs": macs, "params": n_params}
-        save_checkpoint(out / "model.pt", model, m["splits"]["train"]["categories"],
-                        {"train_cfg": cfg.model_dump(mode="json"), "metrics": metrics})
+        metrics = {
+            "val_map50": final["map50"],
+            "val_map50_95": final["map50_95"],
+            "train_loss": history[-1]["train_loss"],
+            "macs": macs,
+            "params": n_params,
+        }
+        save_checkpoint(
+            out / "model.pt",
+            model,
+            m["splits"]["train"]["categories"],
+            {"train_cfg": cfg.model_dump(mode="json"), "metrics": metrics},
+        )
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(history[0]))
         writer.writeheader()
@@ -227,7 +251,7 @@ def main(
         write_text(out / "plots" / "curves.csv", buf.getvalue())
         write_json(out / "meta.json", meta(cfg, {"manifest": manifest}, ("pycocotools",)))
         write_json(out / "metrics.json", metrics)
-        ctx.log_metrics(metrics)
+        ctx.log_metrics({"macs": macs, "params": n_params})  # the rest is the last epoch's
         ctx.log_artifact(out / "plots" / "curves.csv", "plots")
 
 

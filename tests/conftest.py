@@ -1,0 +1,118 @@
+"""Shared fixtures: the tiny profile, a tiny dataset, a project copy in a temp dir, and a real
+MLflow server on 127.0.0.1 (free port, always stopped)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tasks.config import DataCfg, Params
+from tasks.project import profile_params
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tiny_params() -> dict:
+    return profile_params("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Params:
+    return Params.model_validate(tiny_params())
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, tiny) -> Path:
+    """The default data composed with the tiny profile (train 320, val 32, test 32, 64 px)."""
+    from tasks import data
+
+    out = tmp_path_factory.mktemp("dataset") / "default"
+    data.run(tiny.data, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tiny_dataset, tiny) -> dict:
+    from tasks import label_qa
+
+    _, manifest, _ = label_qa.run(tiny.label_qa, dataset=tiny_dataset)
+    return manifest
+
+
+def small_data_cfg(**overrides) -> DataCfg:
+    base = {
+        "train_images": 12,
+        "val_images": 4,
+        "test_images": 4,
+        "canvas_size": 64,
+        "digit_size": (12, 24),
+        "digits_per_image": (1, 3),
+        "clutter": 1,
+    }
+    return DataCfg(**{**base, **overrides})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields its URI."""
+    work = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    log = open(work / "server.log", "w")  # noqa: SIM115  (closed in the finally below)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{work / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(work / "artifacts"),
+        ],
+        cwd=work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not start: {(work / 'server.log').read_text()}"
+                )
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()

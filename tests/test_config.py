@@ -1,0 +1,67 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tasks.config import load_params
+from tasks.errors import ConfigError
+from tasks.project import ROOT
+
+
+def write(tmp_path, mutate):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_default_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.build_engine.targets == ["onnxruntime"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda p: p["train"].update(epoch=3), "params.yaml: train.epoch: unknown key"),
+        (
+            lambda p: p["train"].update(epochs="many"),
+            "params.yaml: train.epochs: Input should be a valid integer",
+        ),
+        (
+            lambda p: p["train"].update(epochs=0),
+            "params.yaml: train.epochs: Input should be greater than 0",
+        ),
+        (lambda p: p.update(trian={}), "params.yaml: trian: unknown key"),
+        (
+            lambda p: p["build_engine"].update(targets=["tensorrtx"]),
+            "params.yaml: build_engine.targets.0:",
+        ),
+        (
+            lambda p: p["data"].update(digit_size=[40, 20]),
+            "params.yaml: data: Value error, digit_size",
+        ),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, mutate, expected):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, mutate))
+    assert expected in str(err.value)
+
+
+def test_typo_in_params_exits_2_before_any_work(tmp_path):
+    bad = write(tmp_path, lambda p: p["train"].update(epoch=3))
+    out = tmp_path / "train-out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.train", "--params", str(bad), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "params.yaml: train.epoch: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not (tmp_path / "mlflow.db").exists()  # failed before touching MLflow

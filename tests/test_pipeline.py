@@ -1,0 +1,120 @@
+"""End to end: `dvc repro` of the whole DAG on the tiny profile, in a temp copy of the project,
+tracked by a real MLflow server."""
+
+import json
+import re
+import time
+
+import pytest
+import yaml
+from dvc.repo import Repo
+from mlflow.tracking import MlflowClient
+
+from tasks.coco import DetectionSet
+from tasks.model import Detector, DetectorConfig, load_checkpoint
+from tasks.project import copy_project, dvc
+from tasks.train import evaluate_model
+from tests.conftest import tiny_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+STAGES = ["data", "label_qa", "train", "export", "build_engine@onnxruntime", "evaluate@onnxruntime"]
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, mlflow_server):
+    proj = copy_project(tmp_path_factory.mktemp("e2e") / "proj", tiny_params())
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    t0 = time.perf_counter()
+    proc = dvc(proj, "repro", env=env)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    print(f"tiny profile: dvc repro took {wall:.1f} s")
+    return proj, env, proc.stdout
+
+
+def test_every_stage_ran_and_every_declared_output_exists(pipeline):
+    proj, _, out = pipeline
+    assert ran(out) == STAGES
+    with Repo(str(proj)) as repo:
+        declared = [o for s in repo.index.stages for o in s.outs]
+    assert len(declared) >= 20
+    missing = [str(o) for o in declared if not o.exists]
+    assert not missing
+
+
+def test_kpis_are_in_range_and_beat_an_untrained_model(pipeline):
+    proj, _, _ = pipeline
+    m = json.loads((proj / "artifacts/evaluate/onnxruntime/metrics.json").read_text())
+    for k in ("map50", "map50_95", "precision", "recall"):
+        assert 0 <= m[k] <= 1, k
+    assert m["map50_95"] <= m["map50"]
+    assert m["latency_ms_p95"] >= m["latency_ms_p50"] > 0
+    assert m["size_mb"] > 0 and m["params"] > 0 and m["macs"] > 0
+    assert abs(m["delta_map50"]) < 0.01
+    manifest = json.loads((proj / "artifacts/label_qa/manifest.json").read_text())
+    manifest["root"] = str(proj / manifest["root"])
+    _, ckpt = load_checkpoint(proj / "artifacts/train/model.pt")
+    untrained = Detector(DetectorConfig(**ckpt["config"])).eval()
+    test = DetectionSet(manifest, "test", ckpt["config"]["input_size"])
+    chance = evaluate_model(untrained, test)["map50"]
+    assert m["map50"] > chance + 0.3, (m["map50"], chance)
+
+
+def test_metrics_and_plots_render(pipeline):
+    proj, _, _ = pipeline
+    shown = dvc(proj, "metrics", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert "map50" in shown.stdout and "latency_ms_p50" in shown.stdout
+    plots = dvc(proj, "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr
+    assert "pr_curve.csv" in plots.stdout and "curves.csv" in plots.stdout
+
+
+def test_mlflow_has_a_parent_run_with_a_child_per_stage(pipeline, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(tiny_params()["project"]["mlflow_experiment"])
+    parents = client.search_runs([exp.experiment_id], "tags.`shrinkflow.role` = 'pipeline'")
+    assert len(parents) == 1
+    parent = parents[0]
+    for tag in ("git_commit", "dvc_lock_md5", "data_md5", "params_md5"):
+        assert len(parent.data.tags[tag]) >= 32, tag
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    by_stage = {r.info.run_name: r for r in children}
+    assert sorted(by_stage) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in children)
+    train = by_stage["train"]
+    assert train.data.params["epochs"] == str(tiny_params()["train"]["epochs"])
+    curve = client.get_metric_history(train.info.run_id, "val_map50")
+    assert len(curve) == tiny_params()["train"]["epochs"]
+    evaluation = by_stage["evaluate@onnxruntime"]
+    assert 0 < evaluation.data.metrics["map50"] <= 1
+    assert "baseline.latency_ms_p50" in evaluation.data.metrics
+    exported = [f.path for f in client.list_artifacts(by_stage["export"].info.run_id, "model")]
+    assert exported == ["model/model.onnx"]
+    reports = [f.path for f in client.list_artifacts(evaluation.info.run_id, "evaluation")]
+    assert "evaluation/report.md" in reports
+
+
+def test_repro_is_a_no_op_then_reruns_only_what_a_param_change_touches(pipeline):
+    proj, env, _ = pipeline
+    again = dvc(proj, "repro", env=env)
+    assert again.returncode == 0
+    assert ran(again.stdout) == []
+    assert "Data and pipelines are up to date" in again.stdout
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = dvc(proj, "repro", env=env)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert ran(changed.stdout) == [
+        "train",
+        "export",
+        "build_engine@onnxruntime",
+        "evaluate@onnxruntime",
+    ]
