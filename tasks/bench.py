@@ -30,7 +30,7 @@ def time_blocks(
     per_round = max(1, -(-runs // rounds))
     times: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
-    for _ in tqdm(range(rounds), desc=f"bench batch {batch.shape[0]}", leave=False):
+    for _ in tqdm(range(rounds), desc=f"bench batch {batch.shape[0]}", leave=False, disable=None):
         for name in rng.permutation(names):
             fn = runners[name]
             time.sleep(PAUSE_S)

@@ -82,6 +82,36 @@ class TrainCfg(Section):
     augment: bool = Field(True, description="random horizontal shift/scale jitter")
 
 
+class PruneCfg(Section):
+    """Structured channel pruning with torch-pruning (DepGraph, Fang et al., CVPR 2023)."""
+
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = Field(
+        "l1", description="channel importance criterion (registered in tasks/prune.py)"
+    )
+    macs_reduction: float = Field(0.5, gt=0, lt=0.95, description="target share of MACs removed")
+    global_pruning: bool = Field(False, description="rank channels across layers, not per layer")
+    steps: PosInt = Field(2, description="iterative pruning steps, each followed by a fine-tune")
+    finetune_epochs: int = Field(2, ge=0, description="fine-tune epochs after each step")
+    lr: float = Field(1e-3, gt=0, description="fine-tune peak learning rate")
+    round_to: int = Field(8, ge=1, description="keep channel counts multiples of this (SIMD)")
+    ignore: list[str] = Field(
+        ["out"], description="conv block paths left unpruned (the head output must stay)"
+    )
+
+
+class DistillCfg(Section):
+    """Knowledge distillation: teacher = trained model, student = pruned model."""
+
+    epochs: PosInt = Field(8, description="student training epochs")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    temperature: float = Field(2.0, gt=0, description="softens both heatmaps (Hinton et al.)")
+    kd_weight: float = Field(1.0, ge=0, description="weight of the per-pixel heatmap KD loss")
+    reg_weight: float = Field(0.1, ge=0, description="weight of the size/offset KD loss")
+    control: bool = Field(
+        True, description="also fine-tune the pruned model without KD, to measure KD's value"
+    )
+
+
 class ExportCfg(Section):
     opset: int = Field(18, ge=17, le=23, description="ONNX opset")
     max_detections: PosInt = Field(100, description="K of the in-graph top-K decode")
@@ -91,6 +121,35 @@ class ExportCfg(Section):
     parity_images: PosInt = Field(16, description="test images used for the parity check")
     parity_min_score: float = Field(
         0.1, ge=0, lt=1, description="detections below this score are not compared for parity"
+    )
+
+
+class QuantizeCfg(Section):
+    """Post-training quantization of the exported ONNX with ONNX Runtime's tools (QDQ)."""
+
+    precision: Literal["int8", "fp16", "fp32"] = Field(
+        "int8", description="precision of the deployable model/engines (if faster, see report)"
+    )
+    calibrator: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="activation-range calibrator (registered in tasks/quantize.py)"
+    )
+    percentile: float = Field(99.999, gt=90, le=100, description="for the percentile calibrator")
+    calibration_images: PosInt = Field(64, description="train images used for calibration")
+    seed: int = Field(0, description="which train images are drawn for calibration")
+    activation_type: Literal["quint8", "qint8"] = Field(
+        "quint8",
+        description="quint8 (asymmetric) is what ONNX Runtime's CPU kernels fuse fastest; "
+        "qint8 is symmetric, as TensorRT requires",
+    )
+    accuracy_aware: bool = Field(
+        True, description="measure per-layer sensitivity; keep the worst layers in float"
+    )
+    max_map_drop: float = Field(
+        0.01, ge=0, le=1, description="largest val mAP@0.5 loss (0.01 = 1 point) INT8 may cost"
+    )
+    compare_calibrators: bool = Field(True, description="report every calibrator's val mAP")
+    keep_faster: bool = Field(
+        True, description="deploy float instead when INT8 measures slower (batch-1 latency)"
     )
 
 
@@ -114,7 +173,10 @@ class Params(Section):
     data: DataCfg = DataCfg()
     label_qa: LabelQaCfg = LabelQaCfg()
     train: TrainCfg = TrainCfg()
+    prune: PruneCfg = PruneCfg()
+    distill: DistillCfg = DistillCfg()
     export: ExportCfg = ExportCfg()
+    quantize: QuantizeCfg = QuantizeCfg()
     build_engine: BuildEngineCfg = BuildEngineCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
 

@@ -150,7 +150,9 @@ def run(cfg: DataCfg, *, out_dir: Path) -> dict:
             pool = parts[split]
             (tmp / "images" / split).mkdir(parents=True)
             coco: dict = {"images": [], "annotations": [], "categories": CATEGORIES}
-            for image_id in tqdm(range(1, counts[split] + 1), desc=f"data/{split}", leave=False):
+            for image_id in tqdm(
+                range(1, counts[split] + 1), desc=f"data/{split}", leave=False, disable=None
+            ):
                 pixels, placed = compose_canvas(rng, images[pool], cfg)
                 name = f"images/{split}/{image_id:05d}.png"
                 Image.fromarray(pixels).save(tmp / name)

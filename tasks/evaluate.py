@@ -1,6 +1,7 @@
 """Stage `evaluate@<target>`: KPIs of one engine on the test split, beside FP32 PyTorch eager.
 
-Both are measured in the same process: COCO mAP (pycocotools), precision/recall at
+The deployed engine, the uncompressed FP32 model built for the same runtime, and FP32 PyTorch
+eager are measured in the same process: COCO mAP (pycocotools), precision/recall at
 `evaluate.score_threshold`, latency p50/p95 at batch 1 and throughput at `throughput_batch`
 (alternating timed blocks, see tasks/bench.py), file size, params, MACs. KPI keys follow
 DESIGN.md; `delta_*` is the target minus the FP32 baseline.
@@ -12,6 +13,7 @@ import csv
 import io
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +24,26 @@ from tasks.bench import latency_stats, time_blocks
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet
 from tasks.config import BuildEngineCfg, EvaluateCfg, ExportCfg
-from tasks.engines import get
+from tasks.engines import Runner, get
+from tasks.export import to_onnx
 from tasks.io import meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
 from tasks.model import DetectorWithDecode, load_checkpoint, macs_and_params
 
 log = logging.getLogger(__name__)
 BASELINE = "pytorch_eager_fp32"
+FP32_SAME_RUNTIME = "fp32_uncompressed"
 QUALITY = ("map50", "map50_95", "precision", "recall")
+
+
+def _eager(model, export_cfg: ExportCfg) -> Runner:
+    wrapped = DetectorWithDecode(model, export_cfg.max_detections, export_cfg.score_floor).eval()
+
+    def run(x: np.ndarray):
+        with torch.inference_mode():
+            return [t.numpy() for t in wrapped(torch.from_numpy(x))]
+
+    return run
 
 
 def run(
@@ -37,25 +51,36 @@ def run(
     *,
     target: str,
     engine_dir: Path,
-    checkpoint: Path,
+    model_checkpoint: Path,
+    baseline_checkpoint: Path,
     manifest: dict,
     engine_cfg: BuildEngineCfg,
     export_cfg: ExportCfg,
+    work: Path,
 ) -> tuple[dict, list[dict]]:
-    """Evaluate `target` and the FP32 eager baseline. Returns (metrics, PR-curve rows)."""
+    """Evaluate the deployed engine of `target` beside two references measured in the same
+    process: the uncompressed FP32 model built for the same runtime, and FP32 PyTorch eager.
+
+    `model_checkpoint` is the model the engine was built from (for MACs and params);
+    `baseline_checkpoint` is the trained, uncompressed one. Returns (metrics, PR-curve rows).
+    """
     facts = json.loads((engine_dir / "engine.json").read_text())
     if facts["status"] != "ok":
         return {"target": target, "status": facts["status"]}, []
-    model, _ = load_checkpoint(checkpoint)
     torch.set_num_threads(engine_cfg.threads)
-    eager = DetectorWithDecode(model, export_cfg.max_detections, export_cfg.score_floor).eval()
-
-    def eager_runner(x: np.ndarray):
-        with torch.inference_mode():
-            return [t.numpy() for t in eager(torch.from_numpy(x))]
-
-    runners = {target: get(target).load(engine_dir, engine_cfg), BASELINE: eager_runner}
-    test = DetectionSet(manifest, "test", model.cfg.input_size)
+    engine = get(target)
+    deployed, _ = load_checkpoint(model_checkpoint)
+    baseline, _ = load_checkpoint(baseline_checkpoint)
+    # The uncompressed FP32 model on the same runtime: what a user gets with no pipeline.
+    to_onnx(baseline, export_cfg, work / "fp32.onnx")
+    (work / "fp32").mkdir()
+    engine.build(work / "fp32.onnx", work / "fp32", engine_cfg)
+    runners = {
+        target: engine.load(engine_dir, engine_cfg),
+        FP32_SAME_RUNTIME: engine.load(work / "fp32", engine_cfg),
+        BASELINE: _eager(baseline, export_cfg),
+    }
+    test = DetectionSet(manifest, "test", deployed.cfg.input_size)
     quality = {
         name: coco_metrics(test.coco, predict(fn, test), cfg.score_threshold)
         for name, fn in runners.items()
@@ -64,31 +89,37 @@ def run(
     many = test.batch(np.arange(cfg.throughput_batch) % len(test))
     lat = time_blocks(runners, one, warmup=cfg.warmup, runs=cfg.latency_runs, rounds=cfg.rounds)
     thr = time_blocks(runners, many, warmup=2, runs=cfg.throughput_runs, rounds=cfg.rounds)
-    macs, n_params = macs_and_params(model)
+    shape = {target: macs_and_params(deployed)}
+    shape[FP32_SAME_RUNTIME] = shape[BASELINE] = macs_and_params(baseline)
     sizes = {
         target: (engine_dir / facts["engine_file"]).stat().st_size / 2**20,
-        BASELINE: checkpoint.stat().st_size / 2**20,
+        FP32_SAME_RUNTIME: (work / "fp32" / engine.engine_file).stat().st_size / 2**20,
+        BASELINE: baseline_checkpoint.stat().st_size / 2**20,
     }
     kpis = {}
     for name in runners:
         kpis[name] = {
             **{k: quality[name][k] for k in QUALITY},
-            "latency_ms_p50": latency_stats(lat[name], 1)["latency_ms_p50"],
-            "latency_ms_p95": latency_stats(lat[name], 1)["latency_ms_p95"],
+            **{k: v for k, v in latency_stats(lat[name], 1).items() if k != "throughput_ips"},
             "throughput_ips": latency_stats(thr[name], cfg.throughput_batch)["throughput_ips"],
             "size_mb": sizes[name],
-            "params": n_params,
-            "macs": macs,
+            "macs": shape[name][0],
+            "params": shape[name][1],
         }
-    base = kpis[BASELINE]
+    base, same = kpis[BASELINE], kpis[FP32_SAME_RUNTIME]
+    mine = kpis[target]
     metrics = {
         "target": target,
         "status": "ok",
         "threads": engine_cfg.threads,
         "test_images": len(test),
-        **kpis[target],
-        **{f"delta_{k}": kpis[target][k] - base[k] for k in QUALITY},
-        "speedup_vs_eager": base["latency_ms_p50"] / kpis[target]["latency_ms_p50"],
+        **mine,
+        **{f"delta_{k}": mine[k] - base[k] for k in QUALITY},
+        "speedup_vs_eager": base["latency_ms_p50"] / mine["latency_ms_p50"],
+        "speedup_vs_fp32_same_runtime": same["latency_ms_p50"] / mine["latency_ms_p50"],
+        "size_reduction_vs_fp32": same["size_mb"] / mine["size_mb"],
+        "macs_reduction": 1 - mine["macs"] / base["macs"],
+        "fp32_same_runtime": {"name": FP32_SAME_RUNTIME, **same},
         "baseline": {"name": BASELINE, **base},
     }
     return metrics, quality[target]["pr_curve"]
@@ -106,17 +137,21 @@ def render_report(metrics: dict) -> str:
         "params",
         "macs",
     ]
-    base = metrics["baseline"]
-    rows = [f"| {k} | {metrics[k]:.4g} | {base[k]:.4g} |" for k in keys]
+    same, base = metrics["fp32_same_runtime"], metrics["baseline"]
+    rows = [f"| {k} | {metrics[k]:.4g} | {same[k]:.4g} | {base[k]:.4g} |" for k in keys]
     return "\n".join(
         [
             f"# Evaluation: {metrics['target']}",
             "",
-            f"Test images: {metrics['test_images']} · threads: {metrics['threads']} · "
-            f"batch-1 speed-up vs eager: {metrics['speedup_vs_eager']:.2f}x",
+            f"Test images: {metrics['test_images']} · threads: {metrics['threads']} · batch-1 "
+            f"speed-up: {metrics['speedup_vs_fp32_same_runtime']:.2f}x vs the uncompressed FP32 "
+            f"model on {metrics['target']}, {metrics['speedup_vs_eager']:.2f}x vs FP32 PyTorch "
+            f"eager · file {metrics['size_reduction_vs_fp32']:.1f}x smaller · MACs "
+            f"-{100 * metrics['macs_reduction']:.0f}%",
             "",
-            f"| KPI | {metrics['target']} | {base['name']} |",
-            "| --- | --- | --- |",
+            f"| KPI | {metrics['target']} (deployed) | {same['name']} on {metrics['target']} "
+            f"| {base['name']} |",
+            "| --- | --- | --- | --- |",
             *rows,
             "",
         ]
@@ -131,25 +166,33 @@ def main(
     target: str = typer.Option(...),
     params: Path = typer.Option(Path("params.yaml")),
     engine: Path = typer.Option(..., help="engine folder written by build_engine"),
-    checkpoint: Path = typer.Option(Path("artifacts/train/model.pt")),
+    checkpoint: Path = typer.Option(
+        Path("artifacts/distill/model.pt"), help="the model the engine was built from"
+    ),
+    baseline: Path = typer.Option(
+        Path("artifacts/train/model.pt"), help="the trained, uncompressed FP32 model"
+    ),
     manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
     out: Path = typer.Option(..., help="e.g. artifacts/evaluate/<target>"),
 ) -> None:
-    """Evaluate one engine target against the FP32 PyTorch baseline."""
+    """Evaluate one engine target against the uncompressed FP32 model."""
     with stage_entry(f"evaluate@{target}", params) as ctx:
         cfg = ctx.params.evaluate
         ctx.log_params({**cfg.model_dump(mode="json"), "target": target})
         for stale in ("metrics.json", "report.md", "meta.json", "plots/pr_curve.csv"):
             remove(out / stale)
-        metrics, curve = run(
-            cfg,
-            target=target,
-            engine_dir=engine,
-            checkpoint=checkpoint,
-            manifest=json.loads(manifest.read_text()),
-            engine_cfg=ctx.params.build_engine,
-            export_cfg=ctx.params.export,
-        )
+        with tempfile.TemporaryDirectory() as work:
+            metrics, curve = run(
+                cfg,
+                target=target,
+                engine_dir=engine,
+                model_checkpoint=checkpoint,
+                baseline_checkpoint=baseline,
+                manifest=json.loads(manifest.read_text()),
+                engine_cfg=ctx.params.build_engine,
+                export_cfg=ctx.params.export,
+                work=Path(work),
+            )
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["recall", "precision"])
         writer.writeheader()
@@ -158,7 +201,11 @@ def main(
         write_text(out / "report.md", render_report(metrics))
         write_json(
             out / "meta.json",
-            meta(cfg, {"engine": engine, "checkpoint": checkpoint}, ("onnxruntime", "pycocotools")),
+            meta(
+                cfg,
+                {"engine": engine, "checkpoint": checkpoint, "baseline": baseline},
+                ("onnxruntime", "pycocotools"),
+            ),
         )
         write_json(out / "metrics.json", metrics)
         ctx.log_metrics(metrics)

@@ -1,6 +1,7 @@
 """Stage `export`: the trained model, in eval mode, to ONNX with decoding inside the graph.
 
-Outputs `num_detections, boxes, scores, classes` with a dynamic batch axis; simplified with onnxsim
+BatchNorm is folded into the convolutions first. Outputs
+`num_detections, boxes, scores, classes` with a dynamic batch axis; simplified with onnxsim
 (onnxslim as the alternative), checked by onnx.checker, and compared against PyTorch on test images:
 `parity_max_abs_diff` (scores and boxes of the detections both report) is gated by
 `export.parity_tolerance`.
@@ -8,6 +9,7 @@ Outputs `num_detections, boxes, scores, classes` with a dynamic batch axis; simp
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import tempfile
@@ -23,7 +25,7 @@ from tasks.coco import DetectionSet
 from tasks.config import ExportCfg
 from tasks.errors import GateFailed
 from tasks.io import meta, remove, write_json
-from tasks.model import Detector, DetectorWithDecode, load_checkpoint
+from tasks.model import Detector, DetectorWithDecode, fold_batchnorm, load_checkpoint
 
 log = logging.getLogger(__name__)
 OUTPUTS = ["num_detections", "boxes", "scores", "classes"]
@@ -44,9 +46,28 @@ def _simplify(model: onnx.ModelProto, simplifier: str) -> onnx.ModelProto:
     return model
 
 
+def _name_convs_by_module(model: onnx.ModelProto) -> None:
+    """Rename each Conv node to its PyTorch block path ("stem", "stages.0.1", "out"), from the
+    exporter's name-scope metadata, so quantization reports and exclusions speak model terms."""
+    for node in model.graph.node:
+        scopes = next(
+            (p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None
+        )
+        if node.op_type != "Conv" or scopes is None:
+            continue
+        module = ast.literal_eval(scopes)[-2]  # e.g. 'model.stages.0.1.0'
+        path = module.removeprefix("model.")
+        node.name = path if path == "out" else path.removesuffix(".0")
+
+
 def to_onnx(model: Detector, cfg: ExportCfg, path: Path) -> dict:
-    """Export `model` (+ decode) to `path` atomically. Returns export facts for metrics."""
-    wrapped = DetectorWithDecode(model.eval(), cfg.max_detections, cfg.score_floor).eval()
+    """Fold BatchNorm, export `model` (+ decode) to `path` atomically. Returns export facts.
+
+    The parity check compares this graph with the *unfolded* PyTorch model, so it also verifies
+    that folding changed nothing beyond float rounding.
+    """
+    folded, folds = fold_batchnorm(model)
+    wrapped = DetectorWithDecode(folded, cfg.max_detections, cfg.score_floor).eval()
     size = model.cfg.input_size
     example = torch.rand(2, 3, size, size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,6 +84,7 @@ def to_onnx(model: Detector, cfg: ExportCfg, path: Path) -> dict:
             verbose=False,
         )
         raw = onnx.load(str(raw_path))
+    _name_convs_by_module(raw)
     simplified = _simplify(raw, cfg.simplifier)
     onnx.checker.check_model(simplified, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +92,7 @@ def to_onnx(model: Detector, cfg: ExportCfg, path: Path) -> dict:
     onnx.save(simplified, str(tmp_path))
     tmp_path.replace(path)
     return {
+        "bn_folded": folds,
         "opset": cfg.opset,
         "simplifier": cfg.simplifier,
         "nodes_raw": len(raw.graph.node),

@@ -7,6 +7,7 @@ channel count, so a pruned model is rebuilt from its checkpoint without torch-pr
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,6 +29,9 @@ class DetectorConfig:
     channels: list[int] = field(default_factory=list)
     neck: int = 0
     head: int = 0
+    # [in, out] channels per conv block path ("stem", "stages.0.1", ..., "out"), written after
+    # structured pruning; each entry overrides the widths above for that block.
+    layers: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         scale = lambda c: max(8, int(round(c * self.width / 8)) * 8)  # noqa: E731
@@ -53,18 +57,34 @@ class Detector(nn.Module):
     def __init__(self, cfg: DetectorConfig) -> None:
         super().__init__()
         self.cfg = cfg
+
+        def block(path: str, cin: int, cout: int, k: int = 3, s: int = 1) -> nn.Sequential:
+            cin, cout = cfg.layers.get(path, (cin, cout))
+            return conv_bn(cin, cout, k, s)
+
         c0, c1, c2, c3 = cfg.channels
-        self.stem = conv_bn(3, c0, s=2)  # /2
+        self.stem = block("stem", 3, c0, s=2)  # /2
         self.stages = nn.ModuleList()
-        for cin, cout in ((c0, c1), (c1, c2), (c2, c3)):  # /4, /8, /16
-            blocks = [conv_bn(cin, cout, s=2)] + [conv_bn(cout, cout) for _ in range(cfg.depth)]
+        for i, (cin, cout) in enumerate(((c0, c1), (c1, c2), (c2, c3))):  # /4, /8, /16
+            blocks = [block(f"stages.{i}.0", cin, cout, s=2)]
+            blocks += [block(f"stages.{i}.{j}", cout, cout) for j in range(1, cfg.depth + 1)]
             self.stages.append(nn.Sequential(*blocks))
         n = cfg.neck
-        self.lat3, self.lat2, self.lat1 = conv_bn(c3, n, 1), conv_bn(c2, n, 1), conv_bn(c1, n, 1)
-        self.smooth2, self.smooth1 = conv_bn(n, n), conv_bn(n, n)
-        self.head = conv_bn(n, cfg.head)
-        self.out = nn.Conv2d(cfg.head, cfg.num_classes + 4, 1)
+        self.lat3, self.lat2 = block("lat3", c3, n, 1), block("lat2", c2, n, 1)
+        self.lat1 = block("lat1", c1, n, 1)
+        self.smooth2, self.smooth1 = block("smooth2", n, n), block("smooth1", n, n)
+        self.head = block("head", n, cfg.head)
+        self.out = nn.Conv2d(*cfg.layers.get("out", (cfg.head, cfg.num_classes + 4)), 1)
         nn.init.constant_(self.out.bias[: cfg.num_classes], -2.19)  # prior p=0.1 (focal loss)
+
+    def layer_shapes(self) -> dict[str, list[int]]:
+        """[in, out] channels of every conv block, keyed as `DetectorConfig.layers`."""
+        shapes = {}
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d):
+                path = name.removesuffix(".0") if name != "out" else name
+                shapes[path] = [m.in_channels, m.out_channels]
+        return shapes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - 0.5) / 0.25
@@ -122,8 +142,19 @@ def decode(
     return num, boxes, scores, classes.to(torch.int32)
 
 
-def build(cfg: DetectorConfig) -> Detector:
-    return Detector(cfg)
+def fold_batchnorm(model: Detector) -> tuple[Detector, int]:
+    """An eval-mode copy with every BatchNorm folded into the conv before it (Conv+BN+ReLU ->
+    Conv+ReLU), so exported graphs and their INT8 versions carry no BN. Returns (copy, folds)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    count = 0
+    for m in folded.modules():
+        if isinstance(m, nn.Sequential) and len(m) == 3 and isinstance(m[1], nn.BatchNorm2d):
+            m[0] = fuse_conv_bn_eval(m[0], m[1])
+            m[1] = nn.Identity()
+            count += 1
+    return folded, count
 
 
 def load_checkpoint(path) -> tuple[Detector, dict]:

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,31 +123,47 @@ def pick_device(cfg: TrainCfg) -> torch.device:
     return torch.device(cfg.device)
 
 
-def run(cfg: TrainCfg, *, train: DetectionSet, val: DetectionSet, on_epoch=None):
-    """Train a detector. Returns (model on CPU, per-epoch history rows).
+def fit(
+    model: Detector,
+    cfg: TrainCfg,
+    *,
+    train: DetectionSet,
+    val: DetectionSet,
+    epochs: int,
+    lr: float,
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    desc: str = "epoch",
+) -> tuple[Detector, list[dict]]:
+    """The training loop shared by train, prune (fine-tune) and distill.
 
-    `on_epoch(row)` is called after each epoch with {epoch, train_loss, val_map50, val_map50_95}.
+    `cfg` supplies batch size, weight decay, augmentation, AMP, device, threads and seed;
+    `extra_loss(raw, x)` is added to the detection loss (distillation uses it). After each epoch
+    `on_epoch(row)` gets {epoch, train_loss, val_map50, val_map50_95}. Returns the model on the
+    CPU in eval mode and the per-epoch rows.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
-    num_classes = len(train.categories)
-    model = Detector(DetectorConfig(num_classes, cfg.input_size, cfg.width, cfg.depth)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    num_classes = model.cfg.num_classes
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
     )
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     history = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         model.train()
         order = rng.permutation(len(train))
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False)
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"{desc} {epoch}/{epochs}", leave=False, disable=None
+        )
         for step in bar:
             idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             images = train.images[idx]
@@ -155,13 +172,15 @@ def run(cfg: TrainCfg, *, train: DetectionSet, val: DetectionSet, on_epoch=None)
             if cfg.augment:
                 images, shifted = augment(images, boxes, rng)
                 boxes, labels = _keep_visible(shifted, labels, boxes)
-            heat, reg, mask = (
-                t.to(device) for t in make_targets(boxes, labels, num_classes, cfg.input_size)
-            )
+            targets = make_targets(boxes, labels, num_classes, model.cfg.input_size)
+            heat, reg, mask = (t.to(device) for t in targets)
             x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
                 raw = model(x)
+                extra = extra_loss(raw, x) if extra_loss else None
             loss = detection_loss(raw, heat, reg, mask, num_classes)
+            if extra is not None:
+                loss = loss + extra.float()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -179,12 +198,19 @@ def run(cfg: TrainCfg, *, train: DetectionSet, val: DetectionSet, on_epoch=None)
             "val_map50_95": val_metrics["map50_95"],
         }
         log.info(
-            "epoch %d: loss %.4f  val mAP@0.5 %.4f", epoch, row["train_loss"], row["val_map50"]
+            "%s %d: loss %.4f  val mAP@0.5 %.4f", desc, epoch, row["train_loss"], row["val_map50"]
         )
         history.append(row)
         if on_epoch:
             on_epoch(row)
     return model.cpu().eval(), history
+
+
+def run(cfg: TrainCfg, *, train: DetectionSet, val: DetectionSet, on_epoch=None):
+    """Train a detector from scratch. Returns (model on CPU, per-epoch history rows)."""
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = Detector(DetectorConfig(len(train.categories), cfg.input_size, cfg.width, cfg.depth))
+    return fit(model, cfg, train=train, val=val, epochs=cfg.epochs, lr=cfg.lr, on_epoch=on_epoch)
 
 
 def save_checkpoint(path: Path, model: Detector, categories: list[dict], extra: dict) -> None:

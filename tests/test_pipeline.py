@@ -17,7 +17,17 @@ from tasks.train import evaluate_model
 from tests.conftest import tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
-STAGES = ["data", "label_qa", "train", "export", "build_engine@onnxruntime", "evaluate@onnxruntime"]
+STAGES = [
+    "data",
+    "label_qa",
+    "train",
+    "prune",
+    "distill",
+    "export",
+    "quantize",
+    "build_engine@onnxruntime",
+    "evaluate@onnxruntime",
+]
 
 
 def ran(output: str) -> list[str]:
@@ -54,7 +64,8 @@ def test_kpis_are_in_range_and_beat_an_untrained_model(pipeline):
     assert m["map50_95"] <= m["map50"]
     assert m["latency_ms_p95"] >= m["latency_ms_p50"] > 0
     assert m["size_mb"] > 0 and m["params"] > 0 and m["macs"] > 0
-    assert abs(m["delta_map50"]) < 0.01
+    assert m["delta_map50"] == pytest.approx(m["map50"] - m["baseline"]["map50"])
+    assert m["macs"] < m["baseline"]["macs"]  # the deployed model is the pruned one
     manifest = json.loads((proj / "artifacts/label_qa/manifest.json").read_text())
     manifest["root"] = str(proj / manifest["root"])
     _, ckpt = load_checkpoint(proj / "artifacts/train/model.pt")
@@ -112,9 +123,4 @@ def test_repro_is_a_no_op_then_reruns_only_what_a_param_change_touches(pipeline)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = dvc(proj, "repro", env=env)
     assert changed.returncode == 0, changed.stderr[-3000:]
-    assert ran(changed.stdout) == [
-        "train",
-        "export",
-        "build_engine@onnxruntime",
-        "evaluate@onnxruntime",
-    ]
+    assert ran(changed.stdout) == STAGES[2:]

@@ -95,11 +95,14 @@ def test_engine_and_evaluate_against_eager(tiny, trained, tiny_manifest, tmp_pat
     )
     assert built["status"] == "ok" and built["threads"] == tiny.build_engine.threads
     assert (tmp_path / "engine" / "model.ort.onnx").exists()
+    (tmp_path / "work").mkdir()
     metrics, curve = evaluate.run(
         tiny.evaluate,
         target="onnxruntime",
         engine_dir=tmp_path / "engine",
-        checkpoint=path,
+        model_checkpoint=path,
+        baseline_checkpoint=path,
+        work=tmp_path / "work",
         manifest=tiny_manifest,
         engine_cfg=tiny.build_engine,
         export_cfg=tiny.export,
@@ -111,6 +114,8 @@ def test_engine_and_evaluate_against_eager(tiny, trained, tiny_manifest, tmp_pat
     assert metrics["latency_ms_p95"] >= metrics["latency_ms_p50"] > 0
     assert metrics["throughput_ips"] > 0 and metrics["macs"] > 0
     assert metrics["baseline"]["name"] == "pytorch_eager_fp32"
+    assert metrics["fp32_same_runtime"]["map50"] == pytest.approx(metrics["map50"], abs=0.01)
+    assert metrics["speedup_vs_fp32_same_runtime"] > 0 and metrics["macs_reduction"] == 0
     assert len(curve) == 101
 
 

@@ -1,0 +1,158 @@
+"""Stage `distill`: knowledge distillation from the trained model into the pruned one.
+
+Loss = detection loss + `kd_weight` * per-pixel soft-target loss on the class heatmaps (binary
+cross-entropy between temperature-softened sigmoids, scaled by T^2; Hinton et al., 2015) +
+`reg_weight` * L1 to the teacher's size/offset maps, weighted by the teacher's confidence.
+With `control: true` the pruned model is also fine-tuned for the same epochs without KD, so the
+value of KD is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import typer
+
+from tasks.cli import stage_entry
+from tasks.coco import DetectionSet
+from tasks.config import DistillCfg, TrainCfg
+from tasks.io import meta, remove, write_json
+from tasks.model import Detector, load_checkpoint
+from tasks.train import evaluate_model, fit, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, num_classes: int, cfg: DistillCfg):
+    """Distillation loss between raw maps (B, C + 4, H, W) of student and teacher."""
+    t = cfg.temperature
+    s_logits, t_logits = student[:, :num_classes].float(), teacher[:, :num_classes].float()
+    soft = torch.sigmoid(t_logits / t)
+    # Bernoulli KL(teacher || student) per pixel and class = BCE minus the target's entropy
+    # (so a perfect student scores 0); summed over classes, averaged over pixels, times T^2.
+    bce = F.binary_cross_entropy_with_logits(s_logits / t, soft, reduction="none")
+    entropy = F.binary_cross_entropy_with_logits(t_logits / t, soft, reduction="none")
+    heat = (bce - entropy).sum(1).mean() * t * t
+    confidence = torch.sigmoid(t_logits).amax(1, keepdim=True)  # (B, 1, H, W)
+    reg = (student[:, num_classes:].float() - teacher[:, num_classes:].float()).abs()
+    reg = (reg * confidence).sum() / confidence.sum().clamp(min=1)
+    return cfg.kd_weight * heat + cfg.reg_weight * reg
+
+
+def run(
+    cfg: DistillCfg,
+    train_cfg: TrainCfg,
+    *,
+    teacher: Detector,
+    student: Detector,
+    train: DetectionSet,
+    val: DetectionSet,
+    on_epoch=None,
+) -> tuple[Detector, dict]:
+    """Distill `teacher` into `student`. Returns the student and metrics (teacher, student,
+    and the no-KD control on the val split)."""
+    teacher = teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    control = copy.deepcopy(student) if cfg.control else None
+    num_classes = student.cfg.num_classes
+
+    def extra(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        teacher.to(x.device)
+        with torch.no_grad():
+            target = teacher(x)
+        return kd_loss(raw, target, num_classes, cfg)
+
+    student, history = fit(
+        student,
+        train_cfg,
+        train=train,
+        val=val,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        extra_loss=extra,
+        on_epoch=on_epoch,
+        desc="distill",
+    )
+    teacher_map = evaluate_model(teacher, val)
+    metrics = {
+        "teacher_val_map50": teacher_map["map50"],
+        "teacher_val_map50_95": teacher_map["map50_95"],
+        "student_val_map50": history[-1]["val_map50"],
+        "student_val_map50_95": history[-1]["val_map50_95"],
+    }
+    if control is not None:
+        control, rows = fit(
+            control,
+            train_cfg,
+            train=train,
+            val=val,
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            desc="control (no KD)",
+        )
+        metrics["no_kd_val_map50"] = rows[-1]["val_map50"]
+        metrics["no_kd_val_map50_95"] = rows[-1]["val_map50_95"]
+        metrics["kd_gain_map50"] = metrics["student_val_map50"] - metrics["no_kd_val_map50"]
+    return student, metrics
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml")),
+    teacher: Path = typer.Option(Path("artifacts/train/model.pt")),
+    student: Path = typer.Option(Path("artifacts/prune/model.pt")),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    out: Path = typer.Option(Path("artifacts/distill")),
+) -> None:
+    """Distill the trained model into the pruned one."""
+    with stage_entry("distill", params) as ctx:
+        cfg = ctx.params.distill
+        ctx.log_params(cfg)
+        for stale in ("model.pt", "metrics.json", "meta.json"):
+            remove(out / stale)
+        teacher_model, _ = load_checkpoint(teacher)
+        student_model, ckpt = load_checkpoint(student)
+        m = json.loads(manifest.read_text())
+        size = student_model.cfg.input_size
+        train, val = DetectionSet(m, "train", size), DetectionSet(m, "val", size)
+
+        def on_epoch(row: dict) -> None:
+            ctx.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+        model, metrics = run(
+            cfg,
+            ctx.params.train,
+            teacher=teacher_model,
+            student=student_model,
+            train=train,
+            val=val,
+            on_epoch=on_epoch,
+        )
+        save_checkpoint(
+            out / "model.pt",
+            model,
+            ckpt["categories"],
+            {"distill_cfg": cfg.model_dump(mode="json"), "metrics": metrics},
+        )
+        write_json(out / "meta.json", meta(cfg, {"teacher": teacher, "student": student}))
+        write_json(out / "metrics.json", metrics)
+        ctx.log_metrics(metrics)
+        log.info(
+            "distill: student %.4f, no-KD control %s, teacher %.4f (val mAP@0.5)",
+            metrics["student_val_map50"],
+            metrics.get("no_kd_val_map50", "n/a"),
+            metrics["teacher_val_map50"],
+        )
+
+
+if __name__ == "__main__":
+    app()

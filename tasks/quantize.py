@@ -1,0 +1,294 @@
+"""Stage `quantize`: INT8 post-training quantization (and FP16) of the exported ONNX.
+
+ONNX Runtime's quantization tools do the observers, calibration and QDQ insertion: symmetric
+per-channel INT8 weights, per-tensor activations, calibrator chosen by name. Only convolutions
+are quantized; the in-graph decode (sigmoid, peak pooling, top-K) stays float.
+
+Accuracy-aware mode quantizes one conv at a time to measure each layer's val mAP@0.5 drop, then
+keeps the most sensitive layers in float until the whole model's drop is within
+`max_map_drop`. With `keep_faster`, the deployable precision falls back to float when INT8
+measures slower at batch 1 (it can at small channel counts on some CPUs), and the report says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import typer
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from tasks.bench import time_blocks
+from tasks.cli import stage_entry
+from tasks.coco import DetectionSet
+from tasks.config import QuantizeCfg
+from tasks.io import meta, remove, write_json, write_text
+from tasks.metrics import coco_metrics, predict
+
+log = logging.getLogger(__name__)
+CALIBRATORS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+QUANTIZED_OPS = ["Conv"]
+
+
+class _Images(CalibrationDataReader):
+    """Feeds calibration images in batches of 8: (8, 3, S, S) float32."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images, self.pos = images, 0
+
+    def get_next(self) -> dict | None:
+        if self.pos >= len(self.images):
+            return None
+        batch = self.images[self.pos : self.pos + 8]
+        self.pos += 8
+        return {"images": batch}
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+def calibration_set(cfg: QuantizeCfg, train: DetectionSet) -> tuple[np.ndarray, list[int], str]:
+    """Draw the calibration images from the train split: (images, image ids, md5 of the ids)."""
+    rng = np.random.default_rng(cfg.seed)
+    n = min(cfg.calibration_images, len(train))
+    idx = np.sort(rng.choice(len(train), size=n, replace=False))
+    ids = [int(train.ids[i]) for i in idx]
+    return train.batch(idx), ids, hashlib.md5(json.dumps(ids).encode()).hexdigest()
+
+
+def to_int8(
+    src: Path,
+    dst: Path,
+    images: np.ndarray,
+    cfg: QuantizeCfg,
+    calibrator: str,
+    only: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> None:
+    """QDQ-quantize the convolutions of `src` into `dst` (all, `only` these, or all but
+    `exclude`)."""
+    quantize_static(
+        str(src),
+        str(dst),
+        _Images(images),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=QUANTIZED_OPS,
+        per_channel=True,
+        activation_type=QuantType.QUInt8 if cfg.activation_type == "quint8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_quantize=only,
+        nodes_to_exclude=exclude,
+        calibrate_method=CALIBRATORS[calibrator],
+        extra_options={
+            "WeightSymmetric": True,
+            "ActivationSymmetric": cfg.activation_type == "qint8",
+            "CalibPercentile": cfg.percentile,
+        },
+    )
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """FP16 weights and compute, float32 inputs and outputs (ONNX Runtime's converter with its
+    default block list of ops that have no FP16 kernels)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _runner(sess: ort.InferenceSession):
+    return lambda x: sess.run(None, {"images": x})
+
+
+def val_map(path: Path, val: DetectionSet, threads: int) -> float:
+    runner = _runner(_session(path, threads))
+    return coco_metrics(val.coco, predict(runner, val), 0.3)["map50"]
+
+
+def conv_names(path: Path) -> list[str]:
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in QUANTIZED_OPS]
+
+
+def run(
+    cfg: QuantizeCfg,
+    *,
+    onnx_path: Path,
+    train: DetectionSet,
+    val: DetectionSet,
+    out: Path,
+    threads: int,
+) -> dict:
+    """Write model.int8.onnx, model.fp16.onnx and the deployable model.onnx into `out`.
+
+    Returns the report: calibration ids and hash, per-calibrator val mAP, sensitivity table,
+    per-layer precision, latencies and the precision chosen.
+    """
+    images, ids, ids_md5 = calibration_set(cfg, train)
+    layers = conv_names(onnx_path)
+    report: dict = {
+        "calibration": {"image_ids": ids, "md5": ids_md5, "count": len(ids)},
+        "calibrator": cfg.calibrator,
+    }
+    fp32_map = val_map(onnx_path, val, threads)
+    report["val_map50"] = {"fp32": fp32_map}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if cfg.compare_calibrators:
+            for name in CALIBRATORS:
+                to_int8(onnx_path, tmp / f"{name}.onnx", images, cfg, name)
+                report["val_map50"][f"int8_{name}"] = val_map(tmp / f"{name}.onnx", val, threads)
+        int8 = tmp / "int8.onnx"
+        to_int8(onnx_path, int8, images, cfg, cfg.calibrator)
+        int8_map = val_map(int8, val, threads)
+        excluded: list[str] = []
+        if cfg.accuracy_aware:
+            sensitivity = {}
+            for layer in layers:
+                to_int8(onnx_path, tmp / "one.onnx", images, cfg, cfg.calibrator, only=[layer])
+                sensitivity[layer] = fp32_map - val_map(tmp / "one.onnx", val, threads)
+            report["sensitivity"] = sensitivity  # val mAP@0.5 lost with only that layer in INT8
+            for layer in sorted(layers, key=lambda k: -sensitivity[k]):
+                if fp32_map - int8_map <= cfg.max_map_drop:
+                    break
+                excluded.append(layer)
+                to_int8(onnx_path, int8, images, cfg, cfg.calibrator, exclude=excluded)
+                int8_map = val_map(int8, val, threads)
+        report["val_map50"]["int8"] = int8_map
+        report["int8_map_drop"] = fp32_map - int8_map
+        report["layer_precision"] = {k: "fp32" if k in excluded else "int8" for k in layers}
+        shutil.copy(int8, out / "model.int8.onnx")
+    to_fp16(onnx_path, out / "model.fp16.onnx")
+    report["val_map50"]["fp16"] = val_map(out / "model.fp16.onnx", val, threads)
+    candidates = {
+        "fp32": onnx_path,
+        "int8": out / "model.int8.onnx",
+        "fp16": out / "model.fp16.onnx",
+    }
+    runners = {k: _runner(_session(p, threads)) for k, p in candidates.items()}
+    times = time_blocks(runners, val.batch(slice(0, 1)), warmup=10, runs=90, rounds=3)
+    latency = {k: float(np.median(v) * 1e3) for k, v in times.items()}
+    report["latency_ms_p50_batch1"] = latency
+    chosen, reason = cfg.precision, "as configured"
+    if cfg.keep_faster and cfg.precision != "fp32" and latency[cfg.precision] > latency["fp32"]:
+        chosen = "fp32"
+        reason = (
+            f"{cfg.precision} measured slower than fp32 at batch 1 "
+            f"({latency[cfg.precision]:.3f} vs {latency['fp32']:.3f} ms): kept fp32"
+        )
+    report["precision"], report["precision_reason"] = chosen, reason
+    shutil.copy(candidates[chosen], out / ".tmp-model.onnx")
+    (out / ".tmp-model.onnx").replace(out / "model.onnx")
+    return report
+
+
+def render(report: dict) -> str:
+    lines = [
+        "# Quantization report",
+        "",
+        f"Deployed precision: **{report['precision']}** ({report['precision_reason']}). "
+        f"Calibrator: {report['calibrator']}, {report['calibration']['count']} train images "
+        f"(ids md5 {report['calibration']['md5']}).",
+        "",
+        "| model | val mAP@0.5 | batch-1 latency (ms, ONNX Runtime) |",
+        "| --- | --- | --- |",
+    ]
+    lat = report["latency_ms_p50_batch1"]
+    for k, v in report["val_map50"].items():
+        lines.append(f"| {k} | {v:.4f} | {lat[k]:.3f} |" if k in lat else f"| {k} | {v:.4f} | |")
+    if "sensitivity" in report:
+        lines += [
+            "",
+            "| layer | mAP@0.5 drop with only this layer INT8 | precision |",
+            "| --- | --- | --- |",
+        ]
+        for k, v in report["sensitivity"].items():
+            lines.append(f"| {k} | {v:+.4f} | {report['layer_precision'][k]} |")
+    return "\n".join(lines) + "\n"
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml")),
+    onnx_path: Path = typer.Option(Path("artifacts/export/model.onnx"), "--onnx"),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    out: Path = typer.Option(Path("artifacts/quantize")),
+) -> None:
+    """Quantize the exported model; write the deployable model.onnx and a report."""
+    with stage_entry("quantize", params) as ctx:
+        cfg = ctx.params.quantize
+        ctx.log_params(cfg)
+        for stale in (
+            "model.onnx",
+            "model.int8.onnx",
+            "model.fp16.onnx",
+            "metrics.json",
+            "report.json",
+            "report.md",
+            "meta.json",
+        ):
+            remove(out / stale)
+        out.mkdir(parents=True, exist_ok=True)
+        m = json.loads(manifest.read_text())
+        size = ctx.params.train.input_size
+        train, val = DetectionSet(m, "train", size), DetectionSet(m, "val", size)
+        report = run(
+            cfg,
+            onnx_path=onnx_path,
+            train=train,
+            val=val,
+            out=out,
+            threads=ctx.params.build_engine.threads,
+        )
+        write_json(out / "report.json", report)
+        write_text(out / "report.md", render(report))
+        write_json(out / "meta.json", meta(cfg, {"onnx": onnx_path}, ("onnxruntime", "onnx")))
+        metrics = {
+            "precision": report["precision"],
+            "calibration_md5": report["calibration"]["md5"],
+            "val_map50_fp32": report["val_map50"]["fp32"],
+            "val_map50_int8": report["val_map50"]["int8"],
+            "val_map50_fp16": report["val_map50"]["fp16"],
+            "int8_map_drop": report["int8_map_drop"],
+            "layers_kept_float": sum(v == "fp32" for v in report["layer_precision"].values()),
+            **{f"latency_ms_p50_{k}": v for k, v in report["latency_ms_p50_batch1"].items()},
+            **{
+                f"val_map50_int8_{k}": report["val_map50"][f"int8_{k}"]
+                for k in CALIBRATORS
+                if f"int8_{k}" in report["val_map50"]
+            },
+        }
+        write_json(out / "metrics.json", metrics)
+        ctx.log_metrics(metrics)
+        ctx.log_artifact(out / "report.md")
+        ctx.log_artifact(out / "report.json")
+        log.info("%s", render(report))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,116 @@
+"""prune, distill and quantize on the tiny data with a real (briefly) trained model."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tasks import distill, export, prune, quantize, train
+from tasks.coco import DetectionSet
+from tasks.errors import ConfigError
+from tasks.model import load_checkpoint, macs_and_params
+from tasks.quantize import calibration_set
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_manifest):
+    return DetectionSet(tiny_manifest, "train", 64), DetectionSet(tiny_manifest, "val", 64)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny, splits):
+    model, _ = train.run(
+        tiny.train.model_copy(update={"epochs": 6}), train=splits[0], val=splits[1]
+    )
+    return model
+
+
+@pytest.mark.parametrize("importance", ["l1", "taylor"])
+def test_pruning_reaches_the_macs_target_and_rebuilds_without_torch_pruning(
+    tiny, splits, teacher, importance, tmp_path
+):
+    cfg = tiny.prune.model_copy(
+        update={"importance": importance, "macs_reduction": 0.5, "finetune_epochs": 0}
+    )
+    model, metrics = prune.run(
+        cfg, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
+    )
+    assert abs(metrics["macs_reduction_achieved"] - 0.5) <= 0.05
+    assert metrics["params"] < metrics["params_before"]
+    path = tmp_path / "pruned.pt"
+    train.save_checkpoint(path, model, [{"id": i + 1, "name": str(i)} for i in range(10)], {})
+    rebuilt, _ = load_checkpoint(path)  # plain Detector(config): no torch-pruning involved
+    assert macs_and_params(rebuilt)[0] == metrics["macs"]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_unknown_layer_to_ignore_is_a_config_error(tiny, splits, teacher):
+    cfg = tiny.prune.model_copy(update={"ignore": ["head", "nope"]})
+    with pytest.raises(ConfigError, match=r"prune.ignore: unknown layers \['nope'\]"):
+        prune.run(cfg, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1])
+
+
+def test_kd_loss_is_zero_against_itself_and_follows_the_teacher(tiny):
+    raw = torch.randn(2, 14, 16, 16)
+    assert distill.kd_loss(raw, raw, 10, tiny.distill).item() == pytest.approx(0, abs=1e-5)
+    assert distill.kd_loss(raw + 1, raw, 10, tiny.distill).item() > 0.1
+
+
+def test_distillation_lowers_the_kd_loss_and_reports_the_control(tiny, splits, teacher):
+    student, _ = prune.run(
+        tiny.prune, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
+    )
+    x = torch.from_numpy(splits[0].batch(slice(0, 16)))
+
+    def kd(model):
+        with torch.no_grad():
+            return distill.kd_loss(model(x), teacher(x), 10, tiny.distill).item()
+
+    before = kd(student)
+    cfg = tiny.distill.model_copy(update={"epochs": 3})
+    student, metrics = distill.run(
+        cfg,
+        tiny.train,
+        teacher=teacher,
+        student=copy.deepcopy(student),
+        train=splits[0],
+        val=splits[1],
+    )
+    assert kd(student) < before
+    assert {"teacher_val_map50", "student_val_map50", "no_kd_val_map50", "kd_gain_map50"} <= set(
+        metrics
+    )
+
+
+def test_quantize_writes_int8_qdq_and_fp16_that_keep_the_accuracy(
+    tiny, splits, teacher, tiny_manifest, tmp_path
+):
+    path = tmp_path / "teacher.pt"
+    train.save_checkpoint(path, teacher, tiny_manifest["splits"]["train"]["categories"], {})
+    onnx_path = tmp_path / "model.onnx"
+    export.run(tiny.export, checkpoint=path, manifest=tiny_manifest, out=onnx_path)
+    out = tmp_path / "q"
+    out.mkdir()
+    cfg = tiny.quantize.model_copy(update={"max_map_drop": 0.05})
+    report = quantize.run(
+        cfg, onnx_path=onnx_path, train=splits[0], val=splits[1], out=out, threads=2
+    )
+    int8 = onnx.load(str(out / "model.int8.onnx"))
+    ops = {n.op_type for n in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    layers = report["layer_precision"]
+    assert set(layers) == set(report["sensitivity"]) and "stem" in layers
+    assert report["int8_map_drop"] <= 0.05 or all(v == "fp32" for v in layers.values())
+    assert abs(report["val_map50"]["fp16"] - report["val_map50"]["fp32"]) < 0.02
+    for name in ("minmax", "entropy", "percentile"):
+        assert 0 <= report["val_map50"][f"int8_{name}"] <= 1
+    assert report["precision"] in ("int8", "fp32")
+    assert (out / "model.onnx").exists()
+    # The calibration set is drawn from train, reproducibly, and identified by its hash.
+    _, ids, md5 = calibration_set(cfg, splits[0])
+    assert ids == report["calibration"]["image_ids"] and md5 == report["calibration"]["md5"]
+    assert set(ids) <= set(splits[0].ids) and len(np.unique(ids)) == len(ids)
