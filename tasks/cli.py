@@ -39,6 +39,10 @@ class StageContext:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self.tracker.log_metrics(metrics, step=step)
 
+    def log_epoch(self, row: dict) -> None:
+        """A training-curve row ({epoch, ...}) as MLflow metrics at step = epoch."""
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.tracker.log_artifact(path, artifact_path)
 

@@ -132,3 +132,9 @@ class DetectionSet:
     def batch(self, idx: np.ndarray | slice) -> np.ndarray:
         """float32 (B, 3, S, S) in [0, 1]."""
         return self.images[idx].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+def load_splits(manifest: Path, input_size: int) -> tuple[dict, DetectionSet, DetectionSet]:
+    """The manifest written by label_qa, with its train and val splits decoded."""
+    m = json.loads(Path(manifest).read_text())
+    return m, DetectionSet(m, "train", input_size), DetectionSet(m, "val", input_size)

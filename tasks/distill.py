@@ -10,7 +10,6 @@ value of KD is measured, not assumed.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 import typer
 
 from tasks.cli import stage_entry
-from tasks.coco import DetectionSet
+from tasks.coco import DetectionSet, load_splits
 from tasks.config import DistillCfg, TrainCfg
 from tasks.io import meta, remove, write_json
 from tasks.model import Detector, load_checkpoint
@@ -121,12 +120,8 @@ def main(
             remove(out / stale)
         teacher_model, _ = load_checkpoint(teacher)
         student_model, ckpt = load_checkpoint(student)
-        m = json.loads(manifest.read_text())
         size = student_model.cfg.input_size
-        train, val = DetectionSet(m, "train", size), DetectionSet(m, "val", size)
-
-        def on_epoch(row: dict) -> None:
-            ctx.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        _, train, val = load_splits(manifest, size)
 
         model, metrics = run(
             cfg,
@@ -135,7 +130,7 @@ def main(
             student=student_model,
             train=train,
             val=val,
-            on_epoch=on_epoch,
+            on_epoch=ctx.log_epoch,
         )
         save_checkpoint(
             out / "model.pt",

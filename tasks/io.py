@@ -34,6 +34,13 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` through a temp name in the same folder, so `dst` is never partial."""
+    tmp = Path(dst).with_name(f"{_TMP_PREFIX}{Path(dst).name}")
+    shutil.copy(src, tmp)
+    tmp.replace(dst)
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):  # numpy / torch scalars
         return o.item()

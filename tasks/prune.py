@@ -9,7 +9,6 @@ torch-pruning.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch_pruning as tp
 import typer
 
 from tasks.cli import stage_entry
-from tasks.coco import DetectionSet
+from tasks.coco import DetectionSet, load_splits
 from tasks.config import PruneCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json
@@ -162,9 +161,8 @@ def main(
         for stale in ("model.pt", "metrics.json", "meta.json"):
             remove(out / stale)
         model, ckpt = load_checkpoint(checkpoint)
-        m = json.loads(manifest.read_text())
         size = model.cfg.input_size
-        train, val = DetectionSet(m, "train", size), DetectionSet(m, "val", size)
+        _, train, val = load_splits(manifest, size)
         model, metrics = run(cfg, ctx.params.train, model=model, train=train, val=val)
         save_checkpoint(
             out / "model.pt",

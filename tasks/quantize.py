@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,9 +32,9 @@ from onnxruntime.quantization import (
 
 from tasks.bench import time_blocks
 from tasks.cli import stage_entry
-from tasks.coco import DetectionSet
+from tasks.coco import DetectionSet, load_splits
 from tasks.config import QuantizeCfg
-from tasks.io import meta, remove, write_json, write_text
+from tasks.io import copy_file, meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
 
 log = logging.getLogger(__name__)
@@ -73,21 +72,50 @@ def calibration_set(cfg: QuantizeCfg, train: DetectionSet) -> tuple[np.ndarray, 
     return train.batch(idx), ids, hashlib.md5(json.dumps(ids).encode()).hexdigest()
 
 
+def calibrate(
+    src: Path, images: np.ndarray, cfg: QuantizeCfg, calibrator: str, cache: Path
+) -> None:
+    """Collect activation ranges with ONNX Runtime's calibrator and save them to `cache`.
+
+    Called directly rather than through quantize_static because quantize_static cannot pass the
+    histogram sizes: with its defaults (128 bins, 128 quantized bins) the entropy (KL) search has
+    nothing to choose from and returns the min/max range. The cache also lets the per-layer
+    sensitivity sweep calibrate once.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    options = {"symmetric": cfg.activation_type == "qint8"}
+    if calibrator == "entropy":
+        options |= {"num_bins": 2048, "num_quantized_bins": 128}
+    if calibrator == "percentile":
+        options |= {"num_bins": 2048, "percentile": cfg.percentile}
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = create_calibrator(
+            src,
+            QUANTIZED_OPS,
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CALIBRATORS[calibrator],
+            extra_options=options,
+        )
+        calib.collect_data(_Images(images))
+        save_tensors_data(calib.compute_data(), cache)
+
+
 def to_int8(
     src: Path,
     dst: Path,
-    images: np.ndarray,
+    cache: Path,
     cfg: QuantizeCfg,
     calibrator: str,
     only: list[str] | None = None,
     exclude: list[str] | None = None,
 ) -> None:
     """QDQ-quantize the convolutions of `src` into `dst` (all, `only` these, or all but
-    `exclude`)."""
+    `exclude`) with the activation ranges in `cache` (see `calibrate`)."""
     quantize_static(
         str(src),
         str(dst),
-        _Images(images),
+        None,
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=QUANTIZED_OPS,
         per_channel=True,
@@ -96,10 +124,10 @@ def to_int8(
         nodes_to_quantize=only,
         nodes_to_exclude=exclude,
         calibrate_method=CALIBRATORS[calibrator],
+        calibration_cache_path=str(cache),
         extra_options={
             "WeightSymmetric": True,
             "ActivationSymmetric": cfg.activation_type == "qint8",
-            "CalibPercentile": cfg.percentile,
         },
     )
 
@@ -156,31 +184,34 @@ def run(
     report["val_map50"] = {"fp32": fp32_map}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if cfg.compare_calibrators:
-            for name in CALIBRATORS:
-                to_int8(onnx_path, tmp / f"{name}.onnx", images, cfg, name)
+        cache = {name: tmp / f"ranges-{name}.json" for name in CALIBRATORS}
+        for name in CALIBRATORS if cfg.compare_calibrators else [cfg.calibrator]:
+            calibrate(onnx_path, images, cfg, name, cache[name])
+            if cfg.compare_calibrators:
+                to_int8(onnx_path, tmp / f"{name}.onnx", cache[name], cfg, name)
                 report["val_map50"][f"int8_{name}"] = val_map(tmp / f"{name}.onnx", val, threads)
-        int8 = tmp / "int8.onnx"
-        to_int8(onnx_path, int8, images, cfg, cfg.calibrator)
+        int8, cache = tmp / "int8.onnx", cache[cfg.calibrator]
+        to_int8(onnx_path, int8, cache, cfg, cfg.calibrator)
         int8_map = val_map(int8, val, threads)
         excluded: list[str] = []
         if cfg.accuracy_aware:
             sensitivity = {}
             for layer in layers:
-                to_int8(onnx_path, tmp / "one.onnx", images, cfg, cfg.calibrator, only=[layer])
+                to_int8(onnx_path, tmp / "one.onnx", cache, cfg, cfg.calibrator, only=[layer])
                 sensitivity[layer] = fp32_map - val_map(tmp / "one.onnx", val, threads)
             report["sensitivity"] = sensitivity  # val mAP@0.5 lost with only that layer in INT8
             for layer in sorted(layers, key=lambda k: -sensitivity[k]):
                 if fp32_map - int8_map <= cfg.max_map_drop:
                     break
                 excluded.append(layer)
-                to_int8(onnx_path, int8, images, cfg, cfg.calibrator, exclude=excluded)
+                to_int8(onnx_path, int8, cache, cfg, cfg.calibrator, exclude=excluded)
                 int8_map = val_map(int8, val, threads)
         report["val_map50"]["int8"] = int8_map
         report["int8_map_drop"] = fp32_map - int8_map
         report["layer_precision"] = {k: "fp32" if k in excluded else "int8" for k in layers}
-        shutil.copy(int8, out / "model.int8.onnx")
-    to_fp16(onnx_path, out / "model.fp16.onnx")
+        copy_file(int8, out / "model.int8.onnx")
+        to_fp16(onnx_path, tmp / "fp16.onnx")
+        copy_file(tmp / "fp16.onnx", out / "model.fp16.onnx")
     report["val_map50"]["fp16"] = val_map(out / "model.fp16.onnx", val, threads)
     candidates = {
         "fp32": onnx_path,
@@ -199,8 +230,7 @@ def run(
             f"({latency[cfg.precision]:.3f} vs {latency['fp32']:.3f} ms): kept fp32"
         )
     report["precision"], report["precision_reason"] = chosen, reason
-    shutil.copy(candidates[chosen], out / ".tmp-model.onnx")
-    (out / ".tmp-model.onnx").replace(out / "model.onnx")
+    copy_file(candidates[chosen], out / "model.onnx")
     return report
 
 
@@ -254,9 +284,8 @@ def main(
         ):
             remove(out / stale)
         out.mkdir(parents=True, exist_ok=True)
-        m = json.loads(manifest.read_text())
         size = ctx.params.train.input_size
-        train, val = DetectionSet(m, "train", size), DetectionSet(m, "val", size)
+        _, train, val = load_splits(manifest, size)
         report = run(
             cfg,
             onnx_path=onnx_path,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import typer
 from tqdm import tqdm
 
 from tasks.cli import stage_entry
-from tasks.coco import DetectionSet
+from tasks.coco import DetectionSet, load_splits
 from tasks.config import TrainCfg
 from tasks.io import meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
@@ -246,15 +245,10 @@ def main(
         ctx.log_params(cfg)
         for stale in ("model.pt", "metrics.json", "meta.json", "plots/curves.csv"):
             remove(out / stale)
-        m = json.loads(manifest.read_text())
-        train = DetectionSet(m, "train", cfg.input_size)
-        val = DetectionSet(m, "val", cfg.input_size)
+        m, train, val = load_splits(manifest, cfg.input_size)
         log.info("train: %d images, val: %d images", len(train), len(val))
 
-        def on_epoch(row: dict) -> None:
-            ctx.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-
-        model, history = run(cfg, train=train, val=val, on_epoch=on_epoch)
+        model, history = run(cfg, train=train, val=val, on_epoch=ctx.log_epoch)
         macs, n_params = macs_and_params(model)
         final = evaluate_model(model, val, ctx.params.evaluate.score_threshold)
         metrics = {
