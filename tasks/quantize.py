@@ -34,6 +34,7 @@ from tasks.bench import time_blocks
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, load_splits
 from tasks.config import QuantizeCfg
+from tasks.errors import ConfigError
 from tasks.io import copy_file, meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
 
@@ -44,6 +45,7 @@ CALIBRATORS = {
     "percentile": CalibrationMethod.Percentile,
 }
 QUANTIZED_OPS = ["Conv"]
+NUM_QUANTIZED_BINS = 128
 
 
 class _Images(CalibrationDataReader):
@@ -65,9 +67,13 @@ class _Images(CalibrationDataReader):
 
 def calibration_set(cfg: QuantizeCfg, train: DetectionSet) -> tuple[np.ndarray, list[int], str]:
     """Draw the calibration images from the train split: (images, image ids, md5 of the ids)."""
+    if cfg.calibration_images > len(train):
+        raise ConfigError(
+            f"params.yaml: quantize.calibration_images: {cfg.calibration_images} exceeds the "
+            f"{len(train)} images of the train split"
+        )
     rng = np.random.default_rng(cfg.seed)
-    n = min(cfg.calibration_images, len(train))
-    idx = np.sort(rng.choice(len(train), size=n, replace=False))
+    idx = np.sort(rng.choice(len(train), size=cfg.calibration_images, replace=False))
     ids = [int(train.ids[i]) for i in idx]
     return train.batch(idx), ids, hashlib.md5(json.dumps(ids).encode()).hexdigest()
 
@@ -86,7 +92,7 @@ def calibrate(
 
     options = {"symmetric": cfg.activation_type == "qint8"}
     if calibrator == "entropy":
-        options |= {"num_bins": 2048, "num_quantized_bins": 128}
+        options |= {"num_bins": 2048, "num_quantized_bins": NUM_QUANTIZED_BINS}
     if calibrator == "percentile":
         options |= {"num_bins": 2048, "percentile": cfg.percentile}
     with tempfile.TemporaryDirectory() as tmp:

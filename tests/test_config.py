@@ -40,6 +40,18 @@ def test_default_params_are_valid():
             "params.yaml: build_engine.targets.0:",
         ),
         (
+            lambda p: p["quantize"].update(calibrator="kl2"),
+            "params.yaml: quantize.calibrator: Input should be 'minmax', 'entropy' or 'percentile'",
+        ),
+        (
+            lambda p: p["prune"].update(importance="random"),
+            "params.yaml: prune.importance: Input should be 'l1', 'l2', 'bn_scale' or 'taylor'",
+        ),
+        (
+            lambda p: p["prune"].update(macs_reduction=1.0),
+            "params.yaml: prune.macs_reduction: Input should be less than 0.95",
+        ),
+        (
             lambda p: p["data"].update(digit_size=[40, 20]),
             "params.yaml: data: Value error, digit_size",
         ),
