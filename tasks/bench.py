@@ -48,5 +48,6 @@ def latency_stats(seconds: np.ndarray, batch_size: int) -> dict[str, float]:
     return {
         "latency_ms_p50": float(np.percentile(ms, 50)),
         "latency_ms_p95": float(np.percentile(ms, 95)),
+        "latency_ms_p99": float(np.percentile(ms, 99)),
         "throughput_ips": float(batch_size / np.median(seconds)),
     }

@@ -1,6 +1,13 @@
 """Benchmarks whose results are written to files and MLflow (never asserted by timed tests).
 
-    python -m tasks.benchmarks pipeline --profile default   # full `dvc repro` from scratch
+    shrinkflow bench                              # every built engine beside FP32 eager
+    shrinkflow bench-pipeline --profile default   # full `dvc repro` from scratch
+
+(`shrinkflow` is this module's console script; `python -m tasks.benchmarks ...` is the same.)
+
+`bench` loads every engine that `build_engine` built (skipped targets are listed with their
+reason) and FP32 PyTorch eager of the trained model, times them at one batch size in shuffled,
+alternating blocks with warm-up and a fixed thread count, and prints each one's ratio to eager.
 
 `pipeline` copies the project into a temp folder (no DVC cache, its own MLflow store), times a
 cold `dvc repro` and a second, no-op `dvc repro`, and records the KPIs that run produced, in
@@ -31,7 +38,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.callback()
 def _group() -> None:
-    """Keep `pipeline` a named sub-command (more benchmarks join it)."""
+    """Shrinkflow benchmarks: results go to artifacts/bench/ and MLflow."""
 
 
 def _timed_repro(proj: Path, env: dict) -> tuple[float, list[str]]:
@@ -69,7 +76,7 @@ def pipeline_benchmark(profile: str, work: Path) -> dict:
     }
 
 
-@app.command()
+@app.command("bench-pipeline")
 def pipeline(
     profile: str = typer.Option("default", help=f"one of {', '.join(PROFILES)}"),
     out: Path = typer.Option(Path("artifacts/bench"), help="folder for the result JSON"),
@@ -83,7 +90,14 @@ def pipeline(
         result = pipeline_benchmark(profile, Path(tmp))
     path = out / f"pipeline-{profile}.json"
     write_json(path, result)
-    _log_to_mlflow(result, path)
+    _log_to_mlflow(
+        f"bench pipeline ({profile})",
+        {
+            "dvc_repro_cold_s": result["dvc_repro_cold_s"],
+            "dvc_repro_noop_s": result["dvc_repro_noop_s"],
+        },
+        [path],
+    )
     ev = result["kpis"].get("evaluate/onnxruntime", {})
     log.info(
         "pipeline (%s): cold %.1f s, no-op %.2f s, map50 %.4f, map50_95 %.4f -> %s",
@@ -96,7 +110,7 @@ def pipeline(
     )
 
 
-def _log_to_mlflow(result: dict, path: Path) -> None:
+def _log_to_mlflow(name: str, metrics: dict, files: list[Path]) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -107,17 +121,123 @@ def _log_to_mlflow(result: dict, path: Path) -> None:
     mlflow.set_tracking_uri(tracking_uri())
     experiment = ensure_experiment(MlflowClient(), load_params().project.mlflow_experiment)
     with mlflow.start_run(
-        experiment_id=experiment,
-        run_name=f"bench pipeline ({result['profile']})",
-        tags={"shrinkflow.role": "benchmark"},
+        experiment_id=experiment, run_name=name, tags={"shrinkflow.role": "benchmark"}
     ):
-        mlflow.log_metrics(
-            {
-                "dvc_repro_cold_s": result["dvc_repro_cold_s"],
-                "dvc_repro_noop_s": result["dvc_repro_noop_s"],
-            }
+        mlflow.log_metrics(metrics)
+        for f in files:
+            mlflow.log_artifact(str(f))
+
+
+@app.command("bench")
+def engines(
+    params: Path = typer.Option(Path("params.yaml")),
+    engines_dir: Path = typer.Option(Path("artifacts/build_engine"), "--engines"),
+    baseline: Path = typer.Option(Path("artifacts/train/model.pt")),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    batch: int = typer.Option(1, min=1),
+    runs: int = typer.Option(300, min=1, help="timed calls per runtime, over all rounds"),
+    rounds: int = typer.Option(5, min=1),
+    uncompressed: bool = typer.Option(
+        True, help="also build the trained FP32 model for ONNX Runtime, OpenVINO f32 and bf16"
+    ),
+    out: Path = typer.Option(Path("artifacts/bench")),
+) -> None:
+    """Every built engine and FP32 PyTorch eager, side by side, in one process."""
+    import numpy as np
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks.bench import latency_stats, time_blocks
+    from tasks.coco import DetectionSet
+    from tasks.config import load_params
+    from tasks.engines import get
+    from tasks.evaluate import BASELINE, eager_runner
+    from tasks.model import load_checkpoint
+
+    setup_logging()
+    cfg = load_params(params)
+    torch.set_num_threads(cfg.build_engine.threads)
+    runners, skipped = {}, {}
+    for target in cfg.build_engine.targets:
+        facts = json.loads((engines_dir / target / "engine" / "engine.json").read_text())
+        if facts["status"] == "ok":
+            runners[target] = get(target).load(engines_dir / target / "engine", cfg.build_engine)
+        else:
+            skipped[target] = facts["status"]
+    model, _ = load_checkpoint(baseline)
+    runners[BASELINE] = eager_runner(model, cfg.export)
+    work = tempfile.TemporaryDirectory(prefix="shrinkflow-bench-")
+    if uncompressed:  # what a user gets with no pipeline, on each CPU runtime
+        from tasks.export import to_onnx
+
+        fp32 = Path(work.name) / "fp32.onnx"
+        to_onnx(model, cfg.export, fp32)
+        variants = {
+            "onnxruntime": cfg.build_engine,
+            "openvino": cfg.build_engine.model_copy(update={"openvino_precision": "f32"}),
+            "openvino_bf16": cfg.build_engine.model_copy(update={"openvino_precision": "bf16"}),
+        }
+        for name, engine_cfg in variants.items():
+            target = name.removesuffix("_bf16")
+            folder = Path(work.name) / name
+            folder.mkdir()
+            get(target).build(fp32, folder, engine_cfg)
+            runners[f"fp32_uncompressed_{name}"] = get(target).load(folder, engine_cfg)
+    test = DetectionSet(json.loads(manifest.read_text()), "test", model.cfg.input_size)
+    x = test.batch(np.arange(batch) % len(test))
+    times = time_blocks(runners, x, warmup=10, runs=runs, rounds=rounds)
+    stats = {k: latency_stats(v, batch) for k, v in times.items()}
+    eager = stats[BASELINE]["latency_ms_p50"]
+    result = {
+        "batch": batch,
+        "threads": cfg.build_engine.threads,
+        "runs": runs,
+        "rounds": rounds,
+        "runtimes": {
+            k: {**v, "speedup_vs_eager": eager / v["latency_ms_p50"]} for k, v in stats.items()
+        },
+        "skipped": skipped,
+    }
+    if uncompressed:
+        ort_fp32 = stats["fp32_uncompressed_onnxruntime"]["latency_ms_p50"]
+        result["openvino_f32_vs_onnxruntime_fp32"] = (
+            stats["fp32_uncompressed_openvino"]["latency_ms_p50"] / ort_fp32
         )
-        mlflow.log_artifact(str(path))
+        result["openvino_bf16_vs_onnxruntime_fp32"] = (
+            stats["fp32_uncompressed_openvino_bf16"]["latency_ms_p50"] / ort_fp32
+        )
+        for target in runners.keys() & set(cfg.build_engine.targets):
+            same = stats[f"fp32_uncompressed_{target}"]["latency_ms_p50"]
+            result["runtimes"][target]["speedup_vs_fp32_same_runtime"] = (
+                same / stats[target]["latency_ms_p50"]
+            )
+    table = Table(title=f"batch {batch}, {cfg.build_engine.threads} threads")
+    for col in ("runtime", "p50 ms", "p95 ms", "p99 ms", "img/s", "vs eager"):
+        table.add_column(col, no_wrap=col == "runtime")
+    for k, v in result["runtimes"].items():
+        table.add_row(
+            k,
+            f"{v['latency_ms_p50']:.3f}",
+            f"{v['latency_ms_p95']:.3f}",
+            f"{v['latency_ms_p99']:.3f}",
+            f"{v['throughput_ips']:.0f}",
+            f"{v['speedup_vs_eager']:.2f}x",
+        )
+    for k, why in skipped.items():
+        table.add_row(k, why, "", "", "", "")
+    Console().print(table)
+    path = out / f"engines-b{batch}.json"
+    write_json(path, result)
+    _log_to_mlflow(
+        f"bench engines (batch {batch})",
+        {
+            f"{k}.{m}": v[m]
+            for k, v in result["runtimes"].items()
+            for m in ("latency_ms_p50", "speedup_vs_eager")
+        },
+        [path],
+    )
 
 
 if __name__ == "__main__":

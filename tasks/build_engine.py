@@ -14,7 +14,7 @@ import typer
 
 from tasks.cli import stage_entry
 from tasks.config import BuildEngineCfg
-from tasks.engines import get
+from tasks.engines import engine_size_mb, get
 from tasks.io import atomic_dir, meta, remove, write_json
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,11 @@ def run(cfg: BuildEngineCfg, *, target: str, onnx_path: Path, out: Path) -> dict
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         facts = engine.build(onnx_path, tmp, cfg)
-        size = (tmp / engine.engine_file).stat().st_size if facts["status"] == "ok" else 0
+        size = engine_size_mb(tmp) if facts["status"] == "ok" else 0.0
         write_json(
             tmp / "engine.json", {"target": target, "engine_file": engine.engine_file, **facts}
         )
-    return {"target": target, **facts, "build_s": time.perf_counter() - t0, "size_mb": size / 2**20}
+    return {"target": target, **facts, "build_s": time.perf_counter() - t0, "size_mb": size}
 
 
 app = typer.Typer(add_completion=False)
@@ -49,7 +49,10 @@ def main(
         ctx.log_params({**cfg.model_dump(mode="json"), "target": target})
         remove(out / "metrics.json")
         result = run(cfg, target=target, onnx_path=onnx_path, out=out / "engine")
-        write_json(out / "meta.json", meta(cfg, {"onnx": onnx_path}, ("onnxruntime",)))
+        write_json(
+            out / "meta.json",
+            meta(cfg, {"onnx": onnx_path}, ("onnxruntime", "openvino", "tensorrt")),
+        )
         write_json(out / "metrics.json", result)
         ctx.log_metrics(result)
         log.info("%s: %s (%.1f s)", target, result["status"], result["build_s"])

@@ -154,16 +154,37 @@ class QuantizeCfg(Section):
 
 
 class BuildEngineCfg(Section):
-    targets: list[Literal["onnxruntime"]] = Field(["onnxruntime"], min_length=1)
-    threads: PosInt = Field(2, description="intra-op threads of every runtime")
+    targets: list[Literal["onnxruntime", "openvino", "tensorrt"]] = Field(
+        ["onnxruntime"], min_length=1, description="engine targets (one build/evaluate each)"
+    )
+    threads: PosInt = Field(2, description="intra-op threads of every CPU runtime")
+    openvino_precision: Literal["f32", "bf16"] = Field(
+        "f32",
+        description="OpenVINO inference precision hint for float layers (CPU default "
+        "is bf16 where the CPU has AMX/AVX512-BF16: f32 is set explicitly)",
+    )
+    openvino_performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field("LATENCY")
+    openvino_fp16_weights: bool = Field(
+        False, description="store float weights of the IR in FP16 (weight compression)"
+    )
+    tensorrt_precision: Literal["fp16", "fp32"] = Field(
+        "fp16", description="float precision TensorRT may use; INT8 comes from the QDQ model"
+    )
+    tensorrt_batch: tuple[PosInt, PosInt, PosInt] = Field(
+        (1, 8, 32), description="optimization profile min/opt/max batch"
+    )
+    tensorrt_workspace_mb: PosInt = Field(1024, description="builder workspace limit")
 
 
 class EvaluateCfg(Section):
     score_threshold: float = Field(0.3, gt=0, lt=1, description="operating point for P/R")
     warmup: int = Field(10, ge=0, description="untimed calls before each timed block")
     latency_runs: PosInt = Field(60, description="timed batch-1 calls per runtime")
-    throughput_batch: PosInt = Field(32)
+    throughput_batches: list[PosInt] = Field(
+        [1, 8, 32], min_length=1, description="batch sizes for throughput; KPI at the largest"
+    )
     throughput_runs: PosInt = Field(5)
+    parity_iou: float = Field(0.5, gt=0, lt=1, description="IoU matching detections for parity")
     rounds: PosInt = Field(3, description="alternating benchmark rounds (order shuffled)")
 
 

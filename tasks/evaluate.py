@@ -2,9 +2,11 @@
 
 The deployed engine, the uncompressed FP32 model built for the same runtime, and FP32 PyTorch
 eager are measured in the same process: COCO mAP (pycocotools), precision/recall at
-`evaluate.score_threshold`, latency p50/p95 at batch 1 and throughput at `throughput_batch`
+`evaluate.score_threshold`, per-class AP, latency p50/p95/p99 at batch 1 and throughput at
+each of `throughput_batches`
 (alternating timed blocks, see tasks/bench.py), file size, params, MACs. KPI keys follow
-DESIGN.md; `delta_*` is the target minus the FP32 baseline.
+DESIGN.md; `delta_*` is the target minus the FP32 baseline; `parity` matches the target's
+detections to FP32 PyTorch's by class and IoU.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from tasks.bench import latency_stats, time_blocks
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet
 from tasks.config import BuildEngineCfg, EvaluateCfg, ExportCfg
-from tasks.engines import Runner, get
+from tasks.engines import Runner, engine_size_mb, get
 from tasks.export import to_onnx
 from tasks.io import meta, remove, write_json, write_text
-from tasks.metrics import coco_metrics, predict
+from tasks.metrics import coco_metrics, detection_parity, predict
 from tasks.model import DetectorWithDecode, load_checkpoint, macs_and_params
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ FP32_SAME_RUNTIME = "fp32_uncompressed"
 QUALITY = ("map50", "map50_95", "precision", "recall")
 
 
-def _eager(model, export_cfg: ExportCfg) -> Runner:
+def eager_runner(model, export_cfg: ExportCfg) -> Runner:
+    """FP32 PyTorch eager with the same decode as the exported graph."""
     wrapped = DetectorWithDecode(model, export_cfg.max_detections, export_cfg.score_floor).eval()
 
     def run(x: np.ndarray):
@@ -78,22 +81,29 @@ def run(
     runners = {
         target: engine.load(engine_dir, engine_cfg),
         FP32_SAME_RUNTIME: engine.load(work / "fp32", engine_cfg),
-        BASELINE: _eager(baseline, export_cfg),
+        BASELINE: eager_runner(baseline, export_cfg),
     }
     test = DetectionSet(manifest, "test", deployed.cfg.input_size)
-    quality = {
-        name: coco_metrics(test.coco, predict(fn, test), cfg.score_threshold)
-        for name, fn in runners.items()
-    }
+    rows = {name: predict(fn, test) for name, fn in runners.items()}
+    quality = {name: coco_metrics(test.coco, r, cfg.score_threshold) for name, r in rows.items()}
     one = test.batch(slice(0, 1))
-    many = test.batch(np.arange(cfg.throughput_batch) % len(test))
     lat = time_blocks(runners, one, warmup=cfg.warmup, runs=cfg.latency_runs, rounds=cfg.rounds)
-    thr = time_blocks(runners, many, warmup=2, runs=cfg.throughput_runs, rounds=cfg.rounds)
+    thr = {
+        b: time_blocks(
+            runners,
+            test.batch(np.arange(b) % len(test)),
+            warmup=2,
+            runs=cfg.throughput_runs,
+            rounds=cfg.rounds,
+        )
+        for b in cfg.throughput_batches
+    }
+    top = max(cfg.throughput_batches)
     shape = {target: macs_and_params(deployed)}
     shape[FP32_SAME_RUNTIME] = shape[BASELINE] = macs_and_params(baseline)
     sizes = {
-        target: (engine_dir / facts["engine_file"]).stat().st_size / 2**20,
-        FP32_SAME_RUNTIME: (work / "fp32" / engine.engine_file).stat().st_size / 2**20,
+        target: engine_size_mb(engine_dir),
+        FP32_SAME_RUNTIME: engine_size_mb(work / "fp32"),
         BASELINE: baseline_checkpoint.stat().st_size / 2**20,
     }
     kpis = {}
@@ -101,7 +111,11 @@ def run(
         kpis[name] = {
             **{k: quality[name][k] for k in QUALITY},
             **{k: v for k, v in latency_stats(lat[name], 1).items() if k != "throughput_ips"},
-            "throughput_ips": latency_stats(thr[name], cfg.throughput_batch)["throughput_ips"],
+            "throughput_ips": latency_stats(thr[top][name], top)["throughput_ips"],
+            **{
+                f"throughput_ips_b{b}": latency_stats(thr[b][name], b)["throughput_ips"]
+                for b in cfg.throughput_batches
+            },
             "size_mb": sizes[name],
             "macs": shape[name][0],
             "params": shape[name][1],
@@ -119,6 +133,16 @@ def run(
         "speedup_vs_fp32_same_runtime": same["latency_ms_p50"] / mine["latency_ms_p50"],
         "size_reduction_vs_fp32": same["size_mb"] / mine["size_mb"],
         "macs_reduction": 1 - mine["macs"] / base["macs"],
+        # Parity with the FP32 PyTorch model on the test split, in detections, not tensors.
+        "parity_iou": cfg.parity_iou,
+        "parity": detection_parity(
+            rows[BASELINE], rows[target], iou=cfg.parity_iou, min_score=cfg.score_threshold
+        ),
+        "delta_ap50_per_class": {
+            c: ap - ref if ap is not None and ref is not None else None
+            for c, ap in quality[target]["ap50_per_class"].items()
+            for ref in [quality[BASELINE]["ap50_per_class"].get(c)]
+        },
         "fp32_same_runtime": {"name": FP32_SAME_RUNTIME, **same},
         "baseline": {"name": BASELINE, **base},
     }
@@ -132,12 +156,13 @@ def render_report(metrics: dict) -> str:
         *QUALITY,
         "latency_ms_p50",
         "latency_ms_p95",
+        "latency_ms_p99",
         "throughput_ips",
         "size_mb",
         "params",
         "macs",
     ]
-    same, base = metrics["fp32_same_runtime"], metrics["baseline"]
+    same, base, parity = metrics["fp32_same_runtime"], metrics["baseline"], metrics["parity"]
     rows = [f"| {k} | {metrics[k]:.4g} | {same[k]:.4g} | {base[k]:.4g} |" for k in keys]
     return "\n".join(
         [
@@ -153,6 +178,20 @@ def render_report(metrics: dict) -> str:
             f"| {base['name']} |",
             "| --- | --- | --- | --- |",
             *rows,
+            "",
+            f"Parity with {base['name']} (detections scoring >= the operating threshold, same "
+            f"class, IoU >= {metrics['parity_iou']}): {100 * parity['match_rate']:.1f}% of "
+            f"{parity['reference_detections']} matched, {parity['unmatched_candidates']} extra, "
+            f"score gap mean {parity['score_abs_diff_mean']:.3f} / max "
+            f"{parity['score_abs_diff_max']:.3f}, matched IoU {parity['matched_iou_mean']:.3f}.",
+            "",
+            "| class | ΔAP@0.5 vs FP32 |",
+            "| --- | --- |",
+            *[
+                f"| {c} | {d:+.4f} |"
+                for c, d in metrics["delta_ap50_per_class"].items()
+                if d is not None
+            ],
             "",
         ]
     )

@@ -47,6 +47,7 @@ def coco_metrics(gt: dict, detections: list[dict], score_threshold: float) -> di
         "map50_95": 0.0,
         "precision": 0.0,
         "recall": 0.0,
+        "ap50_per_class": {},
         "pr_curve": [{"recall": r, "precision": 0.0} for r in np.linspace(0, 1, 101)],
     }
     if not detections or not gt["annotations"]:
@@ -74,13 +75,71 @@ def coco_metrics(gt: dict, detections: list[dict], score_threshold: float) -> di
         keep = (np.asarray(e["dtScores"]) >= score_threshold) & ~e["dtIgnore"][0].astype(bool)
         n_det += int(keep.sum())
         tp += int(((e["dtMatches"][0] > 0) & keep).sum())
+    per_class = {
+        str(cat): float(prec[:, k][prec[:, k] > -1].mean()) if (prec[:, k] > -1).any() else None
+        for k, cat in enumerate(ev.params.catIds)
+    }
     return {
         "map50": float(ev.stats[1]),
         "map50_95": float(ev.stats[0]),
         "precision": tp / n_det if n_det else 0.0,
         "recall": tp / n_gt if n_gt else 0.0,
+        "ap50_per_class": per_class,
         "pr_curve": [
             {"recall": float(r), "precision": float(p)}
             for r, p in zip(ev.params.recThrs, curve, strict=True)
         ],
+    }
+
+
+def detection_parity(
+    reference: list[dict], candidate: list[dict], *, iou: float, min_score: float
+) -> dict:
+    """How closely `candidate` reproduces `reference` detections (both COCO result rows).
+
+    Detections scoring at least `min_score` are matched greedily, highest reference score first,
+    to an unused candidate of the same class with IoU >= `iou` (pycocotools' box IoU). Returns
+    the share of reference detections matched, the candidates left over, and the score gap and
+    IoU of the matched pairs.
+    """
+    from pycocotools import mask as mask_utils
+
+    def by_image(rows: list[dict]) -> dict[int, list[dict]]:
+        out: dict[int, list[dict]] = {}
+        for r in rows:
+            if r["score"] >= min_score:
+                out.setdefault(r["image_id"], []).append(r)
+        return out
+
+    ref, cand = by_image(reference), by_image(candidate)
+    n_ref = matched = extra = 0
+    gaps, ious = [], []
+    for image_id in set(ref) | set(cand):
+        r = sorted(ref.get(image_id, []), key=lambda d: -d["score"])
+        c = cand.get(image_id, [])
+        n_ref += len(r)
+        if not r or not c:
+            extra += len(c)
+            continue
+        overlap = np.asarray(
+            mask_utils.iou([d["bbox"] for d in r], [d["bbox"] for d in c], [0] * len(c))
+        )  # (len(r), len(c))
+        same = np.array([[a["category_id"] == b["category_id"] for b in c] for a in r])
+        overlap = np.where(same, overlap, 0.0)
+        used = np.zeros(len(c), bool)
+        for i, det in enumerate(r):
+            j = int(np.argmax(np.where(used, -1.0, overlap[i])))
+            if not used[j] and overlap[i, j] >= iou:
+                used[j] = True
+                matched += 1
+                gaps.append(abs(det["score"] - c[j]["score"]))
+                ious.append(overlap[i, j])
+        extra += int((~used).sum())
+    return {
+        "match_rate": matched / n_ref if n_ref else 1.0,
+        "reference_detections": n_ref,
+        "unmatched_candidates": extra,
+        "score_abs_diff_mean": float(np.mean(gaps)) if gaps else 0.0,
+        "score_abs_diff_max": float(np.max(gaps)) if gaps else 0.0,
+        "matched_iou_mean": float(np.mean(ious)) if ious else 0.0,
     }

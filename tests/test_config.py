@@ -19,7 +19,8 @@ def write(tmp_path, mutate):
 
 def test_default_params_are_valid():
     params = load_params(ROOT / "params.yaml")
-    assert params.build_engine.targets == ["onnxruntime"]
+    assert params.build_engine.targets == ["onnxruntime", "openvino", "tensorrt"]
+    assert params.build_engine.openvino_precision == "f32"  # bf16 is this CPU's default
 
 
 @pytest.mark.parametrize(

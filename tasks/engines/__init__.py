@@ -1,18 +1,25 @@
 """Engine targets, registered by name. `build_engine@<target>` builds one, `evaluate@<target>`
-loads it as a runner: float32 (B, 3, S, S) in [0, 1] -> (num, boxes, scores, classes)."""
+loads it as a runner: float32 (B, 3, S, S) in [0, 1] -> (num, boxes, scores, classes).
+
+A target that cannot run here (runtime not installed, no device) returns `status:
+"skipped: <reason>"` from `build` instead of raising, so `dvc repro` carries on and says why.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnx
 
 from tasks.config import BuildEngineCfg
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, GateFailed
 
 Runner = Callable[[np.ndarray], Sequence[np.ndarray]]
+MODULES = {"onnxruntime": "onnx_runtime", "openvino": "openvino_cpu", "tensorrt": "tensorrt_gpu"}
 
 
 class Engine(Protocol):
@@ -35,8 +42,31 @@ def register(engine: Engine) -> Engine:
 
 
 def get(name: str) -> Engine:
-    from tasks.engines import onnx_runtime  # noqa: F401  (registers "onnxruntime")
-
-    if name not in ENGINES:
-        raise ConfigError(f"unsupported engine target {name!r}; choose one of {', '.join(ENGINES)}")
+    """The engine registered as `name` (its module is imported on first use)."""
+    if name not in MODULES:
+        raise ConfigError(f"unsupported engine target {name!r}; choose one of {', '.join(MODULES)}")
+    importlib.import_module(f"tasks.engines.{MODULES[name]}")
     return ENGINES[name]
+
+
+def engine_size_mb(out_dir: Path) -> float:
+    """Size of the built engine: every file in its folder but the build facts."""
+    files = [f for f in Path(out_dir).iterdir() if f.is_file() and f.name != "engine.json"]
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def is_quantized(onnx_path: Path) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(onnx_path)).graph.node)
+
+
+def check_int8(onnx_path: Path, conv_precisions: dict[str, int], target: str) -> None:
+    """An INT8 (QDQ) model whose convolutions all execute in float is an error, not a result.
+
+    `conv_precisions` counts the convolutions by the precision the runtime reports executing.
+    """
+    int8 = sum(v for k, v in conv_precisions.items() if k in ("i8", "u8", "int8", "uint8"))
+    if is_quantized(onnx_path) and int8 == 0:
+        raise GateFailed(
+            f"{target}: {onnx_path} is quantized (QDQ) but no convolution executes in INT8 "
+            f"(runtime reports {conv_precisions}); the engine would silently run in float"
+        )

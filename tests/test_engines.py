@@ -1,0 +1,141 @@
+"""Each engine target on the tiny profile: builds, runs, keeps PyTorch's accuracy, and really
+executes INT8 when given an INT8 model; TensorRT reports why it is skipped."""
+
+import json
+
+import pytest
+import torch
+
+from tasks import build_engine, evaluate, export, quantize, train
+from tasks.coco import DetectionSet
+from tasks.config import BuildEngineCfg
+from tasks.engines import check_int8, get
+from tasks.engines.tensorrt_gpu import unavailable
+from tasks.errors import GateFailed
+from tasks.metrics import coco_metrics, predict
+from tasks.model import DetectorWithDecode, load_checkpoint
+
+CPU_TARGETS = ["onnxruntime", "openvino"]
+
+
+@pytest.fixture(scope="module")
+def models(tiny, tiny_manifest, tmp_path_factory):
+    """A briefly trained checkpoint, its FP32 ONNX and an INT8 QDQ ONNX."""
+    tmp = tmp_path_factory.mktemp("engines")
+    tr, va = (DetectionSet(tiny_manifest, s, 64) for s in ("train", "val"))
+    model, _ = train.run(tiny.train.model_copy(update={"epochs": 8}), train=tr, val=va)
+    train.save_checkpoint(
+        tmp / "model.pt", model, tiny_manifest["splits"]["train"]["categories"], {}
+    )
+    export.run(
+        tiny.export, checkpoint=tmp / "model.pt", manifest=tiny_manifest, out=tmp / "fp32.onnx"
+    )
+    cfg = tiny.quantize
+    images, _, _ = quantize.calibration_set(cfg, tr)
+    quantize.calibrate(tmp / "fp32.onnx", images, cfg, "minmax", tmp / "ranges.json")
+    quantize.to_int8(tmp / "fp32.onnx", tmp / "int8.onnx", tmp / "ranges.json", cfg, "minmax")
+    return tmp
+
+
+def eager_map(checkpoint, test, tiny):
+    model, _ = load_checkpoint(checkpoint)
+    wrapped = DetectorWithDecode(model, tiny.export.max_detections, tiny.export.score_floor)
+
+    def run(x):
+        with torch.no_grad():
+            return [t.numpy() for t in wrapped(torch.from_numpy(x))]
+
+    return coco_metrics(test.coco, predict(run, test), 0.3)["map50"]
+
+
+@pytest.mark.parametrize("target", CPU_TARGETS)
+def test_cpu_target_builds_runs_and_keeps_pytorch_accuracy(
+    tiny, tiny_manifest, models, target, tmp_path
+):
+    facts = build_engine.run(
+        tiny.build_engine, target=target, onnx_path=models / "fp32.onnx", out=tmp_path / "engine"
+    )
+    assert facts["status"] == "ok" and facts["size_mb"] > 0
+    assert set(facts["conv_precisions"]) == {"f32"}  # f32 hint: OpenVINO must not run bf16
+    runner = get(target).load(tmp_path / "engine", tiny.build_engine)
+    test = DetectionSet(tiny_manifest, "test", 64)
+    got = coco_metrics(test.coco, predict(runner, test), 0.3)["map50"]
+    ref = eager_map(models / "model.pt", test, tiny)
+    assert ref > 0.1
+    assert abs(got - ref) <= 0.02, (target, got, ref)
+
+
+@pytest.mark.parametrize("target", CPU_TARGETS)
+def test_int8_target_really_executes_int8_kernels(tiny, models, target, tmp_path):
+    facts = build_engine.run(
+        tiny.build_engine, target=target, onnx_path=models / "int8.onnx", out=tmp_path / "engine"
+    )
+    int8 = sum(v for k, v in facts["conv_precisions"].items() if k in ("int8", "u8", "i8"))
+    assert int8 == 14, facts["conv_precisions"]  # every convolution, read from the runtime
+
+
+def test_a_quantized_model_running_in_float_is_caught(models):
+    with pytest.raises(GateFailed, match="no convolution executes in INT8"):
+        check_int8(models / "int8.onnx", {"f32": 14}, "some-runtime")
+    check_int8(models / "fp32.onnx", {"f32": 14}, "some-runtime")  # float model: fine
+
+
+def test_openvino_bf16_is_a_precision_of_its_own(tiny, models, tmp_path):
+    cfg = tiny.build_engine.model_copy(update={"openvino_precision": "bf16"})
+    facts = build_engine.run(
+        cfg, target="openvino", onnx_path=models / "fp32.onnx", out=tmp_path / "engine"
+    )
+    assert facts["inference_precision_hint"] == "bf16"
+    # On a CPU without bf16 support OpenVINO falls back to f32, and the facts say so.
+    assert facts["inference_precision_used"] in ("bf16", "f32")
+    assert set(facts["conv_precisions"]) == {facts["inference_precision_used"]}
+
+
+@pytest.mark.skipif(unavailable() is None, reason="TensorRT and a CUDA device are present")
+def test_tensorrt_without_cuda_or_tensorrt_is_skipped_with_the_reason(
+    tiny, tiny_manifest, models, tmp_path
+):
+    facts = build_engine.run(
+        tiny.build_engine,
+        target="tensorrt",
+        onnx_path=models / "fp32.onnx",
+        out=tmp_path / "engine",
+    )
+    assert facts["status"].startswith("skipped: ")
+    assert facts["status"] == unavailable()
+    assert (
+        json.loads((tmp_path / "engine" / "engine.json").read_text())["status"] == facts["status"]
+    )
+    metrics, curve = evaluate.run(
+        tiny.evaluate,
+        target="tensorrt",
+        engine_dir=tmp_path / "engine",
+        model_checkpoint=models / "model.pt",
+        baseline_checkpoint=models / "model.pt",
+        manifest=tiny_manifest,
+        engine_cfg=tiny.build_engine,
+        export_cfg=tiny.export,
+        work=tmp_path,
+    )
+    assert metrics == {"target": "tensorrt", "status": facts["status"]} and curve == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
+def test_tensorrt_builds_fp16_and_int8_engines_that_match_onnxruntime(
+    tiny, tiny_manifest, models, tmp_path
+):
+    test = DetectionSet(tiny_manifest, "test", 64)
+    for name in ("fp32.onnx", "int8.onnx"):
+        facts = build_engine.run(
+            tiny.build_engine, target="tensorrt", onnx_path=models / name, out=tmp_path / name
+        )
+        assert facts["status"] == "ok" and "trtexec" in facts
+        runner = get("tensorrt").load(tmp_path / name, tiny.build_engine)
+        got = coco_metrics(test.coco, predict(runner, test), 0.3)["map50"]
+        assert abs(got - eager_map(models / "model.pt", test, tiny)) <= 0.03
+
+
+def test_engine_cfg_rejects_an_unknown_target():
+    with pytest.raises(ValueError, match="'onnxruntime', 'openvino' or 'tensorrt'"):
+        BuildEngineCfg(targets=["tflite"])
