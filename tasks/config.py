@@ -188,6 +188,22 @@ class EvaluateCfg(Section):
     rounds: PosInt = Field(3, description="alternating benchmark rounds (order shuffled)")
 
 
+class FlowCfg(Section):
+    """How the Prefect flow (flows/compress.py) runs each stage; no stage reads this section."""
+
+    retries: int = Field(1, ge=0, description="re-runs of a failed stage before the flow fails")
+    retry_delay_s: float = Field(
+        10.0, ge=0, description="delay before the first retry; doubled for each later one"
+    )
+    timeout_s: float = Field(7200.0, gt=0, description="wall-clock limit of one stage attempt")
+    stage_timeout_s: dict[str, float] = Field(
+        {}, description="per-stage limits overriding timeout_s (foreach items as `name@item`)"
+    )
+    approval_timeout_s: float = Field(
+        86400.0, gt=0, description="how long a run waits for a reviewer before `promote`"
+    )
+
+
 class Params(Section):
     project: ProjectCfg = ProjectCfg()
     dataset: DatasetCfg = DatasetCfg()
@@ -200,6 +216,7 @@ class Params(Section):
     quantize: QuantizeCfg = QuantizeCfg()
     build_engine: BuildEngineCfg = BuildEngineCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
+    flow: FlowCfg = FlowCfg()
 
 
 def _format(file: str, err: ValidationError) -> str:

@@ -23,3 +23,8 @@ class DataQualityError(ShrinkflowError):
 
 class GateFailed(ShrinkflowError):
     """A numeric gate (parity, KPI) was not met."""
+
+
+class StageFailed(ShrinkflowError):
+    """A pipeline stage (or a DVC command) run by the Prefect flow failed; the message ends with
+    the stage's own error output."""

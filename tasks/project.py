@@ -24,6 +24,8 @@ PIPELINE_FILES = (
     ".dvc/config",
     ".gitignore",
     "tasks",
+    "flows",
+    "prefect.yaml",
 )
 
 

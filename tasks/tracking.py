@@ -52,6 +52,22 @@ def execution_id() -> str:
     return f"standalone-{uuid.uuid4().hex[:12]}"
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when an HTTP tracking server does not answer (MLflow's client would retry for
+    minutes). Raises ConnectionError naming `uri`; HTTP error statuses count as reachable."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass  # something answers (an auth proxy, an older server): let MLflow's client decide
+    except OSError as e:
+        raise ConnectionError(f"no MLflow server answers at {uri}: {e}") from e
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -85,6 +101,24 @@ def ensure_experiment(client, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def pipeline_run(client, experiment_id: str, execution_id: str) -> str:
+    """The id of the parent run of pipeline execution `execution_id`, created on first use."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{EXECUTION_TAG}` = '{execution_id}' "
+        "and tags.`shrinkflow.role` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline {execution_id}",
+        tags={EXECUTION_TAG: execution_id, "shrinkflow.role": "pipeline"},
+    )
+    return run.info.run_id
+
+
 class Tracker:
     """The MLflow side of one stage process: opens the child run under the execution's parent."""
 
@@ -95,6 +129,7 @@ class Tracker:
 
         self.mlflow = mlflow
         self.uri = tracking_uri()
+        check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.stage = stage
@@ -109,20 +144,7 @@ class Tracker:
         )
 
     def _parent(self) -> str:
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{EXECUTION_TAG}` = '{self.execution_id}' "
-            "and tags.`shrinkflow.role` = 'pipeline'",
-            max_results=1,
-        )
-        if found:
-            return found[0].info.run_id
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"pipeline {self.execution_id}",
-            tags={EXECUTION_TAG: self.execution_id, "shrinkflow.role": "pipeline"},
-        )
-        return run.info.run_id
+        return pipeline_run(self.client, self.experiment_id, self.execution_id)
 
     def log_params(self, params: dict) -> None:
         self.mlflow.log_params({k: str(v) for k, v in flatten(params).items()})

@@ -1,0 +1,318 @@
+"""The Prefect flows: the DAG they read, retries, bad params, the deployment on a real Prefect
+server with a real process worker (one tiny pipeline run), and the recipe sweep on that project."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.project import read_dag
+from tasks.project import dvc, venv_env
+from tests.conftest import free_port, tiny_params
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+POOL = "shrinkflow"  # the work pool prefect.yaml names
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def prefect_env(home: Path, api_url: str | None = None) -> dict:
+    env = venv_env(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_WORKER_PREFETCH_SECONDS="2",
+        PREFECT_LOGGING_LEVEL="INFO",
+    )
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 (free port, temp PREFECT_HOME); yields the
+    API URL and the environment that points a Prefect client or CLI at it."""
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    log = open(home / "server.log", "w")  # noqa: SIM115  (closed in the finally below)
+    proc = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=home,
+        env=prefect_env(home),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(
+                    f"prefect server did not start: {(home / 'server.log').read_text()}"
+                )
+            time.sleep(0.5)
+        yield api, prefect_env(home, api)
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def client(api: str):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(api)
+
+
+def wait_for(api: str, flow_run_id, timeout_s: float = 900):
+    with client(api) as c:
+        deadline = time.time() + timeout_s
+        while True:
+            run = c.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.type.value in TERMINAL:
+                return run
+            if time.time() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} still {run.state} after {timeout_s} s")
+            time.sleep(2)
+
+
+def task_runs(api: str, flow_run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with client(api) as c:
+        return c.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+def artifacts(api: str, flow_run_id) -> dict:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with client(api) as c:
+        found = c.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def logs(api: str, flow_run_id) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with client(api) as c:
+        found = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(entry.message for entry in found)
+
+
+def run_flow_here(project: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`python -m flows.compress` as a user runs it, against the test server."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows.compress", "--project", str(project), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+# --- small hand-made projects: trivial stages, the real params.yaml --------------------------
+
+FLAKY = """\
+import pathlib, sys
+marker = pathlib.Path("attempted")
+if not marker.exists():  # fail on the first attempt only
+    marker.write_text("1")
+    print("error: transient failure on the first attempt", file=sys.stderr)
+    sys.exit(3)
+pathlib.Path(sys.argv[1]).write_text("b")
+"""
+
+
+def write_stage(cmd: str, deps=(), outs=(), params=()) -> dict:
+    stage = {"cmd": cmd}
+    for key, value in (("deps", deps), ("outs", outs), ("params", params)):
+        if value:
+            stage[key] = list(value)
+    return stage
+
+
+def small_project(root: Path, stages: dict, params: dict | None = None) -> Path:
+    """A git + DVC project with the given dvc.yaml stages and the tiny profile's params.yaml."""
+    root.mkdir(parents=True)
+    params = params or tiny_params()
+    params["flow"] = {**params.get("flow", {}), "retry_delay_s": 0.5}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (root / "flaky.py").write_text(FLAKY)
+    (root / ".gitignore").write_text("attempted\n")
+    git = ["git", "-c", "user.email=ci@shrinkflow", "-c", "user.name=shrinkflow"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    assert dvc(root, "init", "-q").returncode == 0
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "small project"], cwd=root, check=True)
+    return root
+
+
+def py(code: str) -> str:
+    return f'python -c "{code}"'
+
+
+DIAMOND = {
+    "a": write_stage(py("open('a.txt','w').write('a')"), outs=["a.txt"], params=["train.epochs"]),
+    "b": write_stage("python flaky.py b.txt", deps=["a.txt", "flaky.py"], outs=["b.txt"]),
+    "c": write_stage(py("open('c.txt','w').write('c')"), deps=["a.txt"], outs=["c.txt"]),
+    "d": write_stage(py("open('d.txt','w').write('d')"), deps=["b.txt", "c.txt"], outs=["d.txt"]),
+}
+
+
+def dvc_dag_edges(root: Path) -> set[tuple[str, str]]:
+    """The DAG as `dvc dag --dot` prints it: an independent reading of the project."""
+    out = dvc(root, "dag", "--dot", "--full")
+    assert out.returncode == 0, out.stderr
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', out.stdout)
+    return {(a, b) for a, b in edges}
+
+
+def test_the_flow_dag_is_the_dvc_dag_and_follows_dvc_yaml(tmp_path):
+    proj = small_project(tmp_path / "p", dict(DIAMOND))
+    dag = read_dag(proj)
+    assert dag.edges() == dvc_dag_edges(proj)
+    assert set(dag.stages) == {"a", "b", "c", "d"}
+    for dep, stage in dag.edges():
+        assert dag.stages.index(dep) < dag.stages.index(stage)
+    # a stage added to dvc.yaml is in the flow, with no code change
+    stages = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]
+    stages["e"] = write_stage(py("open('e.txt','w').write('e')"), deps=["d.txt"], outs=["e.txt"])
+    (proj / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    dag = read_dag(proj)
+    assert dag.stages[-1] == "e" and dag.upstream["e"] == ["d"]
+    assert dag.edges() == dvc_dag_edges(proj)
+
+
+def test_the_flow_dag_of_this_project_has_every_foreach_item():
+    root = Path(__file__).resolve().parents[1]
+    dag = read_dag(root)
+    targets = yaml.safe_load((root / "params.yaml").read_text())["build_engine"]["targets"]
+    for t in targets:
+        assert f"build_engine@{t}" in dag.upstream[f"evaluate@{t}"]
+        assert f"evaluate@{t}" in dag.upstream["compare"]
+    assert dag.edges() == dvc_dag_edges(root)
+
+
+def flow_runs_of(api: str, project: Path) -> list:
+    """The flow runs (newest first) whose `project` parameter is `project`."""
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with client(api) as c:
+        found = c.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=200)
+    return [r for r in found if r.parameters.get("project") == str(project)]
+
+
+def states_by_task(api: str, flow_run_id) -> dict[str, object]:
+    return {t.name: t for t in task_runs(api, flow_run_id)}
+
+
+@pytest.mark.server
+def test_a_stage_that_fails_once_is_retried_then_cached_and_a_new_stage_runs(
+    prefect_server, tmp_path
+):
+    api, env = prefect_server
+    proj = small_project(tmp_path / "p", dict(DIAMOND))
+    done = run_flow_here(proj, env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run,) = flow_runs_of(api, proj)
+    assert run.state.type.value == "COMPLETED"
+    tasks = states_by_task(api, run.id)
+    assert set(tasks) == {"a", "b", "c", "d"}
+    assert all(t.state.name == "Completed" for t in tasks.values())
+    assert tasks["b"].run_count == 2 and tasks["a"].run_count == 1  # b failed once, retried
+    assert "transient failure on the first attempt" in logs(api, run.id)
+    assert (proj / "d.txt").read_text() == "d"
+
+    # nothing changed: every stage is reported cached, none runs
+    again = run_flow_here(proj, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    latest = flow_runs_of(api, proj)[0]
+    assert {t.state.name for t in states_by_task(api, latest.id).values()} == {"Cached"}
+
+    # a stage added to dvc.yaml runs in the flow with no code change; the rest stays cached
+    stages = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]
+    stages["e"] = write_stage(py("open('e.txt','w').write('e')"), deps=["d.txt"], outs=["e.txt"])
+    (proj / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    third = run_flow_here(proj, env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    tasks = states_by_task(api, flow_runs_of(api, proj)[0].id)
+    assert {n: t.state.name for n, t in tasks.items()} == {
+        "a": "Cached",
+        "b": "Cached",
+        "c": "Cached",
+        "d": "Cached",
+        "e": "Completed",
+    }
+
+
+@pytest.mark.server
+def test_a_failing_stage_fails_the_flow_with_its_own_error(prefect_server, tmp_path):
+    api, env = prefect_server
+    stages = {
+        "a": write_stage(py("open('a.txt','w').write('a')"), outs=["a.txt"]),
+        "boom": write_stage(
+            py("import sys; sys.exit('error: the boom stage cannot go on: disk on fire')"),
+            deps=["a.txt"],
+        ),
+        "after": write_stage(py("open('z.txt','w').write('z')"), deps=["a.txt"], outs=["z.txt"]),
+    }
+    params = tiny_params()
+    params["flow"] = {"retries": 0}
+    proj = small_project(tmp_path / "p", stages, params)
+    done = run_flow_here(proj, env)
+    assert done.returncode != 0
+    (run,) = flow_runs_of(api, proj)
+    assert run.state.type.value == "FAILED"
+    assert "disk on fire" in run.state.message
+    assert "disk on fire" in logs(api, run.id)
+    tasks = states_by_task(api, run.id)
+    assert tasks["boom"].state.type.value == "FAILED" and tasks["a"].state.name == "Completed"
+    assert "after" not in tasks  # nothing runs after a failed stage
+
+
+@pytest.mark.server
+def test_a_broken_params_yaml_fails_the_flow_with_the_validation_message(prefect_server, tmp_path):
+    api, env = prefect_server
+    proj = small_project(tmp_path / "p", dict(DIAMOND))
+    done = run_flow_here(proj, env, "-S", "train.epochs=0", "-S", "+train.epochz=3")
+    assert done.returncode != 0
+    (run,) = flow_runs_of(api, proj)
+    assert run.state.type.value == "FAILED"
+    for problem in (
+        "params.yaml: train.epochs: Input should be greater than 0",
+        "params.yaml: train.epochz: unknown key",
+    ):
+        assert problem in run.state.message and problem in logs(api, run.id)
+    assert task_runs(api, run.id) == []  # validated before any stage ran
+    assert not (proj / "a.txt").exists()
