@@ -3,6 +3,7 @@ server with a real process worker (one tiny pipeline run), and the recipe sweep 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from flows.project import read_dag
-from tasks.project import dvc, venv_env
+from tasks.project import copy_project, dvc, venv_env
 from tests.conftest import free_port, tiny_params
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -316,3 +318,247 @@ def test_a_broken_params_yaml_fails_the_flow_with_the_validation_message(prefect
         assert problem in run.state.message and problem in logs(api, run.id)
     assert task_runs(api, run.id) == []  # validated before any stage ran
     assert not (proj / "a.txt").exists()
+
+
+# --- the deployment: a real process worker runs the nightly flow on the tiny profile ---------
+
+
+def cli(env: dict, cwd: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [PREFECT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-3000:]}{out.stderr}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def worker(prefect_server, tmp_path_factory):
+    """A process work pool (the one prefect.yaml names) and a `prefect worker start` on it."""
+    api, env = prefect_server
+    work = tmp_path_factory.mktemp("worker")
+    cli(env, work, "work-pool", "create", POOL, "--type", "process")
+    log = open(work / "worker.log", "w")  # noqa: SIM115  (closed in the finally below)
+    proc = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
+        cwd=work,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield work / "worker.log"
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def run_deployment(api: str, name: str, parameters: dict, timeout_s: float = 900):
+    with client(api) as c:
+        deployment = c.read_deployment_by_name(name)
+        run = c.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+    return wait_for(api, run.id, timeout_s)
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, worker, mlflow_server, tmp_path_factory):
+    """The tiny project deployed from its prefect.yaml (DVC remote configured) and one nightly
+    run of it through the worker."""
+    api, env = prefect_server
+    tmp = tmp_path_factory.mktemp("deployed")
+    proj = copy_project(tmp / "proj", tiny_params())
+    assert dvc(proj, "remote", "add", "-d", "local", str(tmp / "remote")).returncode == 0
+    git = ["git", "-c", "user.email=ci@shrinkflow", "-c", "user.name=shrinkflow"]
+    subprocess.run([*git, "commit", "-qam", "DVC remote"], cwd=proj, check=True)
+    cli(env, proj, "--no-prompt", "deploy", "--all")
+    t0 = time.perf_counter()
+    run = run_deployment(api, "compress/nightly", {"mlflow_tracking_uri": mlflow_server})
+    wall = time.perf_counter() - t0
+    print(f"tiny profile through the deployment: {wall:.1f} s")
+    assert run.state.type.value == "COMPLETED", (
+        f"{run.state}\n{logs(api, run.id)[-5000:]}\n{worker.read_text()[-3000:]}"
+    )
+    return proj, run, tmp / "remote"
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_the_nightly_deployment_runs_every_stage_and_publishes_kpis(
+    deployed, prefect_server, mlflow_server
+):
+    api, _ = prefect_server
+    proj, run, remote = deployed
+    with client(api) as c:
+        deployment = c.read_deployment_by_name("compress/nightly")
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "0 2 * * *" and schedule.active
+    assert deployment.work_pool_name == POOL and run.deployment_id == deployment.id
+
+    dag = read_dag(proj)
+    tasks = states_by_task(api, run.id)
+    stages = {n: t for n, t in tasks.items() if n in dag.stages}
+    assert sorted(stages) == sorted(dag.stages)
+    assert {t.state.name for t in stages.values()} <= {"Completed", "Cached"}
+    assert all(t.state.type.value == "COMPLETED" for t in tasks.values())
+    order = sorted(stages, key=lambda n: stages[n].start_time)
+    for dep, stage in dag.edges():
+        assert order.index(dep) < order.index(stage)
+
+    found = artifacts(api, run.id)
+    kpis = found["kpis"].data
+    table = json.loads((proj / "artifacts/compare/engines.json").read_text())
+    assert f"{table['onnxruntime']['map50']:.4g}" in kpis and "onnxruntime" in kpis
+    assert f"({mlflow_server}/#/experiments/" in found["mlflow-run"].data  # a Markdown link
+
+    # the stages logged under one MLflow parent run: the flow run's id
+    mlflow = MlflowClient(mlflow_server)
+    exp = mlflow.get_experiment_by_name(tiny_params()["project"]["mlflow_experiment"])
+    (parent,) = mlflow.search_runs(
+        [exp.experiment_id],
+        f"tags.`shrinkflow.execution_id` = '{run.id}' and tags.`shrinkflow.role` = 'pipeline'",
+    )
+    assert parent.info.run_id in found["mlflow-run"].data
+    children = mlflow.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in children) == sorted(dag.stages)
+    # `dvc push` ran at the end: the remote holds the trained model
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"].endswith("model.pt"))
+    assert (remote / "files" / "md5" / md5[:2] / md5[2:]).exists()
+
+
+# --- the human review before `promote` -------------------------------------------------------
+
+PROMOTE = py(
+    "import json, os; os.makedirs('artifacts/promote', exist_ok=True); "
+    "json.dump({'registered_model': 'shrinkflow-detector', 'version': 7}, "
+    "open('artifacts/promote/decision.json', 'w'))"
+)
+
+
+def wait_until_paused(api: str, project: Path, proc: subprocess.Popen, timeout_s: float = 120):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        runs = flow_runs_of(api, project)
+        if runs and runs[0].state is not None and runs[0].state.is_paused():
+            return runs[0]
+        if proc.poll() is not None:
+            raise AssertionError(f"the flow ended without pausing:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(1)
+    raise TimeoutError("the flow did not pause for approval")
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_promote_waits_for_a_reviewer_and_the_decision_is_recorded_in_mlflow(
+    prefect_server, mlflow_server, tmp_path, decision
+):
+    from tasks.config import Params
+
+    if "promote" not in Params.model_fields:
+        pytest.skip("params.yaml has no `promote` section yet (the promote stage's issue)")
+    api, env = prefect_server
+    params = tiny_params()
+    params["promote"] = {**params.get("promote", {}), "require_approval": True}
+    stages = {
+        "a": write_stage(py("open('a.txt','w').write('a')"), outs=["a.txt"]),
+        "promote": write_stage(PROMOTE, deps=["a.txt"]),
+    }
+    proj = small_project(tmp_path / "p", stages, params)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.compress", "--project", str(proj)],
+        env={**env, "MLFLOW_TRACKING_URI": mlflow_server},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        paused = wait_until_paused(api, proj, proc)
+        assert states_by_task(api, paused.id)["a"].state.name == "Completed"
+        assert not (proj / "artifacts/promote/decision.json").exists()  # promote waits
+        assert "kpis-for-review" in artifacts(api, paused.id)
+        answer = {"decision": decision, "reviewer": "ada", "comment": "looks right"}
+        with client(api) as c:
+            c.resume_flow_run(paused.id, run_input=answer)
+        proc.wait(timeout=120)
+    finally:
+        _stop(proc)
+    run = wait_for(api, paused.id, 60)
+    assert run.state.type.value == "COMPLETED"
+    promoted = (proj / "artifacts/promote/decision.json").exists()
+    assert promoted == (decision == "approve")
+    found = artifacts(api, run.id)
+    assert ("model-version" in found) == promoted
+    if promoted:
+        assert "shrinkflow-detector/versions/7" in found["model-version"].data
+    mlflow = MlflowClient(mlflow_server)
+    exp = mlflow.get_experiment_by_name(params["project"]["mlflow_experiment"])
+    (parent,) = mlflow.search_runs(
+        [exp.experiment_id], f"tags.`shrinkflow.execution_id` = '{run.id}'"
+    )
+    assert parent.data.tags["approval.decision"] == decision
+    assert parent.data.tags["approval.reviewer"] == "ada"
+    assert parent.data.tags["approval.comment"] == "looks right"
+
+
+# --- the recipe sweep, on the project the nightly run reproduced -----------------------------
+
+SWEEP_GRID = {
+    "quantize.calibrator": ["minmax", "percentile"],
+    "quantize.precision": ["int8", "fp16"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_a_2x2_sweep_yields_four_experiments_and_a_pareto_front(
+    deployed, prefect_server, mlflow_server, tmp_path
+):
+    from tasks.pareto import dominates
+
+    api, _ = prefect_server
+    proj, _, _ = deployed
+    # the reproduced baseline is committed: experiments re-run only what their params touch
+    git = ["git", "-c", "user.email=ci@shrinkflow", "-c", "user.name=shrinkflow"]
+    subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=proj, check=True)
+    t0 = time.perf_counter()
+    run = run_deployment(
+        api, "sweep/sweep", {"grid": SWEEP_GRID, "mlflow_tracking_uri": mlflow_server}
+    )
+    print(f"2x2 sweep through the deployment: {time.perf_counter() - t0:.1f} s")
+    assert run.state.type.value == "COMPLETED", f"{run.state}\n{logs(api, run.id)[-5000:]}"
+
+    shown = json.loads(dvc(proj, "exp", "show", "--json").stdout)
+    names = [e["name"] for b in shown for e in b.get("experiments") or []]
+    ours = [n for n in names if n.startswith(f"sweep-{str(run.id)[:8]}-")]
+    assert len(ours) == 4
+
+    mlflow = MlflowClient(mlflow_server)
+    exp = mlflow.get_experiment_by_name(tiny_params()["project"]["mlflow_experiment"])
+    (sweep_run,) = mlflow.search_runs([exp.experiment_id], "tags.`shrinkflow.role` = 'sweep'")
+    files = {f.path for f in mlflow.list_artifacts(sweep_run.info.run_id, "sweep")}
+    assert files == {"sweep/pareto.md", "sweep/pareto.png", "sweep/sweep.json"}
+    result = json.loads(
+        Path(
+            mlflow.download_artifacts(sweep_run.info.run_id, "sweep/sweep.json", str(tmp_path))
+        ).read_text()
+    )
+    rows = result["rows"]
+    assert sorted(r["experiment"] for r in rows) == sorted(ours)
+    recipes_run = {(r["quantize.calibrator"], r["quantize.precision"]) for r in rows}
+    assert recipes_run == {
+        (c, p) for c in SWEEP_GRID["quantize.calibrator"] for p in SWEEP_GRID["quantize.precision"]
+    }
+    assert all(r["status"] == "ok" and 0 < r["map50"] <= 1 for r in rows)
+    x, y = "latency_ms_p50", "map50"
+    for r in rows:
+        dominated = any(dominates(q, r, x, y) for q in rows)
+        assert r["pareto"] == (not dominated), r
+    if result["best"] is not None:
+        assert result["best"]["delta_map50"] >= -0.01 - 1e-12
+        assert sweep_run.data.tags["best_recipe"] == result["best"]["experiment"]
+    report = artifacts(api, run.id)["pareto-front"].data
+    assert all(name in report for name in ours) and "recipe" in report.lower()
