@@ -33,6 +33,30 @@ class DatasetCfg(Section):
     )
 
 
+Rate = Annotated[float, Field(ge=0, le=1)]
+
+
+class LabelNoiseCfg(Section):
+    """Label noise the default data generator injects, as a share of boxes per kind (0 = off).
+
+    Each box gets at most one kind; the ground truth goes to `<dataset>/noise.json`."""
+
+    class_swap: Rate = Field(0.0, description="boxes relabelled with another class")
+    shift: Rate = Field(0.0, description="boxes moved by 25-50% of their width and height")
+    scale: Rate = Field(0.0, description="boxes shrunk to 50-70% or grown to 145-200% per side")
+    drop: Rate = Field(0.0, description="boxes removed (the digit stays in the image)")
+    duplicate: Rate = Field(0.0, description="boxes labelled twice (a 1-px jittered copy)")
+    splits: list[Literal["train", "val", "test"]] = Field(
+        ["train"], description="splits that get noise (keep test clean to measure mAP)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelNoiseCfg:
+        if self.class_swap + self.shift + self.scale + self.drop + self.duplicate > 1:
+            raise ValueError("the noise rates must sum to at most 1")
+        return self
+
+
 class DataCfg(Section):
     """Knobs of the built-in default data (composed from scikit-learn's handwritten digits)."""
 
@@ -47,6 +71,10 @@ class DataCfg(Section):
     split_fractions: tuple[float, float, float] = Field(
         (0.6, 0.15, 0.25), description="fractions of the 1,797 source digits for train/val/test"
     )
+    noise: LabelNoiseCfg = Field(
+        default_factory=lambda: LabelNoiseCfg(),
+        description="label noise injected on purpose (to measure label QA); off by default",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataCfg:
@@ -60,11 +88,65 @@ class DataCfg(Section):
         return self
 
 
+class LabelQaModelCfg(Section):
+    """Model-based label checks (cleanlab's ObjectLab scores on out-of-sample predictions)."""
+
+    enabled: bool = Field(True, description="run the model-based checks at all")
+    champion: bool = Field(
+        True,
+        description="score val/test with the registry's `champion` when one exists (it never "
+        "saw them); train is always scored by the cross-fit",
+    )
+    folds: int = Field(3, ge=2, le=10, description="K of the K-fold cross-fit on train")
+    epochs: PosInt = Field(6, description="training epochs per fold")
+    input_size: int = Field(96, ge=32, le=1024, description="fold model input side, px")
+    width: float = Field(0.5, gt=0, le=4, description="fold model channel multiplier")
+    lr: float = Field(5e-3, gt=0, description="fold model peak learning rate")
+    swap_threshold: float = Field(
+        0.4, ge=0, le=1, description="flag a box as wrong class below this swap score"
+    )
+    badloc_threshold: float = Field(
+        0.5, ge=0, le=1, description="flag a box as badly placed below this location score"
+    )
+    overlooked_threshold: float = Field(
+        0.5, ge=0, le=1, description="flag a missing box below this overlooked score"
+    )
+    high_probability: float = Field(
+        0.7, gt=0, lt=1, description="predictions this confident count for swap / missing"
+    )
+    low_probability: float = Field(
+        0.3, gt=0, lt=1, description="predictions this confident count for bad location"
+    )
+
+
 class LabelQaCfg(Section):
     max_error_rate: float = Field(
         0.05, ge=0, le=1, description="fail the run when the share of flagged images exceeds this"
     )
     min_box_px: float = Field(1.0, ge=0, description="boxes narrower/shorter than this are flagged")
+    max_aspect: float = Field(8.0, gt=1, description="flag boxes longer than this times wide")
+    duplicate_iou: float = Field(
+        0.7, gt=0, le=1, description="same-class boxes overlapping this much are duplicates"
+    )
+    conflict_iou: float = Field(
+        0.8, gt=0, le=1, description="boxes of different classes overlapping this much conflict"
+    )
+    near_duplicate_bits: int = Field(
+        24,
+        ge=0,
+        le=256,
+        description="images whose 256-bit perceptual hashes differ in at most "
+        "this many bits are (near-)duplicates",
+    )
+    min_class_count: int = Field(
+        10, ge=0, description="warn when a class has fewer boxes than this in a split"
+    )
+    policy: dict[str, Literal["drop", "fix", "keep"]] = Field(
+        {},
+        description="per rule: drop, fix (apply the suggested fix) or keep; "
+        "rules not named use their default (see tasks/label_qa rules)",
+    )
+    model: LabelQaModelCfg = Field(default_factory=lambda: LabelQaModelCfg())
 
 
 class TrainCfg(Section):

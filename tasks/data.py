@@ -4,6 +4,8 @@ The 1,797 8x8 handwritten digits are split into train/val/test *before* composin
 digit appears in two splits. Each canvas gets a tinted gradient background, several digits pasted
 at varied scales and aspect ratios, and clutter (strokes, rings, blobs) that a detector must learn
 to ignore. Output: `<out>/{train,val,test}.json` (COCO) and `<out>/images/<split>/*.png`.
+With `data.noise` rates above 0, label noise (class swaps, shifted / scaled / dropped / duplicated
+boxes) is injected and its ground truth written to `<out>/noise.json` (to measure label QA).
 A user's own data replaces this stage: point `dataset.path` at a folder with the same layout.
 """
 
@@ -18,12 +20,13 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from tasks.cli import stage_entry
-from tasks.config import DataCfg
+from tasks.config import DataCfg, LabelNoiseCfg
 from tasks.io import atomic_dir, meta, write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 CATEGORIES = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
+NOISE_FILE = "noise.json"  # ground truth of injected label noise, beside the COCO files
 
 
 def split_sources(
@@ -135,6 +138,72 @@ def compose_canvas(
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), placed
 
 
+NOISE_KINDS = ("class_swap", "shift", "scale", "drop", "duplicate")
+
+
+def _clip_box(x: float, y: float, w: float, h: float, size: int) -> list[float]:
+    x0, y0 = min(max(x, 0.0), size - 1.0), min(max(y, 0.0), size - 1.0)
+    x1, y1 = min(max(x + w, x0 + 1.0), float(size)), min(max(y + h, y0 + 1.0), float(size))
+    return [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+
+
+def inject_noise(
+    coco: dict, cfg: LabelNoiseCfg, rng: np.random.Generator, size: int, split: str
+) -> list[dict]:
+    """Corrupt `coco["annotations"]` in place; return the ground truth of what was injected.
+
+    Exactly round(rate * boxes) boxes get each kind, and no box gets two. Records:
+    {split, kind, image_id, annotation_id, original, noisy} where original / noisy are
+    {category_id, bbox} (None for the side that does not exist: a dropped box has no noisy
+    version, a duplicate no original; a duplicate's annotation_id is the copy's id).
+    """
+    anns = coco["annotations"]
+    order = rng.permutation(len(anns))
+    rates = [getattr(cfg, k) for k in NOISE_KINDS]
+    counts = [int(round(r * len(anns))) for r in rates]
+    truth: list[dict] = []
+    next_id = max((a["id"] for a in anns), default=0) + 1
+    dropped: set[int] = set()
+    start = 0
+    for kind, n in zip(NOISE_KINDS, counts, strict=True):
+        for i in order[start : start + n]:
+            a = anns[int(i)]
+            before = {"category_id": a["category_id"], "bbox": list(a["bbox"])}
+            x, y, w, h = a["bbox"]
+            record = {"split": split, "kind": kind, "image_id": a["image_id"]}
+            if kind == "class_swap":
+                others = [c["id"] for c in coco["categories"] if c["id"] != a["category_id"]]
+                a["category_id"] = int(rng.choice(others))
+            elif kind == "shift":
+                dx, dy = rng.uniform(0.25, 0.5, 2) * rng.choice([-1, 1], 2) * (w, h)
+                a["bbox"] = _clip_box(x + dx, y + dy, w, h, size)
+            elif kind == "scale":
+                f = rng.uniform(0.5, 0.7) if rng.random() < 0.5 else rng.uniform(1.45, 2.0)
+                a["bbox"] = _clip_box(x + w * (1 - f) / 2, y + h * (1 - f) / 2, w * f, h * f, size)
+            elif kind == "drop":
+                dropped.add(a["id"])
+            else:  # duplicate: a second box on the same object, jittered by up to 1 px
+                jx, jy = rng.integers(-1, 2, 2)
+                copy = {**a, "id": next_id, "bbox": _clip_box(x + jx, y + jy, w, h, size)}
+                next_id += 1
+                anns.append(copy)
+                truth.append(
+                    {
+                        **record,
+                        "annotation_id": copy["id"],
+                        "original": None,
+                        "noisy": {"category_id": copy["category_id"], "bbox": copy["bbox"]},
+                    }
+                )
+                continue
+            after = None if kind == "drop" else {"category_id": a["category_id"], "bbox": a["bbox"]}
+            a["area"] = a["bbox"][2] * a["bbox"][3]
+            truth.append({**record, "annotation_id": a["id"], "original": before, "noisy": after})
+        start += n
+    coco["annotations"] = [a for a in anns if a["id"] not in dropped]
+    return truth
+
+
 def run(cfg: DataCfg, *, out_dir: Path) -> dict:
     """Build the default dataset into `out_dir` (atomically). Returns summary metrics."""
     from sklearn.datasets import load_digits
@@ -144,6 +213,7 @@ def run(cfg: DataCfg, *, out_dir: Path) -> dict:
     parts = split_sources(len(images), cfg.split_fractions, cfg.seed)
     counts = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
     metrics: dict = {}
+    injected: list[dict] = []
     with atomic_dir(out_dir) as tmp:
         for s, split in enumerate(SPLITS):
             rng = np.random.default_rng([cfg.seed, s])
@@ -178,12 +248,17 @@ def run(cfg: DataCfg, *, out_dir: Path) -> dict:
                             "source_index": src,  # sklearn row: proves splits are disjoint
                         }
                     )
+            if split in cfg.noise.splits:
+                noise_rng = np.random.default_rng([cfg.seed, s, 7])
+                injected += inject_noise(coco, cfg.noise, noise_rng, cfg.canvas_size, split)
             write_json(tmp / f"{split}.json", coco)
             metrics[split] = {
                 "images": len(coco["images"]),
                 "annotations": len(coco["annotations"]),
                 "source_digits": len(pool),
             }
+        metrics["noise"] = {k: sum(r["kind"] == k for r in injected) for k in NOISE_KINDS}
+        write_json(tmp / NOISE_FILE, {"config": cfg.noise.model_dump(), "injected": injected})
         write_json(tmp / "meta.json", meta(cfg, {}, ("scikit-learn", "pillow")))
     return metrics
 

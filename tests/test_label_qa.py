@@ -1,4 +1,6 @@
-"""Structural label QA on small hand-made COCO sets with known defects."""
+"""Label QA: each rule on small hand-made COCO sets with known defects, the policy, the gate,
+malformed files, the reports, and the model-based checks (cleanlab) on hand-made predictions and
+with a real tiny cross-fitted model."""
 
 import json
 import os
@@ -12,24 +14,35 @@ from PIL import Image
 
 from tasks import label_qa
 from tasks.config import LabelQaCfg
-from tasks.errors import DataError
+from tasks.errors import ConfigError, DataError
+from tasks.label_qa import core
+from tasks.label_qa.report import write_reports
 from tasks.project import ROOT
 
 CATS = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+# No model checks (no model to train on 4 images); both classes occur in every split.
+CFG = LabelQaCfg(min_class_count=1, model={"enabled": False})
+
+
+def picture(split: str, i: int) -> np.ndarray:
+    """A distinct random texture per (split, image): no two pictures are near-duplicates."""
+    seed = [label_qa.SPLITS.index(split), i]
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
 
 def make_dataset(root, defects=()):
-    """Three splits of 4 images 32x32, each with one good box; `defects` alter train."""
+    """Three splits of 4 images 32x32, each with one good box (classes 1, 2, 1, 2);
+    `defects` alter train."""
     root.mkdir(parents=True, exist_ok=True)
     for split in label_qa.SPLITS:
         (root / split).mkdir(exist_ok=True)
         coco = {"images": [], "annotations": [], "categories": CATS}
         for i in range(1, 5):
             name = f"{split}/{i}.png"
-            Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / name)
+            Image.fromarray(picture(split, i)).save(root / name)
             coco["images"].append({"id": i, "file_name": name, "width": 32, "height": 32})
             coco["annotations"].append(
-                {"id": i, "image_id": i, "category_id": 1, "bbox": [4, 4, 10, 12]}
+                {"id": i, "image_id": i, "category_id": 2 - i % 2, "bbox": [4, 4, 10, 12]}
             )
         if split == "train":
             for defect in defects:
@@ -40,6 +53,10 @@ def make_dataset(root, defects=()):
 
 def box_outside(root, coco):
     coco["annotations"][0]["bbox"] = [25, 25, 10, 10]
+
+
+def box_outside_3(root, coco):
+    coco["annotations"][2]["bbox"] = [25, 25, 10, 10]
 
 
 def missing_image(root, coco):
@@ -67,45 +84,130 @@ def tiny_box(root, coco):
     coco["annotations"].append({"id": 99, "image_id": 4, "category_id": 2, "bbox": [1, 1, 0.5, 4]})
 
 
+def thin_box(root, coco):
+    coco["annotations"].append({"id": 98, "image_id": 4, "category_id": 2, "bbox": [1, 1, 2, 30]})
+
+
 def orphan_annotation(root, coco):
     coco["annotations"].append({"id": 77, "image_id": 1234, "category_id": 1, "bbox": [1, 1, 4, 4]})
 
 
+def duplicate_box(root, coco):
+    coco["annotations"].append({"id": 50, "image_id": 1, "category_id": 1, "bbox": [5, 4, 10, 12]})
+
+
+def conflicting_box(root, coco):
+    coco["annotations"].append({"id": 60, "image_id": 3, "category_id": 2, "bbox": [4, 4, 10, 11]})
+
+
+def unlabelled_image(root, coco):
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 2]
+    coco["annotations"].append({"id": 5, "image_id": 1, "category_id": 2, "bbox": [18, 18, 8, 8]})
+
+
+def near_duplicate_image(root, coco):
+    """train/3.png becomes train/2.png re-encoded as JPEG and saved back (a near-copy)."""
+    jpeg = root / "copy.jpg"
+    Image.fromarray(picture("train", 2)).save(jpeg, quality=80)
+    Image.open(jpeg).convert("RGB").save(root / coco["images"][2]["file_name"])
+
+
+def leaked_image(root, coco):
+    """train/4.png is test/1.png."""
+    Image.fromarray(picture("test", 1)).save(root / coco["images"][3]["file_name"])
+
+
 def test_clean_dataset_has_no_findings(tmp_path):
-    findings, manifest, metrics = label_qa.run(LabelQaCfg(), dataset=make_dataset(tmp_path / "d"))
+    findings, manifest, metrics = label_qa.run(CFG, dataset=make_dataset(tmp_path / "d"))
     assert findings == []
     assert metrics["error_rate"] == 0
+    assert len(manifest["splits"]["train"]["annotations"]) == 4
+    assert metrics["class_counts"]["val"] == {"a": 2, "b": 2}
+
+
+@pytest.mark.parametrize(
+    ("defect", "expected"),
+    [
+        (box_outside, [("box_outside_image", 1, 1)]),
+        (missing_image, [("image_unreadable", 2, None)]),
+        (truncated_png, [("image_unreadable", 3, None)]),
+        (wrong_size, [("image_size_mismatch", 4, None)]),
+        (unknown_category, [("unknown_category", 2, 2)]),
+        (empty_box, [("box_empty", 3, 3)]),
+        (tiny_box, [("box_too_small", 4, 99)]),
+        (thin_box, [("box_extreme_aspect", 4, 98)]),
+        (orphan_annotation, [("unknown_image", 1234, 77)]),
+        (duplicate_box, [("duplicate_box", 1, 50)]),
+        (conflicting_box, [("conflicting_boxes", 3, 3), ("conflicting_boxes", 3, 60)]),
+        (unlabelled_image, [("image_without_annotations", 2, None)]),
+        (near_duplicate_image, [("duplicate_image", 3, None)]),
+        (leaked_image, [("split_leakage", 4, None)]),
+    ],
+)
+def test_each_rule_finds_its_defect(tmp_path, defect, expected):
+    findings, manifest, _ = label_qa.run(CFG, dataset=make_dataset(tmp_path / "d", [defect]))
+    assert sorted((f.rule, f.image_id, f.annotation_id) for f in findings) == expected
+    assert {f.split for f in findings} == {"train"}
+    kept = manifest["splits"]["train"]
+    kept_anns = {a["id"] for a in kept["annotations"]}
+    for f in findings:
+        if f.action == "drop" and f.annotation_id is None:
+            assert f.image_id not in {im["id"] for im in kept["images"]}
+            assert f.image_id not in {a["image_id"] for a in kept["annotations"]}
+        elif f.action == "drop":
+            assert f.annotation_id not in kept_anns
+        else:
+            assert f.annotation_id is None or f.annotation_id in kept_anns
+
+
+def test_class_below_floor_warns_per_split_and_keeps_everything(tmp_path):
+    cfg = CFG.model_copy(update={"min_class_count": 3})
+    findings, manifest, metrics = label_qa.run(cfg, dataset=make_dataset(tmp_path / "d"))
+    assert sorted((f.rule, f.split, f.message) for f in findings) == sorted(
+        ("class_below_floor", s, f"class {c!r} has 2 boxes (< 3)")
+        for s in label_qa.SPLITS
+        for c in ("a", "b")
+    )
+    assert metrics["error_rate"] == 0  # a warning
     assert len(manifest["splits"]["train"]["annotations"]) == 4
 
 
 @pytest.mark.parametrize(
-    ("defect", "rule", "image_id", "ann_id"),
+    ("policy", "kept"),
     [
-        (box_outside, "box_outside_image", 1, 1),
-        (missing_image, "image_unreadable", 2, None),
-        (truncated_png, "image_unreadable", 3, None),
-        (wrong_size, "image_size_mismatch", 4, None),
-        (unknown_category, "unknown_category", 2, 2),
-        (empty_box, "box_empty", 3, 3),
-        (tiny_box, "box_too_small", 4, 99),
-        (orphan_annotation, "unknown_image", 1234, 77),
+        ({}, {1: [25, 25, 7, 7], 2: None, 3: None, 4: None}),  # default: clip / drop
+        (
+            {"box_outside_image": "drop", "duplicate_box": "keep"},
+            {2: None, 3: None, 4: None, 50: None},
+        ),
+        ({"box_outside_image": "keep"}, {1: [25, 25, 10, 10], 2: None, 3: None, 4: None}),
     ],
 )
-def test_each_rule_finds_its_defect(tmp_path, defect, rule, image_id, ann_id):
-    findings, manifest, _ = label_qa.run(
-        LabelQaCfg(), dataset=make_dataset(tmp_path / "d", [defect])
-    )
-    assert [(f.rule, f.split, f.image_id, f.annotation_id) for f in findings] == [
-        (rule, "train", image_id, ann_id)
+def test_cleaned_manifest_applies_the_policy_per_rule(tmp_path, policy, kept):
+    def duplicate_of_2(root, coco):
+        coco["annotations"].append(
+            {"id": 50, "image_id": 2, "category_id": 2, "bbox": [4, 4, 10, 12]}
+        )
+
+    cfg = CFG.model_copy(update={"policy": policy})
+    root = make_dataset(tmp_path / "d", [box_outside, duplicate_of_2])
+    findings, manifest, metrics = label_qa.run(cfg, dataset=root)
+    assert {f.rule for f in findings} == {"box_outside_image", "duplicate_box"}
+    anns = {a["id"]: a for a in manifest["splits"]["train"]["annotations"]}
+    assert sorted(anns) == sorted(kept)
+    for ann_id, box in kept.items():
+        assert anns[ann_id]["bbox"] == (box or [4, 4, 10, 12])
+    assert metrics["actions"]["drop"] + metrics["actions"]["fix"] + metrics["actions"]["keep"] == 2
+    val = json.loads((root / "val.json").read_text())
+    assert [(a["id"], a["bbox"]) for a in manifest["splits"]["val"]["annotations"]] == [
+        (a["id"], a["bbox"]) for a in val["annotations"]
     ]
-    kept = manifest["splits"]["train"]
-    if label_qa.RULES[rule].severity == "error" and ann_id is None:
-        assert image_id not in {im["id"] for im in kept["images"]}
-        assert image_id not in {a["image_id"] for a in kept["annotations"]}
-    elif label_qa.RULES[rule].severity == "error":
-        assert ann_id not in {a["id"] for a in kept["annotations"]}
-    else:
-        assert ann_id in {a["id"] for a in kept["annotations"]}
+
+
+def test_a_policy_for_an_unknown_rule_is_a_config_error(tmp_path):
+    cfg = CFG.model_copy(update={"policy": {"box_wobbly": "drop"}})
+    with pytest.raises(ConfigError, match="label_qa.policy.box_wobbly: unknown rule; choose one"):
+        label_qa.run(cfg, dataset=make_dataset(tmp_path / "d"))
 
 
 @pytest.mark.parametrize(
@@ -133,6 +235,18 @@ def test_each_rule_finds_its_defect(tmp_path, defect, rule, image_id, ann_id):
             lambda p: p.write_text(
                 json.dumps(
                     {
+                        "images": [],
+                        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1]}],
+                        "categories": CATS,
+                    }
+                )
+            ),
+            "train.json: annotations[0].bbox: List should have at least 4 items",
+        ),
+        (
+            lambda p: p.write_text(
+                json.dumps(
+                    {
                         "images": [
                             {"id": 1, "file_name": "../../etc/passwd", "width": 3, "height": 3}
                         ],
@@ -149,13 +263,99 @@ def test_malformed_coco_is_a_clear_error(tmp_path, corrupt, message):
     root = make_dataset(tmp_path / "d")
     corrupt(root / "train.json")
     with pytest.raises(DataError) as err:
-        label_qa.run(LabelQaCfg(), dataset=root)
+        label_qa.run(CFG, dataset=root)
     assert message in str(err.value)
 
 
-def run_stage(tmp_path, dataset, max_error_rate):
+def test_report_rows_markdown_and_crops(tmp_path):
+    root = make_dataset(tmp_path / "d", [box_outside_3, duplicate_box, missing_image])
+    result = label_qa.run(CFG, dataset=root)
+    out = tmp_path / "qa"
+    rows = write_reports(
+        result.findings,
+        result.metrics,
+        paths=result.image_paths(),
+        boxes=result.boxes(),
+        sources={},
+        out_dir=out,
+    )
+    assert json.loads((out / "report.json").read_text()) == rows
+    assert {r["rule"] for r in rows} == {"box_outside_image", "duplicate_box", "image_unreadable"}
+    for r in rows:
+        assert {"image_id", "annotation_id", "rule", "severity", "score", "suggested_fix"} <= set(r)
+    outside = next(r for r in rows if r["rule"] == "box_outside_image")
+    assert outside["suggested_fix"] == {"bbox": [25, 25, 7, 7]} and outside["action"] == "fix"
+    md = (out / "report.md").read_text()
+    crops = sorted((out / "images").glob("*.png"))
+    assert len(crops) == 2  # the unreadable image has nothing to show
+    for c in crops:
+        assert f"](images/{c.name})" in md
+        assert Image.open(c).size[0] > 0
+    crop = np.asarray(Image.open(next(c for c in crops if "box_outside" in c.name)))
+    red = (crop[..., 0] > 200) & (crop[..., 1] < 80)
+    green = (crop[..., 1] > 180) & (crop[..., 0] < 80)
+    assert red.any() and green.any()  # the labelled box and the suggested one are drawn
+    assert (out / "plots" / "findings.csv").read_text().startswith("rule,findings\n")
+
+
+def _oracle_predictions(ctx, split, truth):
+    """cleanlab-format predictions that see exactly `truth` (image id -> [(class, xywh)])."""
+    cats = sorted(c.id for c in ctx.splits[split].coco.categories)
+    preds = {}
+    for image_id in ctx.splits[split].images:
+        per_class = [[] for _ in cats]
+        for cat, (x, y, w, h) in truth.get(image_id, []):
+            per_class[cats.index(cat)].append([x, y, x + w, y + h, 0.97])
+        preds[image_id] = [np.array(p, np.float32).reshape(-1, 5) for p in per_class]
+    return preds
+
+
+def test_model_rules_flag_swaps_misplaced_and_missing_boxes_from_predictions(tmp_path):
+    """cleanlab's ObjectLab scores on hand-made predictions: the model sees the true objects;
+    train's labels have one wrong class, one shifted box, and one missing box."""
+
+    def corrupt(root, coco):
+        coco["annotations"][0]["category_id"] = 2  # image 1: the object is class 1
+        coco["annotations"][1]["bbox"] = [12, 12, 10, 12]  # image 2: the object is at 4, 4
+        coco["annotations"].append(
+            {"id": 5, "image_id": 3, "category_id": 2, "bbox": [18, 2, 10, 10]}
+        )
+
+    root = make_dataset(tmp_path / "d", [corrupt])
+    truth = {i: [(2 - i % 2, [4, 4, 10, 12])] for i in range(1, 5)}
+    truth[3].append((2, [18, 2, 10, 10]))
+    truth[4].append((1, [18, 18, 10, 10]))  # labelled nowhere: missing
+    cfg = CFG.model_copy(update={"model": CFG.model.model_copy(update={"enabled": True})})
+    ctx = core.QaContext(cfg, root, {s: core.load_split(root, s) for s in label_qa.SPLITS})
+    ctx.interim = core.apply_policy(ctx, [])
+    ctx.predictions = {"train": _oracle_predictions(ctx, "train", truth)}
+    findings = core.run_rules(ctx, phase=2)
+    got = {(f.rule, f.image_id, f.annotation_id): f for f in findings}
+    assert sorted(got) == [
+        ("box_badly_placed", 2, 2),
+        ("box_missing", 4, None),
+        ("label_wrong_class", 1, 1),
+    ]
+    assert got[("label_wrong_class", 1, 1)].fix["category_id"] == 1
+    assert got[("box_badly_placed", 2, 2)].fix == {"bbox": [4.0, 4.0, 10.0, 12.0]}
+    assert got[("box_missing", 4, None)].fix == {
+        "add": {"category_id": 1, "bbox": [18.0, 18.0, 10.0, 10.0]}
+    }
+    cleaned = core.apply_policy(ctx, findings)["train"]["annotations"]
+    by_image = {}
+    for a in cleaned:
+        by_image.setdefault(a["image_id"], []).append((a["category_id"], a["bbox"]))
+    assert by_image[1] == [(1, [4, 4, 10, 12])]
+    assert by_image[2] == [(2, [4.0, 4.0, 10.0, 12.0])]
+    assert sorted(by_image[4]) == [(1, [18.0, 18.0, 10.0, 10.0]), (2, [4, 4, 10, 12])]
+
+
+def run_stage(tmp_path, dataset, max_error_rate, **label_qa_params):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["label_qa"]["max_error_rate"] = max_error_rate
+    params["label_qa"]["model"] = {"enabled": False}
+    params["label_qa"]["min_class_count"] = 1
+    params["label_qa"].update(label_qa_params)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     return subprocess.run(
@@ -190,7 +390,8 @@ def test_gate_fails_with_reasons_and_no_manifest(tmp_path, defect, rule):
     proc = run_stage(tmp_path, dataset, max_error_rate=0.0)
     assert proc.returncode == 1, proc.stderr
     assert "label QA gate: error rate 8.33% exceeds label_qa.max_error_rate=0.00%" in proc.stderr
-    assert rule in proc.stderr and "report.md" in proc.stderr
+    assert f"rules that tripped: {rule};" in proc.stderr
+    assert "qa/report.md" in proc.stderr and "qa/report.json" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "qa" / "manifest.json").exists()
     assert not (tmp_path / "qa" / "metrics.json").exists()
@@ -199,8 +400,20 @@ def test_gate_fails_with_reasons_and_no_manifest(tmp_path, defect, rule):
     assert not list((tmp_path / "qa").glob(".tmp-*"))
 
 
-def test_gate_passes_under_the_threshold_and_drops_the_bad_box(tmp_path):
-    proc = run_stage(tmp_path, make_dataset(tmp_path / "d", [box_outside]), max_error_rate=0.1)
+def test_gate_passes_under_the_threshold_and_writes_every_output(tmp_path):
+    proc = run_stage(
+        tmp_path,
+        make_dataset(tmp_path / "d", [box_outside_3, duplicate_box]),
+        max_error_rate=0.2,
+        policy={"box_outside_image": "drop"},
+    )
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((tmp_path / "qa" / "manifest.json").read_text())
-    assert [a["id"] for a in manifest["splits"]["train"]["annotations"]] == [2, 3, 4]
+    qa = tmp_path / "qa"
+    manifest = json.loads((qa / "manifest.json").read_text())
+    assert [a["id"] for a in manifest["splits"]["train"]["annotations"]] == [1, 2, 4]
+    metrics = json.loads((qa / "metrics.json").read_text())
+    assert metrics["findings_per_rule"]["duplicate_box"] == 1
+    assert metrics["error_rate"] == pytest.approx(2 / 12)
+    assert len(list((qa / "images").glob("*.png"))) == 2
+    for name in ("report.json", "report.md", "meta.json", "plots/findings.csv"):
+        assert (qa / name).exists(), name

@@ -1,0 +1,117 @@
+"""`python -m tasks.label_qa`: the DVC entry point (reports, cleaned manifest, metrics, gate)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from tasks.cli import stage_entry
+from tasks.errors import DataQualityError
+from tasks.io import meta, remove, write_json
+from tasks.label_qa.core import run
+from tasks.label_qa.report import write_reports
+from tasks.metrics import Runner
+
+log = logging.getLogger("tasks.label_qa")
+OUTPUTS = ("manifest.json", "metrics.json", "report.json", "report.md", "meta.json", "images")
+
+
+def champion_runner(model_name: str, work: Path) -> tuple[Runner, int, str] | None:
+    """The ONNX model of `models:/<model_name>@champion` at the tracking URI, run with ONNX
+    Runtime: (runner, input size, model version), or None when no champion is registered."""
+    import mlflow
+    import onnxruntime as ort
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    try:
+        version = client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None  # no such registered model or alias
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{model_name}@champion", dst_path=str(work)
+        )
+    )
+    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
+    if not found or found[0].suffix != ".onnx":
+        log.warning("champion %s v%s holds no ONNX file: not used", model_name, version.version)
+        return None
+    session = ort.InferenceSession(str(found[0]), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    size = int(inp.shape[-1])
+
+    def runner(x: np.ndarray):
+        return session.run(None, {inp.name: x.astype(np.float32)})
+
+    return runner, size, str(version.version)
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml")),
+    dataset: Path = typer.Option(..., help="dataset root with {train,val,test}.json"),
+    out: Path = typer.Option(Path("artifacts/label_qa"), help="folder for reports and manifest"),
+) -> None:
+    """Check the dataset, write the reports and the cleaned manifest; gate on the error rate."""
+    with stage_entry("label_qa", params) as ctx, tempfile.TemporaryDirectory() as work:
+        cfg = ctx.params.label_qa
+        ctx.log_params(cfg)
+        for stale in (*OUTPUTS, "plots/findings.csv"):
+            remove(out / stale)
+        champion = None
+        if cfg.model.enabled and cfg.model.champion:
+            champion = champion_runner(ctx.params.project.registered_model, Path(work))
+        if champion is not None:
+            log.info("label_qa: val/test scored by champion version %s", champion[2])
+        result = run(
+            cfg,
+            dataset=dataset,
+            train_cfg=ctx.params.train,
+            champion=champion[:2] if champion else None,
+        )
+        findings, manifest, metrics = result
+        sources = result.ctx.prediction_source
+        write_reports(
+            findings,
+            metrics,
+            paths=result.image_paths(),
+            boxes=result.boxes(),
+            sources=sources,
+            out_dir=out,
+        )
+        ctx.log_metrics(metrics)
+        for name in ("report.json", "report.md", "images"):
+            ctx.log_artifact(out / name, None if name != "images" else "images")
+        if metrics["error_rate"] > cfg.max_error_rate:
+            errors = metrics["errors_per_rule"]
+            tripped = ", ".join(f"{k}={v}" for k, v in errors.items() if v)
+            raise DataQualityError(
+                f"label QA gate: error rate {metrics['error_rate']:.2%} exceeds "
+                f"label_qa.max_error_rate={cfg.max_error_rate:.2%}; rules that tripped: "
+                f"{tripped}; see {out / 'report.md'} and {out / 'report.json'}"
+            )
+        write_json(out / "manifest.json", manifest)
+        info = meta(cfg, {"dataset": dataset}, ("pycocotools", "cleanlab"))
+        info["prediction_source"] = sources
+        if champion is not None:
+            info["champion_version"] = champion[2]
+        write_json(out / "meta.json", info)
+        write_json(out / "metrics.json", metrics)
+        log.info(
+            "label QA: %d findings, error rate %.2f%%", len(findings), 100 * metrics["error_rate"]
+        )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,239 @@
+"""The label-QA run: parse the splits, run the registered rules in two phases, apply the policy.
+
+Phase 1 runs the structural rules on the raw files. Their errors are removed (or fixed) to give
+the interim splits the model-based rules (phase 2) train on and score. The cleaned manifest is the
+raw splits with every finding's action applied: drop removes the annotation (or the image, for an
+image finding), fix applies the suggested fix (a rule with no suggestion for that item falls back
+to drop for an error, keep for a warning), keep leaves it. The error rate is the share of images
+carrying at least one `error` finding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.coco import load_coco, read_rgb, resolve_image
+from tasks.config import LabelQaCfg, TrainCfg
+from tasks.errors import ConfigError
+from tasks.label_qa import balance, boxes, images, model_checks  # noqa: F401  (register rules)
+from tasks.label_qa.balance import class_counts
+from tasks.label_qa.images import phash
+from tasks.label_qa.registry import RULES, SPLITS, Finding, QaContext, Rule, SplitData
+from tasks.metrics import Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QaResult:
+    """Unpacks as (findings, manifest, metrics); `ctx` keeps the parsed splits for reports."""
+
+    findings: list[Finding]
+    manifest: dict  # {"root": dataset, "splits": {split: cleaned COCO dict}}
+    metrics: dict
+    ctx: QaContext
+
+    def __iter__(self) -> Iterator:
+        return iter((self.findings, self.manifest, self.metrics))
+
+    def image_paths(self) -> dict[tuple[str, int], Path]:
+        return {(s, i): p for s, sd in self.ctx.splits.items() for i, p in sd.paths.items()}
+
+    def boxes(self) -> dict[tuple[str, int], list[float]]:
+        return {
+            (s, a.id): list(a.bbox)
+            for s, sd in self.ctx.splits.items()
+            for a in sd.coco.annotations
+        }
+
+
+def load_split(root: Path, split: str) -> SplitData:
+    """Parse `<root>/<split>.json` and decode every image once (size and perceptual hash).
+
+    Raises:
+        DataError: not UTF-8 JSON, a schema error, or an image path escaping `root`.
+    """
+    source = root / f"{split}.json"
+    coco = load_coco(source)
+    sizes: dict[int, tuple[int, int] | str] = {}
+    paths, hashes = {}, {}
+    for i, im in enumerate(coco.images):
+        path = resolve_image(root, im.file_name, source, f"images[{i}].file_name")
+        paths[im.id] = path
+        try:
+            rgb = read_rgb(path)
+        except FileNotFoundError:
+            sizes[im.id] = "file not found"
+            continue
+        except OSError as e:  # PIL raises OSError subclasses for truncated / corrupt files
+            sizes[im.id] = f"{type(e).__name__}: {e}"
+            continue
+        sizes[im.id] = (rgb.shape[1], rgb.shape[0])
+        hashes[im.id] = phash(rgb)
+    by_image: dict = {}
+    for a in coco.annotations:
+        by_image.setdefault(a.image_id, []).append(a)
+    return SplitData(
+        split, source, coco, {im.id: im for im in coco.images}, by_image, sizes, paths, hashes
+    )
+
+
+def action_for(rule: Rule, fix: dict | None, image_id: int | None, policy: dict) -> str:
+    """What the policy does with one finding (see the module docstring)."""
+    action = policy.get(rule.name, rule.policy)
+    if image_id is None:
+        return "keep"  # a dataset-level finding (class balance): nothing to remove
+    if action == "fix" and fix is None:
+        return "drop" if rule.severity == "error" else "keep"
+    return action
+
+
+def apply_policy(ctx: QaContext, findings: list[Finding]) -> dict[str, dict]:
+    """The splits as COCO dicts with every finding's action applied."""
+    drop_images = {
+        (f.split, f.image_id)
+        for f in findings
+        if f.action == "drop" and f.annotation_id is None and f.image_id is not None
+    }
+    drop_anns = {(f.split, f.annotation_id) for f in findings if f.action == "drop"}
+    fixes: dict[tuple[str, int], list[Finding]] = {}
+    adds: dict[str, list[Finding]] = {}
+    for f in findings:
+        if f.action != "fix":
+            continue
+        if f.annotation_id is not None:
+            fixes.setdefault((f.split, f.annotation_id), []).append(f)
+        elif "add" in f.fix:
+            adds.setdefault(f.split, []).append(f)
+    out = {}
+    for name, sd in ctx.splits.items():
+        kept_images = [im for im in sd.coco.images if (name, im.id) not in drop_images]
+        kept_ids = {im.id for im in kept_images}
+        anns = []
+        for a in sd.coco.annotations:
+            if (name, a.id) in drop_anns or a.image_id not in kept_ids:
+                continue
+            row = a.model_dump()
+            for f in fixes.get((name, a.id), []):
+                row.update({k: v for k, v in f.fix.items() if k in ("bbox", "category_id")})
+                row.setdefault("qa_fixed_by", []).append(f.rule)
+            row["area"] = row["bbox"][2] * row["bbox"][3]
+            anns.append(row)
+        next_id = max((a.id for a in sd.coco.annotations), default=0) + 1
+        for f in adds.get(name, []):
+            if f.image_id in kept_ids:
+                box = f.fix["add"]
+                anns.append(
+                    {
+                        "id": next_id,
+                        "image_id": f.image_id,
+                        "category_id": box["category_id"],
+                        "bbox": box["bbox"],
+                        "area": box["bbox"][2] * box["bbox"][3],
+                        "iscrowd": 0,
+                        "qa_added_by": f.rule,
+                    }
+                )
+                next_id += 1
+        out[name] = {
+            "images": [im.model_dump() for im in kept_images],
+            "annotations": anns,
+            "categories": [c.model_dump() for c in sd.coco.categories],
+        }
+    return out
+
+
+def run_rules(ctx: QaContext, phase: int) -> list[Finding]:
+    """Every registered rule of `phase` on `ctx`, as findings with the policy's action."""
+    findings = []
+    for rule in RULES.values():
+        if rule.phase != phase:
+            continue
+        for h in rule.check(ctx):
+            action = action_for(rule, h.fix, h.image_id, ctx.cfg.policy)
+            findings.append(
+                Finding(
+                    h.split,
+                    h.image_id,
+                    h.annotation_id,
+                    rule.name,
+                    rule.severity,
+                    round(float(h.score), 4),
+                    h.message,
+                    h.fix,
+                    action,
+                )
+            )
+    return findings
+
+
+def run(
+    cfg: LabelQaCfg,
+    *,
+    dataset: Path,
+    train_cfg: TrainCfg | None = None,
+    champion: tuple[Runner, int] | None = None,
+) -> QaResult:
+    """Check every split under `dataset` and build the cleaned manifest.
+
+    Args:
+        cfg: the label_qa section of params.yaml.
+        dataset: root holding {train,val,test}.json and the images they name.
+        train_cfg: batch size, seed, threads and AMP of the cross-fit (params `train`).
+        champion: (runner, input size) of the registry's champion, to score val/test with.
+    Returns:
+        findings, the cleaned manifest and the metrics.
+    Raises:
+        DataError: a file is unusable (not JSON, schema, a path escaping the root).
+        ConfigError: `label_qa.policy` names a rule that does not exist.
+    """
+    unknown = sorted(set(cfg.policy) - set(RULES))
+    if unknown:
+        raise ConfigError(
+            f"params.yaml: label_qa.policy.{unknown[0]}: unknown rule; "
+            f"choose one of {', '.join(RULES)}"
+        )
+    dataset = Path(dataset)
+    ctx = QaContext(cfg, dataset, {s: load_split(dataset, s) for s in SPLITS})
+    findings = run_rules(ctx, phase=1)
+    ctx.interim = apply_policy(ctx, findings)
+    for f in findings:
+        if f.severity == "error" and f.annotation_id is not None:
+            ctx.bad_annotations.add((f.split, f.annotation_id))
+        elif f.severity == "error" and f.image_id is not None:
+            ctx.bad_images.add((f.split, f.image_id))
+    model_s = 0.0
+    if cfg.model.enabled:
+        t0 = time.perf_counter()
+        model_checks.predict_splits(ctx, train_cfg or TrainCfg(), champion)
+        findings += run_rules(ctx, phase=2)
+        model_s = time.perf_counter() - t0
+    cleaned = apply_policy(ctx, findings)
+    images_total = sum(len(sd.coco.images) for sd in ctx.splits.values())
+    flagged = {(f.split, f.image_id) for f in findings if f.severity == "error"}
+    by_rule = Counter(f.rule for f in findings)
+    by_action = Counter(f.action for f in findings if f.image_id is not None)
+    metrics = {
+        "images": images_total,
+        "annotations": sum(len(sd.coco.annotations) for sd in ctx.splits.values()),
+        "findings": len(findings),
+        "error_rate": len(flagged) / max(images_total, 1),
+        "findings_per_rule": {name: by_rule.get(name, 0) for name in RULES},
+        "errors_per_rule": {
+            name: by_rule.get(name, 0) for name, r in RULES.items() if r.severity == "error"
+        },
+        "actions": {a: by_action.get(a, 0) for a in ("drop", "fix", "keep")},
+        "kept": {
+            s: {"images": len(c["images"]), "annotations": len(c["annotations"])}
+            for s, c in cleaned.items()
+        },
+        "class_counts": class_counts(ctx),
+        "model_checks_s": round(model_s, 2),
+    }
+    manifest = {"root": str(dataset), "splits": cleaned}
+    return QaResult(findings, manifest, metrics, ctx)

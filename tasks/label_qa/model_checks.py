@@ -1,0 +1,277 @@
+"""Model-based label checks: cleanlab's ObjectLab scores on out-of-sample predictions.
+
+ObjectLab (Tkachenko et al., "ObjectLab: Automated Diagnosis of Mislabeled Images in Object
+Detection Data", 2023) scores every labelled box against a detector's predictions: a *swap* score
+(a confident prediction of another class sits on the box), a *bad location* score (the best
+same-class prediction overlaps it poorly) and, per confident prediction that touches no label, an
+*overlooked* score. Low = likely wrong. We flag scores under the thresholds in
+`label_qa.model` and suggest the prediction as the fix.
+
+Predictions must be out-of-sample. Train is always scored by a K-fold cross-fit (each fold's
+images by a model trained on the other folds, with the project's detector and training loop).
+Val and test are scored by the registry's `champion` when one is given (it was trained on train
+only), else by the last fold model (which never saw them either).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+
+from tasks.coco import DetectionSet
+from tasks.config import TrainCfg
+from tasks.label_qa.boxes import iou_matrix
+from tasks.label_qa.registry import Hit, QaContext, dataset_rule
+from tasks.metrics import Runner, predict
+
+log = logging.getLogger(__name__)
+SCORE_FLOOR = 0.05  # predictions below this confidence are not passed to cleanlab
+
+
+def _split_set(ctx: QaContext, split: str, image_ids: list[int], size: int) -> DetectionSet:
+    coco = ctx.interim[split]
+    keep = set(image_ids)
+    sub = {
+        "images": [im for im in coco["images"] if im["id"] in keep],
+        "annotations": [a for a in coco["annotations"] if a["image_id"] in keep],
+        "categories": coco["categories"],
+    }
+    return DetectionSet({"root": str(ctx.root), "splits": {split: sub}}, split, size)
+
+
+def _to_cleanlab(rows: list[dict], image_ids: list[int], categories: list[int]) -> dict:
+    """COCO result rows -> image id -> per-class list of (N, 5) [x0, y0, x1, y1, score]."""
+    index = {c: k for k, c in enumerate(categories)}
+    out = {i: [[] for _ in categories] for i in image_ids}
+    for r in rows:
+        if r["score"] < SCORE_FLOOR:
+            continue
+        x, y, w, h = r["bbox"]
+        out[r["image_id"]][index[r["category_id"]]].append([x, y, x + w, y + h, r["score"]])
+    return {
+        i: [np.array(c, np.float32).reshape(-1, 5) for c in per_class]
+        for i, per_class in out.items()
+    }
+
+
+def torch_runner(model) -> Runner:
+    """A Runner (float32 (B, 3, S, S) -> num, boxes, scores, classes) for a PyTorch Detector."""
+    import torch
+
+    from tasks.model import DetectorWithDecode
+
+    wrapped = DetectorWithDecode(model.eval(), max_detections=100, score_floor=SCORE_FLOOR)
+
+    def run(x: np.ndarray):
+        with torch.inference_mode():
+            return [t.numpy() for t in wrapped(torch.from_numpy(x))]
+
+    return run
+
+
+def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner]:
+    """K-fold cross-fit on the interim train split: returns out-of-fold predictions per train
+    image (cleanlab format) and the runner of the last fold model."""
+    import torch
+
+    from tasks.model import Detector, DetectorConfig
+    from tasks.train import fit
+
+    m = ctx.cfg.model
+    ids = [im["id"] for im in ctx.interim["train"]["images"]]
+    folds = np.array_split(np.random.default_rng(train_cfg.seed).permutation(ids), m.folds)
+    fold_cfg = train_cfg.model_copy(
+        update={"input_size": m.input_size, "width": m.width, "epochs": m.epochs, "lr": m.lr}
+    )
+    categories = sorted(c["id"] for c in ctx.interim["train"]["categories"])
+    preds: dict = {}
+    runner = None
+    for k, held in enumerate(folds):
+        held_ids = sorted(int(i) for i in held)
+        rest = sorted(set(ids) - set(held_ids))
+        train = _split_set(ctx, "train", rest, m.input_size)
+        val = _split_set(ctx, "train", held_ids, m.input_size)
+        torch.manual_seed(train_cfg.seed + k)
+        model = Detector(DetectorConfig(len(categories), m.input_size, m.width, train_cfg.depth))
+        model, history = fit(
+            model, fold_cfg, train=train, val=val, epochs=m.epochs, lr=m.lr, desc=f"fold {k + 1}"
+        )
+        log.info(
+            "label_qa cross-fit fold %d/%d: %d train, %d held out, held-out mAP@0.5 %.3f",
+            k + 1,
+            m.folds,
+            len(train),
+            len(val),
+            history[-1]["val_map50"],
+        )
+        runner = torch_runner(model)
+        preds.update(_to_cleanlab(predict(runner, val), held_ids, categories))
+    return preds, runner
+
+
+def predict_splits(
+    ctx: QaContext, train_cfg: TrainCfg, champion: tuple[Runner, int] | None
+) -> None:
+    """Fill ctx.predictions for every split (see the module docstring for who predicts what)."""
+    ctx.predictions = {}
+    fold_runner = None
+    if ctx.interim["train"]["images"]:
+        ctx.predictions["train"], fold_runner = crossfit(ctx, train_cfg)
+        ctx.prediction_source["train"] = f"cross-fit ({ctx.cfg.model.folds} folds)"
+    for split in ("val", "test"):
+        if champion is not None:
+            runner, size = champion
+            ctx.prediction_source[split] = "champion"
+        elif fold_runner is not None:
+            runner, size = fold_runner, ctx.cfg.model.input_size
+            ctx.prediction_source[split] = "cross-fit (last fold model)"
+        else:
+            continue
+        ids = [im["id"] for im in ctx.interim[split]["images"]]
+        data = _split_set(ctx, split, ids, size)
+        categories = sorted(c["id"] for c in ctx.interim[split]["categories"])
+        ctx.predictions[split] = _to_cleanlab(predict(runner, data), ids, categories)
+
+
+def _scores(ctx: QaContext) -> dict:
+    """split -> per image: ann ids, label boxes, classes, predictions, and the three scores."""
+    if ctx.model_scores or not ctx.predictions:
+        return ctx.model_scores
+    from cleanlab.object_detection import rank
+
+    m = ctx.cfg.model
+    for split, preds in ctx.predictions.items():
+        coco = ctx.interim[split]
+        cats = sorted(c["id"] for c in coco["categories"])
+        index = {c: k for k, c in enumerate(cats)}
+        by_image: dict[int, list[dict]] = {i: [] for i in preds}
+        for a in coco["annotations"]:
+            if a["image_id"] in by_image and a["category_id"] in index:
+                by_image[a["image_id"]].append(a)
+        ids = list(preds)
+        labels = []
+        for i in ids:
+            xywh = np.array([a["bbox"] for a in by_image[i]], np.float64).reshape(-1, 4)
+            labels.append(
+                {
+                    "bboxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                    "labels": np.array([index[a["category_id"]] for a in by_image[i]], int),
+                }
+            )
+        predictions = [preds[i] for i in ids]
+        kw = {"labels": labels, "predictions": predictions}
+        swap = rank.compute_swap_box_scores(**kw, high_probability_threshold=m.high_probability)
+        badloc = rank.compute_badloc_box_scores(**kw, low_probability_threshold=m.low_probability)
+        over = rank.compute_overlooked_box_scores(
+            **kw, high_probability_threshold=m.high_probability
+        )
+        ctx.model_scores[split] = [
+            {
+                "image_id": i,
+                "anns": by_image[i],
+                "pred": np.concatenate(predictions[n]),  # (M, 5), class-major as cleanlab
+                "pred_cls": np.concatenate(
+                    [np.full(len(p), c) for c, p in enumerate(predictions[n])]
+                ).astype(int),
+                "cats": cats,
+                "swap": swap[n],
+                "badloc": badloc[n],
+                "over": over[n],
+            }
+            for n, i in enumerate(ids)
+        ]
+    return ctx.model_scores
+
+
+def _xyxy_to_xywh(b: np.ndarray) -> list[float]:
+    return [
+        round(float(b[0]), 2),
+        round(float(b[1]), 2),
+        round(float(b[2] - b[0]), 2),
+        round(float(b[3] - b[1]), 2),
+    ]
+
+
+def _best_match(ann: dict, img: dict, mask: np.ndarray) -> int | None:
+    """Index of the prediction under `mask` overlapping `ann` most (None if none overlaps)."""
+    if not mask.any():
+        return None
+    p = img["pred"][:, :4]
+    xywh = np.concatenate([p[:, :2], p[:, 2:] - p[:, :2]], 1)
+    iou = iou_matrix(np.array([ann["bbox"]], float), xywh)[0]
+    iou = np.where(mask, iou, -1.0)
+    best = int(np.argmax(iou))
+    return best if iou[best] > 0 else None
+
+
+def _usable(ctx: QaContext, split: str, ann: dict) -> bool:
+    return (split, ann["id"]) not in ctx.bad_annotations
+
+
+@dataset_rule("label_wrong_class", "error", "fix", phase=2)
+def _wrong_class(ctx: QaContext) -> Iterator[Hit]:
+    """A confident prediction of another class sits on the box (ObjectLab swap score under
+    `label_qa.model.swap_threshold`); the fix relabels it with that class."""
+    m = ctx.cfg.model
+    for split, imgs in _scores(ctx).items():
+        for img in imgs:
+            for ann, s in zip(img["anns"], img["swap"], strict=True):
+                if s >= m.swap_threshold or not _usable(ctx, split, ann):
+                    continue
+                k = img["cats"].index(ann["category_id"])
+                mask = (img["pred_cls"] != k) & (img["pred"][:, 4] > m.high_probability)
+                best = _best_match(ann, img, mask)
+                fix = None
+                msg = f"labelled class {ann['category_id']}"
+                if best is not None:
+                    cat = img["cats"][int(img["pred_cls"][best])]
+                    msg += f"; the model sees class {cat} ({img['pred'][best, 4]:.2f})"
+                    fix = {"category_id": cat, "model_box": _xyxy_to_xywh(img["pred"][best])}
+                yield Hit(split, ann["image_id"], ann["id"], msg, float(s), fix)
+
+
+@dataset_rule("box_badly_placed", "error", "fix", phase=2)
+def _badly_placed(ctx: QaContext) -> Iterator[Hit]:
+    """The best same-class prediction overlaps the box poorly (ObjectLab bad-location score
+    under `label_qa.model.badloc_threshold`); the fix moves the box onto that prediction."""
+    m = ctx.cfg.model
+    for split, imgs in _scores(ctx).items():
+        for img in imgs:
+            for ann, s in zip(img["anns"], img["badloc"], strict=True):
+                if s >= m.badloc_threshold or not _usable(ctx, split, ann):
+                    continue
+                k = img["cats"].index(ann["category_id"])
+                mask = (img["pred_cls"] == k) & (img["pred"][:, 4] > m.low_probability)
+                best = _best_match(ann, img, mask)
+                fix = None if best is None else {"bbox": _xyxy_to_xywh(img["pred"][best])}
+                msg = f"box {[round(v, 1) for v in ann['bbox']]} fits the object poorly"
+                if fix:
+                    msg += f"; the model's box is {fix['bbox']}"
+                yield Hit(split, ann["image_id"], ann["id"], msg, float(s), fix)
+
+
+@dataset_rule("box_missing", "error", "fix", phase=2)
+def _missing(ctx: QaContext) -> Iterator[Hit]:
+    """A confident prediction touches no labelled box (ObjectLab overlooked score under
+    `label_qa.model.overlooked_threshold`); the fix adds it as a box."""
+    m = ctx.cfg.model
+    for split, imgs in _scores(ctx).items():
+        for img in imgs:
+            if (split, img["image_id"]) in ctx.bad_images:
+                continue
+            for j, s in enumerate(img["over"]):
+                if np.isnan(s) or s >= m.overlooked_threshold:
+                    continue
+                cat = img["cats"][int(img["pred_cls"][j])]
+                box = _xyxy_to_xywh(img["pred"][j])
+                msg = f"unlabelled class {cat} at {box} ({img['pred'][j, 4]:.2f})"
+                yield Hit(
+                    split,
+                    img["image_id"],
+                    None,
+                    msg,
+                    float(s),
+                    {"add": {"category_id": cat, "bbox": box}},
+                )

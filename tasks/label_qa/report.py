@@ -1,0 +1,158 @@
+"""The label-QA reports: one JSON row per finding, a Markdown page with crops, a per-rule plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from tasks.coco import read_rgb
+from tasks.io import atomic_dir, write_json, write_text
+from tasks.label_qa.registry import RULES, Finding
+
+LABEL_COLOUR = (230, 40, 40)  # the box as labelled
+SUGGESTED_COLOUR = (40, 200, 60)  # the box the fix suggests (or the model sees)
+CROP_SCALE = 3  # crops are small canvases: enlarge them so the boxes are visible
+
+
+def rows(findings: list[Finding], file_names: dict[tuple[str, int], str]) -> list[dict]:
+    """The JSON report: one row per finding, worst (lowest score) first within a rule order."""
+    out = []
+    for f in sorted(findings, key=lambda f: (f.severity != "error", f.score)):
+        out.append(
+            {
+                "split": f.split,
+                "image_id": f.image_id,
+                "file_name": file_names.get((f.split, f.image_id)),
+                "annotation_id": f.annotation_id,
+                "rule": f.rule,
+                "severity": f.severity,
+                "score": f.score,
+                "message": f.message,
+                "suggested_fix": f.fix,
+                "action": f.action,
+            }
+        )
+    return out
+
+
+def _suggested_box(fix: dict | None) -> list[float] | None:
+    if not fix:
+        return None
+    return fix.get("bbox") or fix.get("model_box") or (fix.get("add") or {}).get("bbox")
+
+
+def render_crop(image: np.ndarray, labelled: list[float] | None, suggested: list[float] | None):
+    """A crop around both boxes (xywh, original pixels), enlarged, with the labelled box in red
+    and the suggested one in green."""
+    boxes = [b for b in (labelled, suggested) if b]
+    h, w = image.shape[:2]
+    if boxes:
+        x0 = min(b[0] for b in boxes)
+        y0 = min(b[1] for b in boxes)
+        x1 = max(b[0] + b[2] for b in boxes)
+        y1 = max(b[1] + b[3] for b in boxes)
+        pad = max(8.0, 0.5 * max(x1 - x0, y1 - y0))
+        left, top = int(max(0, x0 - pad)), int(max(0, y0 - pad))
+        right, bottom = int(min(w, x1 + pad)), int(min(h, y1 + pad))
+    else:
+        left, top, right, bottom = 0, 0, w, h
+    if right <= left or bottom <= top:
+        left, top, right, bottom = 0, 0, w, h
+    crop = Image.fromarray(image[top:bottom, left:right]).resize(
+        ((right - left) * CROP_SCALE, (bottom - top) * CROP_SCALE), Image.NEAREST
+    )
+    draw = ImageDraw.Draw(crop)
+    for box, colour in ((labelled, LABEL_COLOUR), (suggested, SUGGESTED_COLOUR)):
+        if box:
+            x, y, bw, bh = box
+            s = CROP_SCALE
+            draw.rectangle(
+                [(x - left) * s, (y - top) * s, (x - left + bw) * s, (y - top + bh) * s],
+                outline=colour,
+                width=2,
+            )
+    return crop
+
+
+def _entry(n: int, f: Finding, names: dict, image: str) -> list[str]:
+    return [
+        f"### {n + 1}. {f.rule} ({f.severity}, score {f.score:.3f}, {f.action})",
+        "",
+        f"{f.split} image {f.image_id} (`{names.get((f.split, f.image_id))}`), "
+        f"annotation {f.annotation_id}: {f.message}",
+        "",
+        f"![{f.rule}](images/{image})",
+        "",
+    ]
+
+
+def write_reports(
+    findings: list[Finding],
+    metrics: dict,
+    *,
+    paths: dict[tuple[str, int], Path],
+    boxes: dict[tuple[str, int], list[float]],
+    sources: dict[str, str],
+    out_dir: Path,
+    top: int = 60,
+) -> list[dict]:
+    """Write report.json, report.md with crops of the `top` worst image/box findings under
+    images/, and plots/findings.csv. Returns the JSON rows.
+
+    Args:
+        paths: (split, image id) -> image file; boxes: (split, annotation id) -> labelled xywh;
+        sources: split -> what predicted it for the model-based checks.
+    """
+    names = {k: p.name for k, p in paths.items()}
+    report = rows(findings, {k: str(v) for k, v in names.items()})
+    write_json(out_dir / "report.json", report)
+    lines = [
+        "# Label QA report",
+        "",
+        f"Images: {metrics['images']} · annotations: {metrics['annotations']} · "
+        f"findings: {metrics['findings']} · error rate: {metrics['error_rate']:.2%}",
+        "",
+        "Predictions for the model-based checks: "
+        + (", ".join(f"{k}: {v}" for k, v in sources.items()) or "off (label_qa.model.enabled)"),
+        "",
+        "| rule | severity | default policy | findings | what it checks |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in RULES.items():
+        doc = " ".join(r.description.split())
+        lines.append(
+            f"| {name} | {r.severity} | {r.policy} | {metrics['findings_per_rule'][name]} | {doc} |"
+        )
+    lines += ["", "## Class balance (boxes per class)", ""]
+    counts = metrics["class_counts"]
+    classes = list(next(iter(counts.values()), {}))
+    lines.append("| split | " + " | ".join(classes) + " |")
+    lines.append("| --- |" + " --- |" * len(classes))
+    for split, c in counts.items():
+        lines.append(f"| {split} | " + " | ".join(str(c[k]) for k in classes) + " |")
+    lines += [
+        "",
+        f"## Top findings (red: as labelled, green: suggested fix or the model's box; "
+        f"worst {top} shown, all in report.json)",
+        "",
+    ]
+    shown = 0
+    with atomic_dir(out_dir / "images") as crops:
+        for f in sorted(findings, key=lambda f: (f.severity != "error", f.score)):
+            if shown >= top or f.image_id is None:
+                continue
+            try:
+                image = read_rgb(paths[(f.split, f.image_id)])
+            except (OSError, KeyError):
+                continue  # unreadable or unknown images are findings themselves
+            labelled = boxes.get((f.split, f.annotation_id))
+            name = f"{shown:03d}-{f.rule}-{f.split}-{f.image_id}.png"
+            render_crop(image, labelled, _suggested_box(f.fix)).save(crops / name)
+            lines += _entry(shown, f, names, name)
+            shown += 1
+    write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+    csv = "rule,findings\n" + "".join(f"{k},{v}\n" for k, v in metrics["findings_per_rule"].items())
+    write_text(out_dir / "plots" / "findings.csv", csv)
+    return report
