@@ -177,7 +177,7 @@ def compress(
     Args:
         project: the DVC project (repository root).
         overrides: params.yaml overrides, `key=value` as with `dvc exp run -S` (written to
-            params.yaml, as `dvc exp run` does in the workspace).
+            params.yaml, as `dvc exp run` does in the workspace, once they validate).
         pull: `dvc pull --allow-missing` first (the nightly run starts from the remote's cache).
         push: `dvc push` at the end.
         mlflow_tracking_uri: where the stages log (else MLFLOW_TRACKING_URI, else the project's
@@ -192,8 +192,8 @@ def compress(
     """
     logger = get_run_logger()
     root = Path(project).resolve()
-    apply_overrides(root, overrides or [])
     try:
+        apply_overrides(root, overrides or [], check=load_params)
         params = load_params(root / "params.yaml")
     except ConfigError as e:
         logger.error("%s", e)

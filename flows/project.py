@@ -10,15 +10,18 @@ import collections
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from tasks.io import write_text
 from tasks.project import venv_env
 
 log = logging.getLogger(__name__)
@@ -149,10 +152,20 @@ def run_dvc(
     return DvcResult(proc.returncode, "".join(lines), timed_out)
 
 
-def apply_overrides(root: Path, overrides: list[str]) -> None:
+def apply_overrides(root: Path, overrides: list[str], check: Callable[[Path], object]) -> None:
     """Apply `key=value` overrides to `root/params.yaml` as `dvc exp run -S` does (DVC's Hydra
-    override syntax: `train.epochs=2`, `+new.key=1`, `~drop.key`)."""
+    override syntax: `train.epochs=2`, `+new.key=1`, `~drop.key`).
+
+    The result is first written to a scratch `params.yaml` and passed to `check` (which raises
+    on invalid params), so a bad override leaves the project's file as it was.
+    """
     from dvc.utils.hydra import apply_overrides as dvc_apply
 
-    if overrides:
-        dvc_apply(root / "params.yaml", list(overrides))
+    if not overrides:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / "params.yaml"
+        shutil.copyfile(root / "params.yaml", scratch)
+        dvc_apply(scratch, list(overrides))
+        check(scratch)
+        write_text(root / "params.yaml", scratch.read_text())

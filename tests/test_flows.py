@@ -307,6 +307,7 @@ def test_a_failing_stage_fails_the_flow_with_its_own_error(prefect_server, tmp_p
 def test_a_broken_params_yaml_fails_the_flow_with_the_validation_message(prefect_server, tmp_path):
     api, env = prefect_server
     proj = small_project(tmp_path / "p", dict(DIAMOND))
+    before = (proj / "params.yaml").read_text()
     done = run_flow_here(proj, env, "-S", "train.epochs=0", "-S", "+train.epochz=3")
     assert done.returncode != 0
     (run,) = flow_runs_of(api, proj)
@@ -318,6 +319,32 @@ def test_a_broken_params_yaml_fails_the_flow_with_the_validation_message(prefect
         assert problem in run.state.message and problem in logs(api, run.id)
     assert task_runs(api, run.id) == []  # validated before any stage ran
     assert not (proj / "a.txt").exists()
+    assert (proj / "params.yaml").read_text() == before  # a bad override is not written
+
+
+@pytest.mark.server
+def test_a_stage_past_its_timeout_is_killed_and_fails_the_flow(prefect_server, tmp_path):
+    api, env = prefect_server
+    stages = {
+        "slow": write_stage(
+            py(
+                "import os, time, pathlib; pathlib.Path('pid').write_text(str(os.getpid())); "
+                "time.sleep(600)"
+            )
+        )
+    }
+    params = tiny_params()
+    params["flow"] = {"retries": 0, "stage_timeout_s": {"slow": 3}}
+    proj = small_project(tmp_path / "p", stages, params)
+    done = run_flow_here(proj, env)
+    assert done.returncode != 0
+    (run,) = flow_runs_of(api, proj)
+    assert (
+        run.state.type.value == "FAILED" and "stage slow timed out after 3 s" in run.state.message
+    )
+    pid = int((proj / "pid").read_text())
+    with pytest.raises(ProcessLookupError):  # the stage's process was killed, not left behind
+        os.kill(pid, 0)
 
 
 # --- the deployment: a real process worker runs the nightly flow on the tiny profile ---------
@@ -418,6 +445,9 @@ def test_the_nightly_deployment_runs_every_stage_and_publishes_kpis(
         f"tags.`shrinkflow.execution_id` = '{run.id}' and tags.`shrinkflow.role` = 'pipeline'",
     )
     assert parent.info.run_id in found["mlflow-run"].data
+    if "promote" in dag.stages:  # the registered version, read from promote's decision.json
+        decision = json.loads((proj / "artifacts/promote/decision.json").read_text())
+        assert f"/versions/{decision['version']}" in found["model-version"].data
     children = mlflow.search_runs(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
