@@ -31,9 +31,11 @@ from tasks.cli import setup_logging
 from tasks.errors import ShrinkflowError
 from tasks.io import write_json
 from tasks.project import PROFILES, copy_project, dvc, profile_params
+from tasks.review import register as register_review
 
 log = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, help=__doc__)
+register_review(app)  # shrinkflow review / promote / reject / rollback
 
 
 @app.callback()

@@ -59,7 +59,8 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(os.environ.get("SHRINKFLOW_LOG_LEVEL", "INFO"))
 
 
-def _lineage(params: Params, params_path: Path) -> dict[str, str]:
+def lineage_tags(params: Params, params_path: Path) -> dict[str, str]:
+    """The pipeline-run lineage: git commit, dvc.lock, params and data hashes."""
     from tasks.tracking import git_commit
 
     data = Path(params.dataset.path)
@@ -76,6 +77,14 @@ def fail(err: ShrinkflowError) -> None:
     """Print an expected error for the user and exit with its status."""
     print(f"error: {err}", file=sys.stderr)
     raise SystemExit(err.exit_code)
+
+
+def _finish_failed(tracker, params: Params, params_path: Path) -> None:
+    """Mark the runs FAILED; if MLflow itself is what failed, say so and keep the first error."""
+    try:
+        tracker.finish("FAILED", lineage_tags(params, params_path))
+    except Exception as e:  # noqa: BLE001  (the stage's own error is the one to report)
+        log.warning("could not mark the MLflow run FAILED at %s: %s", tracker.uri, e)
 
 
 @contextlib.contextmanager
@@ -98,9 +107,9 @@ def stage_entry(stage: str, params_path: Path) -> Iterator[StageContext]:
     try:
         yield StageContext(params, tracker)
     except ShrinkflowError as e:
-        tracker.finish("FAILED", _lineage(params, params_path))
+        _finish_failed(tracker, params, params_path)
         fail(e)
     except BaseException:
-        tracker.finish("FAILED", _lineage(params, params_path))
+        _finish_failed(tracker, params, params_path)
         raise
-    tracker.finish("FINISHED", _lineage(params, params_path))
+    tracker.finish("FINISHED", lineage_tags(params, params_path))

@@ -90,6 +90,15 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def to_input(rgb: np.ndarray, input_size: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """Resize uint8 (H, W, 3) to the model input: uint8 (S, S, 3) and the (x, y) factors that map
+    input pixels back to the original image. DetectionSet and the served model share this."""
+    pixels = Image.fromarray(rgb)
+    if pixels.size != (input_size, input_size):
+        pixels = pixels.resize((input_size, input_size), Image.BILINEAR)
+    return np.asarray(pixels), (rgb.shape[1] / input_size, rgb.shape[0] / input_size)
+
+
 class DetectionSet:
     """One split of a manifest, decoded into memory and resized to the model input.
 
@@ -108,15 +117,13 @@ class DetectionSet:
             by_image.setdefault(a["image_id"], []).append(a)
         self.ids, images, self.boxes, self.labels, self.scale = [], [], [], [], []
         for im in coco["images"]:
-            pixels = Image.fromarray(read_rgb(root / im["file_name"]))
+            pixels, _ = to_input(read_rgb(root / im["file_name"]), input_size)
             sx, sy = input_size / im["width"], input_size / im["height"]
-            if pixels.size != (input_size, input_size):
-                pixels = pixels.resize((input_size, input_size), Image.BILINEAR)
             anns = by_image.get(im["id"], [])
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
             xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             self.ids.append(im["id"])
-            images.append(np.asarray(pixels))
+            images.append(pixels)
             self.boxes.append(xyxy * np.array([sx, sy, sx, sy], dtype=np.float32))
             self.labels.append(
                 np.array([cat_index[a["category_id"]] for a in anns], dtype=np.int64)

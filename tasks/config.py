@@ -6,6 +6,7 @@ message reads `params.yaml: <key.path>: <problem>`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -286,6 +287,116 @@ class FlowCfg(Section):
     )
 
 
+# KPI keys of evaluate's metrics.json (DESIGN.md spelling) that a gate may name.
+QUALITY_KPIS = ("map50", "map50_95", "precision", "recall")
+Kpi = Literal[
+    "map50",
+    "map50_95",
+    "precision",
+    "recall",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "latency_ms_p99",
+    "throughput_ips",
+    "size_mb",
+    "params",
+    "macs",
+]
+QualityKpi = Literal["map50", "map50_95", "precision", "recall"]
+
+
+class _Gate(Section):
+    name: str | None = Field(
+        None, description="name in decision.json and the registry (default: derived from kind)"
+    )
+
+
+class AbsoluteGate(_Gate):
+    """The candidate's KPI against a fixed bound, in the KPI's own unit (`map50 >= 0.9`)."""
+
+    kind: Literal["absolute"]
+    kpi: Kpi = Field(description="KPI key of evaluate's metrics.json")
+    op: Literal[">=", "<=", ">", "<"] = Field(description="comparison: KPI <op> value")
+    value: float = Field(description="bound, in the KPI's unit (mAP 0..1, ms, MB, ...)")
+
+
+class RelativeGate(_Gate):
+    """The candidate's quality KPI minus the FP32 baseline's (evaluate's `delta_<kpi>`)."""
+
+    kind: Literal["relative"]
+    kpi: QualityKpi = Field("map50", description="quality KPI compared with FP32")
+    min_delta_points: float = Field(
+        description="smallest allowed candidate - FP32 difference, in points (1 point = 0.01)"
+    )
+
+
+class PerClassGate(_Gate):
+    """No class's AP@0.5 may fall more than `max_drop_points` below the FP32 baseline's."""
+
+    kind: Literal["per_class"]
+    max_drop_points: float = Field(
+        ge=0, description="largest allowed per-class AP@0.5 loss, points"
+    )
+
+
+class NonRegressionGate(_Gate):
+    """Candidate vs the current champion on the same test split: paired bootstrap over images
+    of the mAP@0.5 difference; refused when the whole confidence interval lies below
+    -tolerance (worse beyond noise). Passes with no champion."""
+
+    kind: Literal["non_regression"]
+    tolerance_points: float = Field(
+        0.5, ge=0, description="refuse when the CI's upper bound < -tolerance (points)"
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided CI level")
+    resamples: int = Field(1000, ge=50, le=100_000, description="bootstrap resamples")
+    seed: int = Field(0, description="bootstrap seed")
+
+
+Gate = Annotated[
+    AbsoluteGate | RelativeGate | PerClassGate | NonRegressionGate, Field(discriminator="kind")
+]
+
+
+def gate_name(gate: AbsoluteGate | RelativeGate | PerClassGate | NonRegressionGate) -> str:
+    """`name` when given, else `<kind>[.<kpi>]` (e.g. `absolute.map50`, `per_class`)."""
+    if gate.name:
+        return gate.name
+    kpi = getattr(gate, "kpi", None)
+    return f"{gate.kind}.{kpi}" if kpi else gate.kind
+
+
+class PromoteCfg(Section):
+    """Gates and registry settings of the `promote` stage (MLflow model registry)."""
+
+    target: Literal["onnxruntime", "openvino", "tensorrt"] = Field(
+        "onnxruntime",
+        description="engine target whose evaluate KPIs gate the candidate and which the "
+        "registered pyfunc serves (must be one of build_engine.targets)",
+    )
+    gates: list[Gate] = Field(
+        default_factory=list, description="every gate must pass for the candidate to be champion"
+    )
+    require_approval: bool = Field(
+        False,
+        description="the Prefect flow pauses before `promote` for a human decision; the stage "
+        "itself ignores this",
+    )
+    lock_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="an alias move left unfinished this long is taken as abandoned (crashed)",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PromoteCfg:
+        names = [gate_name(g) for g in self.gates]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"gate names must be unique (give each a `name`): {dup}")
+        return self
+
+
 class Params(Section):
     project: ProjectCfg = ProjectCfg()
     dataset: DatasetCfg = DatasetCfg()
@@ -299,6 +410,19 @@ class Params(Section):
     build_engine: BuildEngineCfg = BuildEngineCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     flow: FlowCfg = FlowCfg()
+    promote: PromoteCfg = PromoteCfg()
+
+    @model_validator(mode="after")
+    def _promote_target_is_built(self) -> Params:
+        if self.promote.target not in self.build_engine.targets:
+            raise ValueError(
+                f"promote.target: {self.promote.target!r} is not built; choose one of "
+                f"build_engine.targets ({', '.join(self.build_engine.targets)})"
+            )
+        return self
+
+
+_KEYED = re.compile(r"^Value error, ([a-z_]+(?:\.[a-z_0-9]+)+): (.*)$", re.S)
 
 
 def _format(file: str, err: ValidationError) -> str:
@@ -306,6 +430,8 @@ def _format(file: str, err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if not e["loc"] and (m := _KEYED.match(msg)):  # a cross-section check names its key
+            key, msg = m.group(1), m.group(2)
         lines.append(f"{file}: {key}: {msg}")
     return "\n".join(lines)
 

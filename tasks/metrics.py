@@ -20,20 +20,46 @@ def predict(runner: Runner, dataset, batch_size: int = 32) -> list[dict]:
     rows: list[dict] = []
     for start in range(0, len(dataset), batch_size):
         sl = slice(start, start + batch_size)
-        num, boxes, scores, classes = (np.asarray(o) for o in runner(dataset.batch(sl)))
-        for j, image_id in enumerate(dataset.ids[sl]):
-            sx, sy = dataset.scale[start + j]
-            for k in range(int(num[j])):
-                x0, y0, x1, y1 = boxes[j, k].tolist()
-                rows.append(
-                    {
-                        "image_id": int(image_id),
-                        "category_id": int(dataset.categories[int(classes[j, k])]),
-                        "bbox": [x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy],
-                        "score": float(scores[j, k]),
-                    }
-                )
+        outputs = runner(dataset.batch(sl))
+        rows += to_rows(outputs, dataset.ids[sl], dataset.scale[sl], dataset.categories)
     return rows
+
+
+def to_rows(
+    outputs: Sequence[np.ndarray],
+    image_ids: Sequence[int],
+    scales: Sequence[tuple[float, float]],
+    categories: Sequence[int],
+) -> list[dict]:
+    """A runner's (num, boxes xyxy, scores, classes) for one batch as COCO result rows: boxes
+    scaled by `scales[j]` back to image j's pixels, class index k named `categories[k]`."""
+    num, boxes, scores, classes = (np.asarray(o) for o in outputs)
+    rows: list[dict] = []
+    for j, image_id in enumerate(image_ids):
+        sx, sy = scales[j]
+        for k in range(int(num[j])):
+            x0, y0, x1, y1 = boxes[j, k].tolist()
+            rows.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(categories[int(classes[j, k])]),
+                    "bbox": [x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy],
+                    "score": float(scores[j, k]),
+                }
+            )
+    return rows
+
+
+def coco_eval(gt: dict, detections: list[dict]) -> COCOeval:
+    """A bbox COCOeval of `detections` (non-empty) against the COCO dict `gt`, not yet run."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_gt = COCO()
+        coco_gt.dataset = {k: gt[k] for k in ("images", "annotations", "categories")}
+        for a in coco_gt.dataset["annotations"]:
+            a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(detections)
+        return COCOeval(coco_gt, coco_dt, "bbox")
 
 
 def coco_metrics(gt: dict, detections: list[dict], score_threshold: float) -> dict:
@@ -52,14 +78,8 @@ def coco_metrics(gt: dict, detections: list[dict], score_threshold: float) -> di
     }
     if not detections or not gt["annotations"]:
         return empty
+    ev = coco_eval(gt, detections)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco_gt = COCO()
-        coco_gt.dataset = {k: gt[k] for k in ("images", "annotations", "categories")}
-        for a in coco_gt.dataset["annotations"]:
-            a.setdefault("area", a["bbox"][2] * a["bbox"][3])
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(detections)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

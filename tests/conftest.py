@@ -3,6 +3,7 @@ MLflow server on 127.0.0.1 (free port, always stopped)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -66,13 +67,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields its URI."""
-    work = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+@contextlib.contextmanager
+def running_mlflow_server(work: Path, port: int | None = None):
+    """A real `mlflow server` on 127.0.0.1 with its SQLite store and artifacts under `work`;
+    yields its URI and always stops it. The same `work` and `port` restart the same server."""
+    port = port or free_port()
     exe = Path(sys.executable).with_name("mlflow")
-    log = open(work / "server.log", "w")  # noqa: SIM115  (closed in the finally below)
+    log = open(work / "server.log", "a")  # noqa: SIM115  (closed in the finally below)
     proc = subprocess.Popen(
         [
             str(exe),
@@ -116,3 +117,10 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields its URI."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri

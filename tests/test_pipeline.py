@@ -29,6 +29,7 @@ STAGES = [
     *[f"build_engine@{t}" for t in TARGETS],
     *[f"evaluate@{t}" for t in TARGETS],
     "compare",
+    "promote",
 ]
 
 
@@ -130,6 +131,22 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(pipeline, mlflow_server)
     assert exported == ["model/model.onnx"]
     reports = [f.path for f in client.list_artifacts(evaluation.info.run_id, "evaluation")]
     assert "evaluation/report.md" in reports
+
+
+def test_promote_registers_the_candidate_with_its_verdict(pipeline, mlflow_server):
+    proj, _, _ = pipeline
+    decision = json.loads((proj / "artifacts/promote/decision.json").read_text())
+    name = tiny_params()["project"]["registered_model"]
+    assert decision["registered_model"] == name and decision["version"] == 1
+    assert decision["outcome"] == ("champion" if decision["passed"] else "challenger")
+    assert set(decision["gates"]) >= {"absolute.map50", "per_class", "non_regression"}
+    client = MlflowClient(mlflow_server)
+    mv = client.get_model_version(name, "1")
+    assert mv.tags["gate"] == ("passed" if decision["passed"] else "failed")
+    assert mv.tags["map50"] and len(mv.tags["calibration_md5"]) == 32
+    assert client.get_model_version_by_alias(name, "challenger").version == "1"
+    shown = dvc(proj, "metrics", "show", "--json")
+    assert "promote/decision.json" in shown.stdout
 
 
 def test_repro_is_a_no_op_then_reruns_only_what_a_param_change_touches(pipeline):

@@ -1,0 +1,3 @@
+from tasks.promote.stage import app
+
+app()

@@ -1,0 +1,242 @@
+"""Human review of registered candidates (commands of the `shrinkflow` CLI):
+
+    shrinkflow review                          # candidates and their KPIs beside the champion's
+    shrinkflow review --history                # every alias move: who, what, from -> to, when
+    shrinkflow promote 7 --reason "..."        # make v7 champion (the champion -> previous)
+    shrinkflow reject 7 --reason "..."         # record a rejection; v7 loses `challenger`
+    shrinkflow rollback --reason "..."         # `previous` becomes champion again
+
+Decisions are model-version tags (`review`, `review_reason`, `reviewed_by`, `reviewed_at`);
+alias moves use the same compare-and-set as the promote stage (tasks/promote/registry.py).
+The registry is MLFLOW_TRACKING_URI's (default sqlite:///mlflow.db); the model name comes from
+params.yaml (`project.registered_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from tasks.cli import fail, setup_logging
+from tasks.errors import ShrinkflowError
+
+log = logging.getLogger(__name__)
+KPI_COLUMNS = ("map50", "map50_95", "latency_ms_p50", "size_mb")
+
+
+def _ledger(params: Path):
+    import os
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    from tasks.config import load_params
+    from tasks.promote.registry import AliasLedger
+    from tasks.tracking import check_reachable, tracking_uri
+
+    cfg = load_params(params)
+    uri = tracking_uri()
+    try:
+        check_reachable(uri)
+    except ConnectionError as e:
+        raise ShrinkflowError(str(e)) from e
+    client = MlflowClient(uri)
+    return AliasLedger(
+        client, cfg.project.registered_model, lock_timeout_s=cfg.promote.lock_timeout_s
+    )
+
+
+def _version(ledger, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return ledger.client.get_model_version(ledger.name, version)
+    except MlflowException as e:
+        raise ShrinkflowError(f"{ledger.name}: no version {version} ({e.message})") from e
+
+
+def _record(ledger, version: str, verdict: str, reason: str) -> None:
+    from tasks.promote.registry import actor, now_iso
+
+    who = actor()
+    tags = {
+        "review": verdict,
+        "review_reason": reason,
+        "reviewed_by": f"{who['user']}@{who['host']}",
+        "reviewed_at": now_iso(),
+    }
+    for k, v in tags.items():
+        ledger.client.set_model_version_tag(ledger.name, version, k, v)
+
+
+def _guard(fn):
+    """Map expected failures to `error: ...` on stderr and their exit status."""
+    from functools import wraps
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except ShrinkflowError as e:
+            fail(e)
+
+    return wrapper
+
+
+@_guard
+def review(
+    params: Path = typer.Option(Path("params.yaml")),
+    limit: int = typer.Option(20, min=1, help="newest versions shown"),
+    history: bool = typer.Option(False, "--history", help="list every alias move instead"),
+) -> None:
+    """List candidates with their KPIs beside the champion's (or the alias history)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ledger = _ledger(params)
+    console = Console()
+    if history:
+        table = Table(title=f"{ledger.name}: alias moves")
+        for col in ("#", "when", "who", "action", "moves", "reason", "state"):
+            table.add_column(col)
+        for t in ledger.history():
+            moves = ", ".join(
+                f"{m['alias']}: {m['from'] or '-'} -> {m['to'] or '-'}" for m in t["moves"]
+            )
+            who = f"{t['user']}@{t['host']} pid {t['pid']}"
+            table.add_row(
+                str(t["seq"]),
+                t["at"] or "",
+                who,
+                t["action"] or "",
+                moves,
+                t["reason"] or "",
+                t["state"] or "",
+            )
+        console.print(table)
+        return
+    snap = ledger.snapshot()
+    versions = ledger.client.search_model_versions(
+        f"name = '{ledger.name}'", max_results=limit, order_by=["version_number DESC"]
+    )
+    champ = (
+        ledger.client.get_model_version(ledger.name, snap.champion).tags if snap.champion else {}
+    )
+    table = Table(
+        title=f"{ledger.name}: champion {('v' + snap.champion) if snap.champion else 'none'}"
+    )
+    for col in ("version", "aliases", "gate", "review", *KPI_COLUMNS, "failed gates"):
+        table.add_column(col)
+    by_version = {}
+    for alias, v in snap.aliases.items():
+        by_version.setdefault(v, []).append(alias)
+    for mv in versions:
+        t = mv.tags
+        cells = []
+        for k in KPI_COLUMNS:
+            if k not in t:
+                cells.append("")
+                continue
+            text = f"{float(t[k]):.4g}"
+            if k in champ and str(mv.version) != snap.champion:
+                text += f" ({float(t[k]) - float(champ[k]):+.3g})"
+            cells.append(text)
+        table.add_row(
+            f"v{mv.version}",
+            ", ".join(sorted(by_version.get(str(mv.version), []))),
+            t.get("gate", ""),
+            t.get("review", ""),
+            *cells,
+            "" if t.get("gate") == "passed" else t.get("gate_reasons", ""),
+        )
+    console.print(table)
+    console.print("KPIs in brackets: difference to the champion.")
+
+
+@_guard
+def promote(
+    version: str = typer.Argument(..., help="model version to make champion"),
+    reason: str = typer.Option("approved by reviewer", help="why (recorded)"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Make VERSION the champion (the current champion becomes `previous`)."""
+    ledger = _ledger(params)
+    mv = _version(ledger, version)
+    if mv.tags.get("review") == "rejected":
+        raise ShrinkflowError(
+            f"v{version} was rejected ({mv.tags.get('review_reason')}); promote another version"
+        )
+    snap = ledger.snapshot()
+    if snap.champion == version:
+        raise ShrinkflowError(f"v{version} is already the champion")
+    changes = {"champion": version}
+    if snap.champion:
+        changes["previous"] = snap.champion
+    _record(ledger, version, "approved", reason)
+    ledger.move(
+        changes,
+        action="human-promote",
+        version=version,
+        reason=reason,
+        expect_champion=snap.champion,
+    )
+    log.info(
+        "%s: champion %s -> v%s",
+        ledger.name,
+        f"v{snap.champion}" if snap.champion else "none",
+        version,
+    )
+
+
+@_guard
+def reject(
+    version: str = typer.Argument(..., help="model version to reject"),
+    reason: str = typer.Option(..., help="why (recorded; required)"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Record a rejection of VERSION; it loses the `challenger` alias."""
+    ledger = _ledger(params)
+    _version(ledger, version)
+    snap = ledger.snapshot()
+    if snap.champion == version:
+        raise ShrinkflowError(f"v{version} is the champion: run `shrinkflow rollback` first")
+    _record(ledger, version, "rejected", reason)
+    if snap.aliases.get("challenger") == version:
+        ledger.move(
+            lambda s: {"challenger": None} if s.aliases.get("challenger") == version else {},
+            action="reject",
+            version=version,
+            reason=reason,
+        )
+    log.info("%s: v%s rejected (%s)", ledger.name, version, reason)
+
+
+@_guard
+def rollback(
+    reason: str = typer.Option("rollback", help="why (recorded)"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Make `previous` the champion again; `previous` moves one step further back in history."""
+    ledger = _ledger(params)
+    snap = ledger.snapshot()
+    back = snap.aliases.get("previous")
+    if not back:
+        raise ShrinkflowError(f"{ledger.name}: no `previous` version to roll back to")
+    bad = snap.champion
+    older = ledger.champion_before(back)
+    changes = {"champion": back, "previous": older if older != bad else None}
+    ledger.move(changes, action="rollback", version=back, reason=reason, expect_champion=bad)
+    if bad:
+        _record(ledger, bad, "rolled-back", reason)
+    log.info("%s: champion v%s -> v%s (rollback)", ledger.name, bad, back)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the review commands to the `shrinkflow` CLI."""
+    app.command("review")(review)
+    app.command("promote")(promote)
+    app.command("reject")(reject)
+    app.command("rollback")(rollback)

@@ -1,0 +1,539 @@
+"""The promote stage against a real MLflow server: gates, champion/challenger aliases with a
+compare-and-set, the paired bootstrap vs the champion, the served pyfunc, the review CLI, and a
+server that is down. Candidates are built from a briefly trained model (real ONNX, real engines);
+the evaluate metrics that feed the KPI gates are written by the tests."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from tasks import build_engine, export, train
+from tasks.coco import DetectionSet
+from tasks.config import Params, load_params
+from tasks.engines import get
+from tasks.errors import ConfigError
+from tasks.metrics import coco_metrics, predict
+from tasks.project import venv_env
+from tasks.promote import bootstrap, stage
+from tasks.promote.registry import AliasLedger, ChampionMoved
+from tasks.tracking import ensure_experiment
+from tests.conftest import free_port, running_mlflow_server, tiny_params
+
+KPIS = {
+    "map50": 0.95,
+    "map50_95": 0.7,
+    "precision": 0.8,
+    "recall": 0.9,
+    "latency_ms_p50": 0.5,
+    "latency_ms_p95": 0.6,
+    "latency_ms_p99": 0.7,
+    "throughput_ips": 2000.0,
+    "size_mb": 0.2,
+    "params": 1000,
+    "macs": 10**6,
+}
+
+
+# ---------------------------------------------------------------- fixtures: real models
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tiny, tiny_manifest, tmp_path_factory):
+    """good.onnx: a briefly trained detector; shrunk.onnx: the same predicting boxes half as
+    wide and high (IoU 0.25 with what good.onnx finds: a real, large regression)."""
+    tmp = tmp_path_factory.mktemp("promote-models")
+    size = tiny.train.input_size
+    model, _ = train.run(
+        tiny.train.model_copy(update={"epochs": 6}),
+        train=DetectionSet(tiny_manifest, "train", size),
+        val=DetectionSet(tiny_manifest, "val", size),
+    )
+    export.to_onnx(model, tiny.export, tmp / "good.onnx")
+    shrunk = copy.deepcopy(model)
+    wh = slice(shrunk.cfg.num_classes, shrunk.cfg.num_classes + 2)  # box width/height maps
+    with torch.no_grad():
+        shrunk.out.weight[wh] *= 0.5
+        shrunk.out.bias[wh] *= 0.5
+    export.to_onnx(shrunk, tiny.export, tmp / "shrunk.onnx")
+    return tmp
+
+
+def make_candidate(root: Path, onnx_path: Path, manifest: dict, tiny: Params, **kpis) -> dict:
+    """The artifact folders the stage reads, under `root`: a real engine built from
+    `onnx_path`, and evaluate metrics (KPIS, overridden by `kpis`) written here."""
+    (root / "quantize").mkdir(parents=True)
+    (root / "quantize" / "model.onnx").write_bytes(onnx_path.read_bytes())
+    cfg = tiny.build_engine.model_copy(update={"targets": ["onnxruntime"]})
+    build_engine.run(
+        cfg,
+        target="onnxruntime",
+        onnx_path=root / "quantize" / "model.onnx",
+        out=root / "build_engine" / "onnxruntime" / "engine",
+    )
+    metrics = {"target": "onnxruntime", "status": "ok", "test_images": 32, **KPIS, **kpis}
+    base = {**KPIS, "map50": 0.96, "name": "pytorch_eager_fp32"}
+    for k in ("map50", "map50_95", "precision", "recall"):
+        metrics[f"delta_{k}"] = metrics[k] - base[k]
+    metrics["delta_ap50_per_class"] = kpis.pop("per_class", {str(c): -0.01 for c in range(1, 11)})
+    metrics["baseline"] = base
+    (root / "evaluate" / "onnxruntime").mkdir(parents=True)
+    (root / "evaluate" / "onnxruntime" / "metrics.json").write_text(json.dumps(metrics))
+    (root / "quantize" / "report.json").write_text(
+        json.dumps({"calibration": {"md5": "c" * 32}, "precision": "fp32"})
+    )
+    (root / "label_qa").mkdir()
+    (root / "label_qa" / "report.json").write_text(json.dumps({"findings": []}))
+    (root / "label_qa" / "manifest.json").write_text(json.dumps(manifest))
+    (root / "export").mkdir()
+    (root / "export" / "metrics.json").write_text(json.dumps({"parity_max_abs_diff": 1e-6}))
+    return {
+        "evaluations": root / "evaluate",
+        "onnx": root / "quantize" / "model.onnx",
+        "engines": root / "build_engine",
+        "quantize_report": root / "quantize" / "report.json",
+        "label_qa_report": root / "label_qa" / "report.json",
+        "export_metrics": root / "export" / "metrics.json",
+        "manifest": root / "label_qa" / "manifest.json",
+    }
+
+
+def params_for(name: str, gates: list[dict]) -> Params:
+    raw = tiny_params()
+    raw["project"]["registered_model"] = name
+    raw["build_engine"]["targets"] = ["onnxruntime"]
+    raw["promote"] = {"target": "onnxruntime", "gates": gates, "lock_timeout_s": 30}
+    return Params.model_validate(raw)
+
+
+GATES = [
+    {"kind": "absolute", "kpi": "map50", "op": ">=", "value": 0.9},
+    {"kind": "relative", "kpi": "map50", "min_delta_points": -2.0},
+    {"kind": "per_class", "max_drop_points": 3.0},
+    {"kind": "non_regression", "tolerance_points": 1.0, "resamples": 300, "seed": 0},
+]
+
+
+def promote(uri: str, params: Params, candidate: dict, out: Path) -> dict:
+    client = MlflowClient(uri)
+    run_id = client.create_run(ensure_experiment(client, "promote-tests")).info.run_id
+    return stage.run(
+        params,
+        inputs=stage.Inputs(**candidate),
+        out=out,
+        client=client,
+        run_id=run_id,
+        lineage={
+            "git_commit": "0" * 40,
+            "dvc_lock_md5": "1" * 32,
+            "data_md5": "2" * 32,
+            "mlflow_parent_run_id": run_id,
+        },
+    )
+
+
+def aliases(uri: str, name: str) -> dict[str, str]:
+    return dict(MlflowClient(uri).get_registered_model(name).aliases)
+
+
+@pytest.fixture(scope="module")
+def candidates(onnx_models, tiny_manifest, tiny, tmp_path_factory):
+    """good / weak (fails the absolute map50 gate) / shrunk (a real regression) candidates."""
+    root = tmp_path_factory.mktemp("candidates")
+    good = onnx_models / "good.onnx"
+    return {
+        "good": make_candidate(root / "good", good, tiny_manifest, tiny),
+        "good2": make_candidate(root / "good2", good, tiny_manifest, tiny),
+        "weak": make_candidate(root / "weak", good, tiny_manifest, tiny, map50=0.5),
+        "shrunk": make_candidate(root / "shrunk", onnx_models / "shrunk.onnx", tiny_manifest, tiny),
+    }
+
+
+# ---------------------------------------------------------------- bootstrap (no server)
+
+
+def test_bootstrap_ap_equals_cocoeval_and_identical_models_have_a_zero_interval(
+    onnx_models, tiny_manifest, tiny
+):
+    test = DetectionSet(tiny_manifest, "test", tiny.train.input_size)
+    cfg = tiny.build_engine
+    rows = {}
+    for name in ("good", "shrunk"):
+        out = onnx_models / f"engine-{name}"
+        build_engine.run(cfg, target="onnxruntime", onnx_path=onnx_models / f"{name}.onnx", out=out)
+        rows[name] = predict(get("onnxruntime").load(out, cfg), test)
+    for name, r in rows.items():
+        ours = bootstrap.map50(bootstrap.match_table(test.coco, r), np.ones((1, len(test))))[0]
+        assert ours == pytest.approx(coco_metrics(test.coco, r, 0.3)["map50"], abs=1e-9), name
+    same = bootstrap.paired_bootstrap(
+        test.coco, rows["good"], rows["good"], resamples=200, confidence=0.95, seed=0
+    )
+    assert same["diff"] == same["ci_low"] == same["ci_high"] == 0.0
+    worse = bootstrap.paired_bootstrap(
+        test.coco, rows["shrunk"], rows["good"], resamples=200, confidence=0.95, seed=0
+    )
+    assert worse["diff"] < -0.1 and worse["ci_low"] <= worse["diff"] <= worse["ci_high"] < 0
+    again = bootstrap.paired_bootstrap(
+        test.coco, rows["shrunk"], rows["good"], resamples=200, confidence=0.95, seed=0
+    )
+    assert again == worse  # seeded
+
+
+@pytest.mark.parametrize(
+    ("gate", "expected"),
+    [
+        (
+            {"kind": "absolute", "kpi": "mAP", "op": ">=", "value": 0.9},
+            "params.yaml: promote.gates.0.absolute.kpi: Input should be 'map50'",
+        ),
+        (
+            {"kind": "absolute", "kpi": "map50", "op": "=>", "value": 0.9},
+            "params.yaml: promote.gates.0.absolute.op: Input should be '>=', '<=', '>' or '<'",
+        ),
+        ({"kind": "typo", "kpi": "map50"}, "params.yaml: promote.gates.0: Input tag 'typo'"),
+        (
+            {"kind": "non_regression", "resamples": 5},
+            "params.yaml: promote.gates.0.non_regression.resamples: Input should be greater",
+        ),
+        (
+            {"kind": "per_class", "max_drop_points": 1, "bogus": 1},
+            "params.yaml: promote.gates.0.per_class.bogus: unknown key",
+        ),
+    ],
+)
+def test_a_bad_gate_names_its_key(tmp_path, gate, expected):
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw["promote"]["gates"] = [gate]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert expected in str(err.value)
+
+
+def test_promote_target_must_be_built(tmp_path):
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw["build_engine"]["targets"] = ["openvino"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="params.yaml: promote.target: 'onnxruntime' is not"):
+        load_params(tmp_path / "params.yaml")
+
+
+# ---------------------------------------------------------------- registry (real server)
+
+
+@pytest.mark.server
+def test_pass_becomes_champion_fail_stays_challenger_regression_is_refused(
+    mlflow_server, candidates, tmp_path
+):
+    name = "verdicts"
+    params = params_for(name, GATES)
+    client = MlflowClient(mlflow_server)
+
+    first = promote(mlflow_server, params, candidates["good"], tmp_path / "1")
+    assert first["outcome"] == "champion" and first["version"] == 1
+    assert first["gates"]["non_regression"]["reason"] == "no champion"
+    assert aliases(mlflow_server, name) == {"champion": "1", "challenger": "1"}
+    decision = json.loads((tmp_path / "1" / "decision.json").read_text())
+    assert decision["passed"] is True and decision["champion_before"] is None
+    card = (tmp_path / "1" / "model_card.md").read_text()
+    assert "| map50 | 0.95 |" in card and "calibration_md5" in card
+    mv = client.get_model_version(name, "1")
+    for tag in ("git_commit", "dvc_lock_md5", "data_md5", "calibration_md5", "label_qa_report_md5"):
+        assert mv.tags[tag], tag
+    assert mv.tags["mlflow_parent_run_id"] == mv.run_id  # (the tests' stand-in parent)
+    assert mv.tags["gate"] == "passed" and float(mv.tags["map50"]) == 0.95
+    assert mv.tags["promotion"] == "champion" and mv.description.startswith("# Model card")
+
+    weak = promote(mlflow_server, params, candidates["weak"], tmp_path / "2")
+    assert weak["outcome"] == "challenger" and not weak["passed"]
+    assert weak["reasons"] == ["absolute.map50: map50 0.5 < 0.9", weak["reasons"][1]]
+    assert weak["reasons"][1].startswith("relative.map50: map50 vs FP32 -46.00 points")
+    tags = client.get_model_version(name, "2").tags
+    assert tags["gate"] == "failed" and "map50 0.5 < 0.9" in tags["gate_reasons"]
+    assert aliases(mlflow_server, name) == {"champion": "1", "challenger": "2"}
+
+    worse = promote(mlflow_server, params, candidates["shrunk"], tmp_path / "3")
+    nr = worse["gates"]["non_regression"]
+    assert not nr["passed"] and nr["champion_version"] == "1"
+    assert nr["ci_low_points"] <= nr["diff_points"] <= nr["ci_high_points"] < -1.0
+    assert "worse beyond noise" in nr["reason"]
+    # its fabricated KPIs pass every other gate: the bootstrap alone refuses it
+    assert [r.split(":")[0] for r in worse["reasons"]] == ["non_regression"]
+    assert aliases(mlflow_server, name) == {"champion": "1", "challenger": "3"}
+
+    same = promote(mlflow_server, params, candidates["good2"], tmp_path / "4")
+    assert same["outcome"] == "champion"
+    assert same["gates"]["non_regression"]["diff_points"] == 0.0
+    assert aliases(mlflow_server, name) == {"champion": "4", "challenger": "4", "previous": "1"}
+    history = AliasLedger(client, name).history()
+    assert [t["state"] for t in history] == ["done"] * 4
+    assert history[-1]["moves"][1:] == [
+        {"alias": "champion", "from": "1", "to": "4"},
+        {"alias": "previous", "from": None, "to": "1"},
+    ]
+    assert all(t["user"] and t["host"] and t["pid"] and t["at"] for t in history)
+
+
+@pytest.mark.server
+def test_two_promotions_at_once_leave_one_champion_and_a_consistent_previous(
+    mlflow_server, candidates, tmp_path
+):
+    name = "race"
+    params = params_for(name, GATES[:1])
+    promote(mlflow_server, params, candidates["good"], tmp_path / "seed")  # v1 is champion
+    results, errors = {}, []
+
+    def contender(key: str) -> None:
+        try:
+            results[key] = promote(mlflow_server, params, candidates[key], tmp_path / key)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=contender, args=(k,)) for k in ("good", "good2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    outcomes = sorted(r["outcome"] for r in results.values())
+    assert outcomes == ["challenger", "champion"]
+    winner = next(r for r in results.values() if r["outcome"] == "champion")
+    loser = next(r for r in results.values() if r["outcome"] == "challenger")
+    assert winner["champion_before"] == loser["champion_before"] == "1"  # both read v1
+    assert "champion moved from v1 to" in loser["note"]
+    final = aliases(mlflow_server, name)
+    assert final["champion"] == str(winner["version"]) and final["previous"] == "1"
+
+    # And the primitive itself, with several writers released at the same instant.
+    ledger = AliasLedger(MlflowClient(mlflow_server), name)
+    champion = ledger.snapshot().champion
+    barrier, won, lost = threading.Barrier(5), [], []
+
+    def racer(version: str) -> None:
+        mine = AliasLedger(MlflowClient(mlflow_server), name)
+        barrier.wait()
+        try:
+            mine.move(
+                {"champion": version, "previous": champion},
+                action="test",
+                version=version,
+                expect_champion=champion,
+            )
+            won.append(version)
+        except ChampionMoved:
+            lost.append(version)
+
+    threads = [threading.Thread(target=racer, args=(v,)) for v in ("1", "2", "3", "1", "2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == 4
+    assert aliases(mlflow_server, name)["champion"] == won[0]
+    assert aliases(mlflow_server, name)["previous"] == champion
+    moves = [t for t in ledger.history() if t["action"] == "test"]
+    assert len(moves) == 1 and moves[0]["state"] == "done"
+
+
+@pytest.mark.server
+def test_review_cli_promotes_rejects_and_rolls_back(mlflow_server, candidates, tmp_path):
+    from tasks.benchmarks import app
+
+    name = "review"
+    params = params_for(name, GATES[:1])
+    for i, key in enumerate(("good", "weak", "good2")):
+        promote(mlflow_server, params, candidates[key], tmp_path / str(i))
+    assert aliases(mlflow_server, name) == {"champion": "3", "challenger": "3", "previous": "1"}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    cli = CliRunner()
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "COLUMNS": "250"}  # rich: no wrapping
+
+    def shrinkflow(*args: str):
+        return cli.invoke(app, [*args, "--params", str(path)], env=env)
+
+    listed = shrinkflow("review")
+    assert listed.exit_code == 0, listed.output
+    assert "v2" in listed.output and "map50 0.5 < 0.9" in listed.output
+    assert "champion v3" in listed.output
+
+    rejected = shrinkflow("reject", "2", "--reason", "misses the small digits")
+    assert rejected.exit_code == 0, rejected.output
+    tags = MlflowClient(mlflow_server).get_model_version(name, "2").tags
+    assert tags["review"] == "rejected" and tags["review_reason"] == "misses the small digits"
+    assert shrinkflow("promote", "2").exit_code == 1  # a rejected version stays out
+
+    back = shrinkflow("rollback", "--reason", "latency regression in the field")
+    assert back.exit_code == 0, back.output
+    assert aliases(mlflow_server, name) == {"champion": "1", "challenger": "3"}
+    forward = shrinkflow("promote", "3", "--reason", "field issue was the camera")
+    assert forward.exit_code == 0, forward.output
+    assert aliases(mlflow_server, name) == {"champion": "3", "challenger": "3", "previous": "1"}
+    assert shrinkflow("reject", "3", "--reason", "x").exit_code == 1  # champion: roll back first
+    history = shrinkflow("review", "--history")
+    assert history.exit_code == 0 and "rollback" in history.output
+
+
+@pytest.mark.server
+def test_a_failure_after_registering_deletes_the_version(
+    mlflow_server, candidates, tmp_path, monkeypatch
+):
+    name = "midway"
+    params = params_for(name, GATES[:1])
+
+    def broken(self, *args, **kwargs):
+        raise MlflowException("injected: the server went away", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
+    with pytest.raises(MlflowException, match="injected"):
+        promote(mlflow_server, params, candidates["good"], tmp_path / "out")
+    monkeypatch.undo()
+    client = MlflowClient(mlflow_server)
+    assert not client.search_registered_models(f"name = '{name}'")  # created by it: gone
+    assert not client.search_model_versions(f"name = '{name}'")
+    assert [t["state"] for t in AliasLedger(client, name).history()] == ["failed"]
+    assert not (tmp_path / "out" / "decision.json").exists()
+
+
+@pytest.mark.server
+def test_with_the_server_down_the_stage_names_the_uri_and_registers_nothing(candidates, tmp_path):
+    name = "down"
+    params = params_for(name, GATES[:1])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    work, port = tmp_path / "server", free_port()
+    work.mkdir()
+    with running_mlflow_server(work, port) as uri:
+        promote(uri, params, candidates["good"], tmp_path / "first")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in candidates["good"].items()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.promote", "--params", str(path), *args, "--out", "out"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"MLflow tracking at {uri} is not usable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "decision.json").exists()
+    with running_mlflow_server(work, port) as uri:
+        client = MlflowClient(uri)
+        assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+        assert aliases(uri, name) == {"champion": "1", "challenger": "1"}
+
+
+# ---------------------------------------------------------------- serving
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_champion_is_served_over_http_with_the_evaluate_detections(
+    mlflow_server, candidates, tiny_manifest, tiny, tmp_path
+):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    name = "served"
+    params = params_for(name, GATES[:1])
+    promote(mlflow_server, params, candidates["good"], tmp_path / "out")
+    test = DetectionSet(tiny_manifest, "test", tiny.train.input_size)
+    engine = candidates["good"]["engines"] / "onnxruntime" / "engine"
+    expected = predict(get("onnxruntime").load(engine, tiny.build_engine), test)  # evaluate's
+    files = [Path(tiny_manifest["root"]) / im["file_name"] for im in test.coco["images"][:4]]
+    ids = [im["id"] for im in test.coco["images"][:4]]
+
+    def same(frame: pd.DataFrame) -> None:
+        for j, image_id in enumerate(ids):
+            want = sorted(
+                (r for r in expected if r["image_id"] == image_id), key=lambda r: -r["score"]
+            )
+            got = frame[frame["image"] == j].sort_values("score", ascending=False)
+            assert len(got) == len(want) > 0
+            np.testing.assert_allclose(got["score"], [r["score"] for r in want], atol=1e-5)
+            np.testing.assert_allclose(
+                got[["x", "y", "width", "height"]].to_numpy(),
+                [r["bbox"] for r in want],
+                atol=1e-3,
+            )
+            assert got["category_id"].tolist() == [r["category_id"] for r in want]
+
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    inputs = pd.DataFrame({"image": [f.read_bytes() for f in files]})
+    same(model.predict(inputs))
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{name}@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=venv_env(MLFLOW_TRACKING_URI=mlflow_server),  # it execs `uvicorn` from PATH
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail((tmp_path / "serve.log").read_text()[-3000:])
+                time.sleep(1)
+        body = {
+            "dataframe_split": {
+                "columns": ["image"],
+                "data": [[base64.b64encode(f.read_bytes()).decode()] for f in files],
+            }
+        }
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        same(pd.DataFrame(answer["predictions"]))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
