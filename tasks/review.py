@@ -77,11 +77,17 @@ def _guard(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        from mlflow.exceptions import MlflowException
+
+        from tasks.tracking import tracking_uri
+
         setup_logging()
         try:
             return fn(*args, **kwargs)
         except ShrinkflowError as e:
             fail(e)
+        except MlflowException as e:
+            fail(ShrinkflowError(f"MLflow registry at {tracking_uri()}: {e.message}"))
 
     return wrapper
 
@@ -175,7 +181,6 @@ def promote(
     changes = {"champion": version}
     if snap.champion:
         changes["previous"] = snap.champion
-    _record(ledger, version, "approved", reason)
     ledger.move(
         changes,
         action="human-promote",
@@ -183,6 +188,7 @@ def promote(
         reason=reason,
         expect_champion=snap.champion,
     )
+    _record(ledger, version, "approved", reason)
     log.info(
         "%s: champion %s -> v%s",
         ledger.name,

@@ -40,6 +40,7 @@ COLUMNS = {
 }
 PACKAGES = ("mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "onnx", "pycocotools")
 RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",)}
+BATCH = 32  # images per engine call
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -55,8 +56,8 @@ def detect(runner, images: list[np.ndarray], spec: dict, score_threshold: float)
 
     names = {c["id"]: c["name"] for c in spec["categories"]}
     rows: list[dict] = []
-    for start in range(0, len(images), spec.get("batch_size", 32)):
-        chunk = images[start : start + spec.get("batch_size", 32)]
+    for start in range(0, len(images), BATCH):
+        chunk = images[start : start + BATCH]
         inputs = [to_input(im, spec["input_size"]) for im in chunk]
         x = np.stack([p for p, _ in inputs]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         ids = list(range(start, start + len(chunk)))
