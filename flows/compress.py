@@ -217,7 +217,7 @@ def compress(
         if stage in rejected:
             states[stage] = "Rejected"
             continue
-        if stage == APPROVAL_STAGE and _requires_approval(root):
+        if stage == APPROVAL_STAGE and _requires_approval(root) and _changed(root, stage):
             answer = _approval(root, params, uri, execution_id)
             if answer.decision != "approve":
                 rejected = _downstream(dag, stage)
@@ -244,6 +244,13 @@ def compress(
 def _has_remote(root: Path) -> bool:
     result = run_dvc(root, "remote", "list", timeout_s=60)
     return result.returncode == 0 and bool(result.output.strip())
+
+
+def _changed(root: Path, stage: str) -> bool:
+    # upstream stages have run by now: DVC says whether this one would run (an up-to-date
+    # `promote` has nothing new to approve)
+    result = run_dvc(root, "status", "--json", stage, timeout_s=300)
+    return result.returncode != 0 or result.output.strip().splitlines()[-1:] != ["{}"]
 
 
 def _requires_approval(root: Path) -> bool:

@@ -491,6 +491,7 @@ def test_promote_waits_for_a_reviewer_and_the_decision_is_recorded_in_mlflow(
     api, env = prefect_server
     params = tiny_params()
     params["promote"] = {**params.get("promote", {}), "require_approval": True}
+    params["flow"] = {"approval_timeout_s": 90}  # a wrong pause fails the test, not hangs it
     stages = {
         "a": write_stage(py("open('a.txt','w').write('a')"), outs=["a.txt"]),
         "promote": write_stage(PROMOTE, deps=["a.txt"]),
@@ -531,6 +532,11 @@ def test_promote_waits_for_a_reviewer_and_the_decision_is_recorded_in_mlflow(
     assert parent.data.tags["approval.decision"] == decision
     assert parent.data.tags["approval.reviewer"] == "ada"
     assert parent.data.tags["approval.comment"] == "looks right"
+    if promoted:  # nothing changed since: promote is up to date, there is nothing to review
+        again = run_flow_here(proj, {**env, "MLFLOW_TRACKING_URI": mlflow_server})
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        latest = flow_runs_of(api, proj)[0]
+        assert states_by_task(api, latest.id)["promote"].state.name == "Cached"
 
 
 # --- the recipe sweep, on the project the nightly run reproduced -----------------------------
