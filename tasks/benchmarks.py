@@ -242,5 +242,35 @@ def engines(
     )
 
 
+@app.command("bench-label-qa")
+def label_qa_bench(
+    params: Path = typer.Option(Path("params.yaml")),
+    rate: float = typer.Option(0.05, min=0.0, max=0.2, help="injected share of boxes per kind"),
+    epochs: int = typer.Option(30, min=1, help="detector training epochs (clean/noisy/cleaned)"),
+    train: bool = typer.Option(True, help="also train on clean, noisy and cleaned labels"),
+    out: Path = typer.Option(Path("artifacts/bench")),
+) -> None:
+    """Label QA against injected noise: recall/precision per kind, stage cost, mAP recovery."""
+    from tasks.config import load_params
+    from tasks.label_qa.bench import run_benchmark
+
+    setup_logging()
+    cfg = load_params(params)
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-label-qa-") as tmp:
+        result = run_benchmark(cfg, Path(tmp), rate=rate, epochs=epochs, train=train)
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    path = out / "label-qa-default.json"
+    write_json(path, result)
+    flat = {
+        f"recall.{k}": v["recall"] for k, v in result["detection"]["kinds"].items() if v["recall"]
+    }
+    flat |= {f"precision.{k}": v["precision"] for k, v in result["detection"]["rules"].items()}
+    flat |= {f"stage_s.{k}": v for k, v in result["stage_s"].items()}
+    if "training" in result:
+        flat |= {f"map50.{k}": v["map50"] for k, v in result["training"]["test"].items()}
+    _log_to_mlflow("bench label_qa", flat, [path])
+    log.info("label QA benchmark -> %s", path)
+
+
 if __name__ == "__main__":
     app()

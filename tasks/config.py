@@ -99,24 +99,27 @@ class LabelQaModelCfg(Section):
         "saw them); train is always scored by the cross-fit",
     )
     folds: int = Field(3, ge=2, le=10, description="K of the K-fold cross-fit on train")
-    epochs: PosInt = Field(6, description="training epochs per fold")
-    input_size: int = Field(96, ge=32, le=1024, description="fold model input side, px")
+    epochs: PosInt = Field(10, description="training epochs per fold")
+    input_size: int = Field(128, ge=32, le=1024, description="fold model input side, px")
     width: float = Field(0.5, gt=0, le=4, description="fold model channel multiplier")
-    lr: float = Field(5e-3, gt=0, description="fold model peak learning rate")
+    lr: float = Field(8e-3, gt=0, description="fold model peak learning rate")
     swap_threshold: float = Field(
         0.4, ge=0, le=1, description="flag a box as wrong class below this swap score"
     )
     badloc_threshold: float = Field(
-        0.5, ge=0, le=1, description="flag a box as badly placed below this location score"
+        0.55, ge=0, le=1, description="flag a box as badly placed below this location score"
     )
     overlooked_threshold: float = Field(
         0.5, ge=0, le=1, description="flag a missing box below this overlooked score"
     )
     high_probability: float = Field(
-        0.7, gt=0, lt=1, description="predictions this confident count for swap / missing"
+        0.7, gt=0, lt=1, description="calibrated confidence a prediction needs to count for swap"
+    )
+    missing_probability: float = Field(
+        0.1, gt=0, lt=1, description="calibrated confidence a prediction needs to count as missing"
     )
     low_probability: float = Field(
-        0.3, gt=0, lt=1, description="predictions this confident count for bad location"
+        0.04, gt=0, lt=1, description="calibrated confidence a prediction needs for bad location"
     )
 
 

@@ -417,3 +417,80 @@ def test_gate_passes_under_the_threshold_and_writes_every_output(tmp_path):
     assert len(list((qa / "images").glob("*.png"))) == 2
     for name in ("report.json", "report.md", "meta.json", "plots/findings.csv"):
         assert (qa / name).exists(), name
+
+
+@pytest.mark.slow
+def test_cross_fit_on_a_tiny_noisy_set_finds_injected_errors(tmp_path, tiny):
+    """The whole model path: inject noise, cross-fit a real tiny detector (K=2), score with
+    cleanlab, and check the findings against the injected ground truth."""
+    from tasks import data
+    from tasks.label_qa.bench import score_findings
+
+    noise = {"class_swap": 0.08, "shift": 0.08, "drop": 0.08}
+    root = tmp_path / "noisy"
+    data.run(
+        tiny.data.model_copy(update={"noise": tiny.data.noise.model_copy(update=noise)}),
+        out_dir=root,
+    )
+    injected = json.loads((root / data.NOISE_FILE).read_text())["injected"]
+    assert {r["kind"] for r in injected} == set(noise)
+    cfg = tiny.label_qa.model_copy(
+        update={
+            "model": tiny.label_qa.model.model_copy(
+                update={"enabled": True, "folds": 2, "epochs": 12, "input_size": 64}
+            )
+        }
+    )
+    result = label_qa.run(cfg, dataset=root, train_cfg=tiny.train)
+    assert result.ctx.prediction_source == {
+        "train": "cross-fit (2 folds)",
+        "val": "cross-fit (last fold model)",
+        "test": "cross-fit (last fold model)",
+    }
+    train_ids = {im.id for im in result.ctx.splits["train"].coco.images}
+    assert set(result.ctx.predictions["train"]) == train_ids  # every train image out-of-fold
+    model_findings = [
+        f
+        for f in result.findings
+        if f.rule in ("label_wrong_class", "box_badly_placed", "box_missing")
+    ]
+    assert model_findings
+    score = score_findings(result.findings, injected)
+    assert score["precision"] >= 0.5, score
+    assert score["recall"] >= 0.2, score
+    for f in model_findings:
+        assert 0 <= f.score < 1 and f.action == "fix" and f.fix, f
+
+
+@pytest.mark.server
+def test_champion_onnx_is_downloaded_from_the_registry_and_run(
+    tmp_path, monkeypatch, mlflow_server
+):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.config import ExportCfg
+    from tasks.export import to_onnx
+    from tasks.label_qa.__main__ import champion_runner
+    from tasks.model import Detector, DetectorConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    name = "label-qa-champion-test"
+    assert champion_runner(name, tmp_path / "none") is None  # no such model: cross-fit only
+    onnx = tmp_path / "model" / "model.onnx"
+    onnx.parent.mkdir()
+    to_onnx(Detector(DetectorConfig(10, 64, 0.25, 1)).eval(), ExportCfg(), onnx)
+    client = MlflowClient(mlflow_server)
+    exp = client.create_experiment("label-qa-champion-test")
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(onnx.parent), "model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
+    assert champion_runner(name, tmp_path / "no-alias") is None  # registered, no champion yet
+    client.set_registered_model_alias(name, "champion", version.version)
+    runner, size, got = champion_runner(name, tmp_path / "work")
+    assert (size, got) == (64, version.version)
+    num, boxes, scores, classes = runner(np.random.default_rng(0).random((2, 3, 64, 64)))
+    assert num.shape == (2,) and boxes.shape[0] == 2 and boxes.shape[2] == 4

@@ -30,22 +30,31 @@ def champion_runner(model_name: str, work: Path) -> tuple[Runner, int, str] | No
 
     from tasks.tracking import tracking_uri
 
-    client = MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    client = MlflowClient(uri)
     try:
         version = client.get_model_version_by_alias(model_name, "champion")
     except MlflowException:
         return None  # no such registered model or alias
     local = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{model_name}@champion", dst_path=str(work)
+            artifact_uri=f"models:/{model_name}@champion", dst_path=str(work), tracking_uri=uri
         )
     )
-    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
-    if not found or found[0].suffix != ".onnx":
-        log.warning("champion %s v%s holds no ONNX file: not used", model_name, version.version)
+    # the deployable graph (4-output signature); prefer `model.onnx` nearest the top
+    found = sorted(local.rglob("*.onnx"), key=lambda p: (p.name != "model.onnx", len(p.parts)))
+    session = None
+    if found:
+        session = ort.InferenceSession(str(found[0]), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0] if session else None
+    if inp is None or len(session.get_outputs()) != 4 or not isinstance(inp.shape[-1], int):
+        log.warning(
+            "champion %s v%s holds no fixed-size 4-output ONNX model: val/test use the "
+            "cross-fit instead",
+            model_name,
+            version.version,
+        )
         return None
-    session = ort.InferenceSession(str(found[0]), providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
     size = int(inp.shape[-1])
 
     def runner(x: np.ndarray):

@@ -7,7 +7,9 @@ same-class prediction overlaps it poorly) and, per confident prediction that tou
 *overlooked* score. Low = likely wrong. We flag scores under the thresholds in
 `label_qa.model` and suggest the prediction as the fix.
 
-Predictions must be out-of-sample. Train is always scored by a K-fold cross-fit (each fold's
+Detector scores are mapped to calibrated probabilities first (`calibrate`), so the thresholds
+mean the same for a short-trained fold model and for the champion. Predictions must be
+out-of-sample. Train is always scored by a K-fold cross-fit (each fold's
 images by a model trained on the other folds, with the project's detector and training loop).
 Val and test are scored by the registry's `champion` when one is given (it was trained on train
 only), else by the last fold model (which never saw them either).
@@ -24,7 +26,7 @@ from tasks.coco import DetectionSet
 from tasks.config import TrainCfg
 from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.registry import Hit, QaContext, dataset_rule
-from tasks.metrics import Runner, predict
+from tasks.metrics import Runner, coco_metrics, predict
 
 log = logging.getLogger(__name__)
 SCORE_FLOOR = 0.05  # predictions below this confidence are not passed to cleanlab
@@ -93,22 +95,72 @@ def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner]:
         rest = sorted(set(ids) - set(held_ids))
         train = _split_set(ctx, "train", rest, m.input_size)
         val = _split_set(ctx, "train", held_ids, m.input_size)
+        # the per-epoch curve only needs a glimpse of the held-out fold: 32 images keep it cheap
+        glimpse = _split_set(ctx, "train", held_ids[:32], m.input_size)
         torch.manual_seed(train_cfg.seed + k)
         model = Detector(DetectorConfig(len(categories), m.input_size, m.width, train_cfg.depth))
-        model, history = fit(
-            model, fold_cfg, train=train, val=val, epochs=m.epochs, lr=m.lr, desc=f"fold {k + 1}"
+        model, _ = fit(
+            model,
+            fold_cfg,
+            train=train,
+            val=glimpse,
+            epochs=m.epochs,
+            lr=m.lr,
+            desc=f"fold {k + 1}",
         )
+        runner = torch_runner(model)
+        rows = predict(runner, val)
         log.info(
             "label_qa cross-fit fold %d/%d: %d train, %d held out, held-out mAP@0.5 %.3f",
             k + 1,
             m.folds,
             len(train),
             len(val),
-            history[-1]["val_map50"],
+            coco_metrics(val.coco, rows, 0.3)["map50"],
         )
-        runner = torch_runner(model)
-        preds.update(_to_cleanlab(predict(runner, val), held_ids, categories))
+        preds.update(_to_cleanlab(rows, held_ids, categories))
     return preds, runner
+
+
+def calibrate(preds: dict, coco: dict) -> dict:
+    """Detector scores -> estimated probability that the detection is right.
+
+    A heatmap detector's peak scores are not probabilities (CenterNet peaks of a short-trained
+    model stay under ~0.5), so cleanlab's probability thresholds would see no confident
+    prediction. We fit an isotonic map from score to "matches a labelled box of its class at
+    IoU >= 0.5" on the split's own out-of-sample predictions (Zadrozny & Elkan, 2002); label
+    noise biases it slightly low, which errs on the side of fewer findings.
+    """
+    from sklearn.isotonic import IsotonicRegression
+
+    cats = sorted(c["id"] for c in coco["categories"])
+    boxes: dict[int, list[tuple[int, list[float]]]] = {}
+    for a in coco["annotations"]:
+        if a["category_id"] in cats:
+            boxes.setdefault(a["image_id"], []).append((cats.index(a["category_id"]), a["bbox"]))
+    scores, hits = [], []
+    for image_id, per_class in preds.items():
+        labelled = boxes.get(image_id, [])
+        for k, p in enumerate(per_class):
+            if not len(p):
+                continue
+            same = np.array([b for c, b in labelled if c == k], float).reshape(-1, 4)
+            xywh = np.concatenate([p[:, :2], p[:, 2:4] - p[:, :2]], 1)
+            iou = iou_matrix(xywh, same).max(1) if len(same) else np.zeros(len(p))
+            scores += p[:, 4].tolist()
+            hits += (iou >= 0.5).tolist()
+    if len(set(hits)) < 2:
+        return preds  # nothing to fit (all right or all wrong): keep the raw scores
+    iso = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, hits)
+    out = {}
+    for image_id, per_class in preds.items():
+        out[image_id] = []
+        for p in per_class:
+            q = p.copy()
+            if len(q):
+                q[:, 4] = iso.predict(p[:, 4])
+            out[image_id].append(q)
+    return out
 
 
 def predict_splits(
@@ -118,7 +170,8 @@ def predict_splits(
     ctx.predictions = {}
     fold_runner = None
     if ctx.interim["train"]["images"]:
-        ctx.predictions["train"], fold_runner = crossfit(ctx, train_cfg)
+        raw, fold_runner = crossfit(ctx, train_cfg)
+        ctx.predictions["train"] = calibrate(raw, ctx.interim["train"])
         ctx.prediction_source["train"] = f"cross-fit ({ctx.cfg.model.folds} folds)"
     for split in ("val", "test"):
         if champion is not None:
@@ -132,7 +185,8 @@ def predict_splits(
         ids = [im["id"] for im in ctx.interim[split]["images"]]
         data = _split_set(ctx, split, ids, size)
         categories = sorted(c["id"] for c in ctx.interim[split]["categories"])
-        ctx.predictions[split] = _to_cleanlab(predict(runner, data), ids, categories)
+        raw = _to_cleanlab(predict(runner, data), ids, categories)
+        ctx.predictions[split] = calibrate(raw, ctx.interim[split])
 
 
 def _scores(ctx: QaContext) -> dict:
@@ -165,7 +219,7 @@ def _scores(ctx: QaContext) -> dict:
         swap = rank.compute_swap_box_scores(**kw, high_probability_threshold=m.high_probability)
         badloc = rank.compute_badloc_box_scores(**kw, low_probability_threshold=m.low_probability)
         over = rank.compute_overlooked_box_scores(
-            **kw, high_probability_threshold=m.high_probability
+            **kw, high_probability_threshold=m.missing_probability
         )
         ctx.model_scores[split] = [
             {
@@ -194,14 +248,26 @@ def _xyxy_to_xywh(b: np.ndarray) -> list[float]:
     ]
 
 
+def _xywh(xyxy: np.ndarray) -> np.ndarray:
+    return np.concatenate([xyxy[:, :2], xyxy[:, 2:4] - xyxy[:, :2]], 1)
+
+
+def _ious(ann: dict, img: dict, mask: np.ndarray) -> np.ndarray:
+    """IoU of `ann` with every prediction (-1 where `mask` is False)."""
+    p = img["pred"][:, :4]
+    xywh = np.concatenate([p[:, :2], p[:, 2:] - p[:, :2]], 1)
+    return np.where(mask, iou_matrix(np.array([ann["bbox"]], float), xywh)[0], -1.0)
+
+
+def _best_iou(ann: dict, img: dict, mask: np.ndarray) -> float:
+    return float(_ious(ann, img, mask).max()) if mask.any() else 0.0
+
+
 def _best_match(ann: dict, img: dict, mask: np.ndarray) -> int | None:
     """Index of the prediction under `mask` overlapping `ann` most (None if none overlaps)."""
     if not mask.any():
         return None
-    p = img["pred"][:, :4]
-    xywh = np.concatenate([p[:, :2], p[:, 2:] - p[:, :2]], 1)
-    iou = iou_matrix(np.array([ann["bbox"]], float), xywh)[0]
-    iou = np.where(mask, iou, -1.0)
+    iou = _ious(ann, img, mask)
     best = int(np.argmax(iou))
     return best if iou[best] > 0 else None
 
@@ -221,6 +287,9 @@ def _wrong_class(ctx: QaContext) -> Iterator[Hit]:
                 if s >= m.swap_threshold or not _usable(ctx, split, ann):
                     continue
                 k = img["cats"].index(ann["category_id"])
+                same = (img["pred_cls"] == k) & (img["pred"][:, 4] > m.low_probability)
+                if _best_iou(ann, img, same) >= 0.5:
+                    continue  # the model also sees the labelled class there: ambiguous, not a swap
                 mask = (img["pred_cls"] != k) & (img["pred"][:, 4] > m.high_probability)
                 best = _best_match(ann, img, mask)
                 fix = None
@@ -261,9 +330,22 @@ def _missing(ctx: QaContext) -> Iterator[Hit]:
         for img in imgs:
             if (split, img["image_id"]) in ctx.bad_images:
                 continue
-            for j, s in enumerate(img["over"]):
-                if np.isnan(s) or s >= m.overlooked_threshold:
-                    continue
+            flagged = [
+                j
+                for j, s in enumerate(img["over"])
+                if not np.isnan(s) and s < m.overlooked_threshold
+            ]
+            # one finding per object: the most confident of overlapping candidates (greedy NMS;
+            # a missed digit often draws peaks of several classes)
+            kept: list[int] = []
+            for j in sorted(flagged, key=lambda j: -img["pred"][j, 4]):
+                if (
+                    not kept
+                    or iou_matrix(_xywh(img["pred"][[j]]), _xywh(img["pred"][kept])).max() < 0.3
+                ):
+                    kept.append(j)
+            for j in kept:
+                s = img["over"][j]
                 cat = img["cats"][int(img["pred_cls"][j])]
                 box = _xyxy_to_xywh(img["pred"][j])
                 msg = f"unlabelled class {cat} at {box} ({img['pred'][j, 4]:.2f})"

@@ -1,0 +1,189 @@
+"""The label-QA benchmark: inject known label noise into the default data, measure what label QA
+finds (recall per noise kind, precision per rule, against the injected ground truth), what the
+stage costs (with and without the cross-fit), and what cleaning is worth to the detector (test
+mAP after training on the clean, the noisy and the cleaned manifests, same seed).
+
+    shrinkflow bench-label-qa --rate 0.05            # -> artifacts/bench/label-qa-default.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import Params
+from tasks.data import NOISE_FILE, NOISE_KINDS
+from tasks.data import run as make_data
+from tasks.label_qa.boxes import iou_matrix
+from tasks.label_qa.core import run as run_qa
+from tasks.label_qa.registry import SPLITS, Finding
+
+log = logging.getLogger(__name__)
+# which rule is meant to catch which injected kind (precision is per rule)
+RULE_FOR_KIND = {
+    "class_swap": ("label_wrong_class",),
+    "shift": ("box_badly_placed",),
+    "scale": ("box_badly_placed",),
+    "drop": ("box_missing",),
+    "duplicate": ("duplicate_box",),
+}
+DROP_MATCH_IOU = 0.3  # a box_missing suggestion this close to a dropped box finds it
+
+
+def score_findings(findings: list[Finding], injected: list[dict]) -> dict:
+    """Recall per injected kind (any finding on the corrupted item counts; a dropped box counts
+    as found when a `box_missing` suggestion overlaps it with IoU >= 0.3) and precision per rule
+    (its findings in the noisy splits that point at an injected error of any kind)."""
+    splits = {r["split"] for r in injected}
+    on_ann = {(f.split, f.annotation_id) for f in findings if f.annotation_id is not None}
+    missing: dict[tuple[str, int], list[list[float]]] = {}
+    for f in findings:
+        if f.rule == "box_missing":
+            missing.setdefault((f.split, f.image_id), []).append(f.fix["add"]["bbox"])
+    bad_anns = set()
+    found = {k: 0 for k in NOISE_KINDS}
+    total = {k: 0 for k in NOISE_KINDS}
+    dropped: dict[tuple[str, int], list[list[float]]] = {}
+    for r in injected:
+        total[r["kind"]] += 1
+        if r["kind"] == "drop":
+            key = (r["split"], r["image_id"])
+            dropped.setdefault(key, []).append(r["original"]["bbox"])
+            cands = missing.get(key, [])
+            hit = cands and iou_matrix(np.array([r["original"]["bbox"]]), np.array(cands)).max()
+            found["drop"] += bool(hit and hit >= DROP_MATCH_IOU)
+        else:
+            bad_anns.add((r["split"], r["annotation_id"]))
+            found[r["kind"]] += (r["split"], r["annotation_id"]) in on_ann
+    per_rule: dict[str, dict] = {}
+    for f in findings:
+        if f.split not in splits or f.image_id is None:
+            continue
+        if f.rule == "box_missing":
+            near = dropped.get((f.split, f.image_id), [])
+            ok = bool(near) and iou_matrix(np.array([f.fix["add"]["bbox"]]), np.array(near)).max()
+            ok = bool(ok and ok >= DROP_MATCH_IOU)
+        else:
+            ok = (f.split, f.annotation_id) in bad_anns
+        row = per_rule.setdefault(f.rule, {"findings": 0, "true": 0})
+        row["findings"] += 1
+        row["true"] += ok
+    for row in per_rule.values():
+        row["precision"] = row["true"] / row["findings"]
+    kinds = {
+        k: {
+            "injected": total[k],
+            "found": found[k],
+            "recall": found[k] / total[k] if total[k] else None,
+            "precision_of_rule": {
+                r: per_rule.get(r, {}).get("precision") for r in RULE_FOR_KIND[k]
+            },
+        }
+        for k in NOISE_KINDS
+    }
+    n_true = sum(r["true"] for r in per_rule.values())
+    n_all = sum(r["findings"] for r in per_rule.values())
+    return {
+        "kinds": kinds,
+        "rules": per_rule,
+        "recall": sum(found.values()) / max(sum(total.values()), 1),
+        "precision": n_true / max(n_all, 1),
+    }
+
+
+def raw_manifest(dataset: Path) -> dict:
+    """The dataset as it is (no label QA): what `train` would read without cleaning."""
+    return {
+        "root": str(dataset),
+        "splits": {s: json.loads((dataset / f"{s}.json").read_text()) for s in SPLITS},
+    }
+
+
+def train_and_test(params: Params, manifest: dict, epochs: int) -> dict:
+    """Train the project's detector on `manifest` (params.train, `epochs`) and return its test
+    metrics against the *clean* test split in `manifest` (noise is injected in train only)."""
+    from tasks.coco import DetectionSet
+    from tasks.train import evaluate_model
+    from tasks.train import run as train
+
+    cfg = params.train.model_copy(update={"epochs": epochs})
+    t0 = time.perf_counter()
+    tr = DetectionSet(manifest, "train", cfg.input_size)
+    val = DetectionSet(manifest, "val", cfg.input_size)
+    model, _ = train(cfg, train=tr, val=val)
+    test = evaluate_model(model, DetectionSet(manifest, "test", cfg.input_size))
+    return {
+        "map50": test["map50"],
+        "map50_95": test["map50_95"],
+        "train_s": time.perf_counter() - t0,
+    }
+
+
+def run_benchmark(params: Params, work: Path, rate: float, epochs: int, train: bool) -> dict:
+    """The whole benchmark under `work` (see the module docstring)."""
+    noise = params.data.noise.model_copy(update=dict.fromkeys(NOISE_KINDS, rate))
+    clean_dir, noisy_dir = work / "clean", work / "noisy"
+    # data.seed + 1: the label_qa.model thresholds were tuned on seed 0; measure on fresh data
+    data = params.data.model_copy(update={"seed": params.data.seed + 1})
+    quiet = noise.model_copy(update=dict.fromkeys(NOISE_KINDS, 0.0))
+    make_data(data.model_copy(update={"noise": quiet}), out_dir=clean_dir)
+    make_data(data.model_copy(update={"noise": noise}), out_dir=noisy_dir)
+    injected = json.loads((noisy_dir / NOISE_FILE).read_text())["injected"]
+    qa = params.label_qa
+    t0 = time.perf_counter()
+    with_model = run_qa(qa, dataset=noisy_dir, train_cfg=params.train)
+    with_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rules_only = run_qa(
+        qa.model_copy(update={"model": qa.model.model_copy(update={"enabled": False})}),
+        dataset=noisy_dir,
+    )
+    without_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    on_clean = run_qa(qa, dataset=clean_dir, train_cfg=params.train)
+    clean_s = time.perf_counter() - t0
+    result = {
+        "data_seed": data.seed,
+        "rate_per_kind": rate,
+        "injected": {k: sum(r["kind"] == k for r in injected) for k in NOISE_KINDS},
+        "detection": score_findings(with_model.findings, injected),
+        "detection_rules_only": score_findings(rules_only.findings, injected),
+        "stage_s": {
+            "with_crossfit": with_s,
+            "without_crossfit": without_s,
+            "model_checks": with_model.metrics["model_checks_s"],
+            "clean_data_with_crossfit": clean_s,
+        },
+        "error_rate": {
+            "noisy": with_model.metrics["error_rate"],
+            "clean": on_clean.metrics["error_rate"],
+        },
+        "clean_data_findings": {
+            k: v for k, v in on_clean.metrics["findings_per_rule"].items() if v
+        },
+        "label_qa": {"config": qa.model_dump(mode="json")},
+    }
+    if train:
+        manifests = {
+            "clean": raw_manifest(clean_dir),
+            "noisy": raw_manifest(noisy_dir),
+            "cleaned": with_model.manifest,
+        }
+        maps = {}
+        for name, m in manifests.items():
+            maps[name] = train_and_test(params, m, epochs)
+            log.info("train on %s labels: test mAP@0.5 %.4f", name, maps[name]["map50"])
+        lost = maps["clean"]["map50"] - maps["noisy"]["map50"]
+        result["training"] = {
+            "epochs": epochs,
+            "test": maps,
+            "map50_lost_to_noise": lost,
+            "map50_recovered_share": (
+                (maps["cleaned"]["map50"] - maps["noisy"]["map50"]) / lost if lost > 0 else None
+            ),
+        }
+    return result
