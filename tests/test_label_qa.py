@@ -456,8 +456,9 @@ def test_cross_fit_on_a_tiny_noisy_set_finds_injected_errors(tmp_path, tiny):
     ]
     assert model_findings
     score = score_findings(result.findings, injected)
-    assert score["precision"] >= 0.5, score
-    assert score["recall"] >= 0.2, score
+    # a 2-fold, 12-epoch 64-px model is weak: far better than chance is what is asserted
+    assert score["precision"] >= 0.4, score
+    assert score["recall"] >= 0.3, score
     for f in model_findings:
         assert 0 <= f.score < 1 and f.action == "fix" and f.fix, f
 
@@ -494,3 +495,65 @@ def test_champion_onnx_is_downloaded_from_the_registry_and_run(
     assert (size, got) == (64, version.version)
     num, boxes, scores, classes = runner(np.random.default_rng(0).random((2, 3, 64, 64)))
     assert num.shape == (2,) and boxes.shape[0] == 2 and boxes.shape[2] == 4
+
+
+def test_injected_noise_matches_its_ground_truth(tmp_path):
+    from tasks import data
+    from tests.conftest import small_data_cfg
+
+    rates = {"class_swap": 0.1, "shift": 0.1, "scale": 0.1, "drop": 0.1, "duplicate": 0.1}
+    clean_cfg = small_data_cfg(train_images=40)
+    noisy_cfg = clean_cfg.model_copy(update={"noise": clean_cfg.noise.model_copy(update=rates)})
+    data.run(clean_cfg, out_dir=tmp_path / "clean")
+    data.run(noisy_cfg, out_dir=tmp_path / "noisy")
+    assert json.loads((tmp_path / "clean" / data.NOISE_FILE).read_text())["injected"] == []
+    truth = json.loads((tmp_path / "noisy" / data.NOISE_FILE).read_text())["injected"]
+    clean = {
+        a["id"]: a for a in json.loads((tmp_path / "clean/train.json").read_text())["annotations"]
+    }
+    noisy = {
+        a["id"]: a for a in json.loads((tmp_path / "noisy/train.json").read_text())["annotations"]
+    }
+    n = round(0.1 * len(clean))
+    assert n > 0 and {k: sum(r["kind"] == k for r in truth) for k in rates} == dict.fromkeys(
+        rates, n
+    )
+    assert {r["split"] for r in truth} == {"train"}  # val/test stay clean by default
+    touched = {r["annotation_id"] for r in truth}
+    assert len(touched) == len(truth)  # no box gets two kinds
+    for r in truth:
+        if r["kind"] == "drop":
+            assert r["annotation_id"] not in noisy and r["noisy"] is None
+            continue
+        got = noisy[r["annotation_id"]]
+        assert {"category_id": got["category_id"], "bbox": got["bbox"]} == r["noisy"]
+        if r["kind"] == "duplicate":
+            assert r["annotation_id"] not in clean and r["original"] is None
+            continue
+        before = clean[r["annotation_id"]]
+        assert r["original"] == {"category_id": before["category_id"], "bbox": before["bbox"]}
+        if r["kind"] == "class_swap":
+            assert got["category_id"] != before["category_id"] and got["bbox"] == before["bbox"]
+        else:  # shifted or scaled: same class, a box that overlaps the object poorly
+            iou = core.boxes.iou_matrix(np.array([got["bbox"]]), np.array([before["bbox"]]))[0, 0]
+            assert got["category_id"] == before["category_id"] and iou < 0.6
+    for ann_id in set(clean) - touched:
+        assert noisy[ann_id] == clean[ann_id]
+    for split in ("train", "val", "test"):  # the pictures are the same
+        a, b = (sorted((tmp_path / d / "images" / split).iterdir()) for d in ("clean", "noisy"))
+        assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_calibration_maps_detector_scores_to_hit_rates():
+    from tasks.label_qa.model_checks import calibrate
+
+    coco = {
+        "categories": [{"id": 1}],
+        "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}],
+    }
+    hit, miss = [0, 0, 10, 10], [50, 50, 60, 60]
+    # raw scores 0.3 are always right, 0.2 never: calibrated to 1 and 0
+    preds = {1: [np.array([[*hit, 0.3], [*miss, 0.2], [*miss, 0.21]], np.float32)]}
+    out = calibrate(preds, coco)
+    assert out[1][0][:, 4].tolist() == [1.0, 0.0, 0.0]
+    assert out[1][0][:, :4].tolist() == preds[1][0][:, :4].tolist()

@@ -37,7 +37,8 @@ DROP_MATCH_IOU = 0.3  # a box_missing suggestion this close to a dropped box fin
 def score_findings(findings: list[Finding], injected: list[dict]) -> dict:
     """Recall per injected kind (any finding on the corrupted item counts; a dropped box counts
     as found when a `box_missing` suggestion overlaps it with IoU >= 0.3) and precision per rule
-    (its findings in the noisy splits that point at an injected error of any kind)."""
+    (its findings in the noisy splits that point at an injected error of any kind; an image
+    finding is right when the image carries one)."""
     splits = {r["split"] for r in injected}
     on_ann = {(f.split, f.annotation_id) for f in findings if f.annotation_id is not None}
     missing: dict[tuple[str, int], list[list[float]]] = {}
@@ -59,6 +60,7 @@ def score_findings(findings: list[Finding], injected: list[dict]) -> dict:
         else:
             bad_anns.add((r["split"], r["annotation_id"]))
             found[r["kind"]] += (r["split"], r["annotation_id"]) in on_ann
+    noisy_images = {(r["split"], r["image_id"]) for r in injected}
     per_rule: dict[str, dict] = {}
     for f in findings:
         if f.split not in splits or f.image_id is None:
@@ -67,6 +69,8 @@ def score_findings(findings: list[Finding], injected: list[dict]) -> dict:
             near = dropped.get((f.split, f.image_id), [])
             ok = bool(near) and iou_matrix(np.array([f.fix["add"]["bbox"]]), np.array(near)).max()
             ok = bool(ok and ok >= DROP_MATCH_IOU)
+        elif f.annotation_id is None:  # an image finding: right if the image was corrupted
+            ok = (f.split, f.image_id) in noisy_images
         else:
             ok = (f.split, f.annotation_id) in bad_anns
         row = per_rule.setdefault(f.rule, {"findings": 0, "true": 0})
