@@ -353,6 +353,32 @@ def test_two_promotions_at_once_leave_one_champion_and_a_consistent_previous(
 
 
 @pytest.mark.server
+def test_a_move_waits_for_one_in_flight_and_takes_over_an_abandoned_one(mlflow_server):
+    client = MlflowClient(mlflow_server)
+    name = "inflight"
+    client.create_registered_model(name)
+    v1 = client.create_model_version(name, source="s3://nowhere/model").version
+    ledger = AliasLedger(client, name, lock_timeout_s=30)
+    claimed = {"state": "claimed", "claimed_at_ms": str(int(time.time() * 1000))}
+    client.create_registered_model(f"{name}.alias-move-000001", tags=claimed)
+    finish = threading.Timer(
+        1.5, client.set_registered_model_tag, (f"{name}.alias-move-000001", "state", "done")
+    )
+    finish.start()
+    t0 = time.perf_counter()
+    record = ledger.move({"challenger": str(v1)}, action="test")
+    assert time.perf_counter() - t0 >= 1.4  # it waited for transaction 1 to finish
+    assert record["seq"] == 2 and aliases(mlflow_server, name) == {"challenger": str(v1)}
+
+    stale = {"state": "claimed", "claimed_at_ms": str(int(time.time() * 1000) - 60_000)}
+    client.create_registered_model(f"{name}.alias-move-000003", tags=stale)  # a crashed writer
+    record = ledger.move({"champion": str(v1)}, action="test", expect_champion=None)
+    assert record["seq"] == 4
+    states = [t["state"] for t in ledger.history()]
+    assert states == ["done", "done", "abandoned", "done"]
+
+
+@pytest.mark.server
 def test_review_cli_promotes_rejects_and_rolls_back(mlflow_server, candidates, tmp_path):
     from tasks.benchmarks import app
 

@@ -197,15 +197,15 @@ def run(
         version, created = register_version(
             client, name, source=source, run_id=run_id, tags=tags, description=text
         )
-        try:
+        try:  # a failed alias transaction restores the aliases it moved (registry.py)
             outcome, note = move_aliases(ledger, version, passed, start.champion, run_id)
-            client.set_model_version_tag(name, version, "promotion", outcome)
         except BaseException:
             try:
                 unregister(client, name, version, created)
             except Exception as e:  # noqa: BLE001  (the original error matters more)
                 log.error("could not delete %s v%s after the failure: %s", name, version, e)
             raise
+        client.set_model_version_tag(name, version, "promotion", outcome)
     decision = {
         "registered_model": name,
         "version": int(version),
