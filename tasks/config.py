@@ -103,6 +103,13 @@ class LabelQaModelCfg(Section):
     input_size: int = Field(128, ge=32, le=1024, description="fold model input side, px")
     width: float = Field(0.5, gt=0, le=4, description="fold model channel multiplier")
     lr: float = Field(8e-3, gt=0, description="fold model peak learning rate")
+    min_map50: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="skip the model checks when the fold models' mean "
+        "held-out mAP@0.5 is lower (too weak to judge labels)",
+    )
     swap_threshold: float = Field(
         0.4, ge=0, le=1, description="flag a box as wrong class below this swap score"
     )

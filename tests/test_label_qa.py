@@ -437,7 +437,14 @@ def test_cross_fit_on_a_tiny_noisy_set_finds_injected_errors(tmp_path, tiny):
     cfg = tiny.label_qa.model_copy(
         update={
             "model": tiny.label_qa.model.model_copy(
-                update={"enabled": True, "folds": 2, "epochs": 12, "input_size": 64}
+                # min_map50 low: this tiny model is weak (~0.1), yet it must find errors
+                update={
+                    "enabled": True,
+                    "folds": 2,
+                    "epochs": 12,
+                    "input_size": 64,
+                    "min_map50": 0.05,
+                }
             )
         }
     )
@@ -447,6 +454,7 @@ def test_cross_fit_on_a_tiny_noisy_set_finds_injected_errors(tmp_path, tiny):
         "val": "cross-fit (last fold model)",
         "test": "cross-fit (last fold model)",
     }
+    assert result.metrics["crossfit_map50"] >= 0.05
     train_ids = {im.id for im in result.ctx.splits["train"].coco.images}
     assert set(result.ctx.predictions["train"]) == train_ids  # every train image out-of-fold
     model_findings = [
@@ -557,3 +565,24 @@ def test_calibration_maps_detector_scores_to_hit_rates():
     out = calibrate(preds, coco)
     assert out[1][0][:, 4].tolist() == [1.0, 0.0, 0.0]
     assert out[1][0][:, :4].tolist() == preds[1][0][:, :4].tolist()
+
+
+def test_model_checks_are_skipped_when_the_fold_models_cannot_detect(tmp_path):
+    """Four 32-px noise images cannot teach a detector anything: its held-out mAP is under
+    label_qa.model.min_map50, so it judges nothing (no false findings, no tripped gate)."""
+    from tasks.config import TrainCfg
+
+    cfg = CFG.model_copy(
+        update={
+            "model": CFG.model.model_copy(
+                update={"enabled": True, "folds": 2, "epochs": 1, "input_size": 32}
+            )
+        }
+    )
+    result = label_qa.run(
+        cfg, dataset=make_dataset(tmp_path / "d"), train_cfg=TrainCfg(batch_size=2)
+    )
+    assert result.findings == []
+    assert result.metrics["crossfit_map50"] < cfg.model.min_map50
+    assert result.ctx.prediction_source["train"].startswith("none: cross-fit held-out mAP@0.5")
+    assert "val" not in result.ctx.prediction_source

@@ -234,6 +234,7 @@ def run(
         },
         "class_counts": class_counts(ctx),
         "model_checks_s": round(model_s, 2),
+        "crossfit_map50": ctx.crossfit_map50,
     }
     manifest = {"root": str(dataset), "splits": cleaned}
     return QaResult(findings, manifest, metrics, ctx)

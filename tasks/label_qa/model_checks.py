@@ -12,7 +12,9 @@ mean the same for a short-trained fold model and for the champion. Predictions m
 out-of-sample. Train is always scored by a K-fold cross-fit (each fold's
 images by a model trained on the other folds, with the project's detector and training loop).
 Val and test are scored by the registry's `champion` when one is given (it was trained on train
-only), else by the last fold model (which never saw them either).
+only), else by the last fold model (which never saw them either). When the fold models' mean
+held-out mAP@0.5 is under `label_qa.model.min_map50`, no fold model judges anything: a model that
+cannot find the objects would only produce false findings (and trip the gate).
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ def torch_runner(model) -> Runner:
     return run
 
 
-def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner]:
+def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner, float]:
     """K-fold cross-fit on the interim train split: returns out-of-fold predictions per train
-    image (cleanlab format) and the runner of the last fold model."""
+    image (cleanlab format), the runner of the last fold model and the mean held-out mAP@0.5."""
     import torch
 
     from tasks.model import Detector, DetectorConfig
@@ -90,6 +92,7 @@ def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner]:
     categories = sorted(c["id"] for c in ctx.interim["train"]["categories"])
     preds: dict = {}
     runner = None
+    maps = []
     for k, held in enumerate(folds):
         held_ids = sorted(int(i) for i in held)
         rest = sorted(set(ids) - set(held_ids))
@@ -110,16 +113,17 @@ def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner]:
         )
         runner = torch_runner(model)
         rows = predict(runner, val)
+        maps.append(coco_metrics(val.coco, rows, 0.3)["map50"])
         log.info(
             "label_qa cross-fit fold %d/%d: %d train, %d held out, held-out mAP@0.5 %.3f",
             k + 1,
             m.folds,
             len(train),
             len(val),
-            coco_metrics(val.coco, rows, 0.3)["map50"],
+            maps[-1],
         )
         preds.update(_to_cleanlab(rows, held_ids, categories))
-    return preds, runner
+    return preds, runner, float(np.mean(maps))
 
 
 def calibrate(preds: dict, coco: dict) -> dict:
@@ -170,9 +174,17 @@ def predict_splits(
     ctx.predictions = {}
     fold_runner = None
     if ctx.interim["train"]["images"]:
-        raw, fold_runner = crossfit(ctx, train_cfg)
-        ctx.predictions["train"] = calibrate(raw, ctx.interim["train"])
-        ctx.prediction_source["train"] = f"cross-fit ({ctx.cfg.model.folds} folds)"
+        raw, fold_runner, ctx.crossfit_map50 = crossfit(ctx, train_cfg)
+        if ctx.crossfit_map50 >= ctx.cfg.model.min_map50:
+            ctx.predictions["train"] = calibrate(raw, ctx.interim["train"])
+            ctx.prediction_source["train"] = f"cross-fit ({ctx.cfg.model.folds} folds)"
+        else:  # a model that cannot find the objects cannot judge their labels
+            fold_runner = None
+            ctx.prediction_source["train"] = (
+                f"none: cross-fit held-out mAP@0.5 {ctx.crossfit_map50:.3f} < "
+                f"label_qa.model.min_map50 {ctx.cfg.model.min_map50}"
+            )
+            log.warning("label_qa: model checks skipped (%s)", ctx.prediction_source["train"])
     for split in ("val", "test"):
         if champion is not None:
             runner, size = champion

@@ -79,6 +79,7 @@ class QaContext:
     # the splits with phase-1 policy applied (what the model checks train on and score)
     interim: dict[str, dict] = field(default_factory=dict)
     model_scores: dict = field(default_factory=dict)  # cache shared by the model-based rules
+    crossfit_map50: float | None = None  # mean held-out mAP@0.5 of the fold models
 
 
 @dataclass(frozen=True)
