@@ -76,6 +76,22 @@ def render_crop(image: np.ndarray, labelled: list[float] | None, suggested: list
     return crop
 
 
+def _round_robin(findings: list[Finding]) -> list[Finding]:
+    """Errors before warnings; within each, the worst of every rule in turn, so that one busy
+    rule does not fill the page."""
+    out = []
+    for severity in ("error", "warning"):
+        per_rule: dict[str, list[Finding]] = {}
+        for f in sorted(findings, key=lambda f: f.score):
+            if f.severity == severity and f.image_id is not None:
+                per_rule.setdefault(f.rule, []).append(f)
+        queues = list(per_rule.values())
+        while queues:
+            out += [q.pop(0) for q in queues]
+            queues = [q for q in queues if q]
+    return out
+
+
 def _entry(n: int, f: Finding, names: dict, image: str) -> list[str]:
     return [
         f"### {n + 1}. {f.rule} ({f.severity}, score {f.score:.3f}, {f.action})",
@@ -135,12 +151,12 @@ def write_reports(
     lines += [
         "",
         f"## Top findings (red: as labelled, green: suggested fix or the model's box; "
-        f"worst {top} shown, all in report.json)",
+        f"the worst of each rule in turn, {top} at most; all in report.json)",
         "",
     ]
     shown = 0
     with atomic_dir(out_dir / "images") as crops:
-        for f in sorted(findings, key=lambda f: (f.severity != "error", f.score)):
+        for f in _round_robin(findings):
             if shown >= top or f.image_id is None:
                 continue
             try:
