@@ -256,10 +256,18 @@ def label_qa_bench(
 
     setup_logging()
     cfg = load_params(params)
-    with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-label-qa-") as tmp:
-        result = run_benchmark(cfg, Path(tmp), rate=rate, epochs=epochs, train=train)
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     path = out / "label-qa-default.json"
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-label-qa-") as tmp:
+        result = run_benchmark(
+            cfg,
+            Path(tmp),
+            rate=rate,
+            epochs=epochs,
+            train=train,
+            on_partial=lambda r: write_json(path, {**r, "machine": machine, "partial": True}),
+        )
+    result["machine"] = machine
     write_json(path, result)
     flat = {
         f"recall.{k}": v["recall"] for k, v in result["detection"]["kinds"].items() if v["recall"]

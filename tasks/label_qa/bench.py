@@ -127,8 +127,12 @@ def train_and_test(params: Params, manifest: dict, epochs: int) -> dict:
     }
 
 
-def run_benchmark(params: Params, work: Path, rate: float, epochs: int, train: bool) -> dict:
-    """The whole benchmark under `work` (see the module docstring)."""
+def run_benchmark(
+    params: Params, work: Path, rate: float, epochs: int, train: bool, on_partial=None
+) -> dict:
+    """The whole benchmark under `work` (see the module docstring). `on_partial(result)` gets
+    the result after the label-QA part and after each training run (long runs save as they go).
+    """
     noise = params.data.noise.model_copy(update=dict.fromkeys(NOISE_KINDS, rate))
     clean_dir, noisy_dir = work / "clean", work / "noisy"
     # data.seed + 1: the label_qa.model thresholds were tuned on seed 0; measure on fresh data
@@ -171,6 +175,8 @@ def run_benchmark(params: Params, work: Path, rate: float, epochs: int, train: b
         },
         "label_qa": {"config": qa.model_dump(mode="json")},
     }
+    if on_partial:
+        on_partial(result)
     if train:
         manifests = {
             "clean": raw_manifest(clean_dir),
@@ -181,6 +187,8 @@ def run_benchmark(params: Params, work: Path, rate: float, epochs: int, train: b
         for name, m in manifests.items():
             maps[name] = train_and_test(params, m, epochs)
             log.info("train on %s labels: test mAP@0.5 %.4f", name, maps[name]["map50"])
+            if on_partial:
+                on_partial({**result, "training": {"epochs": epochs, "test": maps}})
         lost = maps["clean"]["map50"] - maps["noisy"]["map50"]
         result["training"] = {
             "epochs": epochs,
