@@ -248,6 +248,7 @@ def label_qa_bench(
     rate: float = typer.Option(0.05, min=0.0, max=0.2, help="injected share of boxes per kind"),
     epochs: int = typer.Option(30, min=1, help="detector training epochs (clean/noisy/cleaned)"),
     train: bool = typer.Option(True, help="also train on clean, noisy and cleaned labels"),
+    clean_check: bool = typer.Option(True, help="also run label QA on the clean data"),
     out: Path = typer.Option(Path("artifacts/bench")),
 ) -> None:
     """Label QA against injected noise: recall/precision per kind, stage cost, mAP recovery."""
@@ -265,12 +266,15 @@ def label_qa_bench(
             rate=rate,
             epochs=epochs,
             train=train,
+            clean_check=clean_check,
             on_partial=lambda r: write_json(path, {**r, "machine": machine, "partial": True}),
         )
     result["machine"] = machine
     write_json(path, result)
     flat = {
-        f"recall.{k}": v["recall"] for k, v in result["detection"]["kinds"].items() if v["recall"]
+        f"recall.{k}": v["recall"]
+        for k, v in result["detection"]["kinds"].items()
+        if v["recall"] is not None
     }
     flat |= {f"precision.{k}": v["precision"] for k, v in result["detection"]["rules"].items()}
     flat |= {f"stage_s.{k}": v for k, v in result["stage_s"].items()}
