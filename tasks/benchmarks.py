@@ -2,6 +2,7 @@
 
     shrinkflow bench                              # every built engine beside FP32 eager
     shrinkflow bench-pipeline --profile default   # full `dvc repro` from scratch
+    shrinkflow bench-sizes                        # trained vs compressed at 128 and 256 px
 
 (`shrinkflow` is this module's console script; `python -m tasks.benchmarks ...` is the same.)
 
@@ -282,6 +283,64 @@ def label_qa_bench(
         flat |= {f"map50.{k}": v["map50"] for k, v in result["training"]["test"].items()}
     _log_to_mlflow("bench label_qa", flat, [path])
     log.info("label QA benchmark -> %s", path)
+
+
+@app.command("bench-sizes")
+def sizes(
+    params: Path = typer.Option(Path("params.yaml")),
+    trained: Path = typer.Option(Path("artifacts/train/model.pt")),
+    compressed: Path = typer.Option(Path("artifacts/distill/model.pt")),
+    quantize_report: Path = typer.Option(Path("artifacts/quantize/report.json")),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    size: list[int] = typer.Option([128, 256], help="input sides to time (repeat the option)"),
+    runs: int = typer.Option(200, min=1, help="timed calls per variant and size"),
+    rounds: int = typer.Option(5, min=1),
+    out: Path = typer.Option(Path("artifacts/bench")),
+) -> None:
+    """Batch-1 latency of the trained and the compressed model at several input sizes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks import bench_sizes
+    from tasks.config import load_params
+
+    setup_logging()
+    result = bench_sizes.run(
+        load_params(params),
+        trained=trained,
+        compressed=compressed,
+        quantize_report=quantize_report,
+        manifest=manifest,
+        sizes=size,
+        runs=runs,
+        rounds=rounds,
+    )
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    table = Table(title=f"batch 1, {result['threads']} threads, p50 ms")
+    table.add_column("variant", no_wrap=True)
+    for s in result["sizes"]:
+        table.add_column(f"{s} px")
+    variants = next(iter(result["sizes"].values()))
+    for name in variants["latency"]:
+        cells = [f"{v['latency'][name]['latency_ms_p50']:.3f}" for v in result["sizes"].values()]
+        table.add_row(name, *cells)
+    for name in variants["ratios"]:
+        table.add_row(name, *[f"{v['ratios'][name]:.2f}x" for v in result["sizes"].values()])
+    Console().print(table)
+    path = out / "sizes-b1.json"
+    write_json(path, result)
+    _log_to_mlflow(
+        "bench sizes (batch 1)",
+        {
+            f"{s}px.{k}": v
+            for s, r in result["sizes"].items()
+            for k, v in {
+                **r["ratios"],
+                **{f"{n}.latency_ms_p50": m["latency_ms_p50"] for n, m in r["latency"].items()},
+            }.items()
+        },
+        [path],
+    )
 
 
 if __name__ == "__main__":

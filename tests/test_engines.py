@@ -139,3 +139,39 @@ def test_tensorrt_builds_fp16_and_int8_engines_that_match_onnxruntime(
 def test_engine_cfg_rejects_an_unknown_target():
     with pytest.raises(ValueError, match="'onnxruntime', 'openvino' or 'tensorrt'"):
         BuildEngineCfg(targets=["tflite"])
+
+
+def test_bench_sizes_times_every_variant_at_every_size(tiny, tiny_manifest, models, tmp_path):
+    """The size benchmark rebuilds the same weights at each size and times every variant
+    (no timing is asserted: only that each variant ran and the ratios are derived from it)."""
+    from tasks import bench_sizes
+
+    model, _ = load_checkpoint(models / "model.pt")
+    bigger = bench_sizes.at_size(model, 96)
+    assert bigger.cfg.input_size == 96
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(bench_sizes.at_size(model, 64)(x), model(x))
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"precision": "int8", "layer_precision": {}}))
+    (tmp_path / "manifest.json").write_text(json.dumps(tiny_manifest))
+    result = bench_sizes.run(
+        tiny,
+        trained=models / "model.pt",
+        compressed=models / "model.pt",
+        quantize_report=report,
+        manifest=tmp_path / "manifest.json",
+        sizes=[64, 96],
+        runs=4,
+        rounds=1,
+    )
+    assert set(result["sizes"]) == {"64", "96"}
+    variants = {"eager_fp32", "onnxruntime_fp32", "openvino_fp32", "openvino_bf16"}
+    variants |= {f"{t}_compressed" for t in CPU_TARGETS}
+    for per_size in result["sizes"].values():
+        assert set(per_size["latency"]) == variants
+        assert all(v["latency_ms_p50"] > 0 for v in per_size["latency"].values())
+        p50 = {k: v["latency_ms_p50"] for k, v in per_size["latency"].items()}
+        assert per_size["ratios"]["onnxruntime_compressed_vs_eager"] == pytest.approx(
+            p50["eager_fp32"] / p50["onnxruntime_compressed"]
+        )
