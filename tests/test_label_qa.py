@@ -325,7 +325,12 @@ def test_model_rules_flag_swaps_misplaced_and_missing_boxes_from_predictions(tmp
     truth = {i: [(2 - i % 2, [4, 4, 10, 12])] for i in range(1, 5)}
     truth[3].append((2, [18, 2, 10, 10]))
     truth[4].append((1, [18, 18, 10, 10]))  # labelled nowhere: missing
-    cfg = CFG.model_copy(update={"model": CFG.model.model_copy(update={"enabled": True})})
+    cfg = CFG.model_copy(
+        update={
+            "model": CFG.model.model_copy(update={"enabled": True}),
+            "policy": {"box_missing": "fix"},
+        }
+    )
     ctx = core.QaContext(cfg, root, {s: core.load_split(root, s) for s in label_qa.SPLITS})
     ctx.interim = core.apply_policy(ctx, [])
     ctx.predictions = {"train": _oracle_predictions(ctx, "train", truth)}
@@ -468,7 +473,8 @@ def test_cross_fit_on_a_tiny_noisy_set_finds_injected_errors(tmp_path, tiny):
     assert score["precision"] >= 0.4, score
     assert score["recall"] >= 0.3, score
     for f in model_findings:
-        assert 0 <= f.score < 1 and f.action == "fix" and f.fix, f
+        assert 0 <= f.score < 1 and f.severity == "warning" and f.fix, f
+        assert f.action == label_qa.RULES[f.rule].policy
 
 
 @pytest.mark.server
