@@ -328,7 +328,7 @@ def test_model_rules_flag_swaps_misplaced_and_missing_boxes_from_predictions(tmp
     cfg = CFG.model_copy(
         update={
             "model": CFG.model.model_copy(update={"enabled": True}),
-            "policy": {"box_missing": "fix"},
+            "policy": {"box_missing": "fix", "label_wrong_class": "fix", "box_badly_placed": "fix"},
         }
     )
     ctx = core.QaContext(cfg, root, {s: core.load_split(root, s) for s in label_qa.SPLITS})
@@ -353,6 +353,15 @@ def test_model_rules_flag_swaps_misplaced_and_missing_boxes_from_predictions(tmp
     assert by_image[1] == [(1, [4, 4, 10, 12])]
     assert by_image[2] == [(2, [4.0, 4.0, 10.0, 12.0])]
     assert sorted(by_image[4]) == [(1, [18.0, 18.0, 10.0, 10.0]), (2, [4, 4, 10, 12])]
+    # by default the model's suggestions are reported, never applied
+    ctx.cfg = CFG.model_copy(update={"model": cfg.model})
+    reported = core.run_rules(ctx, phase=2)
+    assert {(f.rule, f.image_id, f.annotation_id) for f in reported} == set(got)
+    assert all(f.action == "keep" for f in reported)
+    assert (
+        core.apply_policy(ctx, reported)["train"]["annotations"]
+        == (core.apply_policy(ctx, [])["train"]["annotations"])
+    )
 
 
 def run_stage(tmp_path, dataset, max_error_rate, **label_qa_params):

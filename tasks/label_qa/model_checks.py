@@ -7,9 +7,10 @@ same-class prediction overlaps it poorly) and, per confident prediction that tou
 *overlooked* score. Low = likely wrong. We flag scores under the thresholds in
 `label_qa.model` and suggest the prediction as the fix.
 
-These findings are warnings: they never trip the gate on their own (on the clean default data the
-fold models still flag ~10% of images, mostly clutter seen as digits), and only the wrong-class and
-badly-placed fixes are applied by default; `label_qa.policy.box_missing: fix` adds missing boxes.
+These findings are warnings and, by default, only reported (policy `keep`): they never trip the
+gate on their own, and they rewrite no label unless asked (`label_qa.policy.<rule>: fix`). On the
+clean default data the fold models still flag ~10% of images (mostly clutter seen as digits):
+applying their fixes by default would rewrite correct labels, val and test ground truth included.
 
 Detector scores are mapped to calibrated probabilities first (`calibrate`), so the thresholds
 mean the same for a short-trained fold model and for the champion. Predictions must be
@@ -292,7 +293,7 @@ def _usable(ctx: QaContext, split: str, ann: dict) -> bool:
     return (split, ann["id"]) not in ctx.bad_annotations
 
 
-@dataset_rule("label_wrong_class", "warning", "fix", phase=2)
+@dataset_rule("label_wrong_class", "warning", "keep", phase=2)
 def _wrong_class(ctx: QaContext) -> Iterator[Hit]:
     """A confident prediction of another class sits on the box (ObjectLab swap score under
     `label_qa.model.swap_threshold`); the fix relabels it with that class."""
@@ -317,7 +318,7 @@ def _wrong_class(ctx: QaContext) -> Iterator[Hit]:
                 yield Hit(split, ann["image_id"], ann["id"], msg, float(s), fix)
 
 
-@dataset_rule("box_badly_placed", "warning", "fix", phase=2)
+@dataset_rule("box_badly_placed", "warning", "keep", phase=2)
 def _badly_placed(ctx: QaContext) -> Iterator[Hit]:
     """The best same-class prediction overlaps the box poorly (ObjectLab bad-location score
     under `label_qa.model.badloc_threshold`); the fix moves the box onto that prediction."""
