@@ -334,13 +334,14 @@ def test_a_stage_past_its_timeout_is_killed_and_fails_the_flow(prefect_server, t
         )
     }
     params = tiny_params()
-    params["flow"] = {"retries": 0, "stage_timeout_s": {"slow": 3}}
+    # long enough for `dvc` and the stage's python to start on a loaded 2-core machine
+    params["flow"] = {"retries": 0, "stage_timeout_s": {"slow": 20}}
     proj = small_project(tmp_path / "p", stages, params)
     done = run_flow_here(proj, env)
     assert done.returncode != 0
     (run,) = flow_runs_of(api, proj)
     assert (
-        run.state.type.value == "FAILED" and "stage slow timed out after 3 s" in run.state.message
+        run.state.type.value == "FAILED" and "stage slow timed out after 20 s" in run.state.message
     )
     pid = int((proj / "pid").read_text())
     with pytest.raises(ProcessLookupError):  # the stage's process was killed, not left behind
