@@ -344,8 +344,14 @@ def test_a_stage_past_its_timeout_is_killed_and_fails_the_flow(prefect_server, t
         run.state.type.value == "FAILED" and "stage slow timed out after 20 s" in run.state.message
     )
     pid = int((proj / "pid").read_text())
-    with pytest.raises(ProcessLookupError):  # the stage's process was killed, not left behind
-        os.kill(pid, 0)
+    for _ in range(50):  # the stage's process was killed, not left behind (allow it to exit)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the stage's process {pid} outlived the flow's timeout")
 
 
 # --- the deployment: a real process worker runs the nightly flow on the tiny profile ---------

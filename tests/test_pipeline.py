@@ -14,7 +14,7 @@ from tasks.coco import DetectionSet
 from tasks.model import Detector, DetectorConfig, load_checkpoint
 from tasks.project import copy_project, dvc
 from tasks.train import evaluate_model
-from tests.conftest import tiny_params
+from tests.conftest import running_mlflow_server, tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 TARGETS = ["onnxruntime", "openvino", "tensorrt"]
@@ -35,6 +35,14 @@ STAGES = [
 
 def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """This module's own server (overrides the session one): its assertions count the runs and
+    model versions one pipeline execution makes, so no other test may share its store."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-e2e")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

@@ -118,24 +118,36 @@ class AliasLedger:
 
     def snapshot(self) -> Snapshot:
         """The current aliases, read once no transaction is in flight."""
-        while True:
-            latest = self._latest()
-            if latest is None or latest.tags.get("state") != "claimed":
-                break
-            age = time.time() - int(latest.tags.get("claimed_at_ms", "0")) / 1000
-            if age > self.lock_timeout_s:
-                log.warning("alias move %s never finished (%.0f s): abandoned", latest.name, age)
-                self.client.set_registered_model_tag(latest.name, "state", "abandoned")
-                break
-            time.sleep(self.poll_s)
+        latest = self._latest()
         seq = int(latest.name.removeprefix(self.prefix)) if latest else 0
+        self._wait_finished(seq)
+        return Snapshot(seq, self._aliases())
+
+    def _aliases(self) -> dict[str, str]:
         try:
             aliases = self.client.get_registered_model(self.name).aliases
         except MlflowException as e:
             if not not_found(e):
                 raise
             aliases = {}
-        return Snapshot(seq, {a: str(v) for a, v in aliases.items() if a in ALIASES})
+        return {a: str(v) for a, v in aliases.items() if a in ALIASES}
+
+    def _wait_finished(self, seq: int) -> None:
+        """Wait while transaction `seq` is in flight (`claimed`); past `lock_timeout_s` it is
+        taken as abandoned. Read by name: a search may lag behind the latest tag write."""
+        if seq == 0:
+            return
+        name = self._txn_name(seq)
+        while True:
+            tags = self.client.get_registered_model(name).tags
+            if tags.get("state") != "claimed":
+                return
+            age = time.time() - int(tags.get("claimed_at_ms", "0")) / 1000
+            if age > self.lock_timeout_s:
+                log.warning("alias move %s never finished (%.0f s): abandoned", name, age)
+                self.client.set_registered_model_tag(name, "state", "abandoned")
+                return
+            time.sleep(self.poll_s)
 
     def move(
         self,
@@ -192,6 +204,13 @@ class AliasLedger:
                 if already_exists(e):
                     continue  # another writer took N+1: re-read and re-check
                 raise
+            # Holding N+1 (a ticket nobody else can take), wait for N to finish and check that
+            # the aliases are still those the moves were computed from; otherwise step aside.
+            txn = self._txn_name(snap.seq + 1)
+            self._wait_finished(snap.seq)
+            if self._aliases() != snap.aliases:
+                self.client.set_registered_model_tag(txn, "state", "aborted")
+                continue  # re-read: raises ChampionMoved if the champion changed
             self._apply(record)
             return record
         raise ShrinkflowError(f"{self.name}: could not move aliases after {attempts} attempts")
