@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import mlflow
 import onnx
@@ -26,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet
-from tasks.config import Params
+from tasks.config import Kpi, Params
 from tasks.errors import ShrinkflowError
 from tasks.io import md5_file, remove, write_json, write_text
 from tasks.metrics import predict
@@ -35,19 +36,7 @@ from tasks.promote.gates import Champion, Evidence, evaluate_gates
 from tasks.promote.registry import AliasLedger, ChampionMoved, register_version, unregister
 
 log = logging.getLogger(__name__)
-KPIS = (
-    "map50",
-    "map50_95",
-    "precision",
-    "recall",
-    "latency_ms_p50",
-    "latency_ms_p95",
-    "latency_ms_p99",
-    "throughput_ips",
-    "size_mb",
-    "params",
-    "macs",
-)
+KPIS = get_args(Kpi)  # the KPI keys of evaluate's metrics.json
 DELTAS = ("delta_map50", "delta_map50_95", "delta_precision", "delta_recall")
 
 
