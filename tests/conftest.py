@@ -67,56 +67,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with `start_new_session=True` and everything it started."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
 @contextlib.contextmanager
-def running_mlflow_server(work: Path, port: int | None = None):
-    """A real `mlflow server` on 127.0.0.1 with its SQLite store and artifacts under `work`;
-    yields its URI and always stops it. The same `work` and `port` restart the same server."""
-    port = port or free_port()
-    exe = Path(sys.executable).with_name("mlflow")
-    log = open(work / "server.log", "a")  # noqa: SIM115  (closed in the finally below)
+def running_server(cmd: list[str], *, cwd: Path, health_url: str, env: dict | None = None):
+    """Start a server (its output in `cwd/server.log`), wait until `health_url` answers 200,
+    yield the process, and always stop its whole process group."""
+    log = open(cwd / "server.log", "a")  # noqa: SIM115  (closed in the finally below)
     proc = subprocess.Popen(
-        [
-            str(exe),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{work / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(work / "artifacts"),
-        ],
-        cwd=work,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 120
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                with urllib.request.urlopen(health_url, timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(
-                    f"mlflow server did not start: {(work / 'server.log').read_text()}"
+                    f"{Path(cmd[0]).name} did not start: {(cwd / 'server.log').read_text()}"
                 )
             time.sleep(0.5)
-        yield uri
+        yield proc
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_group(proc)
         log.close()
+
+
+@contextlib.contextmanager
+def running_mlflow_server(work: Path, port: int | None = None):
+    """A real `mlflow server` on 127.0.0.1 with its SQLite store and artifacts under `work`;
+    yields its URI and always stops it. The same `work` and `port` restart the same server."""
+    port = port or free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    cmd = [
+        str(exe),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{work / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(work / "artifacts"),
+    ]
+    uri = f"http://127.0.0.1:{port}"
+    with running_server(cmd, cwd=work, health_url=f"{uri}/health"):
+        yield uri
 
 
 @pytest.fixture(scope="session")

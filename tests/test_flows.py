@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.project import read_dag
 from tasks.project import copy_project, dvc, venv_env
-from tests.conftest import free_port, tiny_params
+from tests.conftest import free_port, running_server, stop_group, tiny_params
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "shrinkflow"  # the work pool prefect.yaml names
@@ -38,52 +38,16 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict:
     return env
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """A real `prefect server start` on 127.0.0.1 (free port, temp PREFECT_HOME); yields the
     API URL and the environment that points a Prefect client or CLI at it."""
-    import urllib.request
-
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    log = open(home / "server.log", "w")  # noqa: SIM115  (closed in the finally below)
-    proc = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=home,
-        env=prefect_env(home),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(
-                    f"prefect server did not start: {(home / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
+    cmd = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with running_server(cmd, cwd=home, health_url=f"{api}/health", env=prefect_env(home)):
         yield api, prefect_env(home, api)
-    finally:
-        _stop(proc)
-        log.close()
 
 
 def client(api: str):
@@ -383,7 +347,7 @@ def worker(prefect_server, tmp_path_factory):
     try:
         yield work / "worker.log"
     finally:
-        _stop(proc)
+        stop_group(proc)
         log.close()
 
 
@@ -522,7 +486,7 @@ def test_promote_waits_for_a_reviewer_and_the_decision_is_recorded_in_mlflow(
             c.resume_flow_run(paused.id, run_input=answer)
         proc.wait(timeout=120)
     finally:
-        _stop(proc)
+        stop_group(proc)
     run = wait_for(api, paused.id, 60)
     assert run.state.type.value == "COMPLETED"
     promoted = (proj / "artifacts/promote/decision.json").exists()
