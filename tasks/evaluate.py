@@ -17,6 +17,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import typer
 from tasks.bench import latency_stats, time_blocks
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet
-from tasks.config import BuildEngineCfg, EvaluateCfg, ExportCfg
+from tasks.config import BuildEngineCfg, EvaluateCfg, ExportCfg, Kpi
 from tasks.engines import Runner, engine_size_mb, get
 from tasks.export import to_onnx
 from tasks.io import meta, remove, write_json, write_text
@@ -152,16 +153,7 @@ def run(
 def render_report(metrics: dict) -> str:
     if metrics["status"] != "ok":
         return f"# Evaluation: {metrics['target']}\n\nstatus: {metrics['status']}\n"
-    keys = [
-        *QUALITY,
-        "latency_ms_p50",
-        "latency_ms_p95",
-        "latency_ms_p99",
-        "throughput_ips",
-        "size_mb",
-        "params",
-        "macs",
-    ]
+    keys = get_args(Kpi)  # every KPI, in DESIGN.md's order
     same, base, parity = metrics["fp32_same_runtime"], metrics["baseline"], metrics["parity"]
     rows = [f"| {k} | {metrics[k]:.4g} | {same[k]:.4g} | {base[k]:.4g} |" for k in keys]
     return "\n".join(
