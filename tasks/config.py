@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tasks.errors import ConfigError
 
 PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
 
 
 class Section(BaseModel):
@@ -244,6 +245,10 @@ class QuantizeCfg(Section):
     keep_faster: bool = Field(
         True, description="deploy float instead when INT8 measures slower (batch-1 latency)"
     )
+    qat_epochs: NonNegInt = Field(
+        0, description="quantization-aware fine-tuning epochs before INT8 export (0 = PTQ only)"
+    )
+    qat_lr: float = Field(1e-4, gt=0, description="learning rate of the QAT fine-tune")
 
 
 class BuildEngineCfg(Section):

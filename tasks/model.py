@@ -123,21 +123,27 @@ class DetectorWithDecode(nn.Module):
 def decode(
     raw: torch.Tensor, num_classes: int, k: int, score_floor: float, size: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    heat = raw[:, :num_classes].sigmoid()  # (B, C, H, W)
-    peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat).to(heat.dtype)  # 3x3 peak NMS
-    _, _, h, w = heat.shape
-    scores, idx = peaks.flatten(1).topk(k)  # (B, K)
-    classes = idx // (h * w)
-    pix = idx % (h * w)
-    ys, xs = (pix // w).to(raw.dtype), (pix % w).to(raw.dtype)
-    gather = pix.unsqueeze(1).expand(-1, 2, -1)  # (B, 2, K)
-    wh = raw[:, num_classes : num_classes + 2].flatten(2).gather(2, gather)
-    off = raw[:, num_classes + 2 : num_classes + 4].flatten(2).gather(2, gather)
-    cx, cy = (xs + off[:, 0]) * STRIDE, (ys + off[:, 1]) * STRIDE
-    bw, bh = wh[:, 0].clamp(min=0.0) * STRIDE, wh[:, 1].clamp(min=0.0) * STRIDE
-    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).clamp(
-        0.0, size
-    )
+    """Top-k class peaks of the heatmap -> boxes, scores, classes (see DetectorWithDecode).
+
+    Written for a short ONNX graph, since at batch 1 the decode's op count costs as much as the
+    small convolutions: peaks are found on the logits (sigmoid is monotonic, so the 3x3 peaks are
+    the same) and only the k winners go through the sigmoid; class and cell coordinates of a
+    flat index come from truncating integer division (indices are never negative).
+    """
+    _, _, h, w = raw.shape
+    logits = raw[:, :num_classes]
+    peak = F.max_pool2d(logits, 3, 1, 1) == logits  # 3x3 peak NMS
+    top, idx = torch.where(peak, logits, -1e4).flatten(1).topk(k)  # (B, K)
+    scores = top.sigmoid()
+    classes = torch.div(idx, h * w, rounding_mode="trunc")  # indices are >= 0: no floor fix-up
+    pix = idx - classes * (h * w)
+    y = torch.div(pix, w, rounding_mode="trunc")
+    xy = torch.stack([pix - y * w, y], dim=-1).to(raw.dtype)  # (B, K, 2) cell x, y
+    box = raw[:, num_classes : num_classes + 4].flatten(2)  # (B, 4, HW): w, h, dx, dy
+    box = box.gather(2, pix.unsqueeze(1).expand(-1, 4, -1)).transpose(1, 2)  # (B, K, 4)
+    centre = (xy + box[..., 2:]) * STRIDE
+    half = box[..., :2].clamp(min=0.0) * (STRIDE / 2)
+    boxes = torch.cat([centre - half, centre + half], dim=-1).clamp(0.0, size)
     num = (scores >= score_floor).sum(dim=1).to(torch.int32)
     return num, boxes, scores, classes.to(torch.int32)
 

@@ -33,7 +33,7 @@ from onnxruntime.quantization import (
 from tasks.bench import time_blocks
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, load_splits
-from tasks.config import QuantizeCfg
+from tasks.config import Params, QuantizeCfg
 from tasks.errors import ConfigError
 from tasks.io import copy_file, meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
@@ -174,9 +174,12 @@ def run(
     val: DetectionSet,
     out: Path,
     threads: int,
+    qat_onnx: Path | None = None,
 ) -> dict:
     """Write model.int8.onnx, model.fp16.onnx and the deployable model.onnx into `out`.
 
+    `qat_onnx`, when given, is the same model after quantization-aware fine-tuning
+    (tasks/qat.py): the INT8 models are built from it, `onnx_path` stays the float reference.
     Returns the report: calibration ids and hash, per-calibrator val mAP, sensitivity table,
     per-layer precision, latencies and the precision chosen.
     """
@@ -191,26 +194,31 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = {name: tmp / f"ranges-{name}.json" for name in CALIBRATORS}
+        if qat_onnx is not None:  # what QAT buys: the same calibrator without it
+            calibrate(onnx_path, images, cfg, cfg.calibrator, tmp / "ptq.json")
+            to_int8(onnx_path, tmp / "ptq.onnx", tmp / "ptq.json", cfg, cfg.calibrator)
+            report["val_map50"]["int8_without_qat"] = val_map(tmp / "ptq.onnx", val, threads)
+        src = qat_onnx or onnx_path  # what the INT8 models are built from
         for name in CALIBRATORS if cfg.compare_calibrators else [cfg.calibrator]:
-            calibrate(onnx_path, images, cfg, name, cache[name])
+            calibrate(src, images, cfg, name, cache[name])
             if cfg.compare_calibrators:
-                to_int8(onnx_path, tmp / f"{name}.onnx", cache[name], cfg, name)
+                to_int8(src, tmp / f"{name}.onnx", cache[name], cfg, name)
                 report["val_map50"][f"int8_{name}"] = val_map(tmp / f"{name}.onnx", val, threads)
         int8, cache = tmp / "int8.onnx", cache[cfg.calibrator]
-        to_int8(onnx_path, int8, cache, cfg, cfg.calibrator)
+        to_int8(src, int8, cache, cfg, cfg.calibrator)
         int8_map = val_map(int8, val, threads)
         excluded: list[str] = []
         if cfg.accuracy_aware:
             sensitivity = {}
             for layer in layers:
-                to_int8(onnx_path, tmp / "one.onnx", cache, cfg, cfg.calibrator, only=[layer])
+                to_int8(src, tmp / "one.onnx", cache, cfg, cfg.calibrator, only=[layer])
                 sensitivity[layer] = fp32_map - val_map(tmp / "one.onnx", val, threads)
             report["sensitivity"] = sensitivity  # val mAP@0.5 lost with only that layer in INT8
             for layer in sorted(layers, key=lambda k: -sensitivity[k]):
                 if fp32_map - int8_map <= cfg.max_map_drop:
                     break
                 excluded.append(layer)
-                to_int8(onnx_path, int8, cache, cfg, cfg.calibrator, exclude=excluded)
+                to_int8(src, int8, cache, cfg, cfg.calibrator, exclude=excluded)
                 int8_map = val_map(int8, val, threads)
         report["val_map50"]["int8"] = int8_map
         report["int8_map_drop"] = fp32_map - int8_map
@@ -248,6 +256,16 @@ def render(report: dict) -> str:
         f"Calibrator: {report['calibrator']}, {report['calibration']['count']} train images "
         f"(ids md5 {report['calibration']['md5']}).",
         "",
+        *(
+            [
+                f"Quantization-aware fine-tune: {report['qat']['epochs']} epochs (lr "
+                f"{report['qat']['lr']}) before calibration; `int8_without_qat` is the same "
+                "calibrator on the model before it.",
+                "",
+            ]
+            if "qat" in report
+            else []
+        ),
         "| model | val mAP@0.5 | batch-1 latency (ms, ONNX Runtime) |",
         "| --- | --- | --- |",
     ]
@@ -265,6 +283,32 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _qat(
+    params: Params, student: Path, teacher: Path, train: DetectionSet, val: DetectionSet, dst: Path
+) -> dict:
+    """Quantization-aware fine-tune of the exported model's checkpoint, exported to `dst`."""
+    from tasks.export import to_onnx
+    from tasks.model import load_checkpoint
+    from tasks.qat import finetune
+
+    model, _ = load_checkpoint(student)
+    tuned, rows = finetune(
+        model,
+        load_checkpoint(teacher)[0],
+        params.quantize,
+        params.distill,
+        params.train,
+        train=train,
+        val=val,
+    )
+    to_onnx(tuned, params.export, dst)
+    return {
+        "epochs": params.quantize.qat_epochs,
+        "lr": params.quantize.qat_lr,
+        "val_map50_fake_quant": [r["val_map50"] for r in rows],
+    }
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -273,6 +317,10 @@ def main(
     params: Path = typer.Option(Path("params.yaml")),
     onnx_path: Path = typer.Option(Path("artifacts/export/model.onnx"), "--onnx"),
     manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    student: Path = typer.Option(
+        Path("artifacts/distill/model.pt"), help="the exported model's checkpoint (QAT only)"
+    ),
+    teacher: Path = typer.Option(Path("artifacts/train/model.pt"), help="QAT's KD teacher"),
     out: Path = typer.Option(Path("artifacts/quantize")),
 ) -> None:
     """Quantize the exported model; write the deployable model.onnx and a report."""
@@ -292,14 +340,22 @@ def main(
         out.mkdir(parents=True, exist_ok=True)
         size = ctx.params.train.input_size
         _, train, val = load_splits(manifest, size)
-        report = run(
-            cfg,
-            onnx_path=onnx_path,
-            train=train,
-            val=val,
-            out=out,
-            threads=ctx.params.build_engine.threads,
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            qat_onnx, qat_report = None, None
+            if cfg.qat_epochs:
+                qat_onnx = Path(tmp) / "qat.onnx"
+                qat_report = _qat(ctx.params, student, teacher, train, val, qat_onnx)
+            report = run(
+                cfg,
+                onnx_path=onnx_path,
+                train=train,
+                val=val,
+                out=out,
+                threads=ctx.params.build_engine.threads,
+                qat_onnx=qat_onnx,
+            )
+        if qat_report:
+            report["qat"] = qat_report
         write_json(out / "report.json", report)
         write_text(out / "report.md", render(report))
         write_json(out / "meta.json", meta(cfg, {"onnx": onnx_path}, ("onnxruntime", "onnx")))
@@ -309,6 +365,11 @@ def main(
             "val_map50_fp32": report["val_map50"]["fp32"],
             "val_map50_int8": report["val_map50"]["int8"],
             "val_map50_fp16": report["val_map50"]["fp16"],
+            **{
+                k.replace("int8_", "val_map50_int8_"): v
+                for k, v in report["val_map50"].items()
+                if k == "int8_without_qat"
+            },
             "int8_map_drop": report["int8_map_drop"],
             "layers_kept_float": sum(v == "fp32" for v in report["layer_precision"].values()),
             **{f"latency_ms_p50_{k}": v for k, v in report["latency_ms_p50_batch1"].items()},

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tasks import distill, export, prune, quantize, train
+from tasks import distill, export, prune, qat, quantize, train
 from tasks.coco import DetectionSet
 from tasks.errors import ConfigError
 from tasks.model import load_checkpoint, macs_and_params
@@ -171,3 +171,53 @@ def test_quantize_writes_int8_qdq_and_fp16_that_keep_the_accuracy(
     _, ids, md5 = calibration_set(cfg, splits[0])
     assert ids == report["calibration"]["image_ids"] and md5 == report["calibration"]["md5"]
     assert set(ids) <= set(splits[0].ids) and len(np.unique(ids)) == len(ids)
+
+
+def test_qat_fake_quant_comes_off_cleanly_and_its_model_exports_to_the_same_qdq(
+    tiny, splits, teacher, teacher_onnx, tmp_path
+):
+    student = copy.deepcopy(teacher).eval()
+    x = torch.from_numpy(splits[1].batch(slice(0, 4)))
+    convs = qat.attach(student, tiny.quantize)
+    assert len(convs) == len(student.layer_shapes())  # every conv, the head output included
+    with torch.no_grad():
+        student(x)  # the observers see data first
+        fake, real = student(x), teacher(x)
+    assert not torch.equal(fake, real)  # the INT8 rounding is simulated...
+    assert (fake - real).abs().mean() < 0.1 * real.abs().mean()  # ...and it is small
+    qat.detach(convs)
+    assert student.state_dict().keys() == teacher.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(student(x), real)  # off again: the float model, untouched
+
+    cfg = tiny.quantize.model_copy(
+        update={"qat_epochs": 1, "compare_calibrators": False, "accuracy_aware": False}
+    )
+    tuned, rows = qat.finetune(
+        copy.deepcopy(teacher),
+        teacher,
+        cfg,
+        tiny.distill,
+        tiny.train,
+        train=splits[0],
+        val=splits[1],
+    )
+    assert len(rows) == 1
+    qat_onnx = tmp_path / "qat.onnx"
+    export.to_onnx(tuned, tiny.export, qat_onnx)
+    out = tmp_path / "q"
+    out.mkdir()
+    report = quantize.run(
+        cfg,
+        onnx_path=teacher_onnx,
+        train=splits[0],
+        val=splits[1],
+        out=out,
+        threads=2,
+        qat_onnx=qat_onnx,
+    )
+    ops = [n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") >= len(convs)
+    fp32 = report["val_map50"]["fp32"]
+    assert abs(report["val_map50"]["int8"] - fp32) <= 0.05, report["val_map50"]
+    assert 0 <= report["val_map50"]["int8_without_qat"] <= 1
