@@ -243,7 +243,9 @@ class QuantizeCfg(Section):
     )
     compare_calibrators: bool = Field(True, description="report every calibrator's val mAP")
     keep_faster: bool = Field(
-        True, description="deploy float instead when INT8 measures slower (batch-1 latency)"
+        True,
+        description="keep a layer type (or the whole model) in float where INT8 measures "
+        "slower (batch-1 latency)",
     )
     qat_epochs: NonNegInt = Field(
         0, description="quantization-aware fine-tuning epochs before INT8 export (0 = PTQ only)"

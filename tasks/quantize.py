@@ -6,8 +6,10 @@ are quantized; the in-graph decode (sigmoid, peak pooling, top-K) stays float.
 
 Accuracy-aware mode quantizes one conv at a time to measure each layer's val mAP@0.5 drop, then
 keeps the most sensitive layers in float until the whole model's drop is within
-`max_map_drop`. With `keep_faster`, the deployable precision falls back to float when INT8
-measures slower at batch 1 (it can at small channel counts on some CPUs), and the report says so.
+`max_map_drop`. With `keep_faster`, each layer type (3x3, 1x1, depthwise, ...) is timed in INT8
+and in float and kept in the faster precision, and the deployable model falls back to float when
+INT8 measures slower at batch 1 (it can at small channel counts on some CPUs); the report says
+which and why.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ CALIBRATORS = {
 }
 QUANTIZED_OPS = ["Conv"]
 NUM_QUANTIZED_BINS = 128
+FASTER_MARGIN = 0.05  # a layer type goes back to float only if that measures >5% faster (noise)
 
 
 class _Images(CalibrationDataReader):
@@ -166,6 +169,47 @@ def conv_names(path: Path) -> list[str]:
     return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in QUANTIZED_OPS]
 
 
+def layer_types(path: Path) -> dict[str, list[str]]:
+    """The quantizable nodes of `path` grouped by kind ("3x3", "1x1", "depthwise 3x3", ...)."""
+    types: dict[str, list[str]] = {}
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        kind = "x".join(str(k) for k in attrs.get("kernel_shape", []))
+        kind = f"depthwise {kind}" if attrs.get("group", 1) > 1 else kind
+        types.setdefault(kind, []).append(node.name)
+    return types
+
+
+def keep_faster_types(
+    src: Path, int8: Path, cache: Path, cfg: QuantizeCfg, excluded: list[str], x, threads: int
+) -> dict[str, dict]:
+    """Time the INT8 model against copies with one layer type at a time left in float (INT8
+    can be slower than float, e.g. for depthwise convolutions on some CPUs). Returns, per type,
+    its layers, both latencies and the precision to keep: float when it measured faster."""
+    types = {
+        kind: [n for n in names if n not in excluded] for kind, names in layer_types(src).items()
+    }
+    types = {kind: names for kind, names in types.items() if names}
+    variants = {"int8": int8}
+    for i, names in enumerate(types.values()):
+        variants[f"type{i}"] = int8.with_name(f"type{i}.onnx")
+        to_int8(src, variants[f"type{i}"], cache, cfg, cfg.calibrator, exclude=excluded + names)
+    runners = {k: _runner(_session(p, threads)) for k, p in variants.items()}
+    times = time_blocks(runners, x, warmup=10, runs=90, rounds=3)
+    ms = {k: float(np.median(v) * 1e3) for k, v in times.items()}
+    return {
+        kind: {
+            "layers": names,
+            "int8_ms": ms["int8"],
+            "float_ms": ms[f"type{i}"],
+            "precision": "fp32" if ms[f"type{i}"] < ms["int8"] * (1 - FASTER_MARGIN) else "int8",
+        }
+        for i, (kind, names) in enumerate(types.items())
+    }
+
+
 def run(
     cfg: QuantizeCfg,
     *,
@@ -218,6 +262,15 @@ def run(
                 if fp32_map - int8_map <= cfg.max_map_drop:
                     break
                 excluded.append(layer)
+                to_int8(src, int8, cache, cfg, cfg.calibrator, exclude=excluded)
+                int8_map = val_map(int8, val, threads)
+        if cfg.keep_faster:
+            x = val.batch(slice(0, 1))
+            types = keep_faster_types(src, int8, cache, cfg, excluded, x, threads)
+            report["layer_types"] = types
+            slower = [n for t in types.values() if t["precision"] == "fp32" for n in t["layers"]]
+            if slower:
+                excluded += slower
                 to_int8(src, int8, cache, cfg, cfg.calibrator, exclude=excluded)
                 int8_map = val_map(int8, val, threads)
         report["val_map50"]["int8"] = int8_map
@@ -280,6 +333,20 @@ def render(report: dict) -> str:
         ]
         for k, v in report["sensitivity"].items():
             lines.append(f"| {k} | {v:+.4f} | {report['layer_precision'][k]} |")
+    if "layer_types" in report:
+        lines += [
+            "",
+            "Per layer type, batch-1 latency with that type in INT8 and in float (the rest as "
+            f"chosen above); a type stays float only when float is >{FASTER_MARGIN:.0%} faster.",
+            "",
+            "| layer type | layers | INT8 (ms) | float (ms) | kept |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for kind, t in report["layer_types"].items():
+            lines.append(
+                f"| {kind} | {len(t['layers'])} | {t['int8_ms']:.3f} | {t['float_ms']:.3f} "
+                f"| {t['precision']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -167,6 +167,14 @@ def test_quantize_writes_int8_qdq_and_fp16_that_keep_the_accuracy(
         assert 0 <= report["val_map50"][f"int8_{name}"] <= 1
     assert report["precision"] in ("int8", "fp32")
     assert (out / "model.onnx").exists()
+    # keep_faster: every layer type timed in INT8 and in float, the faster one kept
+    types = report["layer_types"]
+    assert {"3x3", "1x1"} <= set(types)
+    for t in types.values():
+        faster = t["float_ms"] < t["int8_ms"] * (1 - quantize.FASTER_MARGIN)
+        assert t["precision"] == ("fp32" if faster else "int8")
+        if faster:
+            assert all(layers[n] == "fp32" for n in t["layers"])
     # The calibration set is drawn from train, reproducibly, and identified by its hash.
     _, ids, md5 = calibration_set(cfg, splits[0])
     assert ids == report["calibration"]["image_ids"] and md5 == report["calibration"]["md5"]
