@@ -28,6 +28,7 @@ STAGES = [
     "quantize",
     *[f"build_engine@{t}" for t in TARGETS],
     *[f"evaluate@{t}" for t in TARGETS],
+    "variants",
     "compare",
     "promote",
 ]
@@ -89,6 +90,28 @@ def test_kpis_are_in_range_and_beat_an_untrained_model(pipeline):
     test = DetectionSet(manifest, "test", ckpt["config"]["input_size"])
     chance = evaluate_model(untrained, test)["map50"]
     assert m["map50"] > chance + 0.3, (m["map50"], chance)
+
+
+def test_variants_table_covers_every_step_of_the_recipe(pipeline):
+    proj, _, _ = pipeline
+    table = json.loads((proj / "artifacts/variants/metrics.json").read_text())
+    calibrators = [f"int8_{c}" for c in ("minmax", "entropy", "percentile")]
+    assert list(table) == [
+        "trained",
+        "pruned",
+        "distilled",
+        *calibrators,
+        "deployed",
+        "fp16",
+        "bf16",
+    ]
+    for name, r in table.items():
+        assert 0 <= r["map50_95"] <= r["map50"] <= 1, name
+        assert r["latency_ms_p50"] > 0 and r["size_mb"] > 0, name
+    assert table["pruned"]["macs"] < table["trained"]["macs"]
+    assert table["int8_minmax"]["size_mb"] < 0.5 * table["distilled"]["size_mb"]
+    assert table["bf16"]["runtime"] == "openvino (bf16 hint)"
+    assert table["deployed"]["precision"] in ("int8", "fp16", "fp32")
 
 
 def test_targets_are_built_evaluated_and_compared(pipeline):

@@ -1,0 +1,143 @@
+"""Stage `variants`: every step of the compression recipe on the test split, in one table.
+
+Trained, pruned and distilled FP32 models, INT8 with each calibrator (every conv INT8, on the
+distilled model), the deployed INT8 model (with the float layers that the quantize stage kept),
+FP16, and OpenVINO's bf16 precision on the distilled model. For each: mAP@0.5, mAP@0.5:0.95,
+batch-1 latency p50, file size and MACs. ONNX Runtime runs every variant but bf16; all
+variants are timed in one process, in alternating blocks (tasks/bench.py), so the latency
+column compares as ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import typer
+
+from tasks.bench import latency_stats, time_blocks
+from tasks.cli import stage_entry
+from tasks.coco import DetectionSet
+from tasks.config import Params
+from tasks.engines import engine_size_mb, get
+from tasks.export import to_onnx
+from tasks.io import remove, write_json, write_text
+from tasks.metrics import coco_metrics, predict
+from tasks.model import load_checkpoint, macs_and_params
+from tasks.quantize import CALIBRATORS, calibrate, calibration_set, to_int8
+
+log = logging.getLogger(__name__)
+COLUMNS = ("map50", "map50_95", "latency_ms_p50", "size_mb", "macs")
+
+
+def run(
+    params: Params, *, checkpoints: dict[str, Path], quantized: Path, manifest: dict, work: Path
+) -> dict[str, dict]:
+    """{variant: {runtime, map50, map50_95, latency_ms_p50, size_mb, macs}}.
+
+    `checkpoints` maps "trained", "pruned" and "distilled" to their model.pt; `quantized` is the
+    quantize stage's folder (model.onnx, model.int8.onnx, model.fp16.onnx, report.json).
+    """
+    cfg, engine_cfg = params.quantize, params.build_engine
+    models = {name: load_checkpoint(path)[0] for name, path in checkpoints.items()}
+    size = models["distilled"].cfg.input_size
+    onnx_files = {}
+    for name, model in models.items():
+        onnx_files[name] = work / f"{name}.onnx"
+        to_onnx(model, params.export, onnx_files[name])
+    distilled = onnx_files["distilled"]
+    images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
+    for name in CALIBRATORS:
+        calibrate(distilled, images, cfg, name, work / f"ranges-{name}.json")
+        onnx_files[f"int8_{name}"] = work / f"int8_{name}.onnx"
+        to_int8(distilled, onnx_files[f"int8_{name}"], work / f"ranges-{name}.json", cfg, name)
+    report = json.loads((quantized / "report.json").read_text())
+    onnx_files["deployed"] = quantized / "model.onnx"
+    onnx_files["fp16"] = quantized / "model.fp16.onnx"
+    bf16 = engine_cfg.model_copy(update={"openvino_precision": "bf16"})
+    builds = {name: ("onnxruntime", path, engine_cfg) for name, path in onnx_files.items()}
+    builds["bf16"] = ("openvino", distilled, bf16)
+    runners, sizes = {}, {}
+    for name, (target, path, target_cfg) in builds.items():
+        folder = work / f"engine-{name}"
+        folder.mkdir()
+        get(target).build(path, folder, target_cfg)
+        runners[name] = get(target).load(folder, target_cfg)
+        sizes[name] = engine_size_mb(folder)
+    test = DetectionSet(manifest, "test", size)
+    ev = params.evaluate
+    times = time_blocks(
+        runners, test.batch(slice(0, 1)), warmup=ev.warmup, runs=ev.latency_runs, rounds=ev.rounds
+    )
+    macs = {name: macs_and_params(model)[0] for name, model in models.items()}
+    table = {}
+    for name, (target, _, _) in builds.items():
+        quality = coco_metrics(test.coco, predict(runners[name], test), ev.score_threshold)
+        source = name if name in macs else "distilled"
+        table[name] = {
+            "runtime": target + (" (bf16 hint)" if name == "bf16" else ""),
+            "precision": report["precision"] if name == "deployed" else None,
+            "map50": quality["map50"],
+            "map50_95": quality["map50_95"],
+            "latency_ms_p50": latency_stats(times[name], 1)["latency_ms_p50"],
+            "size_mb": sizes[name],
+            "macs": macs[source],
+        }
+    return table
+
+
+def render(table: dict[str, dict]) -> str:
+    lines = [
+        "# Compression variants (test split, batch 1, one process)",
+        "",
+        "`int8_<calibrator>`: every conv INT8 on the distilled model. `deployed`: what the "
+        "quantize stage chose (its float layers kept; see its report).",
+        "",
+        "| variant | runtime | mAP@0.5 | mAP@0.5:0.95 | latency p50 (ms) | size (MB) | MACs (M) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in table.items():
+        label = f"{name} ({r['precision']})" if r["precision"] else name
+        lines.append(
+            f"| {label} | {r['runtime']} | {r['map50']:.4f} | {r['map50_95']:.4f} "
+            f"| {r['latency_ms_p50']:.3f} | {r['size_mb']:.3f} | {r['macs'] / 1e6:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml")),
+    trained: Path = typer.Option(Path("artifacts/train/model.pt")),
+    pruned: Path = typer.Option(Path("artifacts/prune/model.pt")),
+    distilled: Path = typer.Option(Path("artifacts/distill/model.pt")),
+    quantized: Path = typer.Option(Path("artifacts/quantize")),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    out: Path = typer.Option(Path("artifacts/variants")),
+) -> None:
+    """Tabulate trained / pruned / distilled / INT8 per calibrator / deployed / FP16 / bf16."""
+    with stage_entry("variants", params) as ctx:
+        for stale in ("report.md", "metrics.json"):
+            remove(out / stale)
+        with tempfile.TemporaryDirectory(prefix="shrinkflow-variants-") as work:
+            table = run(
+                ctx.params,
+                checkpoints={"trained": trained, "pruned": pruned, "distilled": distilled},
+                quantized=quantized,
+                manifest=json.loads(manifest.read_text()),
+                work=Path(work),
+            )
+        write_text(out / "report.md", render(table))
+        write_json(out / "metrics.json", table)
+        ctx.log_metrics({f"{name}.{k}": r[k] for name, r in table.items() for k in COLUMNS})
+        ctx.log_artifact(out / "report.md")
+        log.info("%s", render(table))
+
+
+if __name__ == "__main__":
+    app()
