@@ -201,6 +201,12 @@ class DistillCfg(Section):
     temperature: float = Field(2.0, gt=0, description="softens both heatmaps (Hinton et al.)")
     kd_weight: float = Field(1.0, ge=0, description="weight of the per-pixel heatmap KD loss")
     reg_weight: float = Field(0.1, ge=0, description="weight of the size/offset KD loss")
+    feature_stage: str | None = Field(
+        None,
+        description="also distil this block's features (e.g. 'stages.1', 'smooth1') through "
+        "a 1x1 adapter; null = off",
+    )
+    feature_weight: float = Field(1.0, ge=0, description="weight of the feature KD loss")
     control: bool = Field(
         True, description="also fine-tune the pruned model without KD, to measure KD's value"
     )

@@ -3,8 +3,10 @@
 Loss = detection loss + `kd_weight` * per-pixel soft-target loss on the class heatmaps (binary
 cross-entropy between temperature-softened sigmoids, scaled by T^2; Hinton et al., 2015) +
 `reg_weight` * L1 to the teacher's size/offset maps, weighted by the teacher's confidence.
-With `control: true` the pruned model is also fine-tuned for the same epochs without KD, so the
-value of KD is measured, not assumed.
+Optionally `feature_weight` * MSE between the teacher's features at block `feature_stage` and
+the student's, mapped to the teacher's width by a 1x1 conv adapter trained with the student
+(FitNets, Romero et al., 2015) and dropped afterwards. With `control: true` the pruned model
+is also fine-tuned for the same epochs without KD, so the value of KD is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import typer
+from torch import nn
 
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, load_splits
 from tasks.config import DistillCfg, TrainCfg
+from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json
 from tasks.model import Detector, load_checkpoint
 from tasks.train import evaluate_model, fit, save_checkpoint
@@ -43,6 +47,40 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, num_classes: int, cfg:
     return cfg.kd_weight * heat + cfg.reg_weight * reg
 
 
+class _FeatureKd:
+    """Feature distillation at one block: forward hooks keep the block's latest output in
+    teacher and student, and a 1x1 conv adapter (a submodule of the student while it trains,
+    so the optimizer sees it) maps the student's channels to the teacher's."""
+
+    def __init__(self, teacher: Detector, student: Detector, stage: str) -> None:
+        try:
+            t_block, s_block = teacher.get_submodule(stage), student.get_submodule(stage)
+        except AttributeError:
+            blocks = sorted({p.rsplit(".", 1)[0] for p in student.layer_shapes()} - {"out"})
+            raise ConfigError(
+                f"params.yaml: distill.feature_stage: unknown block {stage!r}; choose from "
+                f"{', '.join(blocks)}"
+            ) from None
+        self.out: dict[str, torch.Tensor] = {}
+        self.hooks = [
+            block.register_forward_hook(lambda m, a, y, key=key: self.out.__setitem__(key, y))
+            for key, block in (("teacher", t_block), ("student", s_block))
+        ]
+        width = lambda block: [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1]  # noqa: E731
+        student.kd_adapter = self.adapter = nn.Conv2d(
+            width(s_block).out_channels, width(t_block).out_channels, 1
+        )
+
+    def loss(self) -> torch.Tensor:
+        s, t = self.out["student"], self.out["teacher"]
+        return F.mse_loss(self.adapter(s).float(), t.float())
+
+    def remove(self, student: Detector) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        del student.kd_adapter
+
+
 def run(
     cfg: DistillCfg,
     train_cfg: TrainCfg,
@@ -60,12 +98,16 @@ def run(
         p.requires_grad_(False)
     control = copy.deepcopy(student) if cfg.control else None
     num_classes = student.cfg.num_classes
+    features = _FeatureKd(teacher, student, cfg.feature_stage) if cfg.feature_stage else None
 
     def extra(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         teacher.to(x.device)
         with torch.no_grad():
             target = teacher(x)
-        return kd_loss(raw, target, num_classes, cfg)
+        loss = kd_loss(raw, target, num_classes, cfg)
+        if features is not None:
+            loss = loss + cfg.feature_weight * features.loss()
+        return loss
 
     student, history = fit(
         student,
@@ -78,6 +120,8 @@ def run(
         on_epoch=on_epoch,
         desc="distill",
     )
+    if features is not None:
+        features.remove(student)
     teacher_map = evaluate_model(teacher, val)
     metrics = {
         "teacher_val_map50": teacher_map["map50"],

@@ -112,7 +112,6 @@ def finetune(
             target = teacher(x)
         return kd_loss(raw, target, num_classes, distill_cfg)
 
-    student.requires_grad_(True)  # a copy of a frozen model (e.g. a teacher) trains too
     convs = attach(student, cfg)
     tuned, rows = fit(
         student,

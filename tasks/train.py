@@ -147,7 +147,7 @@ def fit(
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     num_classes = model.cfg.num_classes
-    model.to(device)
+    model.to(device).requires_grad_(True)  # a copy of a frozen model (e.g. a teacher) trains too
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(

@@ -89,6 +89,38 @@ def test_distillation_lowers_the_kd_loss_and_reports_the_control(tiny, splits, t
     )
 
 
+def test_feature_distillation_trains_an_adapter_and_leaves_a_plain_student(tiny, splits, teacher):
+    student, _ = prune.run(
+        tiny.prune, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
+    )
+    keys = student.state_dict().keys()
+    x = torch.from_numpy(splits[0].batch(slice(0, 8)))
+    probe = copy.deepcopy(student)
+    features = distill._FeatureKd(teacher, probe, "stages.1")
+    assert any(p is features.adapter.weight for p in probe.parameters())  # the optimizer sees it
+    with torch.no_grad():
+        teacher(x), probe(x)
+    width = teacher.get_submodule("stages.1")[-1][0].out_channels
+    assert features.adapter(features.out["student"]).shape == features.out["teacher"].shape
+    assert features.out["teacher"].shape[1] == width and features.loss().item() > 0
+    features.remove(probe)
+    assert probe.state_dict().keys() == keys
+
+    cfg = tiny.distill.model_copy(
+        update={"epochs": 1, "control": False, "feature_stage": "stages.1"}
+    )
+    tuned, metrics = distill.run(
+        cfg, tiny.train, teacher=teacher, student=student, train=splits[0], val=splits[1]
+    )
+    assert not hasattr(tuned, "kd_adapter") and tuned.state_dict().keys() == keys
+    assert 0 <= metrics["student_val_map50"] <= 1
+    bad = cfg.model_copy(update={"feature_stage": "stages.9"})
+    with pytest.raises(ConfigError, match="distill.feature_stage: unknown block 'stages.9'"):
+        distill.run(
+            bad, tiny.train, teacher=teacher, student=student, train=splits[0], val=splits[1]
+        )
+
+
 @pytest.fixture(scope="module")
 def teacher_onnx(tiny, teacher, tiny_manifest, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("teacher")
