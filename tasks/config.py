@@ -135,7 +135,7 @@ class LabelQaModelCfg(Section):
         0.7, gt=0, lt=1, description="calibrated confidence a prediction needs to count for swap"
     )
     missing_probability: float = Field(
-        0.1, gt=0, lt=1, description="calibrated confidence a prediction needs to count as missing"
+        0.08, gt=0, lt=1, description="calibrated confidence a prediction needs to count as missing"
     )
     low_probability: float = Field(
         0.04, gt=0, lt=1, description="calibrated confidence a prediction needs for bad location"

@@ -7,6 +7,10 @@ same-class prediction overlaps it poorly) and, per confident prediction that tou
 *overlooked* score. Low = likely wrong. We flag scores under the thresholds in
 `label_qa.model` and suggest the prediction as the fix.
 
+A swapped class needs a detector that is sure of the other class, which the short-trained fold
+models seldom are; `label_wrong_class` therefore also asks a classifier of each box's own pixels,
+cross-fitted on the same folds, and cleanlab's confident learning (`box_classifier.py`).
+
 These findings are warnings and, by default, only reported (policy `keep`): they never trip the
 gate on their own, and they rewrite no label unless asked (`label_qa.policy.<rule>: fix`). On the
 clean default data the fold models still flag ~10% of images (mostly clutter seen as digits):
