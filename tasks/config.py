@@ -100,7 +100,7 @@ class LabelQaModelCfg(Section):
         "saw them); train is always scored by the cross-fit",
     )
     folds: int = Field(3, ge=2, le=10, description="K of the K-fold cross-fit on train")
-    epochs: PosInt = Field(10, description="training epochs per fold")
+    epochs: PosInt = Field(20, description="training epochs per fold")
     input_size: int = Field(128, ge=32, le=1024, description="fold model input side, px")
     width: float = Field(0.5, gt=0, le=4, description="fold model channel multiplier")
     lr: float = Field(8e-3, gt=0, description="fold model peak learning rate")
@@ -111,11 +111,23 @@ class LabelQaModelCfg(Section):
         description="skip the model checks when the fold models' mean "
         "held-out mAP@0.5 is lower (too weak to judge labels)",
     )
+    box_classifier: bool = Field(
+        True,
+        description="also classify each labelled box's pixels (cross-fitted on train) and "
+        "flag the boxes whose class cleanlab's confident learning doubts (label_wrong_class)",
+    )
+    min_box_accuracy: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="skip the box classifier when its out-of-fold accuracy on the train "
+        "boxes is lower (too weak to judge classes)",
+    )
     swap_threshold: float = Field(
         0.4, ge=0, le=1, description="flag a box as wrong class below this swap score"
     )
     badloc_threshold: float = Field(
-        0.55, ge=0, le=1, description="flag a box as badly placed below this location score"
+        0.6, ge=0, le=1, description="flag a box as badly placed below this location score"
     )
     overlooked_threshold: float = Field(
         0.5, ge=0, le=1, description="flag a missing box below this overlooked score"
@@ -124,7 +136,7 @@ class LabelQaModelCfg(Section):
         0.7, gt=0, lt=1, description="calibrated confidence a prediction needs to count for swap"
     )
     missing_probability: float = Field(
-        0.1, gt=0, lt=1, description="calibrated confidence a prediction needs to count as missing"
+        0.08, gt=0, lt=1, description="calibrated confidence a prediction needs to count as missing"
     )
     low_probability: float = Field(
         0.04, gt=0, lt=1, description="calibrated confidence a prediction needs for bad location"

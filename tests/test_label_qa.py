@@ -601,3 +601,36 @@ def test_model_checks_are_skipped_when_the_fold_models_cannot_detect(tmp_path):
     assert result.metrics["crossfit_map50"] < cfg.model.min_map50
     assert result.ctx.prediction_source["train"].startswith("none: cross-fit held-out mAP@0.5")
     assert "val" not in result.ctx.prediction_source
+
+
+def test_box_classifier_finds_swapped_classes_no_detection_disputes(tmp_path):
+    """Real digits with 8% of the train classes swapped and a detector that sees nothing (so
+    ObjectLab has no evidence): the out-of-fold box classifier + confident learning finds the
+    swaps and suggests the original class; switched off, it finds none."""
+    from tasks import data
+    from tests.conftest import small_data_cfg
+
+    cfg = small_data_cfg(train_images=400, clutter=0)
+    root = tmp_path / "noisy"
+    data.run(
+        cfg.model_copy(update={"noise": cfg.noise.model_copy(update={"class_swap": 0.08})}),
+        out_dir=root,
+    )
+    injected = json.loads((root / data.NOISE_FILE).read_text())["injected"]
+    original = {r["annotation_id"]: r["original"]["category_id"] for r in injected}
+    qa = LabelQaCfg(model={"enabled": True, "folds": 3})
+    ctx = core.QaContext(qa, root, {s: core.load_split(root, s) for s in label_qa.SPLITS})
+    ctx.interim = core.apply_policy(ctx, [])
+    ids = sorted(ctx.splits["train"].images)
+    ctx.crossfit_folds = [ids[k::3] for k in range(3)]
+    ctx.predictions = {"train": _oracle_predictions(ctx, "train", {})}  # sees nothing
+    found = {f.annotation_id: f for f in core.run_rules(ctx, phase=2)}
+    assert ctx.box_accuracy >= qa.model.min_box_accuracy
+    assert all(f.rule == "label_wrong_class" for f in found.values())
+    right = [i for i in found if i in original]
+    assert len(right) >= 0.8 * len(original), (len(right), len(original))
+    assert len(right) >= 0.8 * len(found), (len(right), len(found))
+    assert sum(found[i].fix["category_id"] == original[i] for i in right) >= 0.8 * len(right)
+    ctx.cfg = qa.model_copy(update={"model": qa.model.model_copy(update={"box_classifier": False})})
+    ctx.model_scores = {}
+    assert core.run_rules(ctx, phase=2) == []

@@ -7,6 +7,10 @@ same-class prediction overlaps it poorly) and, per confident prediction that tou
 *overlooked* score. Low = likely wrong. We flag scores under the thresholds in
 `label_qa.model` and suggest the prediction as the fix.
 
+A swapped class needs a detector that is sure of the other class, which the short-trained fold
+models seldom are; `label_wrong_class` therefore also asks a classifier of each box's own pixels,
+cross-fitted on the same folds, and cleanlab's confident learning (`box_classifier.py`).
+
 These findings are warnings and, by default, only reported (policy `keep`): they never trip the
 gate on their own, and they rewrite no label unless asked (`label_qa.policy.<rule>: fix`). On the
 clean default data the fold models still flag ~10% of images (mostly clutter seen as digits):
@@ -31,6 +35,7 @@ import numpy as np
 
 from tasks.coco import DetectionSet
 from tasks.config import TrainCfg
+from tasks.label_qa import box_classifier
 from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.registry import Hit, QaContext, dataset_rule
 from tasks.metrics import Runner, coco_metrics, predict
@@ -91,6 +96,7 @@ def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner, float]:
     m = ctx.cfg.model
     ids = [im["id"] for im in ctx.interim["train"]["images"]]
     folds = np.array_split(np.random.default_rng(train_cfg.seed).permutation(ids), m.folds)
+    ctx.crossfit_folds = [sorted(int(i) for i in f) for f in folds]
     fold_cfg = train_cfg.model_copy(
         update={"input_size": m.input_size, "width": m.width, "epochs": m.epochs, "lr": m.lr}
     )
@@ -179,6 +185,7 @@ def predict_splits(
     ctx.predictions = {}
     fold_runner = None
     if ctx.interim["train"]["images"]:
+        ctx.seed = train_cfg.seed
         raw, fold_runner, ctx.crossfit_map50 = crossfit(ctx, train_cfg)
         if ctx.crossfit_map50 >= ctx.cfg.model.min_map50:
             ctx.predictions["train"] = calibrate(raw, ctx.interim["train"])
@@ -213,6 +220,7 @@ def _scores(ctx: QaContext) -> dict:
     from cleanlab.object_detection import rank
 
     m = ctx.cfg.model
+    train_boxes = _train_box_evidence(ctx)
     for split, preds in ctx.predictions.items():
         coco = ctx.interim[split]
         cats = sorted(c["id"] for c in coco["categories"])
@@ -238,6 +246,8 @@ def _scores(ctx: QaContext) -> dict:
         over = rank.compute_overlooked_box_scores(
             **kw, high_probability_threshold=m.missing_probability
         )
+        anns = [a for i in ids for a in by_image[i]]
+        probs, issues = _box_evidence(ctx, split, anns, cats, train_boxes)
         ctx.model_scores[split] = [
             {
                 "image_id": i,
@@ -250,10 +260,70 @@ def _scores(ctx: QaContext) -> dict:
                 "swap": swap[n],
                 "badloc": badloc[n],
                 "over": over[n],
+                "box_probs": [probs.get(a["id"]) for a in by_image[i]],
+                "box_issue": [a["id"] in issues for a in by_image[i]],
             }
             for n, i in enumerate(ids)
         ]
     return ctx.model_scores
+
+
+def _train_box_evidence(ctx: QaContext) -> dict | None:
+    """The box classifier on the usable train boxes: their features and labels, the class ids
+    and the out-of-fold probabilities (folds of the detector cross-fit). Sets ctx.box_accuracy.
+    None when it is off or there are no boxes."""
+    if not ctx.cfg.model.box_classifier:
+        return None
+    cats = sorted(c["id"] for c in ctx.interim["train"]["categories"])
+    index = {c: k for k, c in enumerate(cats)}
+    anns = [
+        a
+        for a in ctx.interim["train"]["annotations"]
+        if a["category_id"] in index and _usable(ctx, "train", a)
+    ]
+    if not anns:
+        return None
+    x = box_classifier.box_features(anns, ctx.splits["train"].paths)
+    y = np.array([index[a["category_id"]] for a in anns])
+    fold = {i: k for k, f in enumerate(ctx.crossfit_folds) for i in f}
+    fold_of = np.array([fold.get(a["image_id"], a["image_id"] % ctx.cfg.model.folds) for a in anns])
+    probs = box_classifier.out_of_fold_probs(x, y, fold_of, len(cats), ctx.seed)
+    ctx.box_accuracy = float((probs.argmax(1) == y).mean())
+    log.info(
+        "label_qa box classifier: out-of-fold accuracy %.3f on %d train boxes",
+        ctx.box_accuracy,
+        len(y),
+    )
+    return {"anns": anns, "x": x, "y": y, "probs": probs, "cats": cats}
+
+
+def _box_evidence(
+    ctx: QaContext, split: str, anns: list[dict], cats: list[int], train: dict | None
+) -> tuple[dict[int, np.ndarray], set[int]]:
+    """The box classifier's out-of-sample class probabilities per annotation id of `anns`
+    (class index order of `cats`) and the ids cleanlab's confident learning flags (see
+    `box_classifier`). Empty when it is off or less accurate on train than
+    `label_qa.model.min_box_accuracy` (a classifier that cannot read the boxes would only
+    produce false findings)."""
+    m = ctx.cfg.model
+    if train is None or train["cats"] != cats or ctx.box_accuracy < m.min_box_accuracy:
+        return {}, set()
+    index = {c: k for k, c in enumerate(cats)}
+    if split == "train":
+        mine, probs, y = train["anns"], train["probs"], train["y"]
+    else:
+        mine = [a for a in anns if a["category_id"] in index and _usable(ctx, split, a)]
+        if not mine:
+            return {}, set()
+        x = box_classifier.box_features(mine, ctx.splits[split].paths)
+        probs = box_classifier.fit_predict(train["x"], train["y"], x, len(cats), ctx.seed)
+        y = np.array([index[a["category_id"]] for a in mine])
+    flagged = box_classifier.label_issues(y, probs)
+    log.info("label_qa box classifier on %s: %d of %d boxes flagged", split, flagged.sum(), len(y))
+    return (
+        {a["id"]: probs[n] for n, a in enumerate(mine)},
+        {a["id"] for n, a in enumerate(mine) if flagged[n]},
+    )
 
 
 def _xyxy_to_xywh(b: np.ndarray) -> list[float]:
@@ -295,27 +365,50 @@ def _usable(ctx: QaContext, split: str, ann: dict) -> bool:
 
 @dataset_rule("label_wrong_class", "warning", "keep", phase=2)
 def _wrong_class(ctx: QaContext) -> Iterator[Hit]:
-    """A confident prediction of another class sits on the box (ObjectLab swap score under
-    `label_qa.model.swap_threshold`); the fix relabels it with that class."""
+    """The box holds an object of another class: either a confident detection of another class
+    sits on it (ObjectLab swap score under `label_qa.model.swap_threshold`) or the box
+    classifier's out-of-sample probabilities disagree with its class (cleanlab confident
+    learning, see `box_classifier`). Boxes that also fit their object poorly (`box_badly_placed`)
+    are left to that rule: their crop shows part of an object, so its class says little. The fix
+    relabels the box with the model's class."""
     m = ctx.cfg.model
     for split, imgs in _scores(ctx).items():
         for img in imgs:
-            for ann, s in zip(img["anns"], img["swap"], strict=True):
-                if s >= m.swap_threshold or not _usable(ctx, split, ann):
+            for n, (ann, s) in enumerate(zip(img["anns"], img["swap"], strict=True)):
+                if not _usable(ctx, split, ann):
                     continue
                 k = img["cats"].index(ann["category_id"])
-                same = (img["pred_cls"] == k) & (img["pred"][:, 4] > m.low_probability)
-                if _best_iou(ann, img, same) >= 0.5:
-                    continue  # the model also sees the labelled class there: ambiguous, not a swap
-                mask = (img["pred_cls"] != k) & (img["pred"][:, 4] > m.high_probability)
-                best = _best_match(ann, img, mask)
-                fix = None
-                msg = f"labelled class {ann['category_id']}"
-                if best is not None:
-                    cat = img["cats"][int(img["pred_cls"][best])]
-                    msg += f"; the model sees class {cat} ({img['pred'][best, 4]:.2f})"
-                    fix = {"category_id": cat, "model_box": _xyxy_to_xywh(img["pred"][best])}
-                yield Hit(split, ann["image_id"], ann["id"], msg, float(s), fix)
+                hit = _objectlab_swap(ann, img, k, float(s), m)
+                if hit is None and img["box_issue"][n] and img["badloc"][n] >= m.badloc_threshold:
+                    probs = img["box_probs"][n]
+                    cat = img["cats"][int(np.argmax(probs))]
+                    if cat != ann["category_id"]:
+                        msg = (
+                            f"labelled class {ann['category_id']}; the box classifier sees "
+                            f"class {cat} ({probs.max():.2f}, labelled class {probs[k]:.2f})"
+                        )
+                        # score: cleanlab's self-confidence (the probability of the given class)
+                        hit = (msg, float(probs[k]), {"category_id": cat})
+                if hit is not None:
+                    yield Hit(split, ann["image_id"], ann["id"], *hit)
+
+
+def _objectlab_swap(ann: dict, img: dict, k: int, s: float, m) -> tuple | None:
+    """(message, score, fix) when ObjectLab's swap score flags `ann` (labelled class index k)."""
+    if s >= m.swap_threshold:
+        return None
+    same = (img["pred_cls"] == k) & (img["pred"][:, 4] > m.low_probability)
+    if _best_iou(ann, img, same) >= 0.5:
+        return None  # the model also sees the labelled class there: ambiguous, not a swap
+    mask = (img["pred_cls"] != k) & (img["pred"][:, 4] > m.high_probability)
+    best = _best_match(ann, img, mask)
+    fix = None
+    msg = f"labelled class {ann['category_id']}"
+    if best is not None:
+        cat = img["cats"][int(img["pred_cls"][best])]
+        msg += f"; the model sees class {cat} ({img['pred'][best, 4]:.2f})"
+        fix = {"category_id": cat, "model_box": _xyxy_to_xywh(img["pred"][best])}
+    return msg, s, fix
 
 
 @dataset_rule("box_badly_placed", "warning", "keep", phase=2)

@@ -80,6 +80,9 @@ class QaContext:
     interim: dict[str, dict] = field(default_factory=dict)
     model_scores: dict = field(default_factory=dict)  # cache shared by the model-based rules
     crossfit_map50: float | None = None  # mean held-out mAP@0.5 of the fold models
+    crossfit_folds: list[list[int]] = field(default_factory=list)  # train image ids per fold
+    seed: int = 0  # of the cross-fit and the box classifier (params train.seed)
+    box_accuracy: float | None = None  # out-of-fold accuracy of the box classifier on train
 
 
 @dataclass(frozen=True)
