@@ -33,21 +33,27 @@ COLUMNS = ("map50", "map50_95", "latency_ms_p50", "size_mb", "macs")
 
 
 def run(
-    params: Params, *, checkpoints: dict[str, Path], quantized: Path, manifest: dict, work: Path
+    params: Params,
+    *,
+    checkpoints: dict[str, Path],
+    exported: Path,
+    quantized: Path,
+    manifest: dict,
+    work: Path,
 ) -> dict[str, dict]:
     """{variant: {runtime, map50, map50_95, latency_ms_p50, size_mb, macs}}.
 
-    `checkpoints` maps "trained", "pruned" and "distilled" to their model.pt; `quantized` is the
-    quantize stage's folder (model.onnx, model.int8.onnx, model.fp16.onnx, report.json).
+    `checkpoints` maps "trained", "pruned" and "distilled" to their model.pt; `exported` is the
+    export stage's ONNX of the distilled one; `quantized` is the quantize stage's folder
+    (model.onnx, model.fp16.onnx, report.json).
     """
     cfg, engine_cfg = params.quantize, params.build_engine
     models = {name: load_checkpoint(path)[0] for name, path in checkpoints.items()}
     size = models["distilled"].cfg.input_size
-    onnx_files = {}
-    for name, model in models.items():
-        onnx_files[name] = work / f"{name}.onnx"
-        to_onnx(model, params.export, onnx_files[name])
-    distilled = onnx_files["distilled"]
+    onnx_files = {name: work / f"{name}.onnx" for name in ("trained", "pruned")}
+    for name, path in onnx_files.items():
+        to_onnx(models[name], params.export, path)
+    onnx_files["distilled"] = distilled = exported
     images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
     for name in CALIBRATORS:
         calibrate(distilled, images, cfg, name, work / f"ranges-{name}.json")
@@ -121,6 +127,7 @@ def main(
     trained: Path = typer.Option(Path("artifacts/train/model.pt")),
     pruned: Path = typer.Option(Path("artifacts/prune/model.pt")),
     distilled: Path = typer.Option(Path("artifacts/distill/model.pt")),
+    exported: Path = typer.Option(Path("artifacts/export/model.onnx")),
     quantized: Path = typer.Option(Path("artifacts/quantize")),
     manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
     out: Path = typer.Option(Path("artifacts/variants")),
@@ -133,6 +140,7 @@ def main(
             table = run(
                 ctx.params,
                 checkpoints={"trained": trained, "pruned": pruned, "distilled": distilled},
+                exported=exported,
                 quantized=quantized,
                 manifest=json.loads(manifest.read_text()),
                 work=Path(work),

@@ -13,7 +13,7 @@ cross-fitted on the same folds, and cleanlab's confident learning (`box_classifi
 
 These findings are warnings and, by default, only reported (policy `keep`): they never trip the
 gate on their own, and they rewrite no label unless asked (`label_qa.policy.<rule>: fix`). On the
-clean default data the fold models still flag ~10% of images (mostly clutter seen as digits):
+clean default data the model rules still flag ~7% of images (mostly clutter seen as digits):
 applying their fixes by default would rewrite correct labels, val and test ground truth included.
 
 Detector scores are mapped to calibrated probabilities first (`calibrate`), so the thresholds
