@@ -100,7 +100,7 @@ class LabelQaModelCfg(Section):
         "saw them); train is always scored by the cross-fit",
     )
     folds: int = Field(3, ge=2, le=10, description="K of the K-fold cross-fit on train")
-    epochs: PosInt = Field(20, description="training epochs per fold")
+    epochs: PosInt = Field(40, description="training epochs per fold")
     input_size: int = Field(128, ge=32, le=1024, description="fold model input side, px")
     width: float = Field(0.5, gt=0, le=4, description="fold model channel multiplier")
     lr: float = Field(8e-3, gt=0, description="fold model peak learning rate")
@@ -122,6 +122,12 @@ class LabelQaModelCfg(Section):
         le=1,
         description="skip the box classifier when its out-of-fold accuracy on the train "
         "boxes is lower (too weak to judge classes)",
+    )
+    apply_splits: list[Literal["train", "val", "test"]] = Field(
+        ["train"],
+        description="splits whose labels the model rules' policy may change; elsewhere their "
+        "findings are only reported (val/test are the KPI reference: a model does not rewrite "
+        "them unreviewed)",
     )
     swap_threshold: float = Field(
         0.4, ge=0, le=1, description="flag a box as wrong class below this swap score"

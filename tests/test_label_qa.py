@@ -353,8 +353,13 @@ def test_model_rules_flag_swaps_misplaced_and_missing_boxes_from_predictions(tmp
     assert by_image[1] == [(1, [4, 4, 10, 12])]
     assert by_image[2] == [(2, [4.0, 4.0, 10.0, 12.0])]
     assert sorted(by_image[4]) == [(1, [18.0, 18.0, 10.0, 10.0]), (2, [4, 4, 10, 12])]
-    # by default the model's suggestions are reported, never applied
+    # by default the model's suggestions are applied on train ...
     ctx.cfg = CFG.model_copy(update={"model": cfg.model})
+    default = core.run_rules(ctx, phase=2)
+    assert [(f.rule, f.action) for f in default] == [(f.rule, f.action) for f in findings]
+    # ... and only reported in the splits outside label_qa.model.apply_splits
+    elsewhere = cfg.model.model_copy(update={"apply_splits": ["val", "test"]})
+    ctx.cfg = CFG.model_copy(update={"model": elsewhere})
     reported = core.run_rules(ctx, phase=2)
     assert {(f.rule, f.image_id, f.annotation_id) for f in reported} == set(got)
     assert all(f.action == "keep" for f in reported)
@@ -483,7 +488,8 @@ def test_cross_fit_on_a_tiny_noisy_set_finds_injected_errors(tmp_path, tiny):
     assert score["recall"] >= 0.3, score
     for f in model_findings:
         assert 0 <= f.score < 1 and f.severity == "warning" and f.fix, f
-        assert f.action == label_qa.RULES[f.rule].policy
+        expected = label_qa.RULES[f.rule].policy if f.split == "train" else "keep"
+        assert f.action == expected, f  # val/test: reported only (label_qa.model.apply_splits)
 
 
 @pytest.mark.server

@@ -98,6 +98,7 @@ def main(
             boxes=result.boxes(),
             sources=sources,
             out_dir=out,
+            cfg=cfg,
         )
         ctx.log_metrics(metrics)
         for name in ("report.json", "report.md", "images"):

@@ -1,7 +1,9 @@
 """The label-QA benchmark: inject known label noise into the default data, measure what label QA
 finds (recall per noise kind, precision per rule, against the injected ground truth), what the
 stage costs (with and without the cross-fit), and what cleaning is worth to the detector (test
-mAP after training on the clean, the noisy and the cleaned manifests, same seed).
+mAP after training on the clean, the noisy and the cleaned manifests, same seed; also on the
+noisy data cleaned with the model rules only reporting, and on the clean data cleaned, which is
+what the policy costs where the labels were right).
 
     shrinkflow bench-label-qa --rate 0.05            # -> artifacts/bench/label-qa-default.json
 """
@@ -110,12 +112,12 @@ def raw_manifest(dataset: Path) -> dict:
     }
 
 
-def fix_manifest(result: QaResult, rules: tuple[str, ...]) -> dict:
-    """The cleaned manifest `result` would give with policy `fix` for `rules` (the model-based
-    rules only report by default): the same findings, their actions recomputed."""
-    policy = {**result.ctx.cfg.policy, **dict.fromkeys(rules, "fix")}
+def policy_manifest(result: QaResult, overrides: dict[str, str]) -> dict:
+    """The cleaned manifest `result` would give with `overrides` on top of params' policy: the
+    same findings, their actions recomputed."""
+    policy = {**result.ctx.cfg.policy, **overrides}
     findings = [
-        replace(f, action=action_for(RULES[f.rule], f.fix, f.image_id, policy))
+        replace(f, action=action_for(RULES[f.rule], f, result.ctx.cfg, policy))
         for f in result.findings
     ]
     return {"root": result.manifest["root"], "splits": apply_policy(result.ctx, findings)}
@@ -186,6 +188,7 @@ def run_benchmark(
     result["detection"] = score_findings(with_model.findings, injected)
     result["error_rate"] = {"noisy": with_model.metrics["error_rate"]}
     save(result)
+    on_clean = None
     if clean_check:  # false findings on clean labels (what the gate sees on the default data)
         t0 = time.perf_counter()
         on_clean = run_qa(qa, dataset=clean_dir, train_cfg=params.train)
@@ -195,15 +198,19 @@ def run_benchmark(
         result["clean_data_findings"] = {
             k: v for k, v in on_clean.metrics["findings_per_rule"].items() if v
         }
+        result["clean_data_actions"] = on_clean.metrics["actions"]
     save(result)
     if train:
         clean = raw_manifest(clean_dir)
+        report_only = dict.fromkeys(MODEL_RULES, "keep")
         manifests = {
             "clean": clean,
             "noisy": raw_manifest(noisy_dir),
-            "cleaned": with_model.manifest,  # params' policy: model findings only reported
-            "cleaned_fix": fix_manifest(with_model, MODEL_RULES),
+            "cleaned": with_model.manifest,  # params' policy
+            "cleaned_report_only": policy_manifest(with_model, report_only),
         }
+        if on_clean is not None:  # what the policy costs where the labels were right
+            manifests["clean_cleaned"] = on_clean.manifest
         maps = {}
         for name, m in manifests.items():
             maps[name] = train_and_test(params, m, clean, epochs)
@@ -212,12 +219,13 @@ def run_benchmark(
         lost = maps["clean"]["map50"] - maps["noisy"]["map50"]
         result["training"] = {
             "epochs": epochs,
-            "cleaned_fix_policy": dict.fromkeys(MODEL_RULES, "fix"),
+            "policy": {r: qa.policy.get(r, RULES[r].policy) for r in MODEL_RULES},
+            "apply_splits": qa.model.apply_splits,
             "test": maps,
             "map50_lost_to_noise": lost,
             "map50_recovered_share": {
                 name: (maps[name]["map50"] - maps["noisy"]["map50"]) / lost if lost > 0 else None
-                for name in ("cleaned", "cleaned_fix")
+                for name in ("cleaned", "cleaned_report_only")
             },
         }
     return result

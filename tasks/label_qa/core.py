@@ -4,8 +4,9 @@ Phase 1 runs the structural rules on the raw files. Their errors are removed (or
 the interim splits the model-based rules (phase 2) train on and score. The cleaned manifest is the
 raw splits with every finding's action applied: drop removes the annotation (or the image, for an
 image finding), fix applies the suggested fix (a rule with no suggestion for that item falls back
-to drop for an error, keep for a warning), keep leaves it. The error rate is the share of images
-carrying at least one `error` finding.
+to drop for an error, keep for a warning), keep leaves it. The model-based rules act only on the
+splits in `label_qa.model.apply_splits` (train by default); elsewhere they only report. The error
+rate is the share of images carrying at least one `error` finding.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tasks.errors import ConfigError
 from tasks.label_qa import balance, boxes, images, model_checks  # noqa: F401  (register rules)
 from tasks.label_qa.balance import class_counts
 from tasks.label_qa.images import phash
-from tasks.label_qa.registry import RULES, SPLITS, Finding, QaContext, Rule, SplitData
+from tasks.label_qa.registry import RULES, SPLITS, Finding, Hit, QaContext, Rule, SplitData
 from tasks.metrics import Runner
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,15 @@ def load_split(root: Path, split: str) -> SplitData:
     )
 
 
-def action_for(rule: Rule, fix: dict | None, image_id: int | None, policy: dict) -> str:
-    """What the policy does with one finding (see the module docstring)."""
-    action = policy.get(rule.name, rule.policy)
-    if image_id is None:
+def action_for(rule: Rule, hit: Hit | Finding, cfg: LabelQaCfg, policy: dict | None = None) -> str:
+    """What the policy (`cfg.policy`, or `policy` when given) does with one hit (see the module
+    docstring); model-based rules act only in `label_qa.model.apply_splits`."""
+    action = (cfg.policy if policy is None else policy).get(rule.name, rule.policy)
+    if hit.image_id is None:
         return "keep"  # a dataset-level finding (class balance): nothing to remove
+    if rule.phase == 2 and hit.split not in cfg.model.apply_splits:
+        return "keep"
+    fix = hit.fix
     if action == "fix" and fix is None:
         return "drop" if rule.severity == "error" else "keep"
     return action
@@ -155,7 +160,7 @@ def run_rules(ctx: QaContext, phase: int) -> list[Finding]:
         if rule.phase != phase:
             continue
         for h in rule.check(ctx):
-            action = action_for(rule, h.fix, h.image_id, ctx.cfg.policy)
+            action = action_for(rule, h, ctx.cfg)
             findings.append(
                 Finding(
                     h.split,

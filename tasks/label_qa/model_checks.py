@@ -11,10 +11,13 @@ A swapped class needs a detector that is sure of the other class, which the shor
 models seldom are; `label_wrong_class` therefore also asks a classifier of each box's own pixels,
 cross-fitted on the same folds, and cleanlab's confident learning (`box_classifier.py`).
 
-These findings are warnings and, by default, only reported (policy `keep`): they never trip the
-gate on their own, and they rewrite no label unless asked (`label_qa.policy.<rule>: fix`). On the
-clean default data the model rules still flag ~7% of images (mostly clutter seen as digits):
-applying their fixes by default would rewrite correct labels, val and test ground truth included.
+These findings are warnings: they never trip the gate on their own. Their default policy is
+`fix` (relabel, move or add the box as suggested), applied on train only
+(`label_qa.model.apply_splits`); val and test are the KPI reference, so there they are only
+reported. Measured on the default data (`shrinkflow bench-label-qa`, 30 training epochs): with 5%
+noise per kind the fixes recover 46% of the mAP@0.5 the noise cost (55% of mAP@0.5:0.95), where
+reporting only recovers none; on clean labels they change ~2% of the train boxes (mostly clutter
+read as digits) and cost 0.2 points of mAP@0.5, within one seed's spread.
 
 Detector scores are mapped to calibrated probabilities first (`calibrate`), so the thresholds
 mean the same for a short-trained fold model and for the champion. Predictions must be
@@ -363,7 +366,7 @@ def _usable(ctx: QaContext, split: str, ann: dict) -> bool:
     return (split, ann["id"]) not in ctx.bad_annotations
 
 
-@dataset_rule("label_wrong_class", "warning", "keep", phase=2)
+@dataset_rule("label_wrong_class", "warning", "fix", phase=2)
 def _wrong_class(ctx: QaContext) -> Iterator[Hit]:
     """The box holds an object of another class: either a confident detection of another class
     sits on it (ObjectLab swap score under `label_qa.model.swap_threshold`) or the box
@@ -411,7 +414,7 @@ def _objectlab_swap(ann: dict, img: dict, k: int, s: float, m) -> tuple | None:
     return msg, s, fix
 
 
-@dataset_rule("box_badly_placed", "warning", "keep", phase=2)
+@dataset_rule("box_badly_placed", "warning", "fix", phase=2)
 def _badly_placed(ctx: QaContext) -> Iterator[Hit]:
     """The best same-class prediction overlaps the box poorly (ObjectLab bad-location score
     under `label_qa.model.badloc_threshold`); the fix moves the box onto that prediction."""
@@ -431,7 +434,7 @@ def _badly_placed(ctx: QaContext) -> Iterator[Hit]:
                 yield Hit(split, ann["image_id"], ann["id"], msg, float(s), fix)
 
 
-@dataset_rule("box_missing", "warning", "keep", phase=2)
+@dataset_rule("box_missing", "warning", "fix", phase=2)
 def _missing(ctx: QaContext) -> Iterator[Hit]:
     """A confident prediction touches no labelled box (ObjectLab overlooked score under
     `label_qa.model.overlooked_threshold`); the fix adds it as a box."""

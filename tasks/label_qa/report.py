@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tasks.coco import read_rgb
+from tasks.config import LabelQaCfg
 from tasks.io import atomic_dir, write_json, write_text
 from tasks.label_qa.registry import RULES, Finding
 
@@ -112,6 +113,7 @@ def write_reports(
     boxes: dict[tuple[str, int], list[float]],
     sources: dict[str, str],
     out_dir: Path,
+    cfg: LabelQaCfg | None = None,
     top: int = 60,
 ) -> list[dict]:
     """Write report.json, report.md with crops of the `top` worst image/box findings under
@@ -120,7 +122,9 @@ def write_reports(
     Args:
         paths: (split, image id) -> image file; boxes: (split, annotation id) -> labelled xywh;
         sources: split -> what predicted it for the model-based checks.
+        cfg: params' label_qa section, for the policy in force (defaults when None).
     """
+    cfg = cfg or LabelQaCfg()
     names = {k: p.name for k, p in paths.items()}
     report = rows(findings, {k: str(v) for k, v in names.items()})
     write_json(out_dir / "report.json", report)
@@ -133,13 +137,19 @@ def write_reports(
         "Predictions for the model-based checks: "
         + (", ".join(f"{k}: {v}" for k, v in sources.items()) or "off (label_qa.model.enabled)"),
         "",
-        "| rule | severity | default policy | findings | what it checks |",
+        "Model-based rules act (policy) on: "
+        + ", ".join(cfg.model.apply_splits or ["none"])
+        + "; in the other splits they only report (label_qa.model.apply_splits).",
+        "",
+        "| rule | severity | policy | findings | what it checks |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, r in RULES.items():
         doc = " ".join(r.description.split())
+        policy = cfg.policy.get(name, r.policy)
+        policy += "" if policy == r.policy else f" (default {r.policy})"
         lines.append(
-            f"| {name} | {r.severity} | {r.policy} | {metrics['findings_per_rule'][name]} | {doc} |"
+            f"| {name} | {r.severity} | {policy} | {metrics['findings_per_rule'][name]} | {doc} |"
         )
     lines += ["", "## Class balance (boxes per class)", ""]
     counts = metrics["class_counts"]
