@@ -340,7 +340,11 @@ def test_two_promotions_at_once_leave_one_champion_and_a_consistent_previous(
         except ChampionMoved:
             lost.append(version)
 
-    threads = [threading.Thread(target=racer, args=(v,)) for v in ("1", "2", "3", "1", "2")]
+    # Only versions other than the champion: a racer "moving" the champion to itself leaves it
+    # where it was, so the next racer's expect_champion still holds and it may win too.
+    others = [v for v in ("1", "2", "3") if v != champion]
+    versions = (others * 5)[:5]
+    threads = [threading.Thread(target=racer, args=(v,)) for v in versions]
     for t in threads:
         t.start()
     for t in threads:
