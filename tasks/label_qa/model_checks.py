@@ -16,8 +16,8 @@ These findings are warnings: they never trip the gate on their own. Their defaul
 (`label_qa.model.apply_splits`); val and test are the KPI reference, so there they are only
 reported. Measured on the default data (`shrinkflow bench-label-qa`, 30 training epochs): with 5%
 noise per kind the fixes recover 46% and 65% of the mAP@0.5 the noise cost (two training seeds),
-where reporting only recovers 0-23%; on clean labels they change ~2% of the train boxes (mostly clutter
-read as digits) and cost 0.2 points of mAP@0.5, within one seed's spread.
+where reporting only recovers 0-23%; on clean labels they change ~2% of the train boxes
+(mostly clutter read as digits) and cost 0.2 points of mAP@0.5, within one seed's spread.
 
 Detector scores are mapped to calibrated probabilities first (`calibrate`), so the thresholds
 mean the same for a short-trained fold model and for the champion. Predictions must be
