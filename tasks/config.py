@@ -418,6 +418,11 @@ class PromoteCfg(Section):
     gates: list[Gate] = Field(
         default_factory=list, description="every gate must pass for the candidate to be champion"
     )
+    allow_no_gates: bool = Field(
+        False,
+        description="true: an empty `gates` list is meant (every candidate becomes champion); "
+        "without it `promote` refuses to run with no gates",
+    )
     require_approval: bool = Field(
         False,
         description="the Prefect flow pauses before `promote` for a human decision; the stage "
@@ -459,6 +464,17 @@ class Params(Section):
             raise ValueError(
                 f"promote.target: {self.promote.target!r} is not built; choose one of "
                 f"build_engine.targets ({', '.join(self.build_engine.targets)})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _promote_has_gates(self) -> Params:
+        if "promote" in self.model_fields_set and not (
+            self.promote.gates or self.promote.allow_no_gates
+        ):
+            raise ValueError(
+                "promote.gates: empty: every candidate would become champion; list gates, or "
+                "set promote.allow_no_gates: true to promote without any"
             )
         return self
 

@@ -3,12 +3,19 @@
     shrinkflow review                          # candidates and their KPIs beside the champion's
     shrinkflow review --history                # every alias move: who, what, from -> to, when
     shrinkflow promote 7 --reason "..."        # make v7 champion (the champion -> previous)
+    shrinkflow promote 8 --force --reason "..."  # v8 failed its gates: only forced, with a reason
     shrinkflow reject 7 --reason "..."         # record a rejection; v7 loses `challenger`
     shrinkflow rollback --reason "..."         # `previous` becomes champion again
 
-Decisions are model-version tags (`review`, `review_reason`, `reviewed_by`, `reviewed_at`);
-alias moves use the same compare-and-set as the promote stage (tasks/promote/registry.py).
-The registry is MLFLOW_TRACKING_URI's (default sqlite:///mlflow.db); the model name comes from
+Decisions are model-version tags (`review`, `review_reason`, `reviewed_by`, `reviewed_at`; a
+forced promotion adds `review_forced` and `review_forced_gate_reasons`) and entries of the alias
+ledger (tasks/promote/registry.py, the same compare-and-set as the promote stage). A version is
+rejected once; a rejected one is not promoted.
+
+The project is the folder of `--params`, or else the nearest folder at or above the working
+directory holding `dvc.yaml` and `params.yaml`; outside a project the commands refuse. The
+registry is MLFLOW_TRACKING_URI's, by default the project's `mlflow.db`; a SQLite store that does
+not exist is an error (the commands never create an empty one). The model name comes from
 params.yaml (`project.registered_model`).
 """
 
@@ -24,9 +31,42 @@ from tasks.errors import ShrinkflowError
 
 log = logging.getLogger(__name__)
 KPI_COLUMNS = ("map50", "map50_95", "latency_ms_p50", "size_mb")
+PARAMS_HELP = "the project's params.yaml (default: found at or above the working directory)"
 
 
-def _ledger(params: Path):
+def project_params(params: Path | None, cwd: Path | None = None) -> Path:
+    """`params` when given, else the params.yaml of the nearest folder at or above `cwd` that
+    holds both dvc.yaml and params.yaml. Raises ShrinkflowError outside a project."""
+    if params is not None:
+        if not params.is_file():
+            raise ShrinkflowError(f"{params}: file not found")
+        return params
+    here = (cwd or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder / "params.yaml"
+    raise ShrinkflowError(
+        f"{here} is not inside a Shrinkflow project (no dvc.yaml and params.yaml here or above): "
+        "run this in the project or pass --params <project>/params.yaml"
+    )
+
+
+def registry_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI, or the project's SQLite store; a SQLite file must exist already."""
+    import os
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise ShrinkflowError(
+                f"{db}: no MLflow store (nothing was promoted in this project yet?); run "
+                "`dvc repro` first or set MLFLOW_TRACKING_URI to the registry's server"
+            )
+    return uri
+
+
+def _ledger(params: Path | None):
     import os
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -34,10 +74,11 @@ def _ledger(params: Path):
 
     from tasks.config import load_params
     from tasks.promote.registry import AliasLedger
-    from tasks.tracking import check_reachable, tracking_uri
+    from tasks.tracking import check_reachable
 
+    params = project_params(params)
     cfg = load_params(params)
-    uri = tracking_uri()
+    uri = registry_uri(params.parent)
     try:
         check_reachable(uri)
     except ConnectionError as e:
@@ -57,7 +98,7 @@ def _version(ledger, version: str):
         raise ShrinkflowError(f"{ledger.name}: no version {version} ({e.message})") from e
 
 
-def _record(ledger, version: str, verdict: str, reason: str) -> None:
+def _record(ledger, version: str, verdict: str, reason: str, **extra: str) -> None:
     from tasks.promote.registry import actor, now_iso
 
     who = actor()
@@ -66,6 +107,7 @@ def _record(ledger, version: str, verdict: str, reason: str) -> None:
         "review_reason": reason,
         "reviewed_by": f"{who['user']}@{who['host']}",
         "reviewed_at": now_iso(),
+        **extra,
     }
     for k, v in tags.items():
         ledger.client.set_model_version_tag(ledger.name, version, k, v)
@@ -94,7 +136,7 @@ def _guard(fn):
 
 @_guard
 def review(
-    params: Path = typer.Option(Path("params.yaml")),
+    params: Path | None = typer.Option(None, help=PARAMS_HELP),
     limit: int = typer.Option(20, min=1, help="newest versions shown"),
     history: bool = typer.Option(False, "--history", help="list every alias move instead"),
 ) -> None:
@@ -165,16 +207,36 @@ def review(
 @_guard
 def promote(
     version: str = typer.Argument(..., help="model version to make champion"),
-    reason: str = typer.Option("approved by reviewer", help="why (recorded)"),
-    params: Path = typer.Option(Path("params.yaml")),
+    reason: str | None = typer.Option(
+        None, help="why (recorded; required with --force; default 'approved by reviewer')"
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="promote a version whose gates failed (needs --reason)"
+    ),
+    params: Path | None = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
-    """Make VERSION the champion (the current champion becomes `previous`)."""
+    """Make VERSION the champion (the current champion becomes `previous`). A version whose
+    gates did not pass needs --force and a --reason, both recorded."""
     ledger = _ledger(params)
     mv = _version(ledger, version)
     if mv.tags.get("review") == "rejected":
         raise ShrinkflowError(
             f"v{version} was rejected ({mv.tags.get('review_reason')}); promote another version"
         )
+    gate = mv.tags.get("gate", "unknown")
+    failed = mv.tags.get("gate_reasons", "no gate verdict recorded")
+    extra = {}
+    if gate != "passed":
+        if not force or not (reason or "").strip():
+            raise ShrinkflowError(
+                f"v{version} did not pass its gates ({gate}: {failed}); promote it only with "
+                '--force --reason "<why>" (both are recorded)'
+            )
+        log.warning(
+            "v%s did not pass its gates (%s); forced by the reviewer: %s", version, failed, reason
+        )
+        extra = {"review_forced": "true", "review_forced_gate_reasons": failed[:5000]}
+    reason = reason or "approved by reviewer"
     snap = ledger.snapshot()
     if snap.champion == version:
         raise ShrinkflowError(f"v{version} is already the champion")
@@ -183,12 +245,12 @@ def promote(
         changes["previous"] = snap.champion
     ledger.move(
         changes,
-        action="human-promote",
+        action="human-promote-forced" if extra else "human-promote",
         version=version,
-        reason=reason,
+        reason=f"{reason} (forced past failed gates: {failed})" if extra else reason,
         expect_champion=snap.champion,
     )
-    _record(ledger, version, "approved", reason)
+    _record(ledger, version, "approved", reason, **extra)
     log.info(
         "%s: champion %s -> v%s",
         ledger.name,
@@ -201,11 +263,16 @@ def promote(
 def reject(
     version: str = typer.Argument(..., help="model version to reject"),
     reason: str = typer.Option(..., help="why (recorded; required)"),
-    params: Path = typer.Option(Path("params.yaml")),
+    params: Path | None = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
     """Record a rejection of VERSION; it loses the `challenger` alias."""
     ledger = _ledger(params)
-    _version(ledger, version)
+    tags = _version(ledger, version).tags
+    if tags.get("review") == "rejected":
+        raise ShrinkflowError(
+            f"v{version} was rejected already ({tags.get('review_reason')}, by "
+            f"{tags.get('reviewed_by')} at {tags.get('reviewed_at')})"
+        )
     snap = ledger.snapshot()
     if snap.champion == version:
         raise ShrinkflowError(f"v{version} is the champion: run `shrinkflow rollback` first")
@@ -223,7 +290,7 @@ def reject(
 @_guard
 def rollback(
     reason: str = typer.Option("rollback", help="why (recorded)"),
-    params: Path = typer.Option(Path("params.yaml")),
+    params: Path | None = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
     """Make `previous` the champion again; `previous` moves one step further back in history."""
     ledger = _ledger(params)

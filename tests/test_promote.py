@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -33,6 +34,7 @@ from tasks.errors import ConfigError
 from tasks.metrics import coco_metrics, predict
 from tasks.project import venv_env
 from tasks.promote import bootstrap, stage
+from tasks.promote.numeric import numeric_format
 from tasks.promote.registry import AliasLedger, ChampionMoved
 from tasks.tracking import ensure_experiment
 from tests.conftest import free_port, running_mlflow_server, tiny_params
@@ -57,8 +59,10 @@ KPIS = {
 
 @pytest.fixture(scope="module")
 def onnx_models(tiny, tiny_manifest, tmp_path_factory):
-    """good.onnx: a briefly trained detector; shrunk.onnx: the same predicting boxes half as
-    wide and high (IoU 0.25 with what good.onnx finds: a real, large regression)."""
+    """good.onnx: a briefly trained detector; good2/good3/weak.onnx: the same graph with other
+    metadata (different files, hence other candidates, with the same detections); shrunk.onnx:
+    the same predicting boxes half as wide and high (IoU 0.25 with what good.onnx finds: a
+    real, large regression)."""
     tmp = tmp_path_factory.mktemp("promote-models")
     size = tiny.train.input_size
     model, _ = train.run(
@@ -67,6 +71,10 @@ def onnx_models(tiny, tiny_manifest, tmp_path_factory):
         val=DetectionSet(tiny_manifest, "val", size),
     )
     export.to_onnx(model, tiny.export, tmp / "good.onnx")
+    for other in ("good2", "good3", "weak"):
+        again = onnx.load(str(tmp / "good.onnx"))
+        onnx.helper.set_model_props(again, {"candidate": other})
+        onnx.save(again, str(tmp / f"{other}.onnx"))
     shrunk = copy.deepcopy(model)
     wh = slice(shrunk.cfg.num_classes, shrunk.cfg.num_classes + 2)  # box width/height maps
     with torch.no_grad():
@@ -76,9 +84,12 @@ def onnx_models(tiny, tiny_manifest, tmp_path_factory):
     return tmp
 
 
-def make_candidate(root: Path, onnx_path: Path, manifest: dict, tiny: Params, **kpis) -> dict:
+def make_candidate(
+    root: Path, onnx_path: Path, manifest: dict, tiny: Params, report: str = "fp32", **kpis
+) -> dict:
     """The artifact folders the stage reads, under `root`: a real engine built from
-    `onnx_path`, and evaluate metrics (KPIS, overridden by `kpis`) written here."""
+    `onnx_path`, evaluate metrics (KPIS, overridden by `kpis`) and a quantize report that says
+    `precision: <report>` written here."""
     (root / "quantize").mkdir(parents=True)
     (root / "quantize" / "model.onnx").write_bytes(onnx_path.read_bytes())
     cfg = tiny.build_engine.model_copy(update={"targets": ["onnxruntime"]})
@@ -97,7 +108,7 @@ def make_candidate(root: Path, onnx_path: Path, manifest: dict, tiny: Params, **
     (root / "evaluate" / "onnxruntime").mkdir(parents=True)
     (root / "evaluate" / "onnxruntime" / "metrics.json").write_text(json.dumps(metrics))
     (root / "quantize" / "report.json").write_text(
-        json.dumps({"calibration": {"md5": "c" * 32}, "precision": "fp32"})
+        json.dumps({"calibration": {"md5": "c" * 32}, "precision": report})
     )
     (root / "label_qa").mkdir()
     (root / "label_qa" / "report.json").write_text(json.dumps({"findings": []}))
@@ -115,11 +126,11 @@ def make_candidate(root: Path, onnx_path: Path, manifest: dict, tiny: Params, **
     }
 
 
-def params_for(name: str, gates: list[dict]) -> Params:
+def params_for(name: str, gates: list[dict], **promote) -> Params:
     raw = tiny_params()
     raw["project"]["registered_model"] = name
     raw["build_engine"]["targets"] = ["onnxruntime"]
-    raw["promote"] = {"target": "onnxruntime", "gates": gates, "lock_timeout_s": 30}
+    raw["promote"] = {"target": "onnxruntime", "gates": gates, "lock_timeout_s": 30, **promote}
     return Params.model_validate(raw)
 
 
@@ -149,19 +160,37 @@ def promote(uri: str, params: Params, candidate: dict, out: Path) -> dict:
     )
 
 
+def promote_cli(uri: str, params: Path, candidate: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m tasks.promote` (the stage's entry point) on `candidate`, output in cwd/out."""
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in candidate.items()]
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.promote", "--params", str(params), *args, "--out", "out"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        timeout=300,
+    )
+
+
 def aliases(uri: str, name: str) -> dict[str, str]:
     return dict(MlflowClient(uri).get_registered_model(name).aliases)
 
 
 @pytest.fixture(scope="module")
 def candidates(onnx_models, tiny_manifest, tiny, tmp_path_factory):
-    """good / weak (fails the absolute map50 gate) / shrunk (a real regression) candidates."""
+    """good / good2 / good3 (pass) / weak (fails the absolute map50 gate) / shrunk (a real
+    regression) candidates."""
     root = tmp_path_factory.mktemp("candidates")
     good = onnx_models / "good.onnx"
     return {
         "good": make_candidate(root / "good", good, tiny_manifest, tiny),
-        "good2": make_candidate(root / "good2", good, tiny_manifest, tiny),
-        "weak": make_candidate(root / "weak", good, tiny_manifest, tiny, map50=0.5),
+        "good2": make_candidate(root / "good2", onnx_models / "good2.onnx", tiny_manifest, tiny),
+        "good3": make_candidate(root / "good3", onnx_models / "good3.onnx", tiny_manifest, tiny),
+        # its quantize report claims int8 for a float graph (keep_faster undid every layer)
+        "weak": make_candidate(
+            root / "weak", onnx_models / "weak.onnx", tiny_manifest, tiny, "int8", map50=0.5
+        ),
         "shrunk": make_candidate(root / "shrunk", onnx_models / "shrunk.onnx", tiny_manifest, tiny),
     }
 
@@ -235,6 +264,62 @@ def test_promote_target_must_be_built(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
+def test_promote_needs_its_section_and_gates_unless_none_is_meant(tmp_path):
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    for promote_section in ({"target": "onnxruntime"}, {"gates": []}):
+        raw["promote"] = promote_section
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match="params.yaml: promote.gates: empty: every"):
+            load_params(tmp_path / "params.yaml")
+    raw["promote"] = {"gates": [], "allow_no_gates": True}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    stage.require_gates(load_params(tmp_path / "params.yaml"))  # meant: accepted
+    (tmp_path / "params.yaml").write_text("")
+    with pytest.raises(ConfigError, match="params.yaml: promote: section missing"):
+        stage.require_gates(load_params(tmp_path / "params.yaml"))  # built-in defaults
+
+
+def test_numeric_format_is_read_from_the_graph(onnx_models, tmp_path):
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    fp32 = numeric_format(onnx_models / "good.onnx")
+    assert fp32 == {
+        "numeric_format": "fp32",
+        "quantize_linear_nodes": 0,
+        "dequantize_linear_nodes": 0,
+        "integer_op_nodes": 0,
+    }
+    graph = onnx.load(str(onnx_models / "good.onnx")).graph
+    name, side = graph.input[0].name, stage.input_size(onnx_models / "good.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.batches = iter(
+                [{name: rng.random((1, 3, side, side), dtype=np.float32)} for _ in range(4)]
+            )
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(
+        str(onnx_models / "good.onnx"),
+        str(tmp_path / "int8.onnx"),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+    int8 = numeric_format(tmp_path / "int8.onnx")
+    assert int8["numeric_format"] == "int8" and int8["quantize_linear_nodes"] > 0
+
+
 # ---------------------------------------------------------------- registry (real server)
 
 
@@ -260,6 +345,11 @@ def test_pass_becomes_champion_fail_stays_challenger_regression_is_refused(
     assert mv.tags["mlflow_parent_run_id"] == mv.run_id  # (the tests' stand-in parent)
     assert mv.tags["gate"] == "passed" and float(mv.tags["map50"]) == 0.95
     assert mv.tags["promotion"] == "champion" and mv.description.startswith("# Model card")
+    # the numeric format (from the graph) and the precision KPI keep their own names
+    assert mv.tags["numeric_format"] == "fp32" and mv.tags["quantize_linear_nodes"] == "0"
+    assert mv.tags["precision"] == "0.8" and decision["numeric_format"] == "fp32"
+    assert "numeric format `fp32` (0 QuantizeLinear nodes" in card
+    assert "| precision (KPI) | 0.8 |" in card and "deployed precision" not in card
 
     weak = promote(mlflow_server, params, candidates["weak"], tmp_path / "2")
     assert weak["outcome"] == "challenger" and not weak["passed"]
@@ -267,6 +357,7 @@ def test_pass_becomes_champion_fail_stays_challenger_regression_is_refused(
     assert weak["reasons"][1].startswith("relative.map50: map50 vs FP32 -46.00 points")
     tags = client.get_model_version(name, "2").tags
     assert tags["gate"] == "failed" and "map50 0.5 < 0.9" in tags["gate_reasons"]
+    assert tags["numeric_format"] == "fp32"  # its report says int8: the graph wins
     assert aliases(mlflow_server, name) == {"champion": "1", "challenger": "2"}
 
     worse = promote(mlflow_server, params, candidates["shrunk"], tmp_path / "3")
@@ -289,6 +380,11 @@ def test_pass_becomes_champion_fail_stays_challenger_regression_is_refused(
         {"alias": "previous", "from": None, "to": "1"},
     ]
     assert all(t["user"] and t["host"] and t["pid"] and t["at"] for t in history)
+    # The ledger is a tracking run, not registered models beside the real one.
+    names = [rm.name for rm in client.search_registered_models(max_results=1000)]
+    assert name in names and not [n for n in names if "alias-move" in n or "ledger" in n]
+    ledger_exp = client.get_experiment_by_name(f"{name}.alias-ledger")
+    assert len(client.search_runs([ledger_exp.experiment_id])) == 1
 
 
 @pytest.mark.server
@@ -306,7 +402,7 @@ def test_two_promotions_at_once_leave_one_champion_and_a_consistent_previous(
         except Exception as e:  # noqa: BLE001  (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=contender, args=(k,)) for k in ("good", "good2")]
+    threads = [threading.Thread(target=contender, args=(k,)) for k in ("good2", "good3")]
     for t in threads:
         t.start()
     for t in threads:
@@ -363,23 +459,26 @@ def test_a_move_waits_for_one_in_flight_and_takes_over_an_abandoned_one(mlflow_s
     client.create_registered_model(name)
     v1 = client.create_model_version(name, source="s3://nowhere/model").version
     ledger = AliasLedger(client, name, lock_timeout_s=30)
-    claimed = {"state": "claimed", "claimed_at_ms": str(int(time.time() * 1000))}
-    client.create_registered_model(f"{name}.alias-move-000001", tags=claimed)
-    finish = threading.Timer(
-        1.5, client.set_registered_model_tag, (f"{name}.alias-move-000001", "state", "done")
-    )
+    run = ledger.run_id  # the ledger run (created on first use)
+    # Another writer holds transaction 1 and is still moving aliases.
+    client.log_param(run, "claim.000001", f"{int(time.time() * 1000)}:another-writer")
+    client.set_tag(run, "txn.000001.state", "claimed")
+    finish = threading.Timer(1.5, client.set_tag, (run, "txn.000001.state", "done"))
     finish.start()
     t0 = time.perf_counter()
     record = ledger.move({"challenger": str(v1)}, action="test")
     assert time.perf_counter() - t0 >= 1.4  # it waited for transaction 1 to finish
     assert record["seq"] == 2 and aliases(mlflow_server, name) == {"challenger": str(v1)}
 
-    stale = {"state": "claimed", "claimed_at_ms": str(int(time.time() * 1000) - 60_000)}
-    client.create_registered_model(f"{name}.alias-move-000003", tags=stale)  # a crashed writer
+    # A writer that crashed right after claiming transaction 3, a minute ago.
+    client.log_param(run, "claim.000003", f"{int(time.time() * 1000) - 60_000}:crashed")
     record = ledger.move({"champion": str(v1)}, action="test", expect_champion=None)
     assert record["seq"] == 4
     states = [t["state"] for t in ledger.history()]
     assert states == ["done", "done", "abandoned", "done"]
+    # A claim is write-once: nobody can take transaction 4 again.
+    with pytest.raises(MlflowException, match="Changing param values is not allowed"):
+        client.log_param(run, "claim.000004", "0:late-writer")
 
 
 @pytest.mark.server
@@ -404,11 +503,34 @@ def test_review_cli_promotes_rejects_and_rolls_back(mlflow_server, candidates, t
     assert "v2" in listed.output and "map50 0.5 < 0.9" in listed.output
     assert "champion v3" in listed.output
 
+    # v2 failed its gates: promoting it takes --force and a reason, both recorded.
+    refused = shrinkflow("promote", "2")
+    assert refused.exit_code == 1 and "--force" in refused.output, refused.output
+    assert shrinkflow("promote", "2", "--force").exit_code == 1  # no reason given
+    assert aliases(mlflow_server, name)["champion"] == "3"
+    forced = shrinkflow("promote", "2", "--force", "--reason", "the field trial needs it")
+    assert forced.exit_code == 0, forced.output
+    assert "did not pass its gates" in forced.output  # the warning
+    assert aliases(mlflow_server, name)["champion"] == "2"
+    tags = MlflowClient(mlflow_server).get_model_version(name, "2").tags
+    assert tags["review"] == "approved" and tags["review_forced"] == "true"
+    assert tags["review_reason"] == "the field trial needs it"
+    assert "map50 0.5 < 0.9" in tags["review_forced_gate_reasons"]
+    moves = AliasLedger(MlflowClient(mlflow_server), name).history()
+    assert moves[-1]["action"] == "human-promote-forced"
+    assert "the field trial needs it (forced past failed gates" in moves[-1]["reason"]
+    assert shrinkflow("rollback", "--reason", "trial over").exit_code == 0
+    assert aliases(mlflow_server, name) == {"champion": "3", "challenger": "3", "previous": "1"}
+
     rejected = shrinkflow("reject", "2", "--reason", "misses the small digits")
     assert rejected.exit_code == 0, rejected.output
     tags = MlflowClient(mlflow_server).get_model_version(name, "2").tags
     assert tags["review"] == "rejected" and tags["review_reason"] == "misses the small digits"
-    assert shrinkflow("promote", "2").exit_code == 1  # a rejected version stays out
+    again = shrinkflow("reject", "2", "--reason", "changed my mind")
+    assert again.exit_code == 1 and "rejected already" in again.output, again.output
+    tags = MlflowClient(mlflow_server).get_model_version(name, "2").tags
+    assert tags["review_reason"] == "misses the small digits"  # the first decision stands
+    assert shrinkflow("promote", "2", "--force", "--reason", "x").exit_code == 1  # rejected
 
     back = shrinkflow("rollback", "--reason", "latency regression in the field")
     assert back.exit_code == 0, back.output
@@ -419,6 +541,68 @@ def test_review_cli_promotes_rejects_and_rolls_back(mlflow_server, candidates, t
     assert shrinkflow("reject", "3", "--reason", "x").exit_code == 1  # champion: roll back first
     history = shrinkflow("review", "--history")
     assert history.exit_code == 0 and "rollback" in history.output
+
+
+@pytest.mark.server
+def test_review_finds_the_project_or_refuses_and_never_creates_a_store(
+    mlflow_server, candidates, tmp_path, monkeypatch
+):
+    from tasks.benchmarks import app
+
+    name = "where"
+    params = params_for(name, GATES[:1])
+    promote(mlflow_server, params, candidates["good"], tmp_path / "out")
+    project = tmp_path / "project"
+    (project / "sub" / "dir").mkdir(parents=True)
+    (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cli = CliRunner()
+    wide = {"COLUMNS": "250"}
+
+    monkeypatch.chdir(project / "sub" / "dir")  # the project is found above
+    found = cli.invoke(app, ["review"], env={**wide, "MLFLOW_TRACKING_URI": mlflow_server})
+    assert found.exit_code == 0, found.output
+    assert f"{name}: champion v1" in found.output
+
+    local = cli.invoke(app, ["review"], env={**wide, "MLFLOW_TRACKING_URI": None})
+    assert local.exit_code == 1  # the project's own store does not exist: refuse, create none
+    assert "mlflow.db: no MLflow store" in local.output, local.output
+    assert not list(project.rglob("mlflow.db"))
+
+    monkeypatch.chdir(elsewhere)
+    outside = cli.invoke(app, ["review"], env={**wide, "MLFLOW_TRACKING_URI": None})
+    assert outside.exit_code == 1
+    assert "is not inside a Shrinkflow project" in outside.output, outside.output
+    assert not list(elsewhere.iterdir())  # no mlflow.db, no mlruns
+
+
+@pytest.mark.server
+def test_one_version_per_candidate_a_fixed_promote_judges_the_same_version(
+    mlflow_server, candidates, tmp_path
+):
+    name = "once"
+    client = MlflowClient(mlflow_server)
+    strict = params_for(name, [{"kind": "absolute", "kpi": "map50", "op": ">=", "value": 0.9}])
+    first = promote(mlflow_server, strict, candidates["weak"], tmp_path / "1")
+    assert first["version"] == 1 and first["outcome"] == "challenger" and first["new_version"]
+    # The gate was wrong for this model; fixed, the same candidate is promoted again.
+    fixed = params_for(name, [{"kind": "absolute", "kpi": "map50", "op": ">=", "value": 0.4}])
+    second = promote(mlflow_server, fixed, candidates["weak"], tmp_path / "2")
+    assert second["version"] == 1 and not second["new_version"]
+    assert second["outcome"] == "champion" and second["passed"]
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    mv = client.get_model_version(name, "1")
+    assert mv.tags["gate"] == "passed" and mv.tags["gate.absolute.map50"].startswith("passed")
+    assert "map50 0.5 >= 0.4" in mv.description  # the card of the latest judgement
+    assert aliases(mlflow_server, name) == {"champion": "1", "challenger": "1"}
+    # Again, unchanged: still v1, still the champion, and `previous` does not point to itself.
+    third = promote(mlflow_server, fixed, candidates["weak"], tmp_path / "3")
+    assert third["version"] == 1 and third["outcome"] == "champion"
+    assert aliases(mlflow_server, name) == {"champion": "1", "challenger": "1"}
+    other = promote(mlflow_server, fixed, candidates["good"], tmp_path / "4")  # another ONNX
+    assert other["version"] == 2 and other["new_version"]
 
 
 @pytest.mark.server
@@ -452,15 +636,7 @@ def test_with_the_server_down_the_stage_names_the_uri_and_registers_nothing(cand
     work.mkdir()
     with running_mlflow_server(work, port) as uri:
         promote(uri, params, candidates["good"], tmp_path / "first")
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in candidates["good"].items()]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks.promote", "--params", str(path), *args, "--out", "out"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        timeout=300,
-    )
+    proc = promote_cli(uri, path, candidates["good"], tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert f"MLflow tracking at {uri} is not usable" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -469,6 +645,94 @@ def test_with_the_server_down_the_stage_names_the_uri_and_registers_nothing(cand
         client = MlflowClient(uri)
         assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
         assert aliases(uri, name) == {"champion": "1", "challenger": "1"}
+
+
+@pytest.mark.server
+def test_promote_without_its_params_section_registers_nothing(mlflow_server, candidates, tmp_path):
+    (tmp_path / "params.yaml").write_text("")  # every stage would run on built-in defaults
+    proc = promote_cli(mlflow_server, tmp_path / "params.yaml", candidates["weak"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "params.yaml: promote:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    default_name = Params().project.registered_model
+    assert not MlflowClient(mlflow_server).search_model_versions(f"name = '{default_name}'")
+
+
+@pytest.mark.server
+def test_no_gates_only_when_the_params_say_so(mlflow_server, candidates, tmp_path):
+    name = "ungated"
+    with pytest.raises(ValueError, match="promote.gates: empty"):
+        params_for(name, [])
+    decision = promote(
+        mlflow_server, params_for(name, [], allow_no_gates=True), candidates["weak"], tmp_path
+    )
+    assert decision["outcome"] == "champion" and decision["gates"] == {}
+    tags = MlflowClient(mlflow_server).get_model_version(name, "1").tags
+    assert tags["gate_reasons"] == "no gates (promote.allow_no_gates: true)"
+    assert "(none: promote.allow_no_gates is true)" in (tmp_path / "model_card.md").read_text()
+
+
+class _Planted:
+    """Unpickling this creates `path`: what a registry writer could make a loader run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.server
+def test_the_registered_model_holds_no_pickle_and_the_champion_is_never_executed(
+    mlflow_server, candidates, tiny_manifest, tmp_path, monkeypatch
+):
+    import pickle
+
+    import mlflow.artifacts
+    import mlflow.pyfunc
+    import pandas as pd
+
+    name = "nopickle"
+    client = MlflowClient(mlflow_server)
+    params = params_for(name, GATES)
+    promote(mlflow_server, params, candidates["good"], tmp_path / "1")
+    mv = client.get_model_version(name, "1")
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=mv.source, dst_path=str(tmp_path / "v1"), tracking_uri=mlflow_server
+        )
+    )
+    files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    assert "served_model.py" in files and "artifacts/detector.json" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle"))], files
+    pyfunc_conf = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert pyfunc_conf["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert "model_code_path" in pyfunc_conf and "python_model" not in pyfunc_conf
+    assert "cloudpickle" not in (local / "requirements.txt").read_text()
+
+    # MLflow's own loader, with pickle refused, still serves it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    images = [
+        Path(tiny_manifest["root"]) / im["file_name"]
+        for im in tiny_manifest["splits"]["test"]["images"][:2]
+    ]
+    frame = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in images]}))
+    assert len(frame) > 0 and set(frame["image"]) <= {0, 1}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    # Someone with write access to the registry plants code in the champion's model.
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "python_model.pkl").write_bytes(pickle.dumps(_Planted(tmp_path / "unpickled")))
+    (planted / "served_model.py").write_text(f"open({str(tmp_path / 'executed')!r}, 'w')\n")
+    for f in planted.iterdir():
+        client.log_artifact(mv.run_id, str(f), "model")
+    second = promote(mlflow_server, params, candidates["good2"], tmp_path / "2")
+    nr = second["gates"]["non_regression"]
+    assert nr["champion_version"] == "1" and nr["diff_points"] == 0.0  # the champion did run
+    assert not (tmp_path / "unpickled").exists() and not (tmp_path / "executed").exists()
 
 
 # ---------------------------------------------------------------- serving

@@ -1,5 +1,9 @@
 """The model card of a candidate (Markdown): data version, lineage, KPI table beside the FP32
-baseline and the champion, gate verdicts, and the params that made it."""
+baseline and the champion, gate verdicts, and the params that made it.
+
+Two words never share a name here: the *numeric format* of the deployed graph (`int8`, `fp32`:
+the `numeric_format` tag, read from the ONNX) and the *precision* KPI (a detection-quality
+figure, the `precision` tag)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ KPI_ROWS = (
     "params",
     "macs",
 )
+
+
+KPI_LABELS = {"precision": "precision (KPI)"}
 
 
 def _fmt(value) -> str:
@@ -48,10 +55,14 @@ def render(
         head.append(f"champion v{champion[0]}")
     rows = []
     for k in KPI_ROWS:
-        cells = [k, _fmt(metrics.get(k)), _fmt(base.get(k))]
+        cells = [KPI_LABELS.get(k, k), _fmt(metrics.get(k)), _fmt(base.get(k))]
         if champion:
             cells.append(_fmt(champion[1].get(k)))
         rows.append("| " + " | ".join(cells) + " |")
+    cells = ["numeric format (graph)", tags.get("numeric_format", ""), "fp32"]
+    if champion:
+        cells.append(champion[1].get("numeric_format", ""))
+    rows.append("| " + " | ".join(cells) + " |")
     gates = [
         f"| {v.name} | {v.kind} | {'passed' if v.passed else '**failed**'} | {v.reason} |"
         for v in verdicts
@@ -75,7 +86,8 @@ def render(
             "",
             f"Gate: **{'passed' if passed else 'failed'}** "
             f"({sum(v.passed for v in verdicts)}/{len(verdicts)} gates). Engine served: "
-            f"`{metrics['target']}`, deployed precision `{tags.get('precision', '?')}`. "
+            f"`{metrics['target']}`, numeric format `{tags.get('numeric_format', '?')}` "
+            f"({tags.get('quantize_linear_nodes', '?')} QuantizeLinear nodes in the graph). "
             f"Test split: {metrics['test_images']} images; KPIs from "
             f"`evaluate@{metrics['target']}`.",
             "",
@@ -89,7 +101,7 @@ def render(
             "",
             "| gate | kind | verdict | figures |",
             "| --- | --- | --- | --- |",
-            *(gates or ["| (none configured) | | passed | |"]),
+            *(gates or ["| (none: promote.allow_no_gates is true) | | passed | |"]),
             "",
             "## Data and lineage",
             "",

@@ -12,20 +12,27 @@ The model folder holds `model.onnx` (the deployable ONNX), `engines/<target>/` (
 with status ok), `detector.json` (target, input size, categories, engine settings) and
 `model_card.md`; the `tasks` package travels with it (`code_paths`), so `mlflow models serve
 --env-manager local -m models:/<name>@champion` needs only the libraries listed in its
-requirements.
+requirements. It is saved as *models from code* (`served_model.py`): no pickle in the folder.
+`load_files` rebuilds a registered version's detector from its engine files and `detector.json`
+alone, with this checkout's code (what `promote` does with the champion): nothing the registry
+holds is executed.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import yaml
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from tasks.errors import ShrinkflowError
 from tasks.io import versions
 
 COLUMNS = {
@@ -128,7 +135,7 @@ def save(
     pins = versions(*PACKAGES, *RUNTIME_PACKAGES.get(spec["target"], ()))
     mlflow.pyfunc.save_model(
         path=str(path),
-        python_model=DetectorModel(),
+        python_model=str(Path(__file__).with_name("served_model.py")),  # models from code
         artifacts={
             "onnx": str(onnx_path),
             "engines": str(engines),
@@ -140,3 +147,40 @@ def save(
         input_example=example,
         pip_requirements=[f"{p}=={v}" for p, v in pins.items() if v != "not installed"],
     )
+
+
+def _relative(path: str, what: str) -> str:
+    """A path inside the model folder, as the version's MLmodel names it (never `..`/absolute)."""
+    p = PurePosixPath(path)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise ShrinkflowError(f"{what}: path {path!r} leaves the model folder")
+    return p.as_posix()
+
+
+def load_files(source: str, dst: Path, *, tracking_uri: str, what: str) -> DetectorModel:
+    """The detector of a registered version (`source`: its model folder's artifact URI) built
+    from its files alone: MLmodel (YAML, read safely) names the artifacts; `detector.json` and
+    `engines/<target>/` are downloaded into `dst` and loaded with this checkout's engine code.
+    The version's code and any pickle in it are never loaded. `what` names it in errors."""
+
+    from tasks.engines import get
+
+    def fetch(rel: str) -> Path:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source.rstrip('/')}/{rel}", dst_path=str(dst), tracking_uri=tracking_uri
+        )
+        return Path(local)
+
+    try:
+        conf = yaml.safe_load(fetch("MLmodel").read_text())
+        arts = conf["flavors"]["python_function"]["artifacts"]
+        spec = json.loads(fetch(_relative(arts["detector"]["path"], what)).read_text())
+        target = str(spec["target"])
+        get(target)  # one of this checkout's engine targets, or a clear error
+        engines = _relative(arts["engines"]["path"], what)
+        engine_dir = fetch(f"{engines}/{_relative(target, what)}")  # lands in dst/<target>
+        return DetectorModel().load(spec, engine_dir.parent)
+    except ShrinkflowError:
+        raise
+    except (MlflowException, KeyError, TypeError, ValueError, OSError, yaml.YAMLError) as e:
+        raise ShrinkflowError(f"{what}: cannot load its engine files: {e!r}") from e

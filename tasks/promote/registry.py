@@ -1,18 +1,21 @@
-"""The MLflow model registry side of `promote`: registering a candidate version, and moving the
-aliases `champion`, `previous` and `challenger` with a compare-and-set.
+"""The MLflow model registry side of `promote`: registering a candidate version (one per
+candidate), and moving the aliases `champion`, `previous` and `challenger` with a compare-and-set.
 
 MLflow has no atomic alias update and keeps no alias history, so every alias move is one numbered
-*transaction* recorded as a registered model of its own, `<name>.alias-move-<NNNNNN>`, whose tags
-say what moved (alias, from -> to), who (user, host, pid, command), when, why, and its state.
-Creating a registered model whose name exists fails on the server (a uniqueness constraint), so
-two writers that read the same state both try to create transaction N+1 and exactly one succeeds;
-the loser re-reads and, when its move was conditional on the champion it read at the start
-(`expect_champion`), gives up with `ChampionMoved` if the champion changed meanwhile.
+*transaction* recorded in a tracking run of its own: the run `alias-ledger` of the experiment
+`<name>.alias-ledger` (so the registered-models list holds only the real model). Transaction N
+is claimed by logging the run param `claim.<NNNNNN>` = `<claimed_at_ms>:<random token>`. MLflow
+params are write-once (the store refuses a second, different value for a key: a primary key on
+(run, key)), so of two writers that read the same state and both try to claim N+1, exactly one
+succeeds; the loser re-reads and, when its move was conditional on the champion it read at the
+start (`expect_champion`), gives up with `ChampionMoved` if the champion changed meanwhile. The
+run tags `txn.<NNNNNN>` (what moved: alias, from -> to; who: user, host, pid, command; when; why)
+and `txn.<NNNNNN>.state` record each transaction.
 
-Order of a transaction: read the latest transaction (waiting while it is `claimed`, i.e. in
-flight; after `lock_timeout_s` it is taken as abandoned), read the aliases, check the condition,
-claim N+1, move the aliases, mark it `done`. A writer that fails midway restores the aliases it
-moved and marks the transaction `failed`.
+Order of a transaction: read the latest claim (waiting while it is `claimed`, i.e. in flight;
+after `lock_timeout_s` it is taken as abandoned), read the aliases, check the condition, claim
+N+1, move the aliases, mark it `done`. A writer that fails midway restores the aliases it moved
+and marks the transaction `failed`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +40,13 @@ from tasks.errors import ShrinkflowError
 
 log = logging.getLogger(__name__)
 ALIASES = ("champion", "previous", "challenger")
-MOVE_ROLE = "alias-move"
+LEDGER_ROLE = "alias-ledger"
+LEDGER_SUFFIX = ".alias-ledger"  # the ledger experiment: <registered model>.alias-ledger
+LEDGER_RUN_TAG = "shrinkflow.alias_ledger_run_id"  # experiment tag: the ledger run's id
+CLAIM, TXN = "claim.", "txn."  # run param claim.<seq> (write-once), run tags txn.<seq>[.state]
 _UNSET = object()
-TAG_LIMIT = 5000  # MLflow's limit on a tag value
+TAG_LIMIT = 5000  # MLflow's limit on a model-version tag value we keep to
+REASON_LIMIT = 1000  # a transaction's reason, in its run tag (run tags: 8000 characters)
 
 
 class ChampionMoved(ShrinkflowError):
@@ -97,6 +105,10 @@ class Snapshot:
         return self.aliases.get("champion")
 
 
+def _key(prefix: str, seq: int) -> str:
+    return f"{prefix}{seq:06d}"
+
+
 class AliasLedger:
     """Alias moves of registered model `name` as numbered, recorded transactions."""
 
@@ -105,21 +117,109 @@ class AliasLedger:
     ) -> None:
         self.client, self.name = client, name
         self.lock_timeout_s, self.poll_s = lock_timeout_s, poll_s
-        self.prefix = f"{name}.alias-move-"
+        self.experiment = f"{name}{LEDGER_SUFFIX}"
+        self._run_id: str | None = None
 
-    def _txn_name(self, seq: int) -> str:
-        return f"{self.prefix}{seq:06d}"
+    # ------------------------------------------------------------ the ledger run
 
-    def _latest(self):
-        found = self.client.search_registered_models(
-            filter_string=f"name LIKE '{self.prefix}%'", order_by=["name DESC"], max_results=1
-        )
-        return found[0] if found else None
+    @property
+    def run_id(self) -> str:
+        """The ledger run's id; the experiment and run are created on first use."""
+        if self._run_id is None:
+            self._run_id = self._find(create=True)
+        return self._run_id
+
+    def _find(self, *, create: bool) -> str | None:
+        """The ledger run of `self.experiment` (None when it does not exist and not `create`).
+
+        Experiment names are unique, so exactly one writer creates the experiment; it then
+        creates the run and names it in the experiment tag LEDGER_RUN_TAG, which the others
+        wait for."""
+        if self._run_id is not None:
+            return self._run_id
+        exp, created = self.client.get_experiment_by_name(self.experiment), False
+        if exp is None:
+            if not create:
+                return None
+            try:
+                exp_id = self.client.create_experiment(
+                    self.experiment,
+                    tags={"shrinkflow.role": LEDGER_ROLE, "registered_model": self.name},
+                )
+                created = True
+            except MlflowException as e:
+                if not already_exists(e):
+                    raise
+                exp_id = self.client.get_experiment_by_name(self.experiment).experiment_id
+        else:
+            if exp.lifecycle_stage == "deleted":
+                raise ShrinkflowError(
+                    f"the alias ledger of {self.name} (experiment {self.experiment!r}, id "
+                    f"{exp.experiment_id}) is deleted: restore it with `mlflow experiments "
+                    f"restore --experiment-id {exp.experiment_id}`"
+                )
+            exp_id = exp.experiment_id
+        if created:
+            run = self.client.create_run(
+                exp_id,
+                run_name=LEDGER_ROLE,
+                tags={"shrinkflow.role": LEDGER_ROLE, "registered_model": self.name},
+            )
+            run_id = run.info.run_id
+            self.client.set_terminated(run_id)  # a record, not a job (params/tags still write)
+            self.client.set_experiment_tag(exp_id, LEDGER_RUN_TAG, run_id)
+            self._run_id = run_id
+            return run_id
+        deadline = time.time() + self.lock_timeout_s
+        while (run_id := self.client.get_experiment(exp_id).tags.get(LEDGER_RUN_TAG)) is None:
+            if time.time() > deadline:
+                raise ShrinkflowError(
+                    f"experiment {self.experiment!r} (id {exp_id}) has no alias-ledger run: "
+                    "its creator stopped midway; delete the experiment and retry"
+                )
+            time.sleep(self.poll_s)
+        self._run_id = run_id
+        return run_id
+
+    def _read(self) -> tuple[dict[int, str], dict[str, str]]:
+        """(claims: seq -> `<claimed_at_ms>:<token>`, the run's tags); empty before first use."""
+        run_id = self._find(create=False)
+        if run_id is None:
+            return {}, {}
+        data = self.client.get_run(run_id).data
+        claims = {
+            int(k.removeprefix(CLAIM)): v for k, v in data.params.items() if k.startswith(CLAIM)
+        }
+        return claims, data.tags
+
+    @staticmethod
+    def _state(seq: int, tags: dict[str, str]) -> str:
+        # claimed but not yet recorded counts as in flight
+        return tags.get(f"{_key(TXN, seq)}.state") or "claimed"
+
+    def _claim(self, seq: int) -> bool:
+        """Try to take transaction `seq`: True when this writer holds it."""
+        key, token = _key(CLAIM, seq), f"{int(time.time() * 1000)}:{uuid.uuid4().hex}"
+        try:
+            self.client.log_param(self.run_id, key, token)
+            return True
+        except MlflowException as e:
+            if e.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            held = self.client.get_run(self.run_id).data.params.get(key)
+            if held is None:  # refused for another reason
+                raise
+            return held == token  # (a retried request that had succeeded holds it too)
+
+    def _mark(self, seq: int, state: str) -> None:
+        self.client.set_tag(self.run_id, f"{_key(TXN, seq)}.state", state)
+
+    # ------------------------------------------------------------ transactions
 
     def snapshot(self) -> Snapshot:
         """The current aliases, read once no transaction is in flight."""
-        latest = self._latest()
-        seq = int(latest.name.removeprefix(self.prefix)) if latest else 0
+        claims, _ = self._read()
+        seq = max(claims, default=0)
         self._wait_finished(seq)
         return Snapshot(seq, self._aliases())
 
@@ -133,19 +233,20 @@ class AliasLedger:
         return {a: str(v) for a, v in aliases.items() if a in ALIASES}
 
     def _wait_finished(self, seq: int) -> None:
-        """Wait while transaction `seq` is in flight (`claimed`); past `lock_timeout_s` it is
-        taken as abandoned. Read by name: a search may lag behind the latest tag write."""
+        """Wait while transaction `seq` is in flight (`claimed`); past `lock_timeout_s` since its
+        claim it is taken as abandoned."""
         if seq == 0:
             return
-        name = self._txn_name(seq)
         while True:
-            tags = self.client.get_registered_model(name).tags
-            if tags.get("state") != "claimed":
+            claims, tags = self._read()
+            if self._state(seq, tags) != "claimed":
                 return
-            age = time.time() - int(tags.get("claimed_at_ms", "0")) / 1000
+            age = time.time() - int(claims[seq].split(":", 1)[0]) / 1000
             if age > self.lock_timeout_s:
-                log.warning("alias move %s never finished (%.0f s): abandoned", name, age)
-                self.client.set_registered_model_tag(name, "state", "abandoned")
+                log.warning(
+                    "alias move #%d of %s never finished (%.0f s): abandoned", seq, self.name, age
+                )
+                self._mark(seq, "abandoned")
                 return
             time.sleep(self.poll_s)
 
@@ -177,52 +278,39 @@ class AliasLedger:
                 for a, v in wanted.items()
                 if snap.aliases.get(a) != v
             ]
+            seq = snap.seq + 1
+            if not self._claim(seq):
+                continue  # another writer took N+1: re-read and re-check
             record = {
-                "seq": snap.seq + 1,
+                "seq": seq,
                 "action": action,
                 "version": version,
-                "reason": reason,
+                "reason": reason[:REASON_LIMIT],
                 "moves": moves,
                 "at": now_iso(),
                 **actor(),
                 "run_id": run_id,
             }
-            try:
-                self.client.create_registered_model(
-                    self._txn_name(snap.seq + 1),
-                    tags={
-                        "shrinkflow.role": MOVE_ROLE,
-                        "registered_model": self.name,
-                        "state": "claimed",
-                        "claimed_at_ms": str(int(time.time() * 1000)),
-                        **{k: _tag(v) for k, v in record.items() if k != "seq"},
-                    },
-                    description=f"Shrinkflow alias move #{snap.seq + 1} of `{self.name}` "
-                    "(the registry keeps no alias history; this record is it). Do not delete.",
-                )
-            except MlflowException as e:
-                if already_exists(e):
-                    continue  # another writer took N+1: re-read and re-check
-                raise
+            self.client.set_tag(self.run_id, _key(TXN, seq), json.dumps(record))
+            self._mark(seq, "claimed")
             # Holding N+1 (a ticket nobody else can take), wait for N to finish and check that
-            # the aliases are still those the moves were computed from; otherwise step aside.
-            txn = self._txn_name(snap.seq + 1)
+            # the aliases are still those the moves were computed from (an abandoned writer may
+            # have woken up); otherwise step aside.
             self._wait_finished(snap.seq)
             if self._aliases() != snap.aliases:
-                self.client.set_registered_model_tag(txn, "state", "aborted")
+                self._mark(seq, "aborted")
                 continue  # re-read: raises ChampionMoved if the champion changed
             self._apply(record)
             return record
         raise ShrinkflowError(f"{self.name}: could not move aliases after {attempts} attempts")
 
     def _apply(self, record: dict) -> None:
-        txn = self._txn_name(record["seq"])
         done = []
         try:
             for m in record["moves"]:
                 self._set(m["alias"], m["to"])
                 done.append(m)
-            self.client.set_registered_model_tag(txn, "state", "done")
+            self._mark(record["seq"], "done")
         except BaseException:
             for m in reversed(done):  # best effort: the aliases as they were
                 try:
@@ -230,9 +318,9 @@ class AliasLedger:
                 except Exception as e:  # noqa: BLE001  (keep restoring the others)
                     log.error("could not restore alias %s to %s: %s", m["alias"], m["from"], e)
             try:
-                self.client.set_registered_model_tag(txn, "state", "failed")
+                self._mark(record["seq"], "failed")
             except Exception as e:  # noqa: BLE001
-                log.error("could not mark %s failed: %s", txn, e)
+                log.error("could not mark alias move #%d failed: %s", record["seq"], e)
             raise
 
     def _set(self, alias: str, version: str | None) -> None:
@@ -243,30 +331,22 @@ class AliasLedger:
 
     def history(self) -> list[dict]:
         """Every recorded transaction, oldest first."""
-        out, token = [], None
-        while True:
-            page = self.client.search_registered_models(
-                filter_string=f"name LIKE '{self.prefix}%'",
-                order_by=["name ASC"],
-                max_results=1000,
-                page_token=token,
+        claims, tags = self._read()
+        out = []
+        for seq in sorted(claims):
+            rec = json.loads(tags.get(_key(TXN, seq)) or "{}")
+            out.append(
+                {
+                    "seq": seq,
+                    "moves": rec.get("moves", []),
+                    "state": self._state(seq, tags),
+                    **{
+                        k: rec.get(k) or None for k in ("action", "version", "reason", "at", "user")
+                    },
+                    **{k: rec.get(k) for k in ("host", "pid", "command", "run_id")},
+                }
             )
-            for rm in page:
-                t = rm.tags
-                out.append(
-                    {
-                        "seq": int(rm.name.removeprefix(self.prefix)),
-                        "moves": json.loads(t.get("moves") or "[]"),
-                        **{
-                            k: t.get(k) or None
-                            for k in ("state", "action", "version", "reason", "at", "user")
-                        },
-                        **{k: t.get(k) for k in ("host", "pid", "command", "run_id")},
-                    }
-                )
-            token = page.token
-            if not token:
-                return out
+        return out
 
     def champion_before(self, version: str) -> str | None:
         """The champion that `version` replaced the last time it became champion."""
@@ -277,12 +357,6 @@ class AliasLedger:
                 if m["alias"] == "champion" and m["to"] == version:
                     return m["from"]
         return None
-
-
-def _tag(value) -> str:
-    if value is None:
-        return ""
-    return (value if isinstance(value, str) else json.dumps(value))[:TAG_LIMIT]
 
 
 def register_version(
@@ -325,3 +399,30 @@ def unregister(client: MlflowClient, name: str, version: str, model_created: boo
     client.delete_model_version(name, version)
     if model_created and not client.search_model_versions(f"name = '{name}'", max_results=1):
         client.delete_registered_model(name)
+
+
+def find_candidate(client: MlflowClient, name: str, *, onnx_md5: str, target: str) -> str | None:
+    """The version of `name` that already holds this candidate (same ONNX md5 and target), or
+    None: a candidate is registered once, however often `promote` runs on it."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.onnx_md5 = '{onnx_md5}'")
+    except MlflowException as e:
+        if not_found(e):
+            return None
+        raise
+    same = [int(mv.version) for mv in found if mv.tags.get("target") == target]
+    return str(min(same)) if same else None
+
+
+def update_version(
+    client: MlflowClient, name: str, version: str, *, tags: dict[str, str], description: str
+) -> None:
+    """Give an existing version the tags and card of its latest judgement (gate tags of gates
+    no longer configured are removed; review tags are kept)."""
+    old = client.get_model_version(name, version).tags
+    for key in old:
+        if key.startswith("gate.") and key not in tags:
+            client.delete_model_version_tag(name, version, key)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value[:TAG_LIMIT])
+    client.update_model_version(name, version, description=description)

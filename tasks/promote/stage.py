@@ -1,12 +1,17 @@
-"""Stage `promote`: judge the candidate with the gates of `params.yaml`, register it as a new
-version of the MLflow registered model, and move the aliases.
+"""Stage `promote`: judge the candidate with the gates of `params.yaml`, register it as a version
+of the MLflow registered model, and move the aliases.
 
-Every candidate becomes a version with alias `challenger`; `champion` moves to it only when every
-gate passes, by a compare-and-set on the champion read at the start (tasks/promote/registry.py),
-and the champion it replaces becomes `previous`. The version carries the pyfunc model (ONNX + the
-built engines), the model card as its description, lineage tags, one tag per KPI, `gate` and
-`gate_reasons`. Everything is prepared locally first; a failure after the version was created
-deletes it again. `artifacts/promote/decision.json` (a DVC metrics file) holds the verdicts.
+The stage refuses to run without its own `promote` section in params.yaml, and with no gates
+unless `promote.allow_no_gates: true` says so. Every candidate becomes a version with alias
+`challenger` (one version per candidate: a candidate whose ONNX (md5) and target are already
+registered is judged again as that version, not registered twice); `champion` moves to it only
+when every gate passes, by a compare-and-set on the champion read at the start
+(tasks/promote/registry.py), and the champion it replaces becomes `previous`. The version carries
+the pyfunc model (ONNX + the built engines, as models-from-code), the model card as its
+description, lineage tags, one tag per KPI, `numeric_format` (read from the graph), `gate` and
+`gate_reasons`. The champion is compared from its engine files, never by loading its code or a
+pickle. Everything is prepared locally first; a failure after the version was created deletes it
+again. `artifacts/promote/decision.json` (a DVC metrics file) holds the verdicts.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
-import mlflow
 import onnx
 import typer
 from mlflow.exceptions import MlflowException
@@ -28,12 +32,20 @@ from mlflow.tracking import MlflowClient
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet
 from tasks.config import Kpi, Params
-from tasks.errors import ShrinkflowError
+from tasks.errors import ConfigError, ShrinkflowError
 from tasks.io import md5_file, remove, write_json, write_text
 from tasks.metrics import predict
 from tasks.promote import card, pyfunc
 from tasks.promote.gates import Champion, Evidence, evaluate_gates
-from tasks.promote.registry import AliasLedger, ChampionMoved, register_version, unregister
+from tasks.promote.numeric import numeric_format
+from tasks.promote.registry import (
+    AliasLedger,
+    ChampionMoved,
+    find_candidate,
+    register_version,
+    unregister,
+    update_version,
+)
 
 log = logging.getLogger(__name__)
 KPIS = get_args(Kpi)  # the KPI keys of evaluate's metrics.json
@@ -86,12 +98,15 @@ def champion_evidence(
     manifest: dict,
     work: Path,
 ) -> Champion:
-    """Run the champion (downloaded from the registry) and the candidate on the same test split."""
+    """Run the champion and the candidate on the same test split. The champion is rebuilt from
+    its engine files and `detector.json` (pyfunc.load_files): none of its code runs."""
     source = client.get_model_version(name, version).source
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=source, dst_path=str(work / "champion"), tracking_uri=client.tracking_uri
+    champ = pyfunc.load_files(
+        source,
+        work / "champion",
+        tracking_uri=client.tracking_uri,
+        what=f"{name} v{version} (the champion)",
     )
-    champ = mlflow.pyfunc.load_model(local).unwrap_python_model()
     rows = {}
     for who, model in (("challenger", candidate), ("champion", champ)):
         test = DetectionSet(manifest, "test", model.spec["input_size"])
@@ -99,24 +114,67 @@ def champion_evidence(
     return Champion(version, test.coco, rows["challenger"], rows["champion"])
 
 
+def require_gates(params: Params) -> None:
+    """Refuse built-in defaults and an empty gate list that nobody asked for: with no gates
+    every candidate would become champion.
+
+    Raises:
+        ConfigError: params.yaml has no `promote` section, or no gates and no
+            `promote.allow_no_gates: true`.
+    """
+    if "promote" not in params.model_fields_set:
+        raise ConfigError(
+            "params.yaml: promote: section missing; promote decides what becomes champion and "
+            "does not run on built-in defaults (add a promote section with its gates)"
+        )
+    if not params.promote.gates and not params.promote.allow_no_gates:
+        raise ConfigError(
+            "params.yaml: promote.gates: empty: every candidate would become champion; list "
+            "gates, or set promote.allow_no_gates: true to promote without any"
+        )
+
+
+def graph_format(inputs: Inputs) -> dict:
+    """The promoted graph's numeric format (numeric.py); a quantize report that says otherwise
+    is logged, never believed."""
+    fmt = numeric_format(inputs.onnx)
+    said = json.loads(inputs.quantize_report.read_text()).get("precision")
+    if said is not None and str(said) != fmt["numeric_format"]:
+        log.warning(
+            "%s says precision %s, but %s is %s (%d QuantizeLinear nodes): the graph wins",
+            inputs.quantize_report,
+            said,
+            inputs.onnx,
+            fmt["numeric_format"],
+            fmt["quantize_linear_nodes"],
+        )
+    return fmt
+
+
 def version_tags(
-    metrics: dict, verdicts: list, lineage: dict, inputs: Inputs, params: Params
+    metrics: dict, verdicts: list, lineage: dict, inputs: Inputs, params: Params, fmt: dict
 ) -> dict[str, str]:
-    """Lineage, one tag per KPI (DESIGN.md spelling), the gate verdict and its reasons."""
+    """Lineage, one tag per KPI (DESIGN.md spelling; `precision` is the KPI), the graph's
+    `numeric_format`, the gate verdict and its reasons."""
     quant = json.loads(inputs.quantize_report.read_text())
     export = json.loads(inputs.export_metrics.read_text())
     failed = [f"{v.name}: {v.reason}" for v in verdicts if not v.passed]
+    if verdicts:
+        summary = "; ".join(failed) if failed else f"all {len(verdicts)} gates passed"
+    else:
+        summary = "no gates (promote.allow_no_gates: true)"
     return {
         **lineage,
         "calibration_md5": quant.get("calibration", {}).get("md5", "none"),
         "label_qa_report_md5": md5_file(inputs.label_qa_report),
         "onnx_md5": md5_file(inputs.onnx),
         "target": params.promote.target,
-        "precision": str(quant.get("precision", "unknown")),
+        "numeric_format": fmt["numeric_format"],
+        "quantize_linear_nodes": str(fmt["quantize_linear_nodes"]),
         **{k: str(metrics[k]) for k in (*KPIS, *DELTAS)},
         "parity_max_abs_diff": str(export.get("parity_max_abs_diff")),
         "gate": "failed" if failed else "passed",
-        "gate_reasons": "; ".join(failed) if failed else f"all {len(verdicts)} gates passed",
+        "gate_reasons": summary,
         **{f"gate.{v.name}": f"{'passed' if v.passed else 'failed'}: {v.reason}" for v in verdicts},
     }
 
@@ -134,7 +192,11 @@ def run(
 
     `run_id` is the MLflow run the model artifacts are logged to; `lineage` the tags that tie
     the version to its code, data and pipeline run. Returns the decision.
+
+    Raises:
+        ConfigError: no promote section, or no gates without `promote.allow_no_gates`.
     """
+    require_gates(params)
     cfg, name = params.promote, params.project.registered_model
     metrics = json.loads((inputs.evaluations / cfg.target / "metrics.json").read_text())
     if metrics["status"] != "ok":
@@ -143,12 +205,14 @@ def run(
             "(set promote.target to an engine that runs here)"
         )
     manifest = json.loads(inputs.manifest.read_text())
+    fmt = graph_format(inputs)
     ledger = AliasLedger(client, name, lock_timeout_s=cfg.lock_timeout_s)
     with tempfile.TemporaryDirectory(prefix="shrinkflow-promote-") as tmp:
         work = Path(tmp)
         engines, spec = package(params, inputs, manifest, work)
         candidate = pyfunc.DetectorModel().load(spec, engines)
         start = ledger.snapshot()  # the champion the compare-and-set expects at the end
+        existing = find_candidate(client, name, onnx_md5=md5_file(inputs.onnx), target=cfg.target)
         evidence = Evidence(metrics)
         champion_tags = None
         if start.champion:
@@ -159,7 +223,7 @@ def run(
                 )
         verdicts = evaluate_gates(cfg.gates, evidence)
         passed = all(v.passed for v in verdicts)
-        tags = version_tags(metrics, verdicts, lineage, inputs, params)
+        tags = version_tags(metrics, verdicts, lineage, inputs, params, fmt)
         text = card.render(
             name=name,
             metrics=metrics,
@@ -172,32 +236,49 @@ def run(
             },
         )
         write_text(work / "model_card.md", text)
-        pyfunc.save(
-            work / "model",
-            onnx_path=inputs.onnx,
-            engines=engines,
-            spec=spec,
-            card=work / "model_card.md",
-            example_image=example_image(manifest),
-        )
-        # Everything is prepared: only now does the registry change.
-        client.log_artifacts(run_id, str(work / "model"), "model")
-        source = f"{client.get_run(run_id).info.artifact_uri}/model"
-        version, created = register_version(
-            client, name, source=source, run_id=run_id, tags=tags, description=text
-        )
+        if existing is None:
+            pyfunc.save(
+                work / "model",
+                onnx_path=inputs.onnx,
+                engines=engines,
+                spec=spec,
+                card=work / "model_card.md",
+                example_image=example_image(manifest),
+            )
+            # Everything is prepared: only now does the registry change.
+            client.log_artifacts(run_id, str(work / "model"), "model")
+            source = f"{client.get_run(run_id).info.artifact_uri}/model"
+            version, created = register_version(
+                client, name, source=source, run_id=run_id, tags=tags, description=text
+            )
+        else:
+            version = existing
+            log.info(
+                "%s v%s holds this ONNX already: judged again, not registered twice", name, version
+            )
         try:  # a failed alias transaction restores the aliases it moved (registry.py)
-            outcome, note = move_aliases(ledger, version, passed, start.champion, run_id)
+            outcome, note = move_aliases(
+                ledger,
+                version,
+                passed,
+                start.champion,
+                run_id,
+                client.get_model_version(name, version).tags.get("review"),
+            )
         except BaseException:
-            try:
-                unregister(client, name, version, created)
-            except Exception as e:  # noqa: BLE001  (the original error matters more)
-                log.error("could not delete %s v%s after the failure: %s", name, version, e)
+            if existing is None:
+                try:
+                    unregister(client, name, version, created)
+                except Exception as e:  # noqa: BLE001  (the original error matters more)
+                    log.error("could not delete %s v%s after the failure: %s", name, version, e)
             raise
+        if existing is not None:
+            update_version(client, name, version, tags=tags, description=text)
         client.set_model_version_tag(name, version, "promotion", outcome)
     decision = {
         "registered_model": name,
         "version": int(version),
+        "new_version": existing is None,
         "target": cfg.target,
         "run_id": run_id,
         "passed": passed,
@@ -205,6 +286,8 @@ def run(
         "outcome": outcome,
         "note": note,
         "champion_before": start.champion,
+        "numeric_format": fmt["numeric_format"],
+        "quantize_linear_nodes": fmt["quantize_linear_nodes"],
         "gates": {v.name: v.as_dict() for v in verdicts},
         "reasons": [f"{v.name}: {v.reason}" for v in verdicts if not v.passed],
         "kpis": {k: metrics[k] for k in (*KPIS, *DELTAS)},
@@ -215,11 +298,32 @@ def run(
 
 
 def move_aliases(
-    ledger: AliasLedger, version: str, passed: bool, champion: str | None, run_id: str
+    ledger: AliasLedger,
+    version: str,
+    passed: bool,
+    champion: str | None,
+    run_id: str,
+    review: str | None = None,
 ) -> tuple[str, str]:
     """`challenger` always; `champion` (old one -> `previous`) only when the gates passed and the
-    champion is still the one read at the start. Returns (outcome, note)."""
-    if passed:
+    champion is still the one read at the start. A version a reviewer rejected (`review`) keeps
+    its aliases as they are. Returns (outcome, note)."""
+    if review == "rejected":
+        return "rejected", f"v{version} was rejected by a reviewer: aliases left as they are"
+    if passed and champion == version:
+        try:
+            ledger.move(
+                {"challenger": version},
+                action="candidate",
+                version=version,
+                reason="all gates passed; the champion already",
+                expect_champion=champion,
+                run_id=run_id,
+            )
+            return "champion", f"v{version} is the champion already"
+        except ChampionMoved as e:
+            note = f"gates passed but {e}"
+    elif passed:
         changes = {"challenger": version, "champion": version}
         if champion:
             changes["previous"] = champion
@@ -238,6 +342,8 @@ def move_aliases(
             )
         except ChampionMoved as e:
             note = f"gates passed but {e}"
+    elif champion == version:
+        note = f"gates failed; v{version} stays champion (`shrinkflow rollback` demotes it)"
     else:
         note = "gates failed"
     ledger.move(
