@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import hashlib
 import json
 import logging
 import os
@@ -401,17 +402,24 @@ def unregister(client: MlflowClient, name: str, version: str, model_created: boo
         client.delete_registered_model(name)
 
 
-def find_candidate(client: MlflowClient, name: str, *, onnx_md5: str, target: str) -> str | None:
-    """The version of `name` that already holds this candidate (same ONNX md5 and target), or
-    None: a candidate is registered once, however often `promote` runs on it."""
+def candidate_md5(onnx_md5: str, spec: dict) -> str:
+    """What makes two promotions the same candidate: the ONNX file and what serves it (target,
+    input size, categories, engine settings: the pyfunc's `detector.json`)."""
+    return hashlib.md5(f"{onnx_md5}:{json.dumps(spec, sort_keys=True)}".encode()).hexdigest()
+
+
+def find_candidate(client: MlflowClient, name: str, identity: str) -> str | None:
+    """The version of `name` that already holds this candidate (tag `candidate_md5`), or None:
+    a candidate is registered once, however often `promote` runs on it."""
     try:
-        found = client.search_model_versions(f"name = '{name}' and tags.onnx_md5 = '{onnx_md5}'")
+        found = client.search_model_versions(
+            f"name = '{name}' and tags.candidate_md5 = '{identity}'"
+        )
     except MlflowException as e:
         if not_found(e):
             return None
         raise
-    same = [int(mv.version) for mv in found if mv.tags.get("target") == target]
-    return str(min(same)) if same else None
+    return str(min(int(mv.version) for mv in found)) if found else None
 
 
 def update_version(

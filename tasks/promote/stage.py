@@ -3,9 +3,9 @@ of the MLflow registered model, and move the aliases.
 
 The stage refuses to run without its own `promote` section in params.yaml, and with no gates
 unless `promote.allow_no_gates: true` says so. Every candidate becomes a version with alias
-`challenger` (one version per candidate: a candidate whose ONNX (md5) and target are already
-registered is judged again as that version, not registered twice); `champion` moves to it only
-when every gate passes, by a compare-and-set on the champion read at the start
+`challenger`, once: a candidate whose ONNX and serving spec (target, engine settings; tag
+`candidate_md5`) are registered already is judged again as that version. `champion` moves to it
+only when every gate passes, by a compare-and-set on the champion read at the start
 (tasks/promote/registry.py), and the champion it replaces becomes `previous`. The version carries
 the pyfunc model (ONNX + the built engines, as models-from-code), the model card as its
 description, lineage tags, one tag per KPI, `numeric_format` (read from the graph), `gate` and
@@ -41,6 +41,7 @@ from tasks.promote.numeric import numeric_format
 from tasks.promote.registry import (
     AliasLedger,
     ChampionMoved,
+    candidate_md5,
     find_candidate,
     register_version,
     unregister,
@@ -212,7 +213,8 @@ def run(
         engines, spec = package(params, inputs, manifest, work)
         candidate = pyfunc.DetectorModel().load(spec, engines)
         start = ledger.snapshot()  # the champion the compare-and-set expects at the end
-        existing = find_candidate(client, name, onnx_md5=md5_file(inputs.onnx), target=cfg.target)
+        identity = candidate_md5(md5_file(inputs.onnx), spec)
+        existing = find_candidate(client, name, identity)
         evidence = Evidence(metrics)
         champion_tags = None
         if start.champion:
@@ -223,7 +225,10 @@ def run(
                 )
         verdicts = evaluate_gates(cfg.gates, evidence)
         passed = all(v.passed for v in verdicts)
-        tags = version_tags(metrics, verdicts, lineage, inputs, params, fmt)
+        tags = {
+            **version_tags(metrics, verdicts, lineage, inputs, params, fmt),
+            "candidate_md5": identity,
+        }
         text = card.render(
             name=name,
             metrics=metrics,
