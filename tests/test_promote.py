@@ -482,6 +482,30 @@ def test_a_move_waits_for_one_in_flight_and_takes_over_an_abandoned_one(mlflow_s
 
 
 @pytest.mark.server
+def test_writers_that_start_a_ledger_at_once_share_one_run(mlflow_server):
+    name = "fresh"
+    barrier, ids, errors = threading.Barrier(4), [], []
+
+    def writer() -> None:
+        ledger = AliasLedger(MlflowClient(mlflow_server), name, lock_timeout_s=30)
+        barrier.wait()
+        try:
+            ids.append(ledger.run_id)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(ids) == 4 and len(set(ids)) == 1
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(f"{name}.alias-ledger")
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == ids[:1]
+
+
+@pytest.mark.server
 def test_review_cli_promotes_rejects_and_rolls_back(mlflow_server, candidates, tmp_path):
     from tasks.benchmarks import app
 
