@@ -48,11 +48,11 @@ class CocoFile(BaseModel):
     categories: list[CocoCategory] = Field(min_length=1)
 
 
-def load_coco(path: Path) -> CocoFile:
-    """Parse and schema-check a COCO file. Raises DataError naming the file and the field."""
+def read_json(path: Path):
+    """Parse a UTF-8 JSON file. Raises DataError naming the file."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as e:
         raise DataError(f"{path}: file not found") from e
     except UnicodeDecodeError as e:
@@ -61,17 +61,38 @@ def load_coco(path: Path) -> CocoFile:
         raise DataError(
             f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from e
+
+
+def parse_coco(raw, path: Path, where: str = "") -> CocoFile:
+    """Schema-check a parsed COCO dict; DataError names the file and the field (under `where`)."""
     if not isinstance(raw, dict):
+        where = where or "<root>"
         raise DataError(
-            f"{path}: <root>: expected a JSON object with images/annotations/categories"
+            f"{path}: {where}: expected a JSON object with images/annotations/categories"
         )
     try:
         return CocoFile.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        loc = f"{where}{loc}" if where else loc.lstrip(".")
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise DataError(f"{path}: {loc}: {first['msg']}{more}") from e
+
+
+def load_coco(path: Path) -> CocoFile:
+    """Parse and schema-check a COCO file. Raises DataError naming the file and the field."""
+    return parse_coco(read_json(path), Path(path))
+
+
+def load_manifest_split(path: Path, split: str) -> tuple[Path, CocoFile]:
+    """(image root, one split) of the manifest `ingest` writes ({root, splits: {split: COCO}})."""
+    raw = read_json(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("root"), str):
+        raise DataError(f"{path}: root: missing (not a manifest written by ingest)")
+    return Path(raw["root"]), parse_coco(
+        (raw.get("splits") or {}).get(split), path, f"splits.{split}"
+    )
 
 
 def resolve_image(root: Path, file_name: str, source: Path, field: str) -> Path:

@@ -28,11 +28,57 @@ class ProjectCfg(Section):
     registered_model: str = Field("shrinkflow-detector", description="MLflow registered model name")
 
 
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # fmt: skip
+
+
+class SplitCfg(Section):
+    """How `ingest` splits a dataset that comes as one pool of images (a single COCO file, VOC
+    without ImageSets/Main/{train,val,test}.txt, YOLO with `train` only). Near-duplicate images
+    (perceptual hash within `label_qa.near_duplicate_bits`) always land in the same split."""
+
+    val: float = Field(0.15, gt=0, lt=1, description="share of images for validation")
+    test: float = Field(0.25, gt=0, lt=1, description="share of images for the test split")
+    seed: int = Field(0, description="seed of the split (groups are shuffled with it)")
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitCfg:
+        if self.val + self.test >= 1:
+            raise ValueError("val + test must leave images for train (sum < 1)")
+        return self
+
+
 class DatasetCfg(Section):
-    path: str = Field(
-        "data/default",
-        description="dataset root: {train,val,test}.json (COCO) and the image files they name",
+    """Where the data comes from; `ingest` turns any format into the internal COCO manifest."""
+
+    format: Literal["builtin", "coco", "yolo", "voc"] = Field(
+        "builtin",
+        description="builtin: the digits composed by `ingest` (section `data`); coco: "
+        "{train,val,test}.json or one file (`annotations`); yolo: Ultralytics data.yaml + "
+        "images/ + labels/; voc: Annotations/*.xml, JPEGImages/, ImageSets/Main/*.txt",
     )
+    path: str = Field(
+        "data",
+        description="the dataset folder (a DVC dependency of `ingest`; never written to); "
+        "ignored by the builtin source",
+    )
+    annotations: str | None = Field(
+        None,
+        description="coco: one annotation file (relative to `path`) split by `split`, instead "
+        "of {train,val,test}.json",
+    )
+    classes: list[str] | None = Field(
+        None, description="voc: the class names in id order (default: the 20 Pascal VOC classes)"
+    )
+    split: SplitCfg | None = Field(
+        None, description="split rule for data without its own train/val/test split"
+    )
+
+    def voc_classes(self) -> list[str]:
+        return list(self.classes) if self.classes else list(VOC_CLASSES)
 
 
 Rate = Annotated[float, Field(ge=0, le=1)]
