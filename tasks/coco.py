@@ -15,7 +15,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.errors import DataError
-from tasks.letterbox import Letterbox, input_wh, letterbox
+from tasks.input_cache import decoded_inputs
+from tasks.letterbox import Letterbox, letterbox
 
 
 class _Entry(BaseModel):
@@ -120,13 +121,14 @@ def to_input(rgb: np.ndarray, input_size: int | tuple[int, int]) -> tuple[np.nda
 
 
 class DetectionSet:
-    """One split of a manifest, decoded and letterboxed to the model input.
+    """One split of a manifest, decoded once and letterboxed to the model input.
 
-    images: uint8 (N, S_h, S_w, 3); boxes[i]: float32 (M, 4) xyxy in input pixels; labels[i]:
-    int64 (M,) contiguous class indices; `letterboxes[i]` maps input pixels back to image i.
-    `iscrowd` annotations (COCO crowds, VOC `difficult`) are not training targets: they are left
-    out of boxes/labels and stay in `coco`, where pycocotools treats them as ignore regions. Images
-    without boxes are kept (negatives).
+    images: uint8 (N, S_h, S_w, 3), a read-only memory map (tasks/input_cache.py);
+    boxes[i]: float32 (M, 4) xyxy in input pixels; labels[i]: int64 (M,) contiguous class
+    indices; `letterboxes[i]` maps input pixels back to image i. `iscrowd` annotations (COCO
+    crowds, VOC `difficult`) are not training targets: they are left out of boxes/labels and stay
+    in `coco`, where pycocotools treats them as ignore regions. Images without boxes are kept
+    (negatives).
     """
 
     def __init__(self, manifest: dict, split: str, input_size: int | tuple[int, int]) -> None:
@@ -139,21 +141,17 @@ class DetectionSet:
         for a in coco["annotations"]:
             if not a.get("iscrowd", 0):
                 by_image.setdefault(a["image_id"], []).append(a)
-        self.ids, images, self.boxes, self.labels, self.letterboxes = [], [], [], [], []
-        for im in coco["images"]:
-            pixels, lb = to_input(read_rgb(root / im["file_name"]), input_size)
+        self.images, self.letterboxes = decoded_inputs(root, coco["images"], input_size, read_rgb)
+        self.ids, self.boxes, self.labels = [], [], []
+        for im, lb in zip(coco["images"], self.letterboxes, strict=True):
             anns = by_image.get(im["id"], [])
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
             xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             self.ids.append(im["id"])
-            images.append(pixels)
             self.boxes.append(lb.to_input(xyxy))
             self.labels.append(
                 np.array([cat_index[a["category_id"]] for a in anns], dtype=np.int64)
             )
-            self.letterboxes.append(lb)
-        tw, th = input_wh(input_size)
-        self.images = np.stack(images) if images else np.zeros((0, th, tw, 3), np.uint8)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -106,3 +106,26 @@ def test_crowds_are_not_training_targets_and_are_ignored_in_evaluation(tmp_path)
     for a in gt["annotations"]:
         a["iscrowd"] = 0
     assert coco_metrics(gt, [det(boxes[0], 0.9)], 0.3)["recall"] == 0.5  # control
+
+
+def test_inputs_are_decoded_once_into_a_memory_map(tmp_path, monkeypatch):
+    from tasks import input_cache
+
+    monkeypatch.setenv("SHRINKFLOW_INPUT_CACHE", str(tmp_path / "cache"))
+    manifest = _manifest(tmp_path, (256, 160), [(40, 30, 100, 60)])
+    first = DetectionSet(manifest, "test", 128)
+    assert isinstance(first.images, np.memmap) and not first.images.flags.writeable
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+    def no_decode(path):
+        raise AssertionError(f"decoded {path} again")
+
+    inputs, transforms = input_cache.decoded_inputs(
+        tmp_path, manifest["splits"]["test"]["images"], 128, no_decode
+    )
+    assert np.array_equal(inputs, first.images) and transforms == first.letterboxes
+    Image.fromarray(np.full((160, 256, 3), 255, np.uint8)).save(tmp_path / "empty.png")
+    changed = DetectionSet(manifest, "test", 128)  # a changed file is decoded afresh
+    assert (changed.images[1, 64] == 255).all() and len(
+        list((tmp_path / "cache").glob("*.npy"))
+    ) == 2
