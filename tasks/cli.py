@@ -23,7 +23,7 @@ from rich.logging import RichHandler
 
 from tasks.config import Params, load_params
 from tasks.errors import ShrinkflowError
-from tasks.io import md5_file, md5_tree
+from tasks.io import md5_file
 
 log = logging.getLogger("shrinkflow")
 
@@ -63,13 +63,13 @@ def lineage_tags(params: Params, params_path: Path) -> dict[str, str]:
     """The pipeline-run lineage: git commit, dvc.lock, params and data hashes."""
     from tasks.tracking import git_commit
 
-    data = Path(params.dataset.path)
+    data = Path("artifacts/ingest/manifest.json")  # MD5 of every image and label (ingest)
     lock = Path("dvc.lock")
     return {
         "git_commit": git_commit(),
         "dvc_lock_md5": md5_file(lock) if lock.exists() else "none",
         "params_md5": md5_file(params_path),
-        "data_md5": md5_tree(data) if data.exists() else "none",
+        "data_md5": md5_file(data) if data.exists() else "none",
     }
 
 

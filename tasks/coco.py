@@ -1,4 +1,4 @@
-"""COCO detection files: schema (pydantic), safe paths, and the in-memory dataset `train` reads.
+"""COCO detection files: schema (pydantic), safe paths, and the letterboxed dataset `train` reads.
 
 A file that is not UTF-8 JSON or breaks the schema raises DataError naming the file and the field
 (`train.json: images[3].width: Input should be a valid integer`). Problems *within* a valid file
@@ -15,6 +15,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.errors import DataError
+from tasks.input_cache import decoded_inputs
+from tasks.letterbox import Letterbox, letterbox
 
 
 class _Entry(BaseModel):
@@ -48,11 +50,11 @@ class CocoFile(BaseModel):
     categories: list[CocoCategory] = Field(min_length=1)
 
 
-def load_coco(path: Path) -> CocoFile:
-    """Parse and schema-check a COCO file. Raises DataError naming the file and the field."""
+def read_json(path: Path):
+    """Parse a UTF-8 JSON file. Raises DataError naming the file."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as e:
         raise DataError(f"{path}: file not found") from e
     except UnicodeDecodeError as e:
@@ -61,17 +63,38 @@ def load_coco(path: Path) -> CocoFile:
         raise DataError(
             f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from e
+
+
+def parse_coco(raw, path: Path, where: str = "") -> CocoFile:
+    """Schema-check a parsed COCO dict; DataError names the file and the field (under `where`)."""
     if not isinstance(raw, dict):
+        where = where or "<root>"
         raise DataError(
-            f"{path}: <root>: expected a JSON object with images/annotations/categories"
+            f"{path}: {where}: expected a JSON object with images/annotations/categories"
         )
     try:
         return CocoFile.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        loc = f"{where}{loc}" if where else loc.lstrip(".")
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise DataError(f"{path}: {loc}: {first['msg']}{more}") from e
+
+
+def load_coco(path: Path) -> CocoFile:
+    """Parse and schema-check a COCO file. Raises DataError naming the file and the field."""
+    return parse_coco(read_json(path), Path(path))
+
+
+def load_manifest_split(path: Path, split: str) -> tuple[Path, CocoFile]:
+    """(image root, one split) of the manifest `ingest` writes ({root, splits: {split: COCO}})."""
+    raw = read_json(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("root"), str):
+        raise DataError(f"{path}: root: missing (not a manifest written by ingest)")
+    return Path(raw["root"]), parse_coco(
+        (raw.get("splits") or {}).get(split), path, f"splits.{split}"
+    )
 
 
 def resolve_image(root: Path, file_name: str, source: Path, field: str) -> Path:
@@ -90,23 +113,25 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def to_input(rgb: np.ndarray, input_size: int) -> tuple[np.ndarray, tuple[float, float]]:
-    """Resize uint8 (H, W, 3) to the model input: uint8 (S, S, 3) and the (x, y) factors that map
-    input pixels back to the original image. DetectionSet and the served model share this."""
-    pixels = Image.fromarray(rgb)
-    if pixels.size != (input_size, input_size):
-        pixels = pixels.resize((input_size, input_size), Image.BILINEAR)
-    return np.asarray(pixels), (rgb.shape[1] / input_size, rgb.shape[0] / input_size)
+def to_input(rgb: np.ndarray, input_size: int | tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox uint8 (H, W, 3) into the model input: uint8 (S_h, S_w, 3) and the transform
+    whose `to_image` maps input pixels back to the image. DetectionSet and the served model share
+    this (see tasks/letterbox.py)."""
+    return letterbox(rgb, input_size)
 
 
 class DetectionSet:
-    """One split of a manifest, decoded into memory and resized to the model input.
+    """One split of a manifest, decoded once and letterboxed to the model input.
 
-    images: uint8 (N, S, S, 3); boxes[i]: float32 (M, 4) xyxy in input pixels; labels[i]: int64
-    (M,) contiguous class indices; `scale[i]` maps input pixels back to the original image.
+    images: uint8 (N, S_h, S_w, 3), a read-only memory map (tasks/input_cache.py);
+    boxes[i]: float32 (M, 4) xyxy in input pixels; labels[i]: int64 (M,) contiguous class
+    indices; `letterboxes[i]` maps input pixels back to image i. `iscrowd` annotations (COCO
+    crowds, VOC `difficult`) are not training targets: they are left out of boxes/labels and stay
+    in `coco`, where pycocotools treats them as ignore regions. Images without boxes are kept
+    (negatives).
     """
 
-    def __init__(self, manifest: dict, split: str, input_size: int) -> None:
+    def __init__(self, manifest: dict, split: str, input_size: int | tuple[int, int]) -> None:
         coco = manifest["splits"][split]
         root = Path(manifest["root"])
         self.coco = coco
@@ -114,30 +139,25 @@ class DetectionSet:
         cat_index = {cid: i for i, cid in enumerate(self.categories)}
         by_image: dict[int, list[dict]] = {}
         for a in coco["annotations"]:
-            by_image.setdefault(a["image_id"], []).append(a)
-        self.ids, images, self.boxes, self.labels, self.scale = [], [], [], [], []
-        for im in coco["images"]:
-            pixels, _ = to_input(read_rgb(root / im["file_name"]), input_size)
-            sx, sy = input_size / im["width"], input_size / im["height"]
+            if not a.get("iscrowd", 0):
+                by_image.setdefault(a["image_id"], []).append(a)
+        self.images, self.letterboxes = decoded_inputs(root, coco["images"], input_size, read_rgb)
+        self.ids, self.boxes, self.labels = [], [], []
+        for im, lb in zip(coco["images"], self.letterboxes, strict=True):
             anns = by_image.get(im["id"], [])
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
             xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             self.ids.append(im["id"])
-            images.append(pixels)
-            self.boxes.append(xyxy * np.array([sx, sy, sx, sy], dtype=np.float32))
+            self.boxes.append(lb.to_input(xyxy))
             self.labels.append(
                 np.array([cat_index[a["category_id"]] for a in anns], dtype=np.int64)
             )
-            self.scale.append((1 / sx, 1 / sy))
-        self.images = (
-            np.stack(images) if images else np.zeros((0, input_size, input_size, 3), np.uint8)
-        )
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def batch(self, idx: np.ndarray | slice) -> np.ndarray:
-        """float32 (B, 3, S, S) in [0, 1]."""
+        """float32 (B, 3, S_h, S_w) in [0, 1]."""
         return self.images[idx].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 

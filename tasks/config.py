@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import ConfigError
 
@@ -28,11 +35,57 @@ class ProjectCfg(Section):
     registered_model: str = Field("shrinkflow-detector", description="MLflow registered model name")
 
 
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # fmt: skip
+
+
+class SplitCfg(Section):
+    """How `ingest` splits a dataset that comes as one pool of images (a single COCO file, VOC
+    without ImageSets/Main/{train,val,test}.txt, YOLO with `train` only). Near-duplicate images
+    (perceptual hash within `label_qa.near_duplicate_bits`) always land in the same split."""
+
+    val: float = Field(0.15, gt=0, lt=1, description="share of images for validation")
+    test: float = Field(0.25, gt=0, lt=1, description="share of images for the test split")
+    seed: int = Field(0, description="seed of the split (groups are shuffled with it)")
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitCfg:
+        if self.val + self.test >= 1:
+            raise ValueError("val + test must leave images for train (sum < 1)")
+        return self
+
+
 class DatasetCfg(Section):
-    path: str = Field(
-        "data/default",
-        description="dataset root: {train,val,test}.json (COCO) and the image files they name",
+    """Where the data comes from; `ingest` turns any format into the internal COCO manifest."""
+
+    format: Literal["builtin", "coco", "yolo", "voc"] = Field(
+        "builtin",
+        description="builtin: the digits composed by `ingest` (section `data`); coco: "
+        "{train,val,test}.json or one file (`annotations`); yolo: Ultralytics data.yaml + "
+        "images/ + labels/; voc: Annotations/*.xml, JPEGImages/, ImageSets/Main/*.txt",
     )
+    path: str = Field(
+        "data",
+        description="the dataset folder (a DVC dependency of `ingest`; never written to); "
+        "ignored by the builtin source",
+    )
+    annotations: str | None = Field(
+        None,
+        description="coco: one annotation file (relative to `path`) split by `split`, instead "
+        "of {train,val,test}.json",
+    )
+    classes: list[str] | None = Field(
+        None, description="voc: the class names in id order (default: the 20 Pascal VOC classes)"
+    )
+    split: SplitCfg | None = Field(
+        None, description="split rule for data without its own train/val/test split"
+    )
+
+    def voc_classes(self) -> list[str]:
+        return list(self.classes) if self.classes else list(VOC_CLASSES)
 
 
 Rate = Annotated[float, Field(ge=0, le=1)]
@@ -179,6 +232,63 @@ class LabelQaCfg(Section):
     model: LabelQaModelCfg = Field(default_factory=lambda: LabelQaModelCfg())
 
 
+class _Aug(Section):
+    p: Rate = Field(0.5, description="probability the step is applied to an image")
+
+
+class ShiftAug(_Aug):
+    """Translate by whole pixels (zero fill); boxes follow, mostly-hidden ones are dropped."""
+
+    kind: Literal["shift"]
+    fraction: float = Field(0.125, ge=0, le=0.5, description="largest shift, share of the side")
+
+
+class HFlipAug(_Aug):
+    """Mirror left-right (wrong for classes that are mirror-sensitive, e.g. digits)."""
+
+    kind: Literal["hflip"]
+
+
+class VFlipAug(_Aug):
+    """Mirror top-bottom (aerial or microscope views)."""
+
+    kind: Literal["vflip"]
+
+
+class ScaleJitterAug(_Aug):
+    """Zoom in or out about the centre, aspect ratio kept."""
+
+    kind: Literal["scale_jitter"]
+    range: tuple[float, float] = Field((0.75, 1.25), description="min, max zoom factor")
+
+
+class HsvAug(_Aug):
+    """Photometric jitter. `hue` stays 0 by default, so colours keep their meaning."""
+
+    kind: Literal["hsv"]
+    hue: float = Field(0.0, ge=0, le=0.5, description="largest hue shift, share of the circle")
+    saturation: float = Field(0.3, ge=0, le=1, description="largest relative saturation change")
+    value: float = Field(0.3, ge=0, le=1, description="largest relative brightness change")
+
+
+class ChannelShuffleAug(_Aug):
+    """Permute R, G, B: only for data whose classes are not told apart by colour."""
+
+    kind: Literal["channel_shuffle"]
+
+
+class MosaicAug(_Aug):
+    """Four training images in a 2x2 mosaic at the input size (always applied first)."""
+
+    kind: Literal["mosaic"]
+
+
+AugmentStep = Annotated[
+    ShiftAug | HFlipAug | VFlipAug | ScaleJitterAug | HsvAug | ChannelShuffleAug | MosaicAug,
+    Field(discriminator="kind"),
+]
+
+
 class TrainCfg(Section):
     seed: int = Field(0, description="torch / numpy seed")
     epochs: PosInt = Field(30, description="training epochs")
@@ -191,7 +301,20 @@ class TrainCfg(Section):
     amp: bool = Field(True, description="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     threads: PosInt = Field(2, description="torch intra-op threads on CPU")
-    augment: bool = Field(True, description="random horizontal shift/scale jitter")
+    augment: list[AugmentStep] = Field(
+        default_factory=lambda: [ShiftAug(kind="shift", p=1.0)],
+        description="box-aware training augmentation (albumentations), applied in order, each "
+        "with its probability `p`: shift, hflip, vflip, scale_jitter, hsv, channel_shuffle, "
+        "mosaic; [] = none",
+    )
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_switch(cls, v):
+        """`true` / `false` (the earlier switch): the default list / none."""
+        if isinstance(v, bool):
+            return [{"kind": "shift", "p": 1.0}] if v else []
+        return v
 
 
 class PruneCfg(Section):

@@ -1,4 +1,5 @@
-"""Stage `data`: the built-in default detection set, composed from scikit-learn's digits.
+"""The built-in default detection set (`dataset.format: builtin` of `ingest`), composed from
+scikit-learn's digits.
 
 The 1,797 8x8 handwritten digits are split into train/val/test *before* composing, so no source
 digit appears in two splits. Each canvas gets a tinted gradient background, several digits pasted
@@ -6,7 +7,6 @@ at varied scales and aspect ratios, and clutter (strokes, rings, blobs) that a d
 to ignore. Output: `<out>/{train,val,test}.json` (COCO) and `<out>/images/<split>/*.png`.
 With `data.noise` rates above 0, label noise (class swaps, shifted / scaled / dropped / duplicated
 boxes) is injected and its ground truth written to `<out>/noise.json` (to measure label QA).
-A user's own data replaces this stage: point `dataset.path` at a folder with the same layout.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import typer
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from tasks.cli import stage_entry
 from tasks.config import DataCfg, LabelNoiseCfg
 from tasks.io import atomic_dir, meta, write_json
 
@@ -261,24 +259,3 @@ def run(cfg: DataCfg, *, out_dir: Path) -> dict:
         write_json(tmp / NOISE_FILE, {"config": cfg.noise.model_dump(), "injected": injected})
         write_json(tmp / "meta.json", meta(cfg, {}, ("scikit-learn", "pillow")))
     return metrics
-
-
-app = typer.Typer(add_completion=False)
-
-
-@app.command()
-def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    out: Path = typer.Option(Path("data/default"), help="dataset folder to write"),
-    metrics: Path = typer.Option(Path("artifacts/data/metrics.json")),
-) -> None:
-    """Compose the default digits detection set."""
-    with stage_entry("data", params) as ctx:
-        result = run(ctx.params.data, out_dir=out)
-        ctx.log_params(ctx.params.data)
-        ctx.log_metrics(result)
-        write_json(metrics, result)
-
-
-if __name__ == "__main__":
-    app()

@@ -11,7 +11,9 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-# A runner maps float32 (B, 3, S, S) in [0, 1] to (num, boxes xyxy, scores, classes) arrays.
+from tasks.letterbox import Letterbox
+
+# A runner maps float32 (B, 3, S_h, S_w) in [0, 1] to (num, boxes xyxy, scores, classes) arrays.
 Runner = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 
@@ -21,29 +23,33 @@ def predict(runner: Runner, dataset, batch_size: int = 32) -> list[dict]:
     for start in range(0, len(dataset), batch_size):
         sl = slice(start, start + batch_size)
         outputs = runner(dataset.batch(sl))
-        rows += to_rows(outputs, dataset.ids[sl], dataset.scale[sl], dataset.categories)
+        rows += to_rows(outputs, dataset.ids[sl], dataset.letterboxes[sl], dataset.categories)
     return rows
 
 
 def to_rows(
     outputs: Sequence[np.ndarray],
     image_ids: Sequence[int],
-    scales: Sequence[tuple[float, float]],
+    letterboxes: Sequence[Letterbox],
     categories: Sequence[int],
 ) -> list[dict]:
     """A runner's (num, boxes xyxy, scores, classes) for one batch as COCO result rows: boxes
-    scaled by `scales[j]` back to image j's pixels, class index k named `categories[k]`."""
+    mapped by `letterboxes[j].to_image` back to image j's pixels, class index k named
+    `categories[k]`."""
     num, boxes, scores, classes = (np.asarray(o) for o in outputs)
     rows: list[dict] = []
     for j, image_id in enumerate(image_ids):
-        sx, sy = scales[j]
-        for k in range(int(num[j])):
-            x0, y0, x1, y1 = boxes[j, k].tolist()
+        n = int(num[j])
+        if n == 0:
+            continue
+        back = letterboxes[j].to_image(boxes[j, :n])
+        for k in range(n):
+            x0, y0, x1, y1 = back[k].tolist()
             rows.append(
                 {
                     "image_id": int(image_id),
                     "category_id": int(categories[int(classes[j, k])]),
-                    "bbox": [x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
                     "score": float(scores[j, k]),
                 }
             )

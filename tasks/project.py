@@ -23,6 +23,7 @@ PIPELINE_FILES = (
     ".dvcignore",
     ".dvc/config",
     ".gitignore",
+    "data/README.md",
     "tasks",
     "flows",
     "prefect.yaml",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import typer
 from tqdm import tqdm
 
+from tasks.augment import augmenter
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, load_splits
 from tasks.config import TrainCfg
@@ -71,34 +72,6 @@ def detection_loss(raw: torch.Tensor, heat, reg, mask, num_classes: int) -> torc
     size_l1 = (F.l1_loss(r[:, :2], reg[:, :2], reduction="none") * m).sum() / n
     off_l1 = (F.l1_loss(r[:, 2:], reg[:, 2:], reduction="none") * m).sum() / n
     return focal + 0.1 * size_l1 + off_l1
-
-
-def augment(images: np.ndarray, boxes: list[np.ndarray], rng: np.random.Generator):
-    """Random translation (zero fill) and channel permutation; boxes follow the shift."""
-    n, s = images.shape[0], images.shape[1]
-    out = np.zeros_like(images)
-    moved = []
-    for i in range(n):
-        dx, dy = rng.integers(-s // 8, s // 8 + 1, size=2)
-        src = images[i][max(0, -dy) : s - max(0, dy), max(0, -dx) : s - max(0, dx)]
-        out[i, max(0, dy) : max(0, dy) + src.shape[0], max(0, dx) : max(0, dx) + src.shape[1]] = src
-        out[i] = out[i][..., rng.permutation(3)]
-        b = boxes[i] + np.array([dx, dy, dx, dy], np.float32)
-        b = np.clip(b, 0, s)
-        moved.append(b)
-    return out, moved
-
-
-def _keep_visible(boxes, labels, originals):
-    """Drop boxes that the shift pushed mostly out of the canvas (< 60% of the area left)."""
-    out_b, out_l = [], []
-    for b, lb, o in zip(boxes, labels, originals, strict=True):
-        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        full = (o[:, 2] - o[:, 0]) * (o[:, 3] - o[:, 1])
-        keep = area >= 0.6 * np.maximum(full, 1e-6)
-        out_b.append(b[keep])
-        out_l.append(lb[keep])
-    return out_b, out_l
 
 
 def evaluate_model(model: Detector, data: DetectionSet, score_threshold: float = 0.3) -> dict:
@@ -155,6 +128,8 @@ def fit(
     )
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    size = model.cfg.input_size
+    aug = augmenter(cfg.augment, size, size, cfg.seed)
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
@@ -168,9 +143,8 @@ def fit(
             images = train.images[idx]
             boxes = [train.boxes[i] for i in idx]
             labels = [train.labels[i] for i in idx]
-            if cfg.augment:
-                images, shifted = augment(images, boxes, rng)
-                boxes, labels = _keep_visible(shifted, labels, boxes)
+            if aug is not None:
+                images, boxes, labels = aug(images, boxes, labels, train, rng)
             targets = make_targets(boxes, labels, num_classes, model.cfg.input_size)
             heat, reg, mask = (t.to(device) for t in targets)
             x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255).to(device)

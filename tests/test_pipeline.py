@@ -19,7 +19,7 @@ from tests.conftest import running_mlflow_server, tiny_params
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 TARGETS = ["onnxruntime", "openvino", "tensorrt"]
 STAGES = [
-    "data",
+    "ingest",
     "label_qa",
     "train",
     "prune",

@@ -69,7 +69,9 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def main(
     params: Path = typer.Option(Path("params.yaml")),
-    dataset: Path = typer.Option(..., help="dataset root with {train,val,test}.json"),
+    dataset: Path = typer.Option(
+        ..., help="ingest's manifest.json, or a folder with {train,val,test}.json"
+    ),
     out: Path = typer.Option(Path("artifacts/label_qa"), help="folder for reports and manifest"),
 ) -> None:
     """Check the dataset, write the reports and the cleaned manifest; gate on the error rate."""

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.coco import load_coco, read_rgb, resolve_image
+from tasks.coco import load_coco, load_manifest_split, read_rgb, resolve_image
 from tasks.config import LabelQaCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.label_qa import balance, boxes, images, model_checks  # noqa: F401  (register rules)
@@ -53,14 +53,19 @@ class QaResult:
         }
 
 
-def load_split(root: Path, split: str) -> SplitData:
-    """Parse `<root>/<split>.json` and decode every image once (size and perceptual hash).
+def load_split(root: Path, split: str, manifest: Path | None = None) -> SplitData:
+    """Parse `<root>/<split>.json` (or the split of `ingest`'s manifest file, whose images lie
+    under its `root`) and decode every image once (size and perceptual hash).
 
     Raises:
         DataError: not UTF-8 JSON, a schema error, or an image path escaping `root`.
     """
-    source = root / f"{split}.json"
-    coco = load_coco(source)
+    if manifest is None:
+        source = root / f"{split}.json"
+        coco = load_coco(source)
+    else:
+        source = manifest
+        root, coco = load_manifest_split(manifest, split)
     sizes: dict[int, tuple[int, int] | str] = {}
     paths, hashes = {}, {}
     for i, im in enumerate(coco.images):
@@ -188,7 +193,8 @@ def run(
 
     Args:
         cfg: the label_qa section of params.yaml.
-        dataset: root holding {train,val,test}.json and the images they name.
+        dataset: root holding {train,val,test}.json and the images they name, or the manifest
+            file `ingest` writes.
         train_cfg: batch size, seed, threads and AMP of the cross-fit (params `train`).
         champion: (runner, input size) of the registry's champion, to score val/test with.
     Returns:
@@ -204,7 +210,10 @@ def run(
             f"choose one of {', '.join(RULES)}"
         )
     dataset = Path(dataset)
-    ctx = QaContext(cfg, dataset, {s: load_split(dataset, s) for s in SPLITS})
+    manifest = dataset if dataset.is_file() else None  # ingest's manifest.json
+    if manifest is not None:
+        dataset = load_manifest_split(manifest, "train")[0]
+    ctx = QaContext(cfg, dataset, {s: load_split(dataset, s, manifest) for s in SPLITS})
     findings = run_rules(ctx, phase=1)
     ctx.interim = apply_policy(ctx, findings)
     for f in findings:

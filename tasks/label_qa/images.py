@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image
-from scipy.fft import dctn
 
 from tasks.coco import CocoImage
+from tasks.imagehash import HASH_SIDE, near_pairs, phash  # noqa: F401  (re-exported: core, bench, tests)
 from tasks.label_qa.registry import (
     SPLITS,
     Hit,
@@ -26,17 +25,6 @@ from tasks.label_qa.registry import (
     dataset_rule,
     image_rule,
 )
-
-HASH_SIDE = 16  # 16x16 frequencies = 256 bits
-
-
-def phash(rgb: np.ndarray) -> np.ndarray:
-    """256-bit perceptual hash of a uint8 (H, W, 3) image, as 4 uint64 words."""
-    side = 4 * HASH_SIDE
-    grey = Image.fromarray(rgb).convert("L").resize((side, side), Image.LANCZOS)
-    freq = dctn(np.asarray(grey, np.float64), norm="ortho")[:HASH_SIDE, :HASH_SIDE].ravel()
-    bits = freq > np.median(freq[1:])  # the DC term would dominate the median
-    return np.packbits(bits).view(np.uint64)
 
 
 @image_rule("image_unreadable", "error", "drop")
@@ -68,12 +56,8 @@ def _similar_pairs(ctx: QaContext) -> Iterator[tuple[str, int, str, int, int]]:
     if len(keys) < 2:
         return
     h = np.stack([ctx.splits[s].hashes[i] for s, i in keys])  # (N, 4) uint64
-    for start in range(0, len(h), 256):  # (256, N) distance blocks bound the memory
-        block = np.bitwise_count(h[start : start + 256, None] ^ h[None, :]).sum(-1)
-        for r, c in zip(*np.nonzero(block <= ctx.cfg.near_duplicate_bits), strict=True):
-            a = start + int(r)
-            if int(c) > a:
-                yield (*keys[a], *keys[int(c)], int(block[r, c]))
+    for a, b, d in near_pairs(h, ctx.cfg.near_duplicate_bits):
+        yield (*keys[a], *keys[b], d)
 
 
 @dataset_rule("duplicate_image", "warning", "keep")
