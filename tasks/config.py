@@ -11,12 +11,33 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import ConfigError
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+
+# Characters a shell gives a meaning to (dvc.yaml interpolates path params into `cmd` lines),
+# control characters, and a leading `-` (it would read as an option).
+_SHELL_META = set("$`'\"\\;&|<>(){}[]*?!#~\n\r\t\0")
+
+
+def _safe_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a path, not empty")
+    bad = sorted({c for c in value if c in _SHELL_META or ord(c) < 32})
+    if bad:
+        raise ValueError(
+            f"{value!r} is not a plain path: remove {' '.join(repr(c) for c in bad)} "
+            "(shell metacharacters are refused)"
+        )
+    if value.startswith("-"):
+        raise ValueError(f"{value!r} is not a plain path: it starts with '-'")
+    return value
+
+
+SafePath = Annotated[str, AfterValidator(_safe_path)]
 
 
 class Section(BaseModel):
@@ -29,7 +50,7 @@ class ProjectCfg(Section):
 
 
 class DatasetCfg(Section):
-    path: str = Field(
+    path: SafePath = Field(
         "data/default",
         description="dataset root: {train,val,test}.json (COCO) and the image files they name",
     )
@@ -477,11 +498,17 @@ def _format(file: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", require: tuple[str, ...] = ()) -> Params:
     """Read and validate params.yaml.
 
+    Args:
+        path: the params file.
+        require: sections that must be written in the file (a stage refuses to run on built-in
+            defaults for the sections it reads: an empty or wrong file is not a valid config).
+
     Raises:
-        ConfigError: the file is missing, not YAML, or any key is unknown, mistyped or out of range.
+        ConfigError: the file is missing, not YAML, lacks a required section, or any key is
+            unknown, mistyped or out of range.
     """
     path = Path(path)
     try:
@@ -492,6 +519,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: <root>: expected a mapping of sections")
+    missing = [s for s in require if not isinstance(raw.get(s), dict)]
+    if missing:
+        raise ConfigError(
+            f"{path}: {', '.join(missing)}: section missing (this stage reads it and does not "
+            "run on built-in defaults)"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
