@@ -213,6 +213,9 @@ class TrainCfg(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     threads: PosInt = Field(2, description="torch intra-op threads on CPU")
     augment: bool = Field(True, description="random horizontal shift/scale jitter")
+    min_boxes: PosInt = Field(
+        1, description="fewest boxes the cleaned train split may hold (fewer is an error)"
+    )
 
 
 class PruneCfg(Section):
@@ -331,6 +334,9 @@ class EvaluateCfg(Section):
     throughput_runs: PosInt = Field(5)
     parity_iou: float = Field(0.5, gt=0, lt=1, description="IoU matching detections for parity")
     rounds: PosInt = Field(3, description="alternating benchmark rounds (order shuffled)")
+    min_boxes: PosInt = Field(
+        1, description="fewest boxes the cleaned test split may hold (fewer is an error)"
+    )
 
 
 class FlowCfg(Section):
