@@ -295,6 +295,16 @@ class QuantizeCfg(Section):
         description="keep a layer type (or the whole model) in float where INT8 measures "
         "slower (batch-1 latency)",
     )
+    keep_faster_margin: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="keep_faster takes float only when it measures this much faster (0.05 = "
+        "5%) in the median and in every round: timing noise keeps INT8",
+    )
+    keep_faster_rounds: int = Field(
+        5, ge=1, le=50, description="keep_faster timing rounds (order shuffled, median each)"
+    )
     qat_epochs: NonNegInt = Field(
         0, description="quantization-aware fine-tuning epochs before INT8 export (0 = PTQ only)"
     )
