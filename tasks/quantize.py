@@ -330,6 +330,10 @@ def run(
                 src, int8, cache, cfg, excluded, x, threads, known and known["layer_types"]
             )
             report["layer_types"] = types
+            if known is None:  # recorded now: a run killed later reuses it
+                known = {"layer_types": {k: t["precision"] for k, t in types.items()}}
+                record(out / DECISIONS, key, known)
+                known = None
             slower = [n for t in types.values() if t["precision"] == "fp32" for n in t["layers"]]
             if slower:
                 excluded += slower
@@ -355,7 +359,7 @@ def run(
     report["latency_ms_p50_batch1"] = latency
     chosen, reason = cfg.precision, "as configured"
     if cfg.keep_faster and cfg.precision != "fp32":
-        if known is not None and known.get("deployed") in candidates:
+        if known is not None and "deployed" in known and known["deployed"] in candidates:
             chosen, reason = known["deployed"], f"{known['reason']} (recorded decision reused)"
         else:
             ev = faster(times["fp32"], times[cfg.precision], rounds, cfg.keep_faster_margin)
@@ -381,8 +385,9 @@ def run(
             "deployed": chosen,
             "reason": reason.removesuffix(" (recorded decision reused)"),
         }
-        report["keep_faster"] = {"key": key, "reused": known is not None, **decision}
-        if known is None:
+        reused = known is not None and "deployed" in known
+        report["keep_faster"] = {"key": key, "reused": reused, **decision}
+        if not reused:
             record(out / DECISIONS, key, decision)
     return report
 

@@ -67,6 +67,20 @@ def manifest_without_boxes(ws: Path, split: str) -> str:
     return name
 
 
+def dataset_with(ws: Path, name: str, train_json: bytes) -> str:
+    """A copy of the small dataset whose train.json is `train_json`."""
+    if not (ws / name).exists():
+        shutil.copytree(ws / "data", ws / name)
+    (ws / name / "train.json").write_bytes(train_json)
+    return name
+
+
+def escaping_path(ws: Path) -> bytes:
+    train = json.loads((ws / "data" / "train.json").read_text())
+    train["images"][0]["file_name"] = "../../../etc/passwd"
+    return json.dumps(train).encode()
+
+
 def stage(ws: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}"}
     return subprocess.run(
@@ -77,6 +91,10 @@ def stage(ws: Path, *args: str) -> subprocess.CompletedProcess:
         timeout=600,
         env={**os.environ, **env},
     )
+
+
+def _typo(params):
+    params["train"]["epoch"] = 3
 
 
 def _pop(section):
@@ -111,6 +129,57 @@ CASES = [
         ],
         "p2.yaml: dataset.path:",
         ["out/data", "pwned"],
+    ),
+    (
+        "params typo (an unknown key)",
+        lambda ws: (
+            ["tasks.train", "--params", params_with(ws, "p4.yaml", _typo)]
+            + ["--manifest", "manifest.json", "--out", "out/train-typo"]
+        ),
+        "p4.yaml: train.epoch: unknown key",
+        ["out/train-typo"],
+    ),
+    (
+        "params value out of range",
+        lambda ws: [
+            "tasks.prune",
+            "--params",
+            params_with(ws, "p5.yaml", lambda p: p["prune"].update(macs_reduction=1.5)),
+            "--out",
+            "out/prune-range",
+        ],
+        "p5.yaml: prune.macs_reduction: Input should be less than 0.95",
+        ["out/prune-range"],
+    ),
+    (
+        "non-UTF-8 COCO file",
+        lambda ws: (
+            ["tasks.label_qa", "--dataset", dataset_with(ws, "d1", b"\xff\xfe{}")]
+            + ["--out", "out/qa-utf8"]
+        ),
+        "d1/train.json: not UTF-8 text",
+        ["out/qa-utf8"],
+    ),
+    (
+        "truncated COCO JSON",
+        lambda ws: [
+            "tasks.label_qa",
+            "--dataset",
+            dataset_with(ws, "d2", (ws / "data" / "train.json").read_bytes()[:200]),
+            "--out",
+            "out/qa-trunc",
+        ],
+        "d2/train.json: not valid JSON",
+        ["out/qa-trunc"],
+    ),
+    (
+        "image path escaping the dataset root",
+        lambda ws: (
+            ["tasks.label_qa", "--dataset", dataset_with(ws, "d3", escaping_path(ws))]
+            + ["--out", "out/qa-escape"]
+        ),
+        "escapes the dataset root",
+        ["out/qa-escape"],
     ),
     (
         "misspelt top-level section",
@@ -193,7 +262,8 @@ def test_bad_input_is_one_clear_error_line(ws, case, argv, expected, absent):
 
 def test_label_faults_are_findings_not_crashes(ws):
     """Negative-width box, repeated image id, repeated annotation id, an image over PIL's pixel
-    limit: label QA reports each under its own rule and finishes (no traceback)."""
+    limit, a missing and a truncated image: label QA reports each under its own rule and
+    finishes (no traceback)."""
     root = ws / "faulty"
 
     shutil.copytree(ws / "data", root)
@@ -205,7 +275,10 @@ def test_label_faults_are_findings_not_crashes(ws):
     twin = dict(images[1], id=images[0]["id"])  # two images, one id
     Image.new("1", (14000, 14000)).save(root / "bomb.png")  # 196 Mpx: over PIL's limit
     bomb = {"id": 99_999, "file_name": "bomb.png", "width": 14000, "height": 14000}
-    train["images"] = [*images, twin, bomb]
+    missing = dict(images[2], id=99_998, file_name="absent.png")
+    (root / "cut.png").write_bytes((root / images[3]["file_name"]).read_bytes()[:60])
+    cut = dict(images[3], id=99_997, file_name="cut.png")  # a truncated PNG
+    train["images"] = [*images, twin, bomb, missing, cut]
     (root / "train.json").write_text(json.dumps(train))
     proc = stage(ws, "tasks.label_qa", "--dataset", "faulty", "--out", "out/label_qa")
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -214,11 +287,13 @@ def test_label_faults_are_findings_not_crashes(ws):
     findings = report["findings"] if isinstance(report, dict) else report
     rules = {f["rule"] for f in findings}
     assert {"box_empty", "duplicate_image_id", "duplicate_annotation_id"} <= rules
-    assert any(f["rule"] == "image_unreadable" and f["image_id"] == 99_999 for f in findings)
+    unreadable = {f["image_id"] for f in findings if f["rule"] == "image_unreadable"}
+    assert {99_999, 99_998, 99_997} <= unreadable
     manifest = json.loads((ws / "out/label_qa/manifest.json").read_text())
     kept = manifest["splits"]["train"]
     ids = [im["id"] for im in kept["images"]]
-    assert len(ids) == len(set(ids)) and images[0]["id"] not in ids and 99_999 not in ids
+    assert len(ids) == len(set(ids)) and images[0]["id"] not in ids
+    assert not {99_999, 99_998, 99_997} & set(ids)
     ann_ids = [a["id"] for a in kept["annotations"]]
     assert len(ann_ids) == len(set(ann_ids))
     assert len(kept["images"]) < len(good["images"])
