@@ -93,9 +93,18 @@ def faster(candidate: np.ndarray, reference: np.ndarray, rounds: int, margin: fl
     }
 
 
+def _content_md5(path: Path) -> str:
+    """md5 of a file; of a JSON file's content with sorted keys (ONNX Runtime writes the
+    calibration ranges in an order that changes from one process to the next)."""
+    if path.suffix == ".json":
+        canonical = json.dumps(json.loads(path.read_text()), sort_keys=True)
+        return hashlib.md5(canonical.encode()).hexdigest()
+    return md5_file(path)
+
+
 def decision_key(**inputs) -> str:
-    """md5 over the decision's inputs (files by their md5) and this machine and runtime."""
-    facts = {k: md5_file(v) if isinstance(v, Path) else v for k, v in sorted(inputs.items())}
+    """md5 over the decision's inputs (files by their content) and this machine and runtime."""
+    facts = {k: _content_md5(v) if isinstance(v, Path) else v for k, v in sorted(inputs.items())}
     facts["machine"] = [platform.machine(), platform.processor(), os.cpu_count()]
     facts["versions"] = versions("onnxruntime", "onnx")
     return hashlib.md5(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()

@@ -321,3 +321,16 @@ def test_quantize_twice_gives_the_same_engine_and_labels_come_from_the_graph(
     assert third["precision"] == "fp32" and third["precision_configured"] == "int8"
     assert set(third["layer_precision"].values()) == {"fp32"}
     assert "int8" not in quantize.render(third).split("Deployed precision: ")[1].split(" ")[0]
+
+
+def test_the_decision_key_ignores_the_order_ort_writes_the_ranges_in(tmp_path):
+    # ONNX Runtime writes the calibration ranges in an order that changes between processes
+    # (string hashing): the same ranges must give the same key, or no run ever reuses one.
+    from tasks.precision import decision_key
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"data": {"x": [1.0], "y": [2.0]}}))
+    b.write_text(json.dumps({"data": {"y": [2.0], "x": [1.0]}}))
+    assert decision_key(ranges=a) == decision_key(ranges=b)
+    b.write_text(json.dumps({"data": {"y": [2.5], "x": [1.0]}}))
+    assert decision_key(ranges=a) != decision_key(ranges=b)
