@@ -15,7 +15,7 @@ import typer
 from tasks.cli import stage_entry
 from tasks.config import BuildEngineCfg
 from tasks.engines import engine_size_mb, get
-from tasks.io import atomic_dir, meta, remove, write_json
+from tasks.io import atomic_dir, check_onnx, meta, remove, write_json
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 def run(cfg: BuildEngineCfg, *, target: str, onnx_path: Path, out: Path) -> dict:
     """Build `target` from `onnx_path` into the folder `out` (atomically). Returns metrics."""
     engine = get(target)
+    check_onnx(onnx_path)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         facts = engine.build(onnx_path, tmp, cfg)

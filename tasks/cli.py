@@ -27,6 +27,24 @@ from tasks.io import md5_file
 
 log = logging.getLogger("shrinkflow")
 
+# The params.yaml sections each stage's code reads: they must be in the file (no stage runs on
+# built-in defaults, so an empty or truncated params.yaml cannot pass a gate). Keyed by the stage
+# name before any `@item`.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ingest": ("dataset", "data", "label_qa"),
+    "label_qa": ("label_qa", "train", "project"),
+    "train": ("train", "evaluate"),
+    "prune": ("prune", "train"),
+    "distill": ("distill", "train"),
+    "export": ("export",),
+    "quantize": ("quantize", "train", "build_engine"),
+    "build_engine": ("build_engine",),
+    "evaluate": ("evaluate", "export", "build_engine"),
+    "variants": ("quantize", "export", "evaluate", "build_engine"),
+    "compare": ("build_engine",),
+    "promote": ("promote", "project", "build_engine", "export"),
+}
+
 
 @dataclass
 class StageContext:
@@ -45,6 +63,12 @@ class StageContext:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.tracker.log_artifact(path, artifact_path)
+
+
+def required_sections(stage: str) -> tuple[str, ...]:
+    """The sections `stage` (or `stage@item`) reads; a stage not listed reads its own section."""
+    base = stage.split("@")[0]
+    return STAGE_SECTIONS.get(base, (base,) if base in Params.model_fields else ())
 
 
 def setup_logging() -> None:
@@ -92,7 +116,7 @@ def stage_entry(stage: str, params_path: Path) -> Iterator[StageContext]:
     """Validate params, open the MLflow child run, and map errors to exit statuses."""
     setup_logging()
     try:
-        params = load_params(params_path)
+        params = load_params(params_path, required_sections(stage))
     except ShrinkflowError as e:
         fail(e)
     from tasks.tracking import Tracker, tracking_uri

@@ -107,10 +107,18 @@ def resolve_image(root: Path, file_name: str, source: Path, field: str) -> Path:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image fully (a truncated file raises OSError): uint8 (H, W, 3)."""
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))
+    """Decode an image fully: uint8 (H, W, 3).
+
+    Raises:
+        OSError: a truncated or corrupt file, or one over PIL's pixel limit (a decompression
+            bomb), with the file named.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise OSError(f"{path}: too many pixels to decode safely ({e})") from e
 
 
 def to_input(rgb: np.ndarray, input_size: int | tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
@@ -165,3 +173,33 @@ def load_splits(manifest: Path, input_size: int) -> tuple[dict, DetectionSet, De
     """The manifest written by label_qa, with its train and val splits decoded."""
     m = json.loads(Path(manifest).read_text())
     return m, DetectionSet(m, "train", input_size), DetectionSet(m, "val", input_size)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest label_qa wrote ({"root", "splits"}). Raises DataError naming the file."""
+    path = Path(path)
+    try:
+        m = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a valid JSON manifest: {e}") from e
+    if not isinstance(m, dict) or not isinstance(m.get("splits"), dict) or "root" not in m:
+        raise DataError(f"{path}: <root>: expected a label-QA manifest with root and splits")
+    return m
+
+
+def check_min_boxes(manifest: dict, source: Path, split: str, floor: int, key: str) -> None:
+    """Refuse a split with fewer than `floor` boxes: a model trained on nothing, or a test mAP
+    of 0.0 over nothing, is an input error, not a result.
+
+    Raises:
+        DataError: naming the manifest, the split and the params key that sets the floor.
+    """
+    coco = manifest["splits"].get(split, {"annotations": [], "images": []})
+    n = len(coco["annotations"])
+    if n < floor:
+        raise DataError(
+            f"{source}: splits.{split}: {n} boxes on {len(coco['images'])} images, fewer than "
+            f"params.yaml {key}={floor}; check the dataset (or what label QA dropped)"
+        )

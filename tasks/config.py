@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +25,27 @@ from tasks.errors import ConfigError
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+
+# Characters a shell gives a meaning to (dvc.yaml interpolates path params into `cmd` lines),
+# control characters, and a leading `-` (it would read as an option).
+_SHELL_META = set("$`'\"\\;&|<>(){}[]*?!#~\n\r\t\0")
+
+
+def _safe_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a path, not empty")
+    bad = sorted({c for c in value if c in _SHELL_META or ord(c) < 32})
+    if bad:
+        raise ValueError(
+            f"{value!r} is not a plain path: remove {' '.join(repr(c) for c in bad)} "
+            "(shell metacharacters are refused)"
+        )
+    if value.startswith("-"):
+        raise ValueError(f"{value!r} is not a plain path: it starts with '-'")
+    return value
+
+
+SafePath = Annotated[str, AfterValidator(_safe_path)]
 
 
 class Section(BaseModel):
@@ -67,12 +89,12 @@ class DatasetCfg(Section):
         "{train,val,test}.json or one file (`annotations`); yolo: Ultralytics data.yaml + "
         "images/ + labels/; voc: Annotations/*.xml, JPEGImages/, ImageSets/Main/*.txt",
     )
-    path: str = Field(
+    path: SafePath = Field(
         "data",
         description="the dataset folder (a DVC dependency of `ingest`; never written to); "
         "ignored by the builtin source",
     )
-    annotations: str | None = Field(
+    annotations: SafePath | None = Field(
         None,
         description="coco: one annotation file (relative to `path`) split by `split`, instead "
         "of {train,val,test}.json",
@@ -301,6 +323,9 @@ class TrainCfg(Section):
     amp: bool = Field(True, description="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     threads: PosInt = Field(2, description="torch intra-op threads on CPU")
+    min_boxes: PosInt = Field(
+        1, description="fewest boxes the cleaned train split may hold (fewer is an error)"
+    )
     augment: list[AugmentStep] = Field(
         default_factory=lambda: [ShiftAug(kind="shift", p=1.0)],
         description="box-aware training augmentation (albumentations), applied in order, each "
@@ -394,6 +419,16 @@ class QuantizeCfg(Section):
         description="keep a layer type (or the whole model) in float where INT8 measures "
         "slower (batch-1 latency)",
     )
+    keep_faster_margin: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="keep_faster takes float only when it measures this much faster (0.05 = "
+        "5%) in the median and in every round: timing noise keeps INT8",
+    )
+    keep_faster_rounds: int = Field(
+        5, ge=1, le=50, description="keep_faster timing rounds (order shuffled, median each)"
+    )
     qat_epochs: NonNegInt = Field(
         0, description="quantization-aware fine-tuning epochs before INT8 export (0 = PTQ only)"
     )
@@ -433,6 +468,9 @@ class EvaluateCfg(Section):
     throughput_runs: PosInt = Field(5)
     parity_iou: float = Field(0.5, gt=0, lt=1, description="IoU matching detections for parity")
     rounds: PosInt = Field(3, description="alternating benchmark rounds (order shuffled)")
+    min_boxes: PosInt = Field(
+        1, description="fewest boxes the cleaned test split may hold (fewer is an error)"
+    )
 
 
 class FlowCfg(Section):
@@ -616,11 +654,17 @@ def _format(file: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", require: tuple[str, ...] = ()) -> Params:
     """Read and validate params.yaml.
 
+    Args:
+        path: the params file.
+        require: sections that must be written in the file (a stage refuses to run on built-in
+            defaults for the sections it reads: an empty or wrong file is not a valid config).
+
     Raises:
-        ConfigError: the file is missing, not YAML, or any key is unknown, mistyped or out of range.
+        ConfigError: the file is missing, not YAML, lacks a required section, or any key is
+            unknown, mistyped or out of range.
     """
     path = Path(path)
     try:
@@ -631,6 +675,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: <root>: expected a mapping of sections")
+    missing = [s for s in require if not isinstance(raw.get(s), dict)]
+    if missing:
+        raise ConfigError(
+            f"{path}: {', '.join(missing)}: section missing (this stage reads it and does not "
+            "run on built-in defaults)"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as e:

@@ -25,7 +25,7 @@ import typer
 
 from tasks.bench import latency_stats, time_blocks
 from tasks.cli import stage_entry
-from tasks.coco import DetectionSet
+from tasks.coco import DetectionSet, check_min_boxes, read_manifest
 from tasks.config import BuildEngineCfg, EvaluateCfg, ExportCfg, Kpi
 from tasks.engines import Runner, engine_size_mb, get
 from tasks.export import to_onnx
@@ -212,6 +212,8 @@ def main(
         ctx.log_params({**cfg.model_dump(mode="json"), "target": target})
         for stale in ("metrics.json", "report.md", "meta.json", "plots/pr_curve.csv"):
             remove(out / stale)
+        splits = read_manifest(manifest)
+        check_min_boxes(splits, manifest, "test", cfg.min_boxes, "evaluate.min_boxes")
         with tempfile.TemporaryDirectory() as work:
             metrics, curve = run(
                 cfg,
@@ -219,7 +221,7 @@ def main(
                 engine_dir=engine,
                 model_checkpoint=checkpoint,
                 baseline_checkpoint=baseline,
-                manifest=json.loads(manifest.read_text()),
+                manifest=splits,
                 engine_cfg=ctx.params.build_engine,
                 export_cfg=ctx.params.export,
                 work=Path(work),

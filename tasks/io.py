@@ -100,6 +100,30 @@ def md5_tree(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_onnx(path: Path) -> None:
+    """Fail with one line naming `path` unless it is a complete, well-formed ONNX model.
+
+    Runtimes report a truncated or foreign file as a long native stack (OpenVINO without the
+    file's name); this reads it with the onnx package first and checks the graph.
+
+    Raises:
+        DataError: the file is missing, not ONNX, truncated or fails the ONNX checker.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from tasks.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        onnx.checker.check_model(onnx.load(str(path)))
+    except (DecodeError, onnx.checker.ValidationError, ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: not a valid ONNX model (truncated or corrupt?): {first}") from e
+
+
 def versions(*packages: str) -> dict[str, str]:
     out = {}
     for p in packages:

@@ -164,10 +164,32 @@ def fold_batchnorm(model: Detector) -> tuple[Detector, int]:
 
 
 def load_checkpoint(path) -> tuple[Detector, dict]:
-    """Rebuild a model from a checkpoint written by `save_checkpoint` (weights_only load)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = Detector(DetectorConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"])
+    """Rebuild a model from a checkpoint written by `save_checkpoint` (weights_only load).
+
+    Raises:
+        DataError: the file is missing, not a torch checkpoint (truncated, foreign, or holding
+            objects a weights-only load refuses), or not one of ours.
+    """
+    from tasks.errors import DataError
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    except Exception as e:  # noqa: BLE001  (torch raises several types; torch's advice to
+        # turn weights_only off would run code from the file: never give it)
+        raise DataError(
+            f"{path}: not a readable Shrinkflow checkpoint ({type(e).__name__}); "
+            "re-create it with the stage that writes it"
+        ) from e
+    if not isinstance(ckpt, dict) or not {"config", "state_dict"} <= set(ckpt):
+        raise DataError(f"{path}: not a Shrinkflow checkpoint (no config/state_dict)")
+    try:
+        model = Detector(DetectorConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except (TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise DataError(f"{path}: checkpoint does not match its config: {first}") from e
     model.eval()
     return model, ckpt
 

@@ -8,16 +8,24 @@ Accuracy-aware mode quantizes one conv at a time to measure each layer's val mAP
 keeps the most sensitive layers in float until the whole model's drop is within
 `max_map_drop`. With `keep_faster`, each layer type (3x3, 1x1, depthwise, ...) is timed in INT8
 and in float and kept in the faster precision, and the deployable model falls back to float when
-INT8 measures slower at batch 1 (it can at small channel counts on some CPUs); the report says
-which and why.
+INT8 measures slower at batch 1 (it can at small channel counts on some CPUs). Those decisions
+take repeated rounds and a noise margin (`keep_faster_margin`), and are recorded with their
+evidence in `keep_faster.json` under a key of their inputs: the same inputs on the same machine
+reuse them, so a re-run on a loaded CPU builds the same engine. The report's `precision` is read
+from the deployed graph (QuantizeLinear nodes), never from the config.
+
+Temporary files (calibration copies, ONNX Runtime's own temp folders) live in `<out>/.tmp-work`,
+which each run removes first: a killed run leaves nothing in the system temp folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +45,16 @@ from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, load_splits
 from tasks.config import Params, QuantizeCfg
 from tasks.errors import ConfigError
-from tasks.io import copy_file, meta, remove, write_json, write_text
+from tasks.io import check_onnx, copy_file, meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
+from tasks.precision import (
+    conv_precision,
+    decision_key,
+    faster,
+    graph_precision,
+    record,
+    recorded,
+)
 
 log = logging.getLogger(__name__)
 CALIBRATORS = {
@@ -48,7 +64,8 @@ CALIBRATORS = {
 }
 QUANTIZED_OPS = ["Conv"]
 NUM_QUANTIZED_BINS = 128
-FASTER_MARGIN = 0.05  # a layer type goes back to float only if that measures >5% faster (noise)
+DECISIONS = "keep_faster.json"  # recorded keep-faster decisions, beside the outputs
+WORK = ".tmp-work"  # temp work folder inside the output folder
 
 
 class _Images(CalibrationDataReader):
@@ -98,7 +115,7 @@ def calibrate(
         options |= {"num_bins": 2048, "num_quantized_bins": NUM_QUANTIZED_BINS}
     if calibrator == "percentile":
         options |= {"num_bins": 2048, "percentile": cfg.percentile}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=Path(cache).parent) as tmp:
         calib = create_calibrator(
             src,
             QUANTIZED_OPS,
@@ -183,31 +200,65 @@ def layer_types(path: Path) -> dict[str, list[str]]:
 
 
 def keep_faster_types(
-    src: Path, int8: Path, cache: Path, cfg: QuantizeCfg, excluded: list[str], x, threads: int
+    src: Path,
+    int8: Path,
+    cache: Path,
+    cfg: QuantizeCfg,
+    excluded: list[str],
+    x,
+    threads: int,
+    known: dict | None = None,
 ) -> dict[str, dict]:
     """Time the INT8 model against copies with one layer type at a time left in float (INT8
     can be slower than float, e.g. for depthwise convolutions on some CPUs). Returns, per type,
-    its layers, both latencies and the precision to keep: float when it measured faster."""
+    its layers, the timing evidence (see `tasks.precision.faster`) and the precision to keep.
+    `known` (a recorded decision for the same inputs: {type: precision}) skips the timing."""
     types = {
         kind: [n for n in names if n not in excluded] for kind, names in layer_types(src).items()
     }
     types = {kind: names for kind, names in types.items() if names}
+    if known is not None and set(known) == set(types):
+        return {
+            kind: {"layers": names, "precision": known[kind], "reused": True}
+            for kind, names in types.items()
+        }
     variants = {"int8": int8}
     for i, names in enumerate(types.values()):
         variants[f"type{i}"] = int8.with_name(f"type{i}.onnx")
         to_int8(src, variants[f"type{i}"], cache, cfg, cfg.calibrator, exclude=excluded + names)
     runners = {k: _runner(_session(p, threads)) for k, p in variants.items()}
-    times = time_blocks(runners, x, warmup=10, runs=90, rounds=3)
-    ms = {k: float(np.median(v) * 1e3) for k, v in times.items()}
-    return {
-        kind: {
+    rounds = cfg.keep_faster_rounds
+    times = time_blocks(runners, x, warmup=10, runs=30 * rounds, rounds=rounds)
+    out = {}
+    for i, (kind, names) in enumerate(types.items()):
+        ev = faster(times[f"type{i}"], times["int8"], rounds, cfg.keep_faster_margin)
+        out[kind] = {
             "layers": names,
-            "int8_ms": ms["int8"],
-            "float_ms": ms[f"type{i}"],
-            "precision": "fp32" if ms[f"type{i}"] < ms["int8"] * (1 - FASTER_MARGIN) else "int8",
+            "int8_ms": ev["reference_ms"],
+            "float_ms": ev["candidate_ms"],
+            "rounds": {
+                "int8_ms": ev["rounds"]["reference_ms"],
+                "float_ms": ev["rounds"]["candidate_ms"],
+            },
+            "precision": "fp32" if ev["faster"] else "int8",
+            "reused": False,
         }
-        for i, (kind, names) in enumerate(types.items())
-    }
+    return out
+
+
+@contextlib.contextmanager
+def temp_under(folder: Path) -> Iterator[Path]:
+    """Make `folder` (emptied first) the temp folder of this process for the block: ONNX
+    Runtime's quantizer and calibrator write their copies through `tempfile`."""
+    remove(folder)
+    folder.mkdir(parents=True)
+    before = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = before
+        remove(folder)
 
 
 def run(
@@ -235,7 +286,7 @@ def run(
     }
     fp32_map = val_map(onnx_path, val, threads)
     report["val_map50"] = {"fp32": fp32_map}
-    with tempfile.TemporaryDirectory() as tmp:
+    with temp_under(out / WORK) as work, tempfile.TemporaryDirectory(dir=work) as tmp:
         tmp = Path(tmp)
         cache = {name: tmp / f"ranges-{name}.json" for name in CALIBRATORS}
         if qat_onnx is not None:  # what QAT buys: the same calibrator without it
@@ -264,10 +315,25 @@ def run(
                 excluded.append(layer)
                 to_int8(src, int8, cache, cfg, cfg.calibrator, exclude=excluded)
                 int8_map = val_map(int8, val, threads)
+        # the keep-faster decisions depend on these inputs only: recorded under their key
+        key = decision_key(
+            model=src,
+            ranges=cache,
+            excluded=sorted(excluded),
+            threads=threads,
+            cfg=cfg.model_dump(mode="json"),
+        )
+        known = recorded(out / DECISIONS, key) if cfg.keep_faster else None
         if cfg.keep_faster:
             x = val.batch(slice(0, 1))
-            types = keep_faster_types(src, int8, cache, cfg, excluded, x, threads)
+            types = keep_faster_types(
+                src, int8, cache, cfg, excluded, x, threads, known and known["layer_types"]
+            )
             report["layer_types"] = types
+            if known is None:  # recorded now: a run killed later reuses it
+                known = {"layer_types": {k: t["precision"] for k, t in types.items()}}
+                record(out / DECISIONS, key, known)
+                known = None
             slower = [n for t in types.values() if t["precision"] == "fp32" for n in t["layers"]]
             if slower:
                 excluded += slower
@@ -275,7 +341,8 @@ def run(
                 int8_map = val_map(int8, val, threads)
         report["val_map50"]["int8"] = int8_map
         report["int8_map_drop"] = fp32_map - int8_map
-        report["layer_precision"] = {k: "fp32" if k in excluded else "int8" for k in layers}
+        built = conv_precision(int8)  # read from the graph, not from `excluded`
+        report["layer_precision"] = {k: built.get(k, "fp32") for k in layers}
         copy_file(int8, out / "model.int8.onnx")
         to_fp16(onnx_path, tmp / "fp16.onnx")
         copy_file(tmp / "fp16.onnx", out / "model.fp16.onnx")
@@ -286,18 +353,42 @@ def run(
         "fp16": out / "model.fp16.onnx",
     }
     runners = {k: _runner(_session(p, threads)) for k, p in candidates.items()}
-    times = time_blocks(runners, val.batch(slice(0, 1)), warmup=10, runs=90, rounds=3)
+    rounds = cfg.keep_faster_rounds
+    times = time_blocks(runners, val.batch(slice(0, 1)), warmup=10, runs=30 * rounds, rounds=rounds)
     latency = {k: float(np.median(v) * 1e3) for k, v in times.items()}
     report["latency_ms_p50_batch1"] = latency
     chosen, reason = cfg.precision, "as configured"
-    if cfg.keep_faster and cfg.precision != "fp32" and latency[cfg.precision] > latency["fp32"]:
-        chosen = "fp32"
-        reason = (
-            f"{cfg.precision} measured slower than fp32 at batch 1 "
-            f"({latency[cfg.precision]:.3f} vs {latency['fp32']:.3f} ms): kept fp32"
-        )
-    report["precision"], report["precision_reason"] = chosen, reason
+    if cfg.keep_faster and cfg.precision != "fp32":
+        if known is not None and "deployed" in known and known["deployed"] in candidates:
+            chosen, reason = known["deployed"], f"{known['reason']} (recorded decision reused)"
+        else:
+            ev = faster(times["fp32"], times[cfg.precision], rounds, cfg.keep_faster_margin)
+            if ev["faster"]:
+                chosen = "fp32"
+                reason = (
+                    f"{cfg.precision} measured slower than fp32 at batch 1 "
+                    f"({ev['reference_ms']:.3f} vs {ev['candidate_ms']:.3f} ms, beyond the "
+                    f"{cfg.keep_faster_margin:.0%} margin in every round): kept fp32"
+                )
+            report["deployed_timing"] = ev
     copy_file(candidates[chosen], out / "model.onnx")
+    graph = graph_precision(out / "model.onnx")
+    if graph["precision"] != chosen:
+        reason += f"; the built graph computes in {graph['precision']}"
+    report["precision"] = graph["precision"]  # what was built, whatever was asked for
+    report["precision_configured"] = cfg.precision
+    report["precision_reason"] = reason
+    report["graph"] = graph
+    if cfg.keep_faster:
+        decision = {
+            "layer_types": {k: t["precision"] for k, t in report.get("layer_types", {}).items()},
+            "deployed": chosen,
+            "reason": reason.removesuffix(" (recorded decision reused)"),
+        }
+        reused = known is not None and "deployed" in known
+        report["keep_faster"] = {"key": key, "reused": reused, **decision}
+        if not reused:
+            record(out / DECISIONS, key, decision)
     return report
 
 
@@ -337,16 +428,15 @@ def render(report: dict) -> str:
         lines += [
             "",
             "Per layer type, batch-1 latency with that type in INT8 and in float (the rest as "
-            f"chosen above); a type stays float only when float is >{FASTER_MARGIN:.0%} faster.",
+            "chosen above, medians over rounds); a type stays float only when float is faster "
+            "by the `keep_faster_margin` in the median and in every round.",
             "",
             "| layer type | layers | INT8 (ms) | float (ms) | kept |",
             "| --- | --- | --- | --- | --- |",
         ]
         for kind, t in report["layer_types"].items():
-            lines.append(
-                f"| {kind} | {len(t['layers'])} | {t['int8_ms']:.3f} | {t['float_ms']:.3f} "
-                f"| {t['precision']} |"
-            )
+            timed = f"{t['int8_ms']:.3f} | {t['float_ms']:.3f}" if "int8_ms" in t else "recorded | "
+            lines.append(f"| {kind} | {len(t['layers'])} | {timed} | {t['precision']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -405,9 +495,10 @@ def main(
         ):
             remove(out / stale)
         out.mkdir(parents=True, exist_ok=True)
+        check_onnx(onnx_path)
         size = ctx.params.train.input_size
         _, train, val = load_splits(manifest, size)
-        with tempfile.TemporaryDirectory() as tmp:
+        with temp_under(out / ".tmp-qat") as tmp:
             qat_onnx, qat_report = None, None
             if cfg.qat_epochs:
                 qat_onnx = Path(tmp) / "qat.onnx"

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from tasks.augment import augmenter
 from tasks.cli import stage_entry
-from tasks.coco import DetectionSet, load_splits
+from tasks.coco import DetectionSet, check_min_boxes, load_splits, read_manifest
 from tasks.config import TrainCfg
 from tasks.io import meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
@@ -219,6 +219,8 @@ def main(
         ctx.log_params(cfg)
         for stale in ("model.pt", "metrics.json", "meta.json", "plots/curves.csv"):
             remove(out / stale)
+        m = read_manifest(manifest)
+        check_min_boxes(m, manifest, "train", cfg.min_boxes, "train.min_boxes")
         m, train, val = load_splits(manifest, cfg.input_size)
         log.info("train: %d images, val: %d images", len(train), len(val))
 

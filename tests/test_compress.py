@@ -1,6 +1,8 @@
 """prune, distill and quantize on the tiny data with a real (briefly) trained model."""
 
 import copy
+import json
+import tempfile
 
 import numpy as np
 import onnx
@@ -11,7 +13,9 @@ import torch
 from tasks import distill, export, prune, qat, quantize, train
 from tasks.coco import DetectionSet
 from tasks.errors import ConfigError
+from tasks.io import md5_file
 from tasks.model import load_checkpoint, macs_and_params
+from tasks.precision import faster
 from tasks.quantize import calibration_set
 
 
@@ -203,7 +207,10 @@ def test_quantize_writes_int8_qdq_and_fp16_that_keep_the_accuracy(
     types = report["layer_types"]
     assert {"3x3", "1x1"} <= set(types)
     for t in types.values():
-        faster = t["float_ms"] < t["int8_ms"] * (1 - quantize.FASTER_MARGIN)
+        margin = cfg.keep_faster_margin
+        faster = t["float_ms"] < t["int8_ms"] * (1 - margin) and all(
+            f < i for f, i in zip(t["rounds"]["float_ms"], t["rounds"]["int8_ms"], strict=True)
+        )
         assert t["precision"] == ("fp32" if faster else "int8")
         if faster:
             assert all(layers[n] == "fp32" for n in t["layers"])
@@ -261,3 +268,69 @@ def test_qat_fake_quant_comes_off_cleanly_and_its_model_exports_to_the_same_qdq(
     fp32 = report["val_map50"]["fp32"]
     assert abs(report["val_map50"]["int8"] - fp32) <= 0.05, report["val_map50"]
     assert 0 <= report["val_map50"]["int8_without_qat"] <= 1
+
+
+def test_faster_needs_the_margin_in_the_median_and_in_every_round():
+    ref = np.full(30, 1.0e-3)
+    clear = np.full(30, 0.8e-3)
+    assert faster(clear, ref, rounds=3, margin=0.05)["faster"]
+    assert not faster(np.full(30, 0.97e-3), ref, rounds=3, margin=0.05)["faster"]
+    one_bad_round = np.concatenate([np.full(20, 0.8e-3), np.full(10, 1.2e-3)])
+    ev = faster(one_bad_round, ref, rounds=3, margin=0.05)
+    assert not ev["faster"] and len(ev["rounds"]["candidate_ms"]) == 3
+
+
+def test_quantize_twice_gives_the_same_engine_and_labels_come_from_the_graph(
+    tiny, splits, teacher_onnx, tmp_path, monkeypatch
+):
+    cfg = tiny.quantize.model_copy(
+        update={"compare_calibrators": False, "accuracy_aware": False, "keep_faster_rounds": 2}
+    )
+    out = tmp_path / "q"
+    out.mkdir()
+    system_tmp = tmp_path / "system-tmp"  # stands for /tmp: quantize must leave nothing there
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+
+    def quantize_once() -> dict:
+        return quantize.run(
+            cfg, onnx_path=teacher_onnx, train=splits[0], val=splits[1], out=out, threads=1
+        )
+
+    first = quantize_once()
+    assert not any(system_tmp.iterdir()) and not (out / quantize.WORK).exists()
+    files = ("model.onnx", "model.int8.onnx")
+    md5s = {f: md5_file(out / f) for f in files}
+    second = quantize_once()
+    assert not first["keep_faster"]["reused"] and second["keep_faster"]["reused"]
+    assert second["keep_faster"]["layer_types"] == first["keep_faster"]["layer_types"]
+    assert {f: md5_file(out / f) for f in files} == md5s  # byte-identical models
+    assert second["precision"] == first["precision"] == first["graph"]["precision"]
+
+    # What a loaded machine once measured: every layer type faster in float, recorded by a run
+    # killed before its deployed-model decision. The rerun reuses the layer decision; the model
+    # built from it has no QuantizeLinear node and must not be called int8.
+    records = json.loads((out / quantize.DECISIONS).read_text())
+    key = first["keep_faster"]["key"]
+    records[key] = {"layer_types": {k: "fp32" for k in records[key]["layer_types"]}}
+    (out / quantize.DECISIONS).write_text(json.dumps(records))
+    third = quantize_once()
+    assert all(t["reused"] for t in third["layer_types"].values())
+    assert json.loads((out / quantize.DECISIONS).read_text())[key]["deployed"]  # completed
+    assert third["graph"]["quantize_linear_nodes"] == 0
+    assert third["precision"] == "fp32" and third["precision_configured"] == "int8"
+    assert set(third["layer_precision"].values()) == {"fp32"}
+    assert "int8" not in quantize.render(third).split("Deployed precision: ")[1].split(" ")[0]
+
+
+def test_the_decision_key_ignores_the_order_ort_writes_the_ranges_in(tmp_path):
+    # ONNX Runtime writes the calibration ranges in an order that changes between processes
+    # (string hashing): the same ranges must give the same key, or no run ever reuses one.
+    from tasks.precision import decision_key
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"data": {"x": [1.0], "y": [2.0]}}))
+    b.write_text(json.dumps({"data": {"y": [2.0], "x": [1.0]}}))
+    assert decision_key(ranges=a) == decision_key(ranges=b)
+    b.write_text(json.dumps({"data": {"y": [2.5], "x": [1.0]}}))
+    assert decision_key(ranges=a) != decision_key(ranges=b)

@@ -78,3 +78,62 @@ def test_typo_in_params_exits_2_before_any_work(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert not (tmp_path / "mlflow.db").exists()  # failed before touching MLflow
+
+
+@pytest.fixture
+def project(tmp_path):
+    from tasks.project import copy_project, profile_params
+
+    return copy_project(tmp_path / "proj", profile_params("tiny"))
+
+
+def set_params(proj, mutate):
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    mutate(params)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_a_misspelt_section_fails_dvc_repro_even_when_all_is_up_to_date(project):
+    from tasks.project import dvc
+
+    first = dvc(project, "repro", "check_params")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert dvc(project, "status", "check_params").stdout.strip().endswith("up to date.")
+    set_params(project, lambda p: p.update(trian={"epochs": 3}))
+    out = dvc(project, "repro")
+    assert out.returncode != 0
+    assert "params.yaml: trian: unknown key" in out.stdout + out.stderr
+    assert "Running stage 'ingest'" not in out.stdout  # it fails first
+    assert not (project / "artifacts" / "ingest" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("value", ["data/d$(touch pwned)", "data/d'; touch pwned; echo '"])
+def test_a_shell_command_in_a_path_param_never_runs(project, value):
+    from tasks.project import dvc
+
+    set_params(project, lambda p: p["dataset"].update(path=value))
+    out = dvc(project, "repro")
+    assert out.returncode != 0
+    assert "params.yaml: dataset.path:" in out.stdout + out.stderr
+    assert not (project / "pwned").exists()
+    # the stage command quotes what it interpolates, even run on its own
+    if "'" not in value:
+        single = dvc(project, "repro", "--single-item", "ingest")
+        assert single.returncode != 0 and not (project / "pwned").exists()
+        # DVC refuses first: the folder named by the value (an `ingest` dep) does not exist
+        assert "touch pwned" in single.stdout + single.stderr
+
+
+def test_a_stage_refuses_params_without_its_sections(tmp_path):
+    empty = tmp_path / "params.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="params.yaml: promote, project: section missing"):
+        load_params(empty, ("promote", "project"))
+    assert load_params(empty).promote.gates == []  # the file itself is valid
+
+
+@pytest.mark.parametrize("path", ["data/x;rm", "data/`id`", "-rf", "a|b", "", "x\ny"])
+def test_path_params_refuse_shell_metacharacters(tmp_path, path):
+    bad = write(tmp_path, lambda p: p["dataset"].update(path=path))
+    with pytest.raises(ConfigError, match="params.yaml: dataset.path:"):
+        load_params(bad)

@@ -19,6 +19,7 @@ from tests.conftest import running_mlflow_server, tiny_params
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 TARGETS = ["onnxruntime", "openvino", "tensorrt"]
 STAGES = [
+    "check_params",  # re-runs on any params.yaml edit
     "ingest",
     "label_qa",
     "train",
@@ -191,4 +192,4 @@ def test_repro_is_a_no_op_then_reruns_only_what_a_param_change_touches(pipeline)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = dvc(proj, "repro", env=env)
     assert changed.returncode == 0, changed.stderr[-3000:]
-    assert sorted(ran(changed.stdout)) == sorted(STAGES[2:])
+    assert sorted(ran(changed.stdout)) == sorted(["check_params", *STAGES[3:]])

@@ -21,7 +21,7 @@ from pathlib import Path
 from tasks.coco import load_coco, load_manifest_split, read_rgb, resolve_image
 from tasks.config import LabelQaCfg, TrainCfg
 from tasks.errors import ConfigError
-from tasks.label_qa import balance, boxes, images, model_checks  # noqa: F401  (register rules)
+from tasks.label_qa import balance, boxes, ids, images, model_checks  # noqa: F401  (register rules)
 from tasks.label_qa.balance import class_counts
 from tasks.label_qa.images import phash
 from tasks.label_qa.registry import RULES, SPLITS, Finding, Hit, QaContext, Rule, SplitData

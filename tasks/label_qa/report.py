@@ -47,6 +47,11 @@ def _suggested_box(fix: dict | None) -> list[float] | None:
 def render_crop(image: np.ndarray, labelled: list[float] | None, suggested: list[float] | None):
     """A crop around both boxes (xywh, original pixels), enlarged, with the labelled box in red
     and the suggested one in green."""
+    # a negative width or height (a box_empty finding) is drawn as the box it spans
+    labelled, suggested = (
+        [min(b[0], b[0] + b[2]), min(b[1], b[1] + b[3]), abs(b[2]), abs(b[3])] if b else b
+        for b in (labelled, suggested)
+    )
     boxes = [b for b in (labelled, suggested) if b]
     h, w = image.shape[:2]
     if boxes:
