@@ -21,8 +21,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from pydantic import Field, model_validator
 
 from tasks.config import LabelNoiseCfg, PosInt, Section
-from tasks.data import NOISE_FILE, NOISE_KINDS, SPLITS, inject_noise
+from tasks.data import NOISE_FILE, NOISE_KINDS, SPLITS
 from tasks.io import atomic_dir, meta, write_json
+from tasks.label_noise import inject
 
 log = logging.getLogger(__name__)
 # RGB in [0, 1] of every colour a class may be named after (jittered per object)
@@ -185,22 +186,6 @@ def compose_canvas(rng: np.random.Generator, cfg: ShapesCfg) -> tuple[np.ndarray
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), placed
 
 
-def _clip_to_canvas(coco: dict, truth: list[dict], w: int, h: int) -> None:
-    """`inject_noise` clips to a square side; clip its noisy boxes to the w x h canvas too (in
-    the annotations and their ground-truth records alike)."""
-    by_id = {a["id"]: a for a in coco["annotations"]}
-    for r in truth:
-        a = by_id.get(r["annotation_id"])
-        if a is None or r["noisy"] is None:
-            continue
-        x, y, bw, bh = a["bbox"]
-        x0, y0 = min(max(x, 0.0), w - 1.0), min(max(y, 0.0), h - 1.0)
-        x1, y1 = min(max(x + bw, x0 + 1.0), float(w)), min(max(y + bh, y0 + 1.0), float(h))
-        a["bbox"] = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
-        a["area"] = a["bbox"][2] * a["bbox"][3]
-        r["noisy"] = {"category_id": a["category_id"], "bbox": list(a["bbox"])}
-
-
 def generate(cfg: ShapesCfg, out_dir: Path) -> dict:
     """Write the coloured-shapes set into `out_dir` (atomically). Returns summary metrics:
     per split its images and annotations, and the count of injected noise per kind."""
@@ -237,9 +222,7 @@ def generate(cfg: ShapesCfg, out_dir: Path) -> dict:
                     )
             if split in cfg.noise.splits:
                 noise_rng = np.random.default_rng([cfg.seed, s, 7])
-                truth = inject_noise(coco, cfg.noise, noise_rng, max(cfg.width, cfg.height), split)
-                _clip_to_canvas(coco, truth, cfg.width, cfg.height)
-                injected += truth
+                injected += inject(coco, cfg.noise, noise_rng, split)
             write_json(tmp / f"{split}.json", coco)
             metrics[split] = {
                 "images": len(coco["images"]),
