@@ -822,3 +822,37 @@ def test_only_a_missing_model_or_alias_means_no_champion(tmp_path):
         errors.append(e.value)
     assert all(_no_champion(e) for e in errors), [str(e) for e in errors]
     assert not _no_champion(MlflowException("database is locked", error_code="INTERNAL_ERROR"))
+
+
+@pytest.mark.slow
+def test_two_stage_runs_on_clean_colour_data_are_identical_and_change_no_label(tmp_path):
+    """The stage with a real cross-fit, twice, on clean coloured shapes (~1-2 min): byte-equal
+    report.json and manifest (seeded folds and training, deterministic kernels, fixed
+    threads), and the default policy changes no train label."""
+    from tasks.shapes import ShapesCfg, generate
+    from tests.conftest import tiny_params
+
+    dataset = tmp_path / "shapes"
+    shapes = {"width": 96, "height": 72, "object_size": (10, 20), "objects_per_image": (1, 3)}
+    generate(ShapesCfg(train_images=120, val_images=8, test_images=8, **shapes), dataset)
+    params = tiny_params()
+    params["train"]["threads"] = 1
+    params["label_qa"].update(min_class_count=1, max_error_rate=1.0)
+    params["label_qa"]["model"] = {"folds": 2, "epochs": 6, "input_size": 64, "min_map50": 0.0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    outs = []
+    for run in ("a", "b"):
+        cmd = [sys.executable, "-m", "tasks.label_qa", "--dataset", str(dataset), "--out", run]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(tmp_path / run)
+    for name in ("report.json", "manifest.json", "review/decisions.yaml"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    metrics = json.loads((outs[0] / "metrics.json").read_text())
+    assert metrics["fix_evidence"], metrics  # the model rules ran and were measured
+    raw = json.loads((dataset / "train.json").read_text())["annotations"]
+    kept = json.loads((outs[0] / "manifest.json").read_text())["splits"]["train"]["annotations"]
+    assert [(a["id"], a["category_id"], a["bbox"]) for a in kept] == [
+        (a["id"], a["category_id"], a["bbox"]) for a in raw
+    ]

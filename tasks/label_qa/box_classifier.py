@@ -65,8 +65,8 @@ FEATURE_SETS = {
     f.name: f
     for f in (
         FeatureSet("grey16", CROP_PX),
-        FeatureSet("grey16+colour8", CROP_PX, 8, 2.0),
-        FeatureSet("grey24+colour8", 24, 8, 2.0),
+        FeatureSet("grey16_colour8", CROP_PX, 8, 2.0),
+        FeatureSet("grey24_colour8", 24, 8, 2.0),
     )
 }
 
