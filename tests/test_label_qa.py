@@ -856,3 +856,29 @@ def test_two_stage_runs_on_clean_colour_data_are_identical_and_change_no_label(t
     assert [(a["id"], a["category_id"], a["bbox"]) for a in kept] == [
         (a["id"], a["category_id"], a["bbox"]) for a in raw
     ]
+
+
+def test_accepted_decisions_apply_over_the_policy_and_without_a_finding(tmp_path):
+    dataset = make_dataset(tmp_path / "d", [box_outside_3])
+    decisions = [  # the policy keeps the box; the reviewer accepts its clip
+        {"split": "train", "rule": "box_outside_image", "annotation_id": 3, "decision": "accept"},
+        {  # a relabel no rule proposed this run (the model is off): applied from the entry
+            "split": "train",
+            "rule": "label_wrong_class",
+            "annotation_id": 1,
+            "decision": "accept",
+            "fix": {"category_id": 2},
+        },
+        {"split": "val", "rule": "box_missing", "image_id": 2, "decision": "pending"},
+    ]
+    path = tmp_path / "decisions.yaml"
+    path.write_text(yaml.safe_dump({"decisions": decisions}))
+    cfg = CFG.model_copy(update={"policy": {"box_outside_image": "keep"}})
+    result = label_qa.run(cfg, dataset=dataset, decisions=path)
+    anns = {a["id"]: a for a in result.manifest["splits"]["train"]["annotations"]}
+    assert anns[3]["bbox"] == [25, 25, 7, 7] and anns[3]["qa_fixed_by"] == ["box_outside_image"]
+    assert anns[1]["category_id"] == 2 and anns[1]["qa_fixed_by"] == ["label_wrong_class"]
+    assert result.metrics["reviewed"] == {"accept": 2, "reject": 0}
+    assert label_qa.run(cfg, dataset=dataset).manifest["splits"]["train"]["annotations"][2][
+        "bbox"
+    ] == [25, 25, 10, 10]  # without the decisions the policy keeps it
