@@ -713,8 +713,8 @@ def test_on_colour_data_with_swaps_the_rules_find_them_and_fix_them_right(tmp_pa
 def test_a_model_that_rewrites_correct_labels_is_measured_and_only_reports(tmp_path):
     """The failure the probe exists for: a detector confidently sees the wrong class on 1 in 8
     correctly labelled boxes. Its swap findings look certain, but on the injected copy those
-    same changes count as wrong, so it reports and changes nothing; the box rules, whose
-    detector is right about every box, are proven and may act."""
+    same changes count as wrong, so it reports and changes nothing. Each rule is measured on
+    its own: moving boxes onto the detector's (right) boxes is proven."""
     ctx, _ = _shapes_ctx(tmp_path, box_classifier=False)
     ctx.predictions = {"train": _oracle_predictions(ctx, "train", _truth(ctx, swap_every=8))}
     findings = core.model_findings(ctx)
@@ -724,8 +724,11 @@ def test_a_model_that_rewrites_correct_labels_is_measured_and_only_reports(tmp_p
     evidence = ctx.fix_evidence
     assert not evidence["label_wrong_class"]["acts"]
     assert evidence["label_wrong_class"]["precision"] < ctx.cfg.min_fix_precision
-    assert evidence["box_badly_placed"]["acts"] and evidence["box_missing"]["acts"], evidence
-    assert evidence["box_badly_placed"]["recall"] >= 0.8  # 1 in 8 is seen as another class
+    assert evidence["box_badly_placed"]["acts"], evidence  # right about every box it moves
+    assert evidence["box_badly_placed"]["recall"] >= 0.7  # 1 in 8 is seen as another class
+    # dropped boxes are all found, but 1 in 8 would come back with the wrong class
+    assert evidence["box_missing"]["recall"] >= 0.9
+    assert abs(evidence["box_missing"]["precision"] - 7 / 8) < 0.1, evidence["box_missing"]
     assert core.apply_policy(ctx, findings)["train"] == core.apply_policy(ctx, [])["train"]
 
 

@@ -1,11 +1,11 @@
 """Proof before a fix: each model-based rule is measured on the user's own train split each run.
 
-A copy of the (interim) train split gets known errors of every measured rule's kind, at
-`label_qa.probe_rate` of its usable boxes per rule: class swaps (`label_wrong_class`), shifted
-and scaled boxes (`box_badly_placed`), dropped boxes (`box_missing`); the noise is
-`tasks.data.inject_noise`'s, through `tasks.label_noise.inject`. The rules then run on the copy
-with the same out-of-sample detector predictions (the cross-fit's: no model is retrained; the box
-classifier is re-fitted on the copy's labels with the run's feature set). From the result:
+For each rule, a copy of the (interim) train split gets known errors of that rule's kind, at
+`label_qa.probe_rate` of its usable boxes: class swaps (`label_wrong_class`), shifted and scaled
+boxes (`box_badly_placed`), dropped boxes (`box_missing`); the noise is
+`tasks.data.inject_noise`'s, through `tasks.label_noise.inject`. The rule then runs on its copy
+with the same out-of-sample detector predictions (the cross-fit's: no detector is retrained; the
+box classifier is re-fitted on the copy's labels with the run's feature set). From the result:
 
 - recall: the share of the injected errors of the rule's kinds that it flags;
 - precision: of the label changes the rule's policy would make on the copy, the share that undo
@@ -30,28 +30,26 @@ import numpy as np
 from tasks.config import LabelNoiseCfg
 from tasks.label_noise import inject
 from tasks.label_qa.boxes import iou_matrix
-from tasks.label_qa.registry import RULES, Hit, QaContext
+from tasks.label_qa.registry import RULES, Hit, QaContext, Rule
 
 log = logging.getLogger(__name__)
-PROBE_KINDS = {  # rule -> the injected kinds it is meant to catch
-    "label_wrong_class": ("class_swap",),
-    "box_badly_placed": ("shift", "scale"),
-    "box_missing": ("drop",),
+PROBE_NOISE = {  # rule -> the injected kinds it is meant to catch, as shares of probe_rate
+    "label_wrong_class": {"class_swap": 1.0},
+    "box_badly_placed": {"shift": 0.5, "scale": 0.5},
+    "box_missing": {"drop": 1.0},
 }
 MIN_ERRORS = 10  # fewer injected errors than this measure nothing
 RIGHT_IOU = 0.5  # a fixed or added box this close to the original one undoes the error
 
 
-def corrupted_copy(ctx: QaContext, rate: float) -> tuple[dict, list[dict]]:
-    """A deep copy of the interim train split with `rate` of its usable boxes swapped, `rate`
-    shifted or scaled (half each) and `rate` dropped; returns it and the injected ground truth.
-    Boxes phase-1 errors already flagged are left as they are."""
+def corrupted_copy(ctx: QaContext, noise: LabelNoiseCfg, seed: int) -> tuple[dict, list[dict]]:
+    """A deep copy of the interim train split with `noise` injected into its usable boxes (those
+    no phase-1 error flagged); returns it and the injected ground truth."""
     coco = copy.deepcopy(ctx.interim["train"])
     usable = [a for a in coco["annotations"] if ("train", a["id"]) not in ctx.bad_annotations]
     others = [a for a in coco["annotations"] if ("train", a["id"]) in ctx.bad_annotations]
     target = {**coco, "annotations": usable}
-    noise = LabelNoiseCfg(class_swap=rate, shift=rate / 2, scale=rate / 2, drop=rate)
-    truth = inject(target, noise, np.random.default_rng([ctx.seed, 16]), "train")
+    truth = inject(target, noise, np.random.default_rng([ctx.seed, 16, seed]), "train")
     coco["annotations"] = target["annotations"] + others
     return coco, truth
 
@@ -91,15 +89,39 @@ def _changes(policy: str, hit: Hit) -> bool:
 
 
 def measure(ctx: QaContext) -> dict[str, dict]:
-    """Measure every model-based (phase 2) rule on a corrupted copy of the train split (see the
-    module docstring). Returns rule -> {injected, found, recall, changes, right, precision,
-    acts, reason}; empty when train has no out-of-sample predictions."""
+    """Measure every model-based (phase 2) rule on its own corrupted copy of the train split
+    (only its kinds of error, so one rule's errors do not count against another; see the module
+    docstring). Returns rule -> {injected, found, recall, changes, right, precision, acts,
+    reason}; empty when train has no out-of-sample predictions."""
     if not ctx.predictions or "train" not in ctx.predictions:
         return {}
-    cfg = ctx.cfg
-    corrupted, truth = corrupted_copy(ctx, cfg.probe_rate)
+    out = {}
+    for n, rule in enumerate(RULES.values()):
+        if rule.phase != 2:
+            continue
+        policy = ctx.cfg.policy.get(rule.name, rule.policy)
+        shares = PROBE_NOISE.get(rule.name, {})
+        if not shares:
+            row = dict.fromkeys(("injected", "found", "changes", "right"), 0)
+            row |= {"recall": None, "precision": None}
+        else:
+            row = _measure_rule(ctx, rule, policy, shares, seed=n)
+        kinds = tuple(shares)
+        row["acts"], row["reason"] = _verdict(row, policy, ctx.cfg.min_fix_precision, kinds)
+        out[rule.name] = row
+        log.info("label_qa probe %s: %s", rule.name, row["reason"])
+    return out
+
+
+def _measure_rule(ctx: QaContext, rule: Rule, policy: str, shares: dict, seed: int) -> dict:
+    rate = ctx.cfg.probe_rate
+    noise = LabelNoiseCfg(**{k: rate * v for k, v in shares.items()})
+    corrupted, truth = corrupted_copy(ctx, noise, seed)
+    model = ctx.cfg.model
+    if rule.name != "label_wrong_class":  # only that rule reads the box classifier
+        model = model.model_copy(update={"box_classifier": False})
     probe = QaContext(
-        cfg,
+        ctx.cfg.model_copy(update={"model": model}),
         ctx.root,
         {"train": ctx.splits["train"]},
         bad_annotations=set(ctx.bad_annotations),
@@ -111,43 +133,31 @@ def measure(ctx: QaContext) -> dict[str, dict]:
         box_features=ctx.box_features,
         box_trusted=ctx.box_trusted,
     )
+    kinds = tuple(shares)
     by_ann = {r["annotation_id"]: r for r in truth if r["kind"] != "drop"}
     drops: dict[int, list[dict]] = {}
     for r in truth:
         if r["kind"] == "drop":
             drops.setdefault(r["image_id"], []).append(r)
-    out = {}
-    for rule in RULES.values():
-        if rule.phase != 2:
+    found: set = set()
+    changes = right = 0
+    for hit in rule.check(probe):
+        if hit.split != "train":
             continue
-        kinds = PROBE_KINDS.get(rule.name, ())
-        policy = cfg.policy.get(rule.name, rule.policy)
-        injected = [r for r in truth if r["kind"] in kinds]
-        found: set = set()
-        changes = right = 0
-        for hit in rule.check(probe):
-            if hit.split != "train":
-                continue
-            error, is_right = _is_right(hit, kinds, by_ann, drops)
-            if error is not None:
-                found.add(error)
-            if _changes(policy, hit):
-                changes += 1
-                right += is_right
-        recall = len(found) / len(injected) if injected else None
-        precision = right / changes if changes else None
-        row = {
-            "injected": len(injected),
-            "found": len(found),
-            "recall": None if recall is None else round(recall, 4),
-            "changes": changes,
-            "right": right,
-            "precision": None if precision is None else round(precision, 4),
-        }
-        row["acts"], row["reason"] = _verdict(row, policy, cfg.min_fix_precision, kinds)
-        out[rule.name] = row
-        log.info("label_qa probe %s: %s", rule.name, row["reason"])
-    return out
+        error, is_right = _is_right(hit, kinds, by_ann, drops)
+        if error is not None:
+            found.add(error)
+        if _changes(policy, hit):
+            changes += 1
+            right += is_right
+    return {
+        "injected": len(truth),
+        "found": len(found),
+        "recall": round(len(found) / len(truth), 4) if truth else None,
+        "changes": changes,
+        "right": right,
+        "precision": round(right / changes, 4) if changes else None,
+    }
 
 
 def _verdict(row: dict, policy: str, floor: float, kinds: tuple[str, ...]) -> tuple[bool, str]:
