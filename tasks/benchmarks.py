@@ -250,15 +250,18 @@ def label_qa_bench(
     epochs: int = typer.Option(30, min=1, help="detector training epochs (clean/noisy/cleaned)"),
     train: bool = typer.Option(True, help="also train on clean, noisy and cleaned labels"),
     clean_check: bool = typer.Option(True, help="also run label QA on the clean data"),
+    dataset: str = typer.Option("digits", help="digits (params.data) or shapes (class = colour)"),
     out: Path = typer.Option(Path("artifacts/bench")),
 ) -> None:
     """Label QA against injected noise: recall/precision per kind, stage cost, mAP recovery."""
+    if dataset not in ("digits", "shapes"):
+        raise typer.BadParameter(f"unsupported dataset {dataset!r}; choose one of digits, shapes")
     from tasks.config import load_params
     from tasks.label_qa.bench import run_benchmark
 
     setup_logging()
     cfg = load_params(params)
-    path = out / "label-qa-default.json"
+    path = out / ("label-qa-default.json" if dataset == "digits" else f"label-qa-{dataset}.json")
     machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
     with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-label-qa-") as tmp:
         result = run_benchmark(
@@ -269,6 +272,7 @@ def label_qa_bench(
             train=train,
             clean_check=clean_check,
             on_partial=lambda r: write_json(path, {**r, "machine": machine, "partial": True}),
+            dataset=dataset,
         )
     result["machine"] = machine
     write_json(path, result)

@@ -252,6 +252,27 @@ class LabelQaCfg(Section):
         "rules not named use their default (see tasks/label_qa rules)",
     )
     model: LabelQaModelCfg = Field(default_factory=lambda: LabelQaModelCfg())
+    min_fix_precision: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="a model-based rule changes labels only when its precision, measured each run "
+        "on errors injected into a copy of the train split, is at least this; else it reports",
+    )
+    probe_rate: float = Field(
+        0.1,
+        gt=0,
+        le=0.25,
+        description="share of the train boxes corrupted per rule in that measurement (class swaps; "
+        "shifted or scaled boxes; dropped boxes)",
+    )
+    decisions: str = Field(
+        "label_qa/decisions.yaml",
+        min_length=1,
+        description="a reviewer's accept / reject per finding (YAML; the stage writes a template "
+        "to review/decisions.yaml); decisions override the model and the policy; a DVC dep of "
+        "the stage; an absent file means no decisions",
+    )
 
 
 class _Aug(Section):

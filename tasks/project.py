@@ -27,6 +27,7 @@ PIPELINE_FILES = (
     "tasks",
     "flows",
     "prefect.yaml",
+    "label_qa/decisions.yaml",  # the reviewer's decisions: a dep of the label_qa stage
 )
 
 

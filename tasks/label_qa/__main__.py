@@ -10,14 +10,23 @@ import numpy as np
 import typer
 
 from tasks.cli import stage_entry
-from tasks.errors import DataQualityError
+from tasks.errors import DataQualityError, ShrinkflowError
 from tasks.io import meta, remove, write_json
+from tasks.label_qa import review
 from tasks.label_qa.core import run
 from tasks.label_qa.report import write_reports
 from tasks.metrics import Runner
 
 log = logging.getLogger("tasks.label_qa")
-OUTPUTS = ("manifest.json", "metrics.json", "report.json", "report.md", "meta.json", "images")
+OUTPUTS = (
+    "manifest.json",
+    "metrics.json",
+    "report.json",
+    "report.md",
+    "meta.json",
+    "images",
+    "review",
+)
 
 
 def champion_runner(model_name: str, work: Path) -> tuple[Runner, int, str] | None:
@@ -34,8 +43,12 @@ def champion_runner(model_name: str, work: Path) -> tuple[Runner, int, str] | No
     client = MlflowClient(uri)
     try:
         version = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return None  # no such registered model or alias
+    except MlflowException as e:
+        if _no_champion(e):
+            return None
+        raise ShrinkflowError(
+            f"MLflow registry at {uri}: cannot read {model_name}@champion: {e.message}"
+        ) from e
     local = Path(
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{model_name}@champion", dst_path=str(work), tracking_uri=uri
@@ -61,6 +74,15 @@ def champion_runner(model_name: str, work: Path) -> tuple[Runner, int, str] | No
         return session.run(None, {inp.name: x.astype(np.float32)})
 
     return runner, size, str(version.version)
+
+
+def _no_champion(e: Exception) -> bool:
+    """Whether an MLflow error says there is no such registered model or no `champion` alias
+    (and not, say, that the server or its store failed)."""
+    code = getattr(e, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "alias" in str(e) and "not found" in str(e)
+    )
 
 
 app = typer.Typer(add_completion=False)
@@ -90,9 +112,11 @@ def main(
             dataset=dataset,
             train_cfg=ctx.params.train,
             champion=champion[:2] if champion else None,
+            decisions=Path(cfg.decisions),
         )
         findings, manifest, metrics = result
         sources = result.ctx.prediction_source
+        review.export(findings, result.ctx, out / "review")
         write_reports(
             findings,
             metrics,
@@ -103,8 +127,8 @@ def main(
             cfg=cfg,
         )
         ctx.log_metrics(metrics)
-        for name in ("report.json", "report.md", "images"):
-            ctx.log_artifact(out / name, None if name != "images" else "images")
+        for name in ("report.json", "report.md", "images", "review"):
+            ctx.log_artifact(out / name, None if name not in ("images", "review") else name)
         if metrics["error_rate"] > cfg.max_error_rate:
             errors = metrics["errors_per_rule"]
             tripped = ", ".join(f"{k}={v}" for k, v in errors.items() if v)
@@ -114,7 +138,10 @@ def main(
                 f"{tripped}; see {out / 'report.md'} and {out / 'report.json'}"
             )
         write_json(out / "manifest.json", manifest)
-        info = meta(cfg, {"dataset": dataset}, ("pycocotools", "cleanlab"))
+        inputs = {"dataset": dataset}
+        if Path(cfg.decisions).exists():
+            inputs["decisions"] = Path(cfg.decisions)
+        info = meta(cfg, inputs, ("pycocotools", "cleanlab", "scikit-learn"))
         info["prediction_source"] = sources
         if champion is not None:
             info["champion_version"] = champion[2]

@@ -107,7 +107,7 @@ def _conflicts(ctx: QaContext) -> Iterator[Hit]:
             if a.category_id != b.category_id and iou >= ctx.cfg.conflict_iou:
                 for this, other in ((a, b), (b, a)):
                     msg = (
-                        f"class {this.category_id} conflicts with annotation {other.id} "
-                        f"(class {other.category_id}, IoU {iou:.2f})"
+                        f"class {sd.category_name(this.category_id)!r} conflicts with annotation "
+                        f"{other.id} (class {sd.category_name(other.category_id)!r}, IoU {iou:.2f})"
                     )
                     yield Hit(sd.name, this.image_id, this.id, msg, 1 - iou)

@@ -5,8 +5,10 @@ the interim splits the model-based rules (phase 2) train on and score. The clean
 raw splits with every finding's action applied: drop removes the annotation (or the image, for an
 image finding), fix applies the suggested fix (a rule with no suggestion for that item falls back
 to drop for an error, keep for a warning), keep leaves it. The model-based rules act only on the
-splits in `label_qa.model.apply_splits` (train by default); elsewhere they only report. The error
-rate is the share of images carrying at least one `error` finding.
+splits in `label_qa.model.apply_splits` (train by default); elsewhere they only report, and
+they change labels only where their precision, measured on errors injected into a copy of
+train, is proven (`probe.py`). A reviewer's decisions (`review.py`) override all of this. The
+error rate is the share of images carrying at least one `error` finding.
 """
 
 from __future__ import annotations
@@ -15,13 +17,21 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tasks.coco import load_coco, load_manifest_split, read_rgb, resolve_image
 from tasks.config import LabelQaCfg, TrainCfg
 from tasks.errors import ConfigError
-from tasks.label_qa import balance, boxes, ids, images, model_checks  # noqa: F401  (register rules)
+from tasks.label_qa import (  # noqa: F401  (register rules)
+    balance,
+    boxes,
+    ids,
+    images,
+    model_checks,
+    probe,
+    review,
+)
 from tasks.label_qa.balance import class_counts
 from tasks.label_qa.images import phash
 from tasks.label_qa.registry import RULES, SPLITS, Finding, Hit, QaContext, Rule, SplitData
@@ -182,12 +192,35 @@ def run_rules(ctx: QaContext, phase: int) -> list[Finding]:
     return findings
 
 
+def gate_model_fixes(ctx: QaContext, findings: list[Finding]) -> list[Finding]:
+    """`findings` where every model-based (phase 2) finding whose rule's precision is not proven
+    (`ctx.fix_evidence`, see `probe.py`) is only reported: its action becomes keep, with a note."""
+    out = []
+    for f in findings:
+        if RULES[f.rule].phase == 2 and f.action != "keep":
+            ev = ctx.fix_evidence.get(f.rule)
+            if not (ev and ev["acts"]):
+                why = ev["reason"] if ev else "reports only: not measured"
+                f = replace(f, action="keep", note=f"would {f.action}; {why}")
+        out.append(f)
+    return out
+
+
+def model_findings(ctx: QaContext) -> list[Finding]:
+    """The model-based rules on `ctx.predictions`: their findings, each rule measured on
+    injected errors (`probe.measure`, into ctx.fix_evidence) and its fixes gated on it."""
+    findings = run_rules(ctx, phase=2)
+    ctx.fix_evidence = probe.measure(ctx)
+    return gate_model_fixes(ctx, findings)
+
+
 def run(
     cfg: LabelQaCfg,
     *,
     dataset: Path,
     train_cfg: TrainCfg | None = None,
     champion: tuple[Runner, int] | None = None,
+    decisions: Path | None = None,
 ) -> QaResult:
     """Check every split under `dataset` and build the cleaned manifest.
 
@@ -197,10 +230,12 @@ def run(
             file `ingest` writes.
         train_cfg: batch size, seed, threads and AMP of the cross-fit (params `train`).
         champion: (runner, input size) of the registry's champion, to score val/test with.
+        decisions: a reviewer's decisions file (`review.py`); they override everything else.
     Returns:
         findings, the cleaned manifest and the metrics.
     Raises:
-        DataError: a file is unusable (not JSON, schema, a path escaping the root).
+        DataError: a file is unusable (not JSON, schema, a path escaping the root), or the
+            decisions file is malformed or names what the splits do not hold.
         ConfigError: `label_qa.policy` names a rule that does not exist.
     """
     unknown = sorted(set(cfg.policy) - set(RULES))
@@ -214,6 +249,7 @@ def run(
     if manifest is not None:
         dataset = load_manifest_split(manifest, "train")[0]
     ctx = QaContext(cfg, dataset, {s: load_split(dataset, s, manifest) for s in SPLITS})
+    reviewed = review.load_decisions(decisions, ctx) if decisions is not None else []
     findings = run_rules(ctx, phase=1)
     ctx.interim = apply_policy(ctx, findings)
     for f in findings:
@@ -225,11 +261,17 @@ def run(
     if cfg.model.enabled:
         t0 = time.perf_counter()
         model_checks.predict_splits(ctx, train_cfg or TrainCfg(), champion)
-        findings += run_rules(ctx, phase=2)
+        findings += model_findings(ctx)
         model_s = time.perf_counter() - t0
+    if reviewed:
+        findings = review.apply_decisions(findings, reviewed, ctx, decisions)
     cleaned = apply_policy(ctx, findings)
     images_total = sum(len(sd.coco.images) for sd in ctx.splits.values())
-    flagged = {(f.split, f.image_id) for f in findings if f.severity == "error"}
+    flagged = {  # a reviewer's reject says the label is right: not an error
+        (f.split, f.image_id)
+        for f in findings
+        if f.severity == "error" and not f.note.startswith("rejected in review")
+    }
     by_rule = Counter(f.rule for f in findings)
     by_action = Counter(f.action for f in findings if f.image_id is not None)
     metrics = {
@@ -249,6 +291,15 @@ def run(
         "class_counts": class_counts(ctx),
         "model_checks_s": round(model_s, 2),
         "crossfit_map50": ctx.crossfit_map50,
+        "fix_evidence": ctx.fix_evidence,
+        "box_classifier": {
+            "features": ctx.box_features,
+            "out_of_fold_accuracy": ctx.box_feature_accuracy,
+        },
+        "reviewed": {
+            d: sum(f.note.startswith(f"{d}ed in review") for f in findings)
+            for d in ("accept", "reject")
+        },
     }
     manifest = {"root": str(dataset), "splits": cleaned}
     return QaResult(findings, manifest, metrics, ctx)

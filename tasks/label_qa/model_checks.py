@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -88,9 +89,26 @@ def torch_runner(model) -> Runner:
     return run
 
 
+@contextmanager
+def deterministic(threads: int) -> Iterator[None]:
+    """Deterministic torch kernels (where torch has them; others warn) and a fixed CPU thread
+    count, so the same data and params give the same fold models and the same findings."""
+    import torch
+
+    was, n = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.set_num_threads(n)
+
+
 def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner, float]:
     """K-fold cross-fit on the interim train split: returns out-of-fold predictions per train
-    image (cleanlab format), the runner of the last fold model and the mean held-out mAP@0.5."""
+    image (cleanlab format), the runner of the last fold model and the mean held-out mAP@0.5.
+    Folds and training are seeded from `train.seed`."""
     import torch
 
     from tasks.model import Detector, DetectorConfig
@@ -184,7 +202,15 @@ def calibrate(preds: dict, coco: dict) -> dict:
 def predict_splits(
     ctx: QaContext, train_cfg: TrainCfg, champion: tuple[Runner, int] | None
 ) -> None:
-    """Fill ctx.predictions for every split (see the module docstring for who predicts what)."""
+    """Fill ctx.predictions for every split (see the module docstring for who predicts what),
+    under `deterministic` kernels with `train.threads` threads."""
+    with deterministic(train_cfg.threads):
+        _predict_splits(ctx, train_cfg, champion)
+
+
+def _predict_splits(
+    ctx: QaContext, train_cfg: TrainCfg, champion: tuple[Runner, int] | None
+) -> None:
     ctx.predictions = {}
     fold_runner = None
     if ctx.interim["train"]["images"]:
@@ -286,14 +312,24 @@ def _train_box_evidence(ctx: QaContext) -> dict | None:
     ]
     if not anns:
         return None
-    x = box_classifier.box_features(anns, ctx.splits["train"].paths)
     y = np.array([index[a["category_id"]] for a in anns])
     fold = {i: k for k, f in enumerate(ctx.crossfit_folds) for i in f}
     fold_of = np.array([fold.get(a["image_id"], a["image_id"] % ctx.cfg.model.folds) for a in anns])
-    probs = box_classifier.out_of_fold_probs(x, y, fold_of, len(cats), ctx.seed)
+    paths = ctx.splits["train"].paths
+    if ctx.box_features is None:  # chosen once per run, on the train labels as given
+        chosen, x, probs, ctx.box_feature_accuracy = box_classifier.select_features(
+            anns, paths, y, fold_of, len(cats), ctx.seed
+        )
+        ctx.box_features = chosen.name
+    else:  # the probe (probe.py) reuses the run's choice
+        x = box_classifier.box_features(anns, paths, box_classifier.FEATURE_SETS[ctx.box_features])
+        probs = box_classifier.out_of_fold_probs(x, y, fold_of, len(cats), ctx.seed)
     ctx.box_accuracy = float((probs.argmax(1) == y).mean())
+    if ctx.box_trusted is None:  # the probe (injected noise lowers accuracy) keeps the run's
+        ctx.box_trusted = ctx.box_accuracy >= ctx.cfg.model.min_box_accuracy
     log.info(
-        "label_qa box classifier: out-of-fold accuracy %.3f on %d train boxes",
+        "label_qa box classifier (%s): out-of-fold accuracy %.3f on %d train boxes",
+        ctx.box_features,
         ctx.box_accuracy,
         len(y),
     )
@@ -308,8 +344,7 @@ def _box_evidence(
     `box_classifier`). Empty when it is off or less accurate on train than
     `label_qa.model.min_box_accuracy` (a classifier that cannot read the boxes would only
     produce false findings)."""
-    m = ctx.cfg.model
-    if train is None or train["cats"] != cats or ctx.box_accuracy < m.min_box_accuracy:
+    if train is None or train["cats"] != cats or not ctx.box_trusted:
         return {}, set()
     index = {c: k for k, c in enumerate(cats)}
     if split == "train":
@@ -318,7 +353,8 @@ def _box_evidence(
         mine = [a for a in anns if a["category_id"] in index and _usable(ctx, split, a)]
         if not mine:
             return {}, set()
-        x = box_classifier.box_features(mine, ctx.splits[split].paths)
+        features = box_classifier.FEATURE_SETS[ctx.box_features]
+        x = box_classifier.box_features(mine, ctx.splits[split].paths, features)
         probs = box_classifier.fit_predict(train["x"], train["y"], x, len(cats), ctx.seed)
         y = np.array([index[a["category_id"]] for a in mine])
     flagged = box_classifier.label_issues(y, probs)
@@ -376,19 +412,21 @@ def _wrong_class(ctx: QaContext) -> Iterator[Hit]:
     relabels the box with the model's class."""
     m = ctx.cfg.model
     for split, imgs in _scores(ctx).items():
+        name = ctx.splits[split].category_name
         for img in imgs:
             for n, (ann, s) in enumerate(zip(img["anns"], img["swap"], strict=True)):
                 if not _usable(ctx, split, ann):
                     continue
                 k = img["cats"].index(ann["category_id"])
-                hit = _objectlab_swap(ann, img, k, float(s), m)
+                hit = _objectlab_swap(ann, img, k, float(s), m, name)
                 if hit is None and img["box_issue"][n] and img["badloc"][n] >= m.badloc_threshold:
                     probs = img["box_probs"][n]
                     cat = img["cats"][int(np.argmax(probs))]
                     if cat != ann["category_id"]:
                         msg = (
-                            f"labelled class {ann['category_id']}; the box classifier sees "
-                            f"class {cat} ({probs.max():.2f}, labelled class {probs[k]:.2f})"
+                            f"labelled {name(ann['category_id'])!r}; the box classifier sees "
+                            f"{name(cat)!r} ({probs.max():.2f}; {name(ann['category_id'])!r} "
+                            f"{probs[k]:.2f})"
                         )
                         # score: cleanlab's self-confidence (the probability of the given class)
                         hit = (msg, float(probs[k]), {"category_id": cat})
@@ -396,7 +434,7 @@ def _wrong_class(ctx: QaContext) -> Iterator[Hit]:
                     yield Hit(split, ann["image_id"], ann["id"], *hit)
 
 
-def _objectlab_swap(ann: dict, img: dict, k: int, s: float, m) -> tuple | None:
+def _objectlab_swap(ann: dict, img: dict, k: int, s: float, m, name) -> tuple | None:
     """(message, score, fix) when ObjectLab's swap score flags `ann` (labelled class index k)."""
     if s >= m.swap_threshold:
         return None
@@ -406,10 +444,10 @@ def _objectlab_swap(ann: dict, img: dict, k: int, s: float, m) -> tuple | None:
     mask = (img["pred_cls"] != k) & (img["pred"][:, 4] > m.high_probability)
     best = _best_match(ann, img, mask)
     fix = None
-    msg = f"labelled class {ann['category_id']}"
+    msg = f"labelled {name(ann['category_id'])!r}"
     if best is not None:
         cat = img["cats"][int(img["pred_cls"][best])]
-        msg += f"; the model sees class {cat} ({img['pred'][best, 4]:.2f})"
+        msg += f"; the model sees {name(cat)!r} ({img['pred'][best, 4]:.2f})"
         fix = {"category_id": cat, "model_box": _xyxy_to_xywh(img["pred"][best])}
     return msg, s, fix
 
@@ -428,7 +466,8 @@ def _badly_placed(ctx: QaContext) -> Iterator[Hit]:
                 mask = (img["pred_cls"] == k) & (img["pred"][:, 4] > m.low_probability)
                 best = _best_match(ann, img, mask)
                 fix = None if best is None else {"bbox": _xyxy_to_xywh(img["pred"][best])}
-                msg = f"box {[round(v, 1) for v in ann['bbox']]} fits the object poorly"
+                label = ctx.splits[split].category_name(ann["category_id"])
+                msg = f"{label!r} box {[round(v, 1) for v in ann['bbox']]} fits the object poorly"
                 if fix:
                     msg += f"; the model's box is {fix['bbox']}"
                 yield Hit(split, ann["image_id"], ann["id"], msg, float(s), fix)
@@ -461,7 +500,10 @@ def _missing(ctx: QaContext) -> Iterator[Hit]:
                 s = img["over"][j]
                 cat = img["cats"][int(img["pred_cls"][j])]
                 box = _xyxy_to_xywh(img["pred"][j])
-                msg = f"unlabelled class {cat} at {box} ({img['pred'][j, 4]:.2f})"
+                msg = (
+                    f"unlabelled {ctx.splits[split].category_name(cat)!r} at {box} "
+                    f"({img['pred'][j, 4]:.2f})"
+                )
                 yield Hit(
                     split,
                     img["image_id"],

@@ -49,6 +49,14 @@ class Finding:
     message: str
     fix: dict | None
     action: str
+    note: str = ""  # why the action differs from the policy (precision not proven, a review)
+
+    @property
+    def key(self) -> str:
+        """A stable id: `<split>/<rule>/annotation/<id>` or `<split>/<rule>/image/<id>`."""
+        if self.annotation_id is not None:
+            return f"{self.split}/{self.rule}/annotation/{self.annotation_id}"
+        return f"{self.split}/{self.rule}/image/{self.image_id}"
 
 
 @dataclass
@@ -63,6 +71,13 @@ class SplitData:
     sizes: dict[int, tuple[int, int] | str]  # image id -> decoded (w, h), or the read error
     paths: dict[int, Path]
     hashes: dict[int, np.ndarray]  # image id -> 256-bit perceptual hash (readable images)
+
+    def category_name(self, category_id: int) -> str:
+        """The category's name in this file (`#<id>` for an id the file does not list)."""
+        for c in self.coco.categories:
+            if c.id == category_id:
+                return c.name
+        return f"#{category_id}"
 
 
 @dataclass
@@ -83,6 +98,11 @@ class QaContext:
     crossfit_folds: list[list[int]] = field(default_factory=list)  # train image ids per fold
     seed: int = 0  # of the cross-fit and the box classifier (params train.seed)
     box_accuracy: float | None = None  # out-of-fold accuracy of the box classifier on train
+    box_features: str | None = None  # the box classifier's feature set, chosen out of fold
+    box_trusted: bool | None = None  # its out-of-fold accuracy reached min_box_accuracy
+    box_feature_accuracy: dict[str, float] = field(default_factory=dict)  # per candidate set
+    # model rule -> its precision / recall measured on injected errors (probe.py)
+    fix_evidence: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

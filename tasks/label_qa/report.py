@@ -17,25 +17,28 @@ SUGGESTED_COLOUR = (40, 200, 60)  # the box the fix suggests (or the model sees)
 CROP_SCALE = 3  # crops are small canvases: enlarge them so the boxes are visible
 
 
+def finding_row(f: Finding, file_name: str | None = None) -> dict:
+    """One finding as a JSON row (report.json, and the `qa_findings` of review/)."""
+    return {
+        "id": f.key,
+        "split": f.split,
+        "image_id": f.image_id,
+        "file_name": file_name,
+        "annotation_id": f.annotation_id,
+        "rule": f.rule,
+        "severity": f.severity,
+        "score": f.score,
+        "message": f.message,
+        "suggested_fix": f.fix,
+        "action": f.action,
+        "note": f.note,
+    }
+
+
 def rows(findings: list[Finding], file_names: dict[tuple[str, int], str]) -> list[dict]:
     """The JSON report: one row per finding, worst (lowest score) first within a rule order."""
-    out = []
-    for f in sorted(findings, key=lambda f: (f.severity != "error", f.score)):
-        out.append(
-            {
-                "split": f.split,
-                "image_id": f.image_id,
-                "file_name": file_names.get((f.split, f.image_id)),
-                "annotation_id": f.annotation_id,
-                "rule": f.rule,
-                "severity": f.severity,
-                "score": f.score,
-                "message": f.message,
-                "suggested_fix": f.fix,
-                "action": f.action,
-            }
-        )
-    return out
+    order = sorted(findings, key=lambda f: (f.severity != "error", f.score))
+    return [finding_row(f, file_names.get((f.split, f.image_id))) for f in order]
 
 
 def _suggested_box(fix: dict | None) -> list[float] | None:
@@ -103,11 +106,44 @@ def _entry(n: int, f: Finding, names: dict, image: str) -> list[str]:
         f"### {n + 1}. {f.rule} ({f.severity}, score {f.score:.3f}, {f.action})",
         "",
         f"{f.split} image {f.image_id} (`{names.get((f.split, f.image_id))}`), "
-        f"annotation {f.annotation_id}: {f.message}",
+        f"annotation {f.annotation_id}: {f.message}" + (f" — {f.note}" if f.note else ""),
         "",
         f"![{f.rule}](images/{image})",
         "",
     ]
+
+
+def _evidence(metrics: dict, cfg: LabelQaCfg) -> list[str]:
+    """The section on the model-based rules' measured precision / recall and their verdicts."""
+    evidence = metrics.get("fix_evidence") or {}
+    if not evidence:
+        return []
+    lines = [
+        "",
+        "## Model-based rules: measured on errors injected into a copy of train",
+        "",
+        f"Each run injects {cfg.probe_rate:.0%} of the train boxes per rule as known errors and "
+        "scores them with the same out-of-sample predictions. A rule changes labels only when "
+        f"its precision is at least label_qa.min_fix_precision ({cfg.min_fix_precision}); "
+        "every change on a box that was not corrupted counts as wrong. Decisions in "
+        f"`{cfg.decisions}` override this.",
+        "",
+        "| rule | injected | found (recall) | fixes right (precision) | acts | why |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for rule, e in evidence.items():
+        recall = "–" if e["recall"] is None else f"{e['found']} ({e['recall']:.1%})"
+        precision = "–" if e["precision"] is None else f"{e['right']} of {e['changes']}"
+        precision += "" if e["precision"] is None else f" ({e['precision']:.1%})"
+        lines.append(
+            f"| {rule} | {e['injected']} | {recall} | {precision} | "
+            f"{'yes' if e['acts'] else 'no'} | {e['reason']} |"
+        )
+    box = metrics.get("box_classifier") or {}
+    if box.get("features"):
+        acc = ", ".join(f"{k} {v:.3f}" for k, v in box["out_of_fold_accuracy"].items())
+        lines += ["", f"Box classifier features: {box['features']} (out-of-fold accuracy: {acc})."]
+    return lines
 
 
 def write_reports(
@@ -142,6 +178,11 @@ def write_reports(
         "Predictions for the model-based checks: "
         + (", ".join(f"{k}: {v}" for k, v in sources.items()) or "off (label_qa.model.enabled)"),
         "",
+        f"Review decisions applied (`{cfg.decisions}`): "
+        f"{metrics.get('reviewed', {}).get('accept', 0)} accepted, "
+        f"{metrics.get('reviewed', {}).get('reject', 0)} rejected; a template of every proposed "
+        "change is in review/decisions.yaml, the splits with `qa_` fields in review/<split>.json.",
+        "",
         "Model-based rules act (policy) on: "
         + ", ".join(cfg.model.apply_splits or ["none"])
         + "; in the other splits they only report (label_qa.model.apply_splits).",
@@ -156,6 +197,7 @@ def write_reports(
         lines.append(
             f"| {name} | {r.severity} | {policy} | {metrics['findings_per_rule'][name]} | {doc} |"
         )
+    lines += _evidence(metrics, cfg)
     lines += ["", "## Class balance (boxes per class)", ""]
     counts = metrics["class_counts"]
     classes = list(next(iter(counts.values()), {}))
