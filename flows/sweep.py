@@ -151,7 +151,6 @@ def share_baseline(root: Path, timeout_s: float) -> str:
         ConfigError: params.yaml, dvc.yaml or dvc.lock differ from the commit (workers would not
             see the change).
     """
-    logger = get_run_logger()
     dirty = git(root, "status", "--porcelain", "--", "params.yaml", "dvc.yaml", "dvc.lock")
     if dirty:
         raise ConfigError(
@@ -159,6 +158,7 @@ def share_baseline(root: Path, timeout_s: float) -> str:
             + dirty
         )
     commit = git(root, "rev-parse", "HEAD")
+    logger = get_run_logger()
     pushed = run_dvc(root, "push", timeout_s=timeout_s)
     if pushed.returncode != 0:  # the recipes still run, re-making what is missing
         logger.warning("dvc push of the baseline failed; workers re-run its stages:\n%s",

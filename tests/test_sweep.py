@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from flows.sweep import share_baseline
+from tasks.errors import ConfigError
 from tasks.pareto import pareto_front
 from tasks.project import copy_project, dvc
 from tests.conftest import stop_group, tiny_params
@@ -29,7 +31,9 @@ from tests.test_flows import (
     flow_runs_of,
     logs,
     prefect_server,  # noqa: F401  (fixture: a real `prefect server start`)
+    small_project,
     sweep_runs,
+    write_stage,
 )
 
 GRID = {"quantize.calibrator": ["minmax", "percentile"]}
@@ -43,6 +47,15 @@ def fast_params() -> dict:
     params["distill"]["epochs"] = 1
     params["build_engine"]["targets"] = ["onnxruntime"]
     return params
+
+
+def test_a_fanned_out_sweep_refuses_an_uncommitted_baseline(tmp_path):
+    """Workers clone the commit: a params.yaml change they would not see is an error."""
+    proj = small_project(tmp_path / "p", {"a": write_stage("echo a")})
+    with (proj / "params.yaml").open("a") as f:
+        f.write("# edited, not committed\n")
+    with pytest.raises(ConfigError, match=r"commit the baseline before a fanned-out sweep"):
+        share_baseline.fn(proj, 60)
 
 
 @pytest.fixture(scope="module")
