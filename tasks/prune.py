@@ -101,7 +101,22 @@ def _time(cfg: PruneCfg, engine_cfg: BuildEngineCfg, base: Detector, model: Dete
         rounds=cfg.latency_rounds,
     )
     base_ms, ms = (float(np.median(seconds[k])) * 1e3 for k in ("unpruned", "pruned"))
-    return {"latency_ms": ms, "latency_ms_unpruned": base_ms, "speedup": base_ms / ms}
+    # the ratio within each round (both models timed minutes apart at most), then the median
+    # over rounds: robust to machine load that changes between rounds
+    per_round = [
+        float(np.median(b) / np.median(p))
+        for b, p in zip(
+            np.array_split(seconds["unpruned"], cfg.latency_rounds),
+            np.array_split(seconds["pruned"], cfg.latency_rounds),
+            strict=True,
+        )
+    ]
+    return {
+        "latency_ms": ms,
+        "latency_ms_unpruned": base_ms,
+        "speedup": float(np.median(per_round)),
+        "speedup_per_round": per_round,
+    }
 
 
 def run(
@@ -157,6 +172,8 @@ def run(
                 _taylor_gradients(model, train)
             pruner.step()
             macs, _ = macs_and_params(model)
+        if history and macs == history[-1]["macs"]:
+            continue  # coarse round_to: the same widths as the last step, already measured
         model.cfg.layers = model.layer_shapes()
         point = {"step": step, "macs": macs, "macs_ratio": macs / base_macs}
         point |= _time(cfg, engine_cfg, unpruned, model)
@@ -193,7 +210,7 @@ def run(
             stopped_by = cfg.target
             break
     else:
-        if cfg.target != "macs_reduction":
+        if cfg.target != "macs_reduction" and history:
             log.warning(
                 "prune: %s %s not reached on %s at the %.0f%% MACs ceiling "
                 "(prune.macs_reduction): %.3f ms, %.2fx",

@@ -6,6 +6,7 @@ the curve it recorded, never a timed threshold."""
 
 import copy
 
+import numpy as np
 import pytest
 import yaml
 
@@ -53,19 +54,21 @@ def test_a_speedup_target_stops_at_the_first_measured_step_that_meets_it(
         cfg, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
     )
     curve = m["steps"]
-    assert [p["step"] for p in curve] == list(range(1, len(curve) + 1))
+    steps = [p["step"] for p in curve]
+    assert steps == sorted(set(steps)) and steps[-1] <= len(prune.schedule(cfg))
     assert all(p["latency_ms"] > 0 and p["latency_ms_unpruned"] > 0 for p in curve)
-    for p in curve:  # the recorded speedup is the ratio of the recorded latencies
-        assert p["speedup"] == pytest.approx(p["latency_ms_unpruned"] / p["latency_ms"])
-    macs = [p["macs"] for p in curve]
-    assert macs == sorted(macs, reverse=True) and macs[0] < m["macs_before"]
+    for p in curve:  # the recorded speedup is the median of the per-round ratios it recorded
+        assert len(p["speedup_per_round"]) == cfg.latency_rounds
+        assert p["speedup"] == pytest.approx(float(np.median(p["speedup_per_round"])))
+    macs = [p["macs"] for p in curve]  # a step that left the widths as they were is not re-timed
+    assert macs == sorted(set(macs), reverse=True) and macs[0] < m["macs_before"]
     # every step before the last missed the target; the stop is the first that met it, or the
     # MACs ceiling when none did
     assert all(p["speedup"] < cfg.speedup for p in curve[:-1])
     if curve[-1]["speedup"] >= cfg.speedup:
         assert m["stopped_by"] == "speedup"
     else:
-        assert m["stopped_by"] == "macs_reduction" and len(curve) == len(prune.schedule(cfg))
+        assert m["stopped_by"] == "macs_reduction"
     # the model is the stopping step's: its MACs and measured speedup are the metrics'
     assert macs_and_params(model)[0] == m["macs"] == curve[-1]["macs"]
     assert m["speedup"] == curve[-1]["speedup"] and m["latency_ms"] == curve[-1]["latency_ms"]
