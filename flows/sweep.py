@@ -1,11 +1,23 @@
-"""The recipe sweep: a grid of compression recipes run as DVC experiments, and their Pareto front.
+"""The recipe sweep: a grid of compression recipes, their KPIs, and their Pareto front.
 
-Every combination of the grid is queued with `dvc exp run --queue -S key=value ...` and the queue is
-run (`dvc exp run --run-all`); each experiment re-runs only the stages its params touch (the rest
-come from the committed baseline's cache). The KPIs of one engine target are collected with
-`dvc exp show --json`, and the Pareto front of latency vs mAP@0.5 is written as a table and a plot,
-logged to MLflow (a `sweep` run) and published as a Prefect artifact. The best recipe under the
-gate (fastest with mAP@0.5 within `max_map50_drop` of the FP32 baseline) is named.
+Two ways to run the recipes:
+
+- **Fanned out** (`recipe_deployment` names a deployment of `flows/recipe.py:recipe`): each recipe
+  is submitted as its own flow run of that deployment (`run_deployment(..., timeout=0)`), so the
+  workers of its work pool run as many recipes at once as the pool allows (its concurrency limit,
+  one run per worker with `prefect worker start --limit 1`). Each worker clones the project at the
+  baseline commit, pulls the baseline's outputs from the shared DVC remote, runs its recipe as a
+  DVC experiment, pushes it back (`dvc exp push`) and logs the KPIs to the shared MLflow server,
+  where the sweep collects them.
+- **Here, in sequence** (no `recipe_deployment`): every recipe is queued with
+  `dvc exp run --queue -S key=value ...` and the queue is run in this workspace; the KPIs come
+  from `dvc exp show --json`.
+
+Either way each experiment re-runs only the stages its params touch (the rest come from the
+committed baseline's cache), and the Pareto front of latency vs mAP@0.5 (tasks/pareto.py) is
+written as a table and a plot, logged to MLflow (a `sweep` run) and published as a Prefect
+artifact. The best recipe under the gate (fastest with mAP@0.5 within `max_map50_drop` of the FP32
+baseline) is named.
 
     python -m flows.sweep -g quantize.calibrator=minmax,percentile -g prune.macs_reduction=0.3,0.5
 """
@@ -28,6 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.project import run_dvc
+from flows.recipe import KPIS, ROLE, SWEEP_TAG, git, overrides
 from tasks import pareto
 from tasks.config import Params, _format, load_params
 from tasks.errors import ConfigError, StageFailed
@@ -38,18 +51,12 @@ DEFAULT_GRID: dict[str, list[Any]] = {
     "quantize.calibrator": ["minmax", "percentile"],
     "quantize.precision": ["int8", "fp16"],
 }
-KPIS = ("map50", "delta_map50", "map50_95", "latency_ms_p50", "latency_ms_p95", "size_mb", "macs")
 
 
 def recipes(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of the grid's values, in grid order."""
     keys = list(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
-
-
-def _yaml_value(v: Any) -> str:
-    # what `-S key=value` parses back to the same value (Hydra override grammar)
-    return json.dumps(v) if isinstance(v, bool | list) else str(v)
 
 
 def check_recipes(root: Path, grid_recipes: list[dict[str, Any]]) -> None:
@@ -83,8 +90,9 @@ def queue(root: Path, named: dict[str, dict[str, Any]]) -> None:
     """`dvc exp run --queue -n <name> -S key=value ...` for each recipe."""
     logger = get_run_logger()
     for name, recipe in named.items():
-        sets = [a for k, v in recipe.items() for a in ("-S", f"{k}={_yaml_value(v)}")]
-        result = run_dvc(root, "exp", "run", "--queue", "-n", name, *sets, timeout_s=300)
+        result = run_dvc(
+            root, "exp", "run", "--queue", "-n", name, *overrides(recipe), timeout_s=300
+        )
         if result.returncode != 0:
             raise StageFailed(f"could not queue {name} {recipe}:\n{result.tail()}")
         logger.info("queued %s: %s", name, recipe)
@@ -131,6 +139,122 @@ def collect(root: Path, named: dict[str, dict[str, Any]], target: str) -> list[d
     return rows
 
 
+# --- fanned out: one flow run per recipe on a work pool ------------------------------------
+
+
+@task(name="share-baseline", cache_policy=NO_CACHE)
+def share_baseline(root: Path, timeout_s: float) -> str:
+    """The committed baseline the workers start from: its commit, its outputs pushed to the DVC
+    remote (`dvc push`) so workers re-run only what their recipe touches.
+
+    Raises:
+        ConfigError: params.yaml, dvc.yaml or dvc.lock differ from the commit (workers would not
+            see the change).
+    """
+    dirty = git(root, "status", "--porcelain", "--", "params.yaml", "dvc.yaml", "dvc.lock")
+    if dirty:
+        raise ConfigError(
+            f"{root}: commit the baseline before a fanned-out sweep (workers clone the commit):\n"
+            + dirty
+        )
+    commit = git(root, "rev-parse", "HEAD")
+    logger = get_run_logger()
+    pushed = run_dvc(root, "push", timeout_s=timeout_s)
+    if pushed.returncode != 0:  # the recipes still run, re-making what is missing
+        logger.warning("dvc push of the baseline failed; workers re-run its stages:\n%s",
+                       pushed.tail())  # fmt: skip
+    return commit
+
+
+@task(name="submit-recipes", cache_policy=NO_CACHE)
+def submit(deployment: str, named: dict[str, dict[str, Any]], common: dict[str, Any]) -> dict:
+    """One flow run of `deployment` per recipe, returned at once (`timeout=0`): {name: id}."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    ids = {}
+    for name, recipe in named.items():
+        run = run_deployment(
+            deployment,
+            parameters={"name": name, "recipe": recipe, **common},
+            flow_run_name=name,
+            timeout=0,
+        )
+        ids[name] = run.id
+        logger.info("submitted %s to %s: %s (flow run %s)", name, deployment, recipe, run.id)
+    return ids
+
+
+@task(name="wait-for-recipes", cache_policy=NO_CACHE)
+def wait_all(ids: dict[str, Any], timeout_s: float, poll_s: float = 5.0) -> dict[str, dict]:
+    """Wait until every recipe's flow run is final: {name: {flow_run, state, message}}. Runs
+    still going after `timeout_s` are reported as they are."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    logger = get_run_logger()
+    deadline = time.monotonic() + timeout_s
+    final: dict[str, dict] = {}
+
+    def outcome(run) -> dict:
+        state = run.state
+        return {
+            "flow_run": str(run.id),
+            "state": state.type.value if state else "UNKNOWN",
+            "message": (state.message or "") if state else "",
+            "final": bool(state and state.is_final()),
+        }
+
+    with get_client(sync_client=True) as client:
+        while True:
+            for name, fid in ids.items():
+                if name not in final:
+                    got = outcome(client.read_flow_run(fid))
+                    if got["final"]:
+                        final[name] = got
+                        logger.info("recipe %s: %s", name, got["state"])
+            if len(final) == len(ids) or time.monotonic() > deadline:
+                break
+            time.sleep(poll_s)
+        for name, fid in ids.items():
+            final.setdefault(name, outcome(client.read_flow_run(fid)))
+    return final
+
+
+@task(name="collect-kpis-from-mlflow", cache_policy=NO_CACHE)
+def collect_fanned(
+    uri: str, experiment: str, sweep_id: str, named: dict[str, dict[str, Any]], runs: dict
+) -> list[dict[str, Any]]:
+    """One row per recipe, from the KPI run its worker logged to MLflow (failed flow runs say
+    why)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    logged = {}
+    if exp is not None:
+        for r in client.search_runs(
+            [exp.experiment_id],
+            f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`shrinkflow.role` = '{ROLE}'",
+        ):
+            logged[r.info.run_name] = r
+    rows = []
+    for name, recipe in named.items():
+        row: dict[str, Any] = {"experiment": name, **recipe}
+        outcome = runs[name]
+        found = logged.get(name)
+        if found is None or outcome["state"] != "COMPLETED":
+            row["status"] = f"failed: {outcome['state']}: {outcome['message'][-300:]}".rstrip(": ")
+        else:
+            row["status"] = found.data.tags.get("shrinkflow.status", "ok")
+            row |= {k: found.data.metrics.get(k) for k in KPIS}
+        row["flow_run"] = outcome["flow_run"]
+        rows.append(row)
+    return rows
+
+
 def best_recipe(rows: list[dict[str, Any]], max_map50_drop: float) -> dict[str, Any] | None:
     """The fastest recipe whose mAP@0.5 is within `max_map50_drop` of the FP32 baseline."""
     passing = [
@@ -170,8 +294,11 @@ def sweep(
     max_map50_drop: float = 0.01,
     jobs: int = 1,
     mlflow_tracking_uri: str | None = None,
+    recipe_deployment: str | None = None,
+    git_url: str | None = None,
 ) -> dict[str, Any]:
-    """Run a grid of recipes as DVC experiments; publish the Pareto front of latency vs mAP@0.5.
+    """Run a grid of recipes as DVC experiments (here or fanned out over a work pool); publish
+    the Pareto front of latency vs mAP@0.5.
 
     Args:
         project: the DVC project; its baseline (dvc.lock) should be committed, so experiments
@@ -180,9 +307,14 @@ def sweep(
         target: the engine whose KPIs are compared.
         max_map50_drop: the gate of the best recipe: mAP@0.5 at most this below FP32 (0.01 = 1
             point).
-        jobs: experiments run at once (`dvc exp run --run-all -j`).
+        jobs: experiments run at once here (`dvc exp run --run-all -j`); unused when fanned out.
         mlflow_tracking_uri: where stages and the sweep log (else MLFLOW_TRACKING_URI, else the
-            project's `mlflow.db`, made absolute: experiments run in temp copies).
+            project's `mlflow.db`, made absolute: experiments run in temp copies). Fanned out,
+            it must be a server every worker reaches.
+        recipe_deployment: `sweep-recipe/<deployment>` to fan the recipes out to (one flow run
+            each, on that deployment's work pool); None runs them here, in sequence.
+        git_url: the repository workers clone and push experiments to (default: the project's
+            directory, for workers on this machine).
 
     Returns:
         `experiments` (rows), `front` (experiment names on the Pareto front), `best` (or None).
@@ -197,9 +329,28 @@ def sweep(
     named = {f"{prefix}-{i}": r for i, r in enumerate(grid_recipes)}
     uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     uri = uri or f"sqlite:///{root / 'mlflow.db'}"
-    queue(root, named)
-    run_queue(root, jobs, {"MLFLOW_TRACKING_URI": uri}, params.flow.timeout_s * len(named))
-    rows = collect(root, named, target)
+    if recipe_deployment and not uri.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"a fanned-out sweep needs an MLflow server every worker reaches, not {uri} "
+            "(mlflow_tracking_uri / MLFLOW_TRACKING_URI)"
+        )
+    if recipe_deployment:
+        commit = share_baseline(root, params.flow.timeout_s)
+        common = {
+            "commit": commit,
+            "sweep_id": prefix,
+            "git_url": git_url or str(root),
+            "target": target,
+            "mlflow_tracking_uri": uri,
+        }
+        ids = submit(recipe_deployment, named, common)
+        # the pool runs as many at once as it has slots; allow each recipe its full timeout
+        runs = wait_all(ids, params.flow.timeout_s * len(named))
+        rows = collect_fanned(uri, params.project.mlflow_experiment, prefix, named, runs)
+    else:
+        queue(root, named)
+        run_queue(root, jobs, {"MLFLOW_TRACKING_URI": uri}, params.flow.timeout_s * len(named))
+        rows = collect(root, named, target)
 
     ok = [r for r in rows if r["status"] == "ok"]
     front = pareto.pareto_front(ok)
@@ -274,8 +425,13 @@ def main(
     max_map50_drop: float = typer.Option(0.01, help="gate: mAP@0.5 at most this below FP32"),
     jobs: int = typer.Option(1, help="experiments at once"),
     mlflow_tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI"),
+    deployment: str | None = typer.Option(
+        None, help="fan out: one flow run per recipe of this deployment (sweep-recipe/<name>)"
+    ),
+    git_url: str | None = typer.Option(None, help="fanned out: the repository workers clone"),
 ) -> None:
-    """Run the recipe sweep here (the ephemeral Prefect API unless PREFECT_API_URL is set)."""
+    """Run the recipe sweep (the ephemeral Prefect API unless PREFECT_API_URL is set; fanning
+    out needs a server and workers)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     state = sweep(
         project=str(project),
@@ -284,6 +440,8 @@ def main(
         max_map50_drop=max_map50_drop,
         jobs=jobs,
         mlflow_tracking_uri=mlflow_tracking_uri,
+        recipe_deployment=deployment,
+        git_url=git_url,
         return_state=True,
     )
     raise typer.Exit(0 if state.is_completed() else 1)

@@ -378,6 +378,43 @@ class PruneCfg(Section):
     ignore: list[str] = Field(
         ["out"], description="conv block paths left unpruned (the head output must stay)"
     )
+    target: Literal["macs_reduction", "latency_ms", "speedup"] = Field(
+        "macs_reduction",
+        description="what pruning stops at: `macs_reduction` (in `steps` equal steps), or a "
+        "latency measured on `engine` at each step of `search_step`: `latency_ms` (batch-1 "
+        "p50 at most this) or `speedup` (unpruned p50 / pruned p50 at least this); "
+        "`macs_reduction` is then the most it may remove",
+    )
+    latency_ms: float | None = Field(
+        None, gt=0, description="the batch-1 p50 latency to reach (target: latency_ms)"
+    )
+    speedup: float | None = Field(
+        None, gt=1, description="the speedup over the unpruned model to reach (target: speedup)"
+    )
+    engine: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime",
+        description="engine target each step is exported to and timed on (FP32, the "
+        "build_engine threads/precision settings)",
+    )
+    search_step: float = Field(
+        0.1, gt=0, lt=0.95, description="share of the base MACs removed per measured step"
+    )
+    max_map_drop: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="stop at the largest step whose fine-tuned val mAP@0.5 is at most this "
+        "below the unpruned model's (0.02 = 2 points); null = no accuracy bound",
+    )
+    latency_warmup: int = Field(5, ge=0, description="untimed calls before each timed block")
+    latency_runs: PosInt = Field(30, description="timed batch-1 calls per model and step")
+    latency_rounds: PosInt = Field(3, description="shuffled timing blocks per step")
+
+    @model_validator(mode="after")
+    def _target_value(self) -> PruneCfg:
+        if self.target != "macs_reduction" and getattr(self, self.target) is None:
+            raise ValueError(f"target {self.target} needs a value: set prune.{self.target}")
+        return self
 
 
 class DistillCfg(Section):

@@ -2,14 +2,23 @@
 
 torch-pruning's dependency graph (Fang et al., "DepGraph", CVPR 2023) removes coupled channels
 together (the neck's additions tie lat3/lat2 and smooth2/lat1), so the pruned model stays valid.
-Pruning proceeds in `steps` chunks towards the MACs target, each followed by a short fine-tune.
-The pruned widths go into the checkpoint config, so export rebuilds the model without
+Pruning proceeds in steps, each followed by a short fine-tune, until the first bound stops it:
+`prune.target` is a MACs share (`steps` equal steps), or a batch-1 latency (`latency_ms`) or a
+speedup over the unpruned model measured on an engine target after every `search_step` of MACs
+(exported, built and timed in-process: tasks/latency.py); `prune.max_map_drop` undoes the step
+whose fine-tuned val mAP@0.5 falls too far. Every step's MACs and measured latency are written
+to `plots/latency.csv`, and the metrics name the bound that stopped (`stopped_by`). The pruned
+widths go into the checkpoint config, so export rebuilds the model without
 torch-pruning.
 """
 
 from __future__ import annotations
 
+import copy
+import csv
+import io
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,11 +27,12 @@ import torch
 import torch_pruning as tp
 import typer
 
+from tasks import latency
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, load_splits
-from tasks.config import PruneCfg, TrainCfg
+from tasks.config import BuildEngineCfg, PruneCfg, TrainCfg
 from tasks.errors import ConfigError
-from tasks.io import meta, remove, write_json
+from tasks.io import meta, remove, write_json, write_text
 from tasks.model import Detector, load_checkpoint, macs_and_params
 from tasks.train import detection_loss, evaluate_model, fit, make_targets, save_checkpoint
 
@@ -35,6 +45,9 @@ IMPORTANCE: dict[str, Callable[[], tp.importance.Importance]] = {
     "taylor": lambda: tp.importance.TaylorImportance(),
 }
 GRANULARITY = 200  # pruner micro-steps over the whole schedule: ~0.5% of channels each
+CURVE = "plots/latency.csv"  # the measured curve, one row per step (a DVC plot)
+CURVE_COLUMNS = ("step", "macs", "latency_ms", "latency_ms_unpruned", "speedup",
+                 "val_map50_after_finetune")  # fmt: skip
 
 
 def _taylor_gradients(model: Detector, data: DetectionSet, batch: int = 32) -> None:
@@ -51,10 +64,77 @@ def _taylor_gradients(model: Detector, data: DetectionSet, batch: int = 32) -> N
     detection_loss(raw, heat, reg, mask, model.cfg.num_classes).backward()
 
 
+def schedule(cfg: PruneCfg) -> list[float]:
+    """Cumulative shares of the base MACs removed after each step: `steps` equal steps to
+    `macs_reduction`, or (a measured target) steps of `search_step` up to it."""
+    if cfg.target == "macs_reduction":
+        return [cfg.macs_reduction * k / cfg.steps for k in range(1, cfg.steps + 1)]
+    n = math.ceil(cfg.macs_reduction / cfg.search_step - 1e-9)
+    return [min(cfg.search_step * k, cfg.macs_reduction) for k in range(1, n + 1)]
+
+
+def curve_csv(steps: list[dict]) -> str:
+    """The measured MACs-vs-latency curve as CSV, one row per step."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CURVE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(steps)
+    return buf.getvalue()
+
+
+def _meets(cfg: PruneCfg, point: dict) -> bool:
+    if cfg.target == "latency_ms":
+        return point["latency_ms"] <= cfg.latency_ms
+    if cfg.target == "speedup":
+        return point["speedup"] >= cfg.speedup
+    return False
+
+
+def _time(cfg: PruneCfg, engine_cfg: BuildEngineCfg, base: Detector, model: Detector) -> dict:
+    """Batch-1 p50 of the unpruned and the current model on `cfg.engine`, timed together."""
+    seconds = latency.measure(
+        {"unpruned": base, "pruned": copy.deepcopy(model).eval()},
+        cfg.engine,
+        engine_cfg,
+        warmup=cfg.latency_warmup,
+        runs=cfg.latency_runs,
+        rounds=cfg.latency_rounds,
+    )
+    base_ms, ms = (float(np.median(seconds[k])) * 1e3 for k in ("unpruned", "pruned"))
+    # the ratio within each round (both models timed minutes apart at most), then the median
+    # over rounds: robust to machine load that changes between rounds
+    per_round = [
+        float(np.median(b) / np.median(p))
+        for b, p in zip(
+            np.array_split(seconds["unpruned"], cfg.latency_rounds),
+            np.array_split(seconds["pruned"], cfg.latency_rounds),
+            strict=True,
+        )
+    ]
+    return {
+        "latency_ms": ms,
+        "latency_ms_unpruned": base_ms,
+        "speedup": float(np.median(per_round)),
+        "speedup_per_round": per_round,
+    }
+
+
 def run(
-    cfg: PruneCfg, train_cfg: TrainCfg, *, model: Detector, train: DetectionSet, val: DetectionSet
+    cfg: PruneCfg,
+    train_cfg: TrainCfg,
+    *,
+    model: Detector,
+    train: DetectionSet,
+    val: DetectionSet,
+    engine_cfg: BuildEngineCfg | None = None,
 ) -> tuple[Detector, dict]:
-    """Prune `model` in place to remove `cfg.macs_reduction` of its MACs. Returns it and metrics."""
+    """Prune `model` step by step (each step followed by a fine-tune) until the first bound
+    stops it: the MACs target, a latency measured on `cfg.engine` after each step
+    (`latency_ms` / `speedup`), or `max_map_drop` (the step that breaks it is undone).
+
+    Every step's MACs and measured batch-1 latency are recorded (`curve`, also in `steps`).
+    Returns the pruned model and the metrics; `stopped_by` names the bound that stopped it.
+    """
     if cfg.importance not in IMPORTANCE:
         raise ConfigError(
             f"unsupported importance {cfg.importance!r}; choose one of {', '.join(IMPORTANCE)}"
@@ -65,8 +145,10 @@ def run(
             f"params.yaml: prune.ignore: unknown layers {unknown}; choose from "
             f"{', '.join(model.layer_shapes())}"
         )
+    engine_cfg = engine_cfg or BuildEngineCfg()
     base_macs, base_params = macs_and_params(model)
     base_map = evaluate_model(model, val)
+    unpruned = copy.deepcopy(model).eval()
     ignored = [model.get_submodule(p) for p in cfg.ignore]
     size = model.cfg.input_size
     model.train()
@@ -81,22 +163,27 @@ def run(
         round_to=cfg.round_to,
     )
     macs, history = base_macs, []
-    for step in range(1, cfg.steps + 1):
-        goal = base_macs * (1 - cfg.macs_reduction * step / cfg.steps)
+    kept = copy.deepcopy(unpruned)  # the last step within max_map_drop
+    stopped_by = "macs_reduction"
+    for step, share in enumerate(schedule(cfg), start=1):
+        goal = base_macs * (1 - share)
         while macs > goal and pruner.current_step < GRANULARITY:
             if cfg.importance == "taylor":
                 _taylor_gradients(model, train)
             pruner.step()
             macs, _ = macs_and_params(model)
+        if history and macs == history[-1]["macs"]:
+            continue  # coarse round_to: the same widths as the last step, already measured
         model.cfg.layers = model.layer_shapes()
+        point = {"step": step, "macs": macs, "macs_ratio": macs / base_macs}
+        point |= _time(cfg, engine_cfg, unpruned, model)
         pruned_map = evaluate_model(model, val)
         log.info(
-            "prune step %d: MACs %.1fM (%.1f%% of base), val mAP@0.5 %.4f before fine-tune",
-            step,
-            macs / 1e6,
-            100 * macs / base_macs,
-            pruned_map["map50"],
-        )
+            "prune step %d: MACs %.1fM (%.1f%% of base), %s %.3f ms (%.2fx), "
+            "val mAP@0.5 %.4f before fine-tune",
+            step, macs / 1e6, 100 * macs / base_macs, cfg.engine, point["latency_ms"],
+            point["speedup"], pruned_map["map50"],
+        )  # fmt: skip
         if cfg.finetune_epochs:
             model, rows = fit(
                 model,
@@ -107,18 +194,34 @@ def run(
                 lr=cfg.lr,
                 desc=f"prune step {step} fine-tune",
             )
-        history.append(
-            {
-                "step": step,
-                "macs": macs,
-                "val_map50_after_prune": pruned_map["map50"],
-                "val_map50_after_finetune": evaluate_model(model, val)["map50"],
-            }
-        )
+        point["val_map50_after_prune"] = pruned_map["map50"]
+        point["val_map50_after_finetune"] = evaluate_model(model, val)["map50"]
+        history.append(point)
+        drop = base_map["map50"] - point["val_map50_after_finetune"]
+        if cfg.max_map_drop is not None and drop > cfg.max_map_drop + 1e-12:
+            log.info(
+                "prune step %d: val mAP@0.5 fell %.4f (> max_map_drop %.4f): step undone",
+                step, drop, cfg.max_map_drop,
+            )  # fmt: skip
+            model, stopped_by = kept, "max_map_drop"
+            break
+        kept = copy.deepcopy(model)
+        if _meets(cfg, point):
+            stopped_by = cfg.target
+            break
+    else:
+        if cfg.target != "macs_reduction" and history:
+            log.warning(
+                "prune: %s %s not reached on %s at the %.0f%% MACs ceiling "
+                "(prune.macs_reduction): %.3f ms, %.2fx",
+                cfg.target, getattr(cfg, cfg.target), cfg.engine, 100 * cfg.macs_reduction,
+                history[-1]["latency_ms"], history[-1]["speedup"],
+            )  # fmt: skip
     model.zero_grad(set_to_none=True)
+    model.cfg.layers = model.layer_shapes()
     macs, params = macs_and_params(model)
     achieved = 1 - macs / base_macs
-    if abs(achieved - cfg.macs_reduction) > 0.05:
+    if stopped_by == "macs_reduction" and abs(achieved - cfg.macs_reduction) > 0.05:
         # Per-layer ratios with round_to > 1 move every layer's width in the same 8-channel
         # steps, so MACs fall in coarse jumps; round_to=1 (or global pruning) follows the target.
         log.warning(
@@ -128,18 +231,25 @@ def run(
             cfg.round_to,
         )
     final = evaluate_model(model, val)
+    last = next((p for p in reversed(history) if p["macs"] == macs), None)
     return model.eval(), {
+        "target": cfg.target,
+        "stopped_by": stopped_by,
+        "engine": cfg.engine,
         "macs_before": base_macs,
         "macs": macs,
         "macs_ratio": macs / base_macs,
-        "macs_reduction_achieved": 1 - macs / base_macs,
+        "macs_reduction_achieved": achieved,
         "params_before": base_params,
         "params": params,
         "params_ratio": params / base_params,
+        # the kept step's timing; the unpruned model (every step undone) is 1x by definition
+        "latency_ms": last["latency_ms"] if last else history[0]["latency_ms_unpruned"],
+        "speedup": last["speedup"] if last else 1.0,
         "val_map50_before": base_map["map50"],
         "val_map50": final["map50"],
         "val_map50_95": final["map50_95"],
-        "val_map50_right_after_pruning": history[-1]["val_map50_after_prune"],
+        "val_map50_right_after_pruning": last["val_map50_after_prune"] if last else None,
         "steps": history,
     }
 
@@ -154,16 +264,24 @@ def main(
     manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
     out: Path = typer.Option(Path("artifacts/prune")),
 ) -> None:
-    """Prune the trained detector towards the MACs target, fine-tuning between steps."""
+    """Prune the trained detector to its target (MACs, or a latency measured on an engine),
+    fine-tuning between steps; the measured MACs-vs-latency curve is a DVC plot."""
     with stage_entry("prune", params) as ctx:
         cfg = ctx.params.prune
         ctx.log_params(cfg)
-        for stale in ("model.pt", "metrics.json", "meta.json"):
+        for stale in ("model.pt", "metrics.json", "meta.json", CURVE):
             remove(out / stale)
         model, ckpt = load_checkpoint(checkpoint)
         size = model.cfg.input_size
         _, train, val = load_splits(manifest, size)
-        model, metrics = run(cfg, ctx.params.train, model=model, train=train, val=val)
+        model, metrics = run(
+            cfg,
+            ctx.params.train,
+            model=model,
+            train=train,
+            val=val,
+            engine_cfg=ctx.params.build_engine,
+        )
         save_checkpoint(
             out / "model.pt",
             model,
@@ -171,13 +289,19 @@ def main(
             {"prune_cfg": cfg.model_dump(mode="json"), "metrics": metrics},
         )
         write_json(out / "meta.json", meta(cfg, {"checkpoint": checkpoint}, ("torch-pruning",)))
+        write_text(out / CURVE, curve_csv(metrics["steps"]))
         write_json(out / "metrics.json", metrics)
         ctx.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
+        ctx.log_artifact(out / CURVE, "plots")
         log.info(
-            "pruned: MACs %.1fM -> %.1fM (%.1f%% removed), val mAP@0.5 %.4f -> %.4f",
+            "pruned (stopped by %s): MACs %.1fM -> %.1fM (%.1f%% removed), %s %.2fx, "
+            "val mAP@0.5 %.4f -> %.4f",
+            metrics["stopped_by"],
             metrics["macs_before"] / 1e6,
             metrics["macs"] / 1e6,
             100 * metrics["macs_reduction_achieved"],
+            cfg.engine,
+            metrics["speedup"],
             metrics["val_map50_before"],
             metrics["val_map50"],
         )

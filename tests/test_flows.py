@@ -21,6 +21,7 @@ from tests.conftest import free_port, running_server, stop_group, tiny_params
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "shrinkflow"  # the work pool prefect.yaml names
+SWEEP_POOL = "shrinkflow-sweep"  # the pool of prefect.yaml's `recipe` deployment
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -368,6 +369,7 @@ def deployed(prefect_server, worker, mlflow_server, tmp_path_factory):
     assert dvc(proj, "remote", "add", "-d", "local", str(tmp / "remote")).returncode == 0
     git = ["git", "-c", "user.email=ci@shrinkflow", "-c", "user.name=shrinkflow"]
     subprocess.run([*git, "commit", "-qam", "DVC remote"], cwd=proj, check=True)
+    cli(env, proj, "work-pool", "create", SWEEP_POOL, "--type", "process")
     cli(env, proj, "--no-prompt", "deploy", "--all")
     t0 = time.perf_counter()
     run = run_deployment(api, "compress/nightly", {"mlflow_tracking_uri": mlflow_server})
@@ -512,6 +514,24 @@ def test_promote_waits_for_a_reviewer_and_the_decision_is_recorded_in_mlflow(
 
 # --- the recipe sweep, on the project the nightly run reproduced -----------------------------
 
+
+def commit_baseline(proj: Path) -> None:
+    """Commit the reproduced baseline (if not yet): experiments re-run only what their params
+    touch."""
+    git = ["git", "-c", "user.email=ci@shrinkflow", "-c", "user.name=shrinkflow"]
+    subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=proj).returncode:
+        subprocess.run([*git, "commit", "-qm", "baseline"], cwd=proj, check=True)
+
+
+def sweep_runs(mlflow: MlflowClient, experiment_id: str, flow_run_id) -> list:
+    """The MLflow `sweep` run(s) of one sweep flow run (named `sweep-<first 8 of its id>`)."""
+    name = f"sweep-{str(flow_run_id)[:8]}"
+    return mlflow.search_runs(
+        [experiment_id], f"tags.`shrinkflow.role` = 'sweep' and attributes.run_name = '{name}'"
+    )
+
+
 SWEEP_GRID = {
     "quantize.calibrator": ["minmax", "percentile"],
     "quantize.precision": ["int8", "fp16"],
@@ -527,13 +547,12 @@ def test_a_2x2_sweep_yields_four_experiments_and_a_pareto_front(
 
     api, _ = prefect_server
     proj, _, _ = deployed
-    # the reproduced baseline is committed: experiments re-run only what their params touch
-    git = ["git", "-c", "user.email=ci@shrinkflow", "-c", "user.name=shrinkflow"]
-    subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=proj, check=True)
+    commit_baseline(proj)
     t0 = time.perf_counter()
-    run = run_deployment(
-        api, "sweep/sweep", {"grid": SWEEP_GRID, "mlflow_tracking_uri": mlflow_server}
+    run = run_deployment(  # in sequence, in the deployment's checkout
+        api,
+        "sweep/sweep",
+        {"grid": SWEEP_GRID, "mlflow_tracking_uri": mlflow_server, "recipe_deployment": None},
     )
     print(f"2x2 sweep through the deployment: {time.perf_counter() - t0:.1f} s")
     assert run.state.type.value == "COMPLETED", f"{run.state}\n{logs(api, run.id)[-5000:]}"
@@ -545,7 +564,7 @@ def test_a_2x2_sweep_yields_four_experiments_and_a_pareto_front(
 
     mlflow = MlflowClient(mlflow_server)
     exp = mlflow.get_experiment_by_name(tiny_params()["project"]["mlflow_experiment"])
-    (sweep_run,) = mlflow.search_runs([exp.experiment_id], "tags.`shrinkflow.role` = 'sweep'")
+    (sweep_run,) = sweep_runs(mlflow, exp.experiment_id, run.id)
     files = {f.path for f in mlflow.list_artifacts(sweep_run.info.run_id, "sweep")}
     assert files == {"sweep/pareto.md", "sweep/pareto.png", "sweep/sweep.json"}
     result = json.loads(

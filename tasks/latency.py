@@ -1,0 +1,81 @@
+"""Batch-1 latency of PyTorch detectors on an engine target, measured in-process.
+
+Each model is exported (BatchNorm folded, decoding in the graph: the deployed signature) with
+PyTorch's TorchScript exporter at batch 1, which takes a fraction of the dynamo exporter's time
+and yields the same convolutions, then built and loaded by the engine target as
+`build_engine` does. All models are timed in one `tasks.bench.time_blocks` call (shuffled
+blocks with pause and re-warm), so ratios between them come from the same process and the same
+minutes of machine load.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks import engines
+from tasks.bench import time_blocks
+from tasks.config import BuildEngineCfg
+from tasks.errors import ConfigError
+from tasks.model import Detector, DetectorWithDecode, fold_batchnorm
+
+log = logging.getLogger(__name__)
+OUTPUTS = ["num_detections", "boxes", "scores", "classes"]
+
+
+def export_for_timing(model: Detector, path: Path) -> Path:
+    """`model` (eval, BatchNorm folded, with decode) as a batch-1 ONNX graph at `path`."""
+    folded, _ = fold_batchnorm(model)
+    wrapped = DetectorWithDecode(folded).eval()
+    size = model.cfg.input_size
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            wrapped,
+            (torch.zeros(1, 3, size, size),),
+            str(path),
+            dynamo=False,
+            opset_version=18,
+            input_names=["images"],
+            output_names=OUTPUTS,
+        )
+    return path
+
+
+def measure(
+    models: dict[str, Detector],
+    engine: str,
+    cfg: BuildEngineCfg,
+    *,
+    warmup: int,
+    runs: int,
+    rounds: int,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Seconds per batch-1 call of each model on `engine`: {name: (runs,)}.
+
+    Raises:
+        ConfigError: the engine target cannot run here (it reports `skipped: ...`).
+    """
+    target = engines.get(engine)
+    size = next(iter(models.values())).cfg.input_size
+    batch = np.random.default_rng(seed).random((1, 3, size, size), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {}
+        for name, model in models.items():
+            folder = Path(tmp) / name
+            folder.mkdir()
+            onnx_path = export_for_timing(model, folder / "model.onnx")
+            built = folder / "engine"
+            built.mkdir()
+            facts = target.build(onnx_path, built, cfg)
+            if facts["status"] != "ok":
+                raise ConfigError(f"params.yaml: prune.engine: {engine} cannot run here: "
+                                  f"{facts['status']}")  # fmt: skip
+            runners[name] = target.load(built, cfg)
+        return time_blocks(runners, batch, warmup=warmup, runs=runs, rounds=rounds, seed=seed)
