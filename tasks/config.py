@@ -278,7 +278,7 @@ class QuantizeCfg(Section):
 
 
 class BuildEngineCfg(Section):
-    targets: list[Literal["onnxruntime", "openvino", "tensorrt"]] = Field(
+    targets: list[Literal["onnxruntime", "openvino", "tensorrt", "litert"]] = Field(
         ["onnxruntime"], min_length=1, description="engine targets (one build/evaluate each)"
     )
     threads: PosInt = Field(2, description="intra-op threads of every CPU runtime")
