@@ -254,10 +254,11 @@ class QuantizeCfg(Section):
     percentile: float = Field(99.999, gt=90, le=100, description="for the percentile calibrator")
     calibration_images: PosInt = Field(64, description="train images used for calibration")
     seed: int = Field(0, description="which train images are drawn for calibration")
-    activation_type: Literal["quint8", "qint8"] = Field(
-        "quint8",
-        description="quint8 (asymmetric) is what ONNX Runtime's CPU kernels fuse fastest; "
-        "qint8 is symmetric, as TensorRT requires",
+    activation_type: Literal["auto", "quint8", "qint8"] = Field(
+        "auto",
+        description="QDQ activation type: auto = what each build_engine target accepts (one "
+        "model per distinct need: quint8 for ONNX Runtime CPU and OpenVINO, symmetric qint8 "
+        "for TensorRT); quint8/qint8 = that type for every target (an error where one refuses it)",
     )
     accuracy_aware: bool = Field(
         True, description="measure per-layer sensitivity; keep the worst layers in float"
@@ -459,6 +460,21 @@ class Params(Section):
             raise ValueError(
                 f"promote.target: {self.promote.target!r} is not built; choose one of "
                 f"build_engine.targets ({', '.join(self.build_engine.targets)})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _int8_fits_targets(self) -> Params:
+        from tasks.engines.int8 import ACCEPTS, conflicts
+
+        q = self.quantize
+        if q.precision == "int8" and (
+            bad := conflicts(q.activation_type, self.build_engine.targets)
+        ):
+            raise ValueError(
+                f"quantize.activation_type: {q.activation_type} cannot serve "
+                f"build_engine.targets {', '.join(bad)} (accepts "
+                f"{'; '.join(f'{t}: ' + '/'.join(ACCEPTS[t]) for t in bad)}); use auto"
             )
         return self
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -269,10 +270,13 @@ class LiteRt:
 
         made = Path(onnx_path).with_suffix(".tflite")
         dst = out_dir / self.engine_file
-        if made.exists():  # what quantize made for this target
+        if made.exists():  # what quantize made for this target, with its facts beside it
             shutil.copy(made, dst)
             shutil.copy(decode_path(made), decode_path(dst))
+            recorded = made.with_suffix(".json")
             facts = {"source": made.name}
+            if recorded.exists():
+                facts["quantize"] = json.loads(recorded.read_text())
         else:
             facts = {"source": Path(onnx_path).name, **convert(onnx_path, dst, "float32")}
         interpreter = _interpreter(dst, cfg.threads)
