@@ -129,7 +129,7 @@ def to_int8(
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=QUANTIZED_OPS,
         per_channel=True,
-        activation_type=QuantType.QUInt8 if cfg.activation_type == "quint8" else QuantType.QInt8,
+        activation_type=QuantType.QInt8 if cfg.activation_type == "qint8" else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         nodes_to_quantize=only,
         nodes_to_exclude=exclude,
