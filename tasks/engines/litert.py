@@ -25,7 +25,7 @@ Without the `litert` extra the target reports `skipped: <reason>`.
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import io
 import json
 import logging
@@ -55,12 +55,11 @@ _ONNX2TF_FILES = {
 
 
 def unavailable(modules: tuple[str, ...] = REQUIRED) -> str | None:
-    """Why the LiteRT target cannot build here (`skipped: <reason>`), or None."""
+    """Why the LiteRT target cannot build here (`skipped: <reason>`), or None. Looks the
+    modules up without importing them (TensorFlow takes seconds to import)."""
     for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            return f"skipped: {name} not installed ({e}); pip install '.[litert]'"
+        if importlib.util.find_spec(name) is None:
+            return f"skipped: {name} not installed; pip install '.[litert]'"
     return None
 
 
