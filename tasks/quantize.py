@@ -474,7 +474,12 @@ def target_models(
                 made[need] = tmp / f"model.{need}.onnx"
                 facts[f"qdq_{need}"] = qdq_model(cfg, need, made[need], **inputs)
             copy_file(made.get(need, made[types[0]]), folder / "model.onnx")
-            facts[target] = {"model": f"qdq_{need}", "activation_type": need}
+            own = facts.get(f"qdq_{need}", report)  # the run that made this target's model
+            facts[target] = {
+                "model": f"qdq_{need}",
+                "activation_type": need,
+                "precision": own["precision"],
+            }
         for extra in tmp.glob("model.*.onnx"):
             extra.unlink()
     return facts
