@@ -220,8 +220,14 @@ def test_litert_fp32_and_int8_run_on_xnnpack_and_keep_pytorch_accuracy(
 
 @litert_missing
 def test_litert_int8_model_running_float_convolutions_is_caught(
-    tiny, tiny_manifest, models, tmp_path
+    tiny, tiny_manifest, models, tmp_path, monkeypatch
 ):
+    import requests
+
+    def no_download(*args, **kwargs):  # onnx2tf fetches sample images unless given ours
+        raise AssertionError(f"download at run time: {args}")
+
+    monkeypatch.setattr(requests, "get", no_download)
     images, _, _ = quantize.calibration_set(tiny.quantize, DetectionSet(tiny_manifest, "train", 64))
     litert.convert(models / "fp32.onnx", tmp_path / "int8.tflite", "int8", images)
     interpreter = litert._interpreter(tmp_path / "int8.tflite", 1)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 OUTPUTS = ["num_detections", "boxes", "scores", "classes"]
 REQUIRED = ("ai_edge_litert", "onnx2tf", "tensorflow")  # the `litert` extra
 PRECISIONS = ("float32", "float16", "int8")
+SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # onnx2tf's name
 _ONNX2TF_FILES = {
     "float32": "{}_float32.tflite",
     "float16": "{}_float16.tflite",
@@ -128,8 +129,12 @@ def convert(
                     [name, str(tmp / "calibration.npy"), [0.0] * shape[1], [1.0] * shape[1]]
                 ],
             }
+        # onnx2tf checks its TF graph against ONNX Runtime on sample images, which it downloads
+        # unless this file is in the working directory: give it ours (no download at run time).
+        samples = calibration if calibration is not None else _samples(shape)
+        np.save(tmp / SAMPLE_FILE, samples[:20].transpose(0, 2, 3, 1).astype(np.float32))
         printed = io.StringIO()  # onnx2tf prints the TF graph's signatures: keep for debug
-        with contextlib.redirect_stdout(printed):
+        with contextlib.chdir(tmp), contextlib.redirect_stdout(printed):
             onnx2tf.convert(
                 input_onnx_file_path=str(head),
                 output_folder_path=str(tmp / "out"),
@@ -147,6 +152,11 @@ def convert(
         "cut": cut,
         "calibration_images": 0 if calibration is None else int(len(calibration)),
     }
+
+
+def _samples(shape: list[int]) -> np.ndarray:
+    """One deterministic image in [0, 1] of the model's input shape (1, C, H, W)."""
+    return np.random.default_rng(0).random((1, *shape[1:]), dtype=np.float32)
 
 
 def decode_path(tflite: Path) -> Path:
