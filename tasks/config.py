@@ -411,7 +411,7 @@ def gate_name(gate: AbsoluteGate | RelativeGate | PerClassGate | NonRegressionGa
 class PromoteCfg(Section):
     """Gates and registry settings of the `promote` stage (MLflow model registry)."""
 
-    target: Literal["onnxruntime", "openvino", "tensorrt"] = Field(
+    target: Literal["onnxruntime", "openvino", "tensorrt", "litert"] = Field(
         "onnxruntime",
         description="engine target whose evaluate KPIs gate the candidate and which the "
         "registered pyfunc serves (must be one of build_engine.targets)",
