@@ -88,3 +88,8 @@ def test_typo_in_params_exits_2_before_any_work(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert not (tmp_path / "mlflow.db").exists()  # failed before touching MLflow
+
+
+def test_litert_can_be_built_and_promoted(tmp_path):
+    params = load_params(write(tmp_path, lambda p: p["promote"].update(target="litert")))
+    assert params.promote.target == "litert" and "litert" in params.build_engine.targets
