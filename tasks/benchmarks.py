@@ -181,6 +181,8 @@ def engines(
             "openvino": cfg.build_engine.model_copy(update={"openvino_precision": "f32"}),
             "openvino_bf16": cfg.build_engine.model_copy(update={"openvino_precision": "bf16"}),
         }
+        if "litert" in runners:  # its float32 conversion of the same model
+            variants["litert"] = cfg.build_engine
         for name, engine_cfg in variants.items():
             target = name.removesuffix("_bf16")
             folder = Path(work.name) / name

@@ -52,7 +52,11 @@ def main(
         result = run(cfg, target=target, onnx_path=onnx_path, out=out / "engine")
         write_json(
             out / "meta.json",
-            meta(cfg, {"onnx": onnx_path}, ("onnxruntime", "openvino", "tensorrt")),
+            meta(
+                cfg,
+                {"source": onnx_path.parent},  # the model quantize made for this target
+                ("onnxruntime", "openvino", "tensorrt", "ai-edge-litert", "onnx2tf", "tensorflow"),
+            ),
         )
         write_json(out / "metrics.json", result)
         ctx.log_metrics(result)

@@ -460,10 +460,11 @@ class QuantizeCfg(Section):
     percentile: float = Field(99.999, gt=90, le=100, description="for the percentile calibrator")
     calibration_images: PosInt = Field(64, description="train images used for calibration")
     seed: int = Field(0, description="which train images are drawn for calibration")
-    activation_type: Literal["quint8", "qint8"] = Field(
-        "quint8",
-        description="quint8 (asymmetric) is what ONNX Runtime's CPU kernels fuse fastest; "
-        "qint8 is symmetric, as TensorRT requires",
+    activation_type: Literal["auto", "quint8", "qint8"] = Field(
+        "auto",
+        description="QDQ activation type: auto = what each build_engine target accepts (one "
+        "model per distinct need: quint8 for ONNX Runtime CPU and OpenVINO, symmetric qint8 "
+        "for TensorRT); quint8/qint8 = that type for every target (an error where one refuses it)",
     )
     accuracy_aware: bool = Field(
         True, description="measure per-layer sensitivity; keep the worst layers in float"
@@ -494,7 +495,7 @@ class QuantizeCfg(Section):
 
 
 class BuildEngineCfg(Section):
-    targets: list[Literal["onnxruntime", "openvino", "tensorrt"]] = Field(
+    targets: list[Literal["onnxruntime", "openvino", "tensorrt", "litert"]] = Field(
         ["onnxruntime"], min_length=1, description="engine targets (one build/evaluate each)"
     )
     threads: PosInt = Field(2, description="intra-op threads of every CPU runtime")
@@ -629,7 +630,7 @@ def gate_name(gate: AbsoluteGate | RelativeGate | PerClassGate | NonRegressionGa
 class PromoteCfg(Section):
     """Gates and registry settings of the `promote` stage (MLflow model registry)."""
 
-    target: Literal["onnxruntime", "openvino", "tensorrt"] = Field(
+    target: Literal["onnxruntime", "openvino", "tensorrt", "litert"] = Field(
         "onnxruntime",
         description="engine target whose evaluate KPIs gate the candidate and which the "
         "registered pyfunc serves (must be one of build_engine.targets)",
@@ -694,6 +695,21 @@ class Params(Section):
             raise ValueError(
                 "promote.gates: empty: every candidate would become champion; list gates, or "
                 "set promote.allow_no_gates: true to promote without any"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _int8_fits_targets(self) -> Params:
+        from tasks.engines.int8 import ACCEPTS, conflicts
+
+        q = self.quantize
+        if q.precision == "int8" and (
+            bad := conflicts(q.activation_type, self.build_engine.targets)
+        ):
+            raise ValueError(
+                f"quantize.activation_type: {q.activation_type} cannot serve "
+                f"build_engine.targets {', '.join(bad)} (accepts "
+                f"{'; '.join(f'{t}: ' + '/'.join(ACCEPTS[t]) for t in bad)}); use auto"
             )
         return self
 

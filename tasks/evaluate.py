@@ -89,6 +89,8 @@ def run(
     quality = {name: coco_metrics(test.coco, r, cfg.score_threshold) for name, r in rows.items()}
     one = test.batch(slice(0, 1))
     lat = time_blocks(runners, one, warmup=cfg.warmup, runs=cfg.latency_runs, rounds=cfg.rounds)
+    # An engine converted at batch 1 (LiteRT) has throughput at batch 1 only.
+    batches = cfg.throughput_batches if getattr(engine, "takes_batch", True) else [1]
     thr = {
         b: time_blocks(
             runners,
@@ -97,9 +99,9 @@ def run(
             runs=cfg.throughput_runs,
             rounds=cfg.rounds,
         )
-        for b in cfg.throughput_batches
+        for b in batches
     }
-    top = max(cfg.throughput_batches)
+    top = max(batches)
     shape = {target: macs_and_params(deployed)}
     shape[FP32_SAME_RUNTIME] = shape[BASELINE] = macs_and_params(baseline)
     sizes = {
@@ -115,7 +117,7 @@ def run(
             "throughput_ips": latency_stats(thr[top][name], top)["throughput_ips"],
             **{
                 f"throughput_ips_b{b}": latency_stats(thr[b][name], b)["throughput_ips"]
-                for b in cfg.throughput_batches
+                for b in batches
             },
             "size_mb": sizes[name],
             "macs": shape[name][0],
@@ -127,6 +129,7 @@ def run(
         "target": target,
         "status": "ok",
         "threads": engine_cfg.threads,
+        "throughput_batch": top,
         "test_images": len(test),
         **mine,
         **{f"delta_{k}": mine[k] - base[k] for k in QUALITY},

@@ -44,8 +44,9 @@ from tasks.bench import time_blocks
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, load_splits
 from tasks.config import Params, QuantizeCfg
+from tasks.engines.int8 import qdq_types
 from tasks.errors import ConfigError
-from tasks.io import check_onnx, copy_file, meta, remove, write_json, write_text
+from tasks.io import atomic_dir, check_onnx, copy_file, meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
 from tasks.precision import (
     conv_precision,
@@ -145,7 +146,7 @@ def to_int8(
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=QUANTIZED_OPS,
         per_channel=True,
-        activation_type=QuantType.QUInt8 if cfg.activation_type == "quint8" else QuantType.QInt8,
+        activation_type=QuantType.QInt8 if cfg.activation_type == "qint8" else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         nodes_to_quantize=only,
         nodes_to_exclude=exclude,
@@ -437,6 +438,8 @@ def render(report: dict) -> str:
         for kind, t in report["layer_types"].items():
             timed = f"{t['int8_ms']:.3f} | {t['float_ms']:.3f}" if "int8_ms" in t else "recorded | "
             lines.append(f"| {kind} | {len(t['layers'])} | {timed} | {t['precision']} |")
+    if "targets" in report:
+        lines += render_targets(report["targets"])
     return "\n".join(lines) + "\n"
 
 
@@ -466,6 +469,134 @@ def _qat(
     }
 
 
+# One model per distinct INT8 need of the build_engine targets (tasks/engines/int8.py): the
+# deployable model.onnx serves the targets of the first QDQ type; another QDQ type gets its own
+# accuracy-aware run; LiteRT gets its full-integer .tflite. Written to targets/<target>/.
+
+
+def qdq_model(cfg: QuantizeCfg, activation_type: str, dst: Path, **inputs) -> dict:
+    """The accuracy-aware INT8 QDQ model with `activation_type` activations, written to `dst`
+    (`inputs`: run()'s keyword arguments but `out`). keep_faster and the calibrator comparison
+    are off: they measure on ONNX Runtime CPU, which is not where this model runs."""
+    sub = cfg.model_copy(
+        update={
+            "activation_type": activation_type,
+            "keep_faster": False,
+            "compare_calibrators": False,
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run(sub, out=Path(tmp), **inputs)
+        copy_file(Path(tmp) / "model.onnx", dst)
+    return {
+        "model": f"QDQ, {activation_type} activations, symmetric={activation_type == 'qint8'}",
+        "precision": report["precision"],
+        "val_map50_int8": report["val_map50"]["int8"],
+        "int8_map_drop": report["int8_map_drop"],
+        "layers_kept_float": [k for k, v in report["layer_precision"].items() if v == "fp32"],
+    }
+
+
+def litert_model(
+    cfg: QuantizeCfg, src: Path, dst: Path, train: DetectionSet, val: DetectionSet, fp32_map: float
+) -> dict:
+    """LiteRT's model for `cfg.precision` at `dst` (.tflite + its decode ONNX): full-integer
+    INT8 calibrated by the TFLite converter on `calibration_set`'s images (same ids and seed as
+    the QDQ models), float32 instead when INT8 loses more than `max_map_drop` val mAP@0.5 and
+    `accuracy_aware` is on (the converter quantizes every layer or none)."""
+    from tasks.engines import litert
+
+    if reason := litert.unavailable():
+        return {"status": reason}
+    images, _, ids_md5 = calibration_set(cfg, train)
+    precision = {"int8": "int8", "fp16": "float16", "fp32": "float32"}[cfg.precision]
+    facts = litert.convert(src, dst, precision, images if precision == "int8" else None)
+    result = {"status": "ok", "precision": precision, "reason": "as configured"}
+    if precision == "int8":
+        runner = litert.runner(dst, threads=1)
+        int8_map = coco_metrics(val.coco, predict(runner, val), 0.3)["map50"]
+        result |= {
+            "calibration_md5": ids_md5,
+            "calibrator": "TFLite converter (min/max over the calibration images)",
+            "val_map50_int8": int8_map,
+            "int8_map_drop": fp32_map - int8_map,
+        }
+        if cfg.accuracy_aware and fp32_map - int8_map > cfg.max_map_drop:
+            facts = litert.convert(src, dst, "float32")
+            result["precision"] = "float32"
+            result["reason"] = (
+                f"full-integer INT8 lost {fp32_map - int8_map:.4f} val mAP@0.5 "
+                f"(> quantize.max_map_drop {cfg.max_map_drop}): kept float32"
+            )
+    write_json(dst.with_suffix(".json"), {**facts, **result})
+    return result
+
+
+def target_models(
+    cfg: QuantizeCfg, targets: list[str], report: dict, out: Path, **inputs
+) -> dict[str, dict]:
+    """Write `out/targets/<target>/` for each target: `model.onnx` (the model made for its INT8
+    need; LiteRT: the float source) and, for LiteRT, `model.tflite`. Returns per-target facts.
+    `report` is run()'s for the deployable model.onnx (in `out`); `inputs` are run()'s inputs."""
+    from tasks.engines.int8 import LITERT, qdq_types, requirement
+
+    types = qdq_types(cfg.activation_type, targets)
+    made = {types[0]: out / "model.onnx"}
+    facts: dict[str, dict] = {}
+    with atomic_dir(out / "targets") as tmp:
+        for target in targets:
+            need = requirement(target, cfg.activation_type)
+            folder = tmp / target
+            folder.mkdir()
+            if need == LITERT:
+                src = inputs["qat_onnx"] or inputs["onnx_path"]
+                copy_file(src, folder / "model.onnx")
+                facts[target] = litert_model(
+                    cfg,
+                    src,
+                    folder / "model.tflite",
+                    inputs["train"],
+                    inputs["val"],
+                    report["val_map50"]["fp32"],
+                )
+                continue
+            if need not in made and cfg.precision == "int8":
+                made[need] = tmp / f"model.{need}.onnx"
+                facts[f"qdq_{need}"] = qdq_model(cfg, need, made[need], **inputs)
+            copy_file(made.get(need, made[types[0]]), folder / "model.onnx")
+            own = facts.get(f"qdq_{need}", report)  # the run that made this target's model
+            facts[target] = {
+                "model": f"qdq_{need}",
+                "activation_type": need,
+                "precision": own["precision"],
+            }
+        for extra in tmp.glob("model.*.onnx"):
+            extra.unlink()
+    return facts
+
+
+def target_metrics(targets: dict[str, dict]) -> dict:
+    """Flat metrics of the per-target models: `<model>.val_map50_int8`, `<target>.precision`."""
+    metrics = {}
+    for name, facts in targets.items():
+        for key in ("precision", "val_map50_int8", "int8_map_drop", "status"):
+            if key in facts:
+                metrics[f"{name}.{key}"] = facts[key]
+    return metrics
+
+
+def render_targets(targets: dict[str, dict]) -> list[str]:
+    """Markdown lines: the model each target is built from."""
+    lines = ["", "| target / model | made as | precision | val mAP@0.5 INT8 | note |"]
+    lines.append("| --- | --- | --- | --- | --- |")
+    for name, f in targets.items():
+        int8 = f"{f['val_map50_int8']:.4f}" if "val_map50_int8" in f else ""
+        made = f.get("model", "full-integer .tflite" if name == "litert" else "")
+        note = f.get("reason", f.get("status", ""))
+        lines.append(f"| {name} | {made} | {f.get('precision', '')} | {int8} | {note} |")
+    return lines
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -492,6 +623,7 @@ def main(
             "report.json",
             "report.md",
             "meta.json",
+            "targets",
         ):
             remove(out / stale)
         out.mkdir(parents=True, exist_ok=True)
@@ -503,15 +635,17 @@ def main(
             if cfg.qat_epochs:
                 qat_onnx = Path(tmp) / "qat.onnx"
                 qat_report = _qat(ctx.params, student, teacher, train, val, qat_onnx)
-            report = run(
-                cfg,
-                onnx_path=onnx_path,
-                train=train,
-                val=val,
-                out=out,
-                threads=ctx.params.build_engine.threads,
-                qat_onnx=qat_onnx,
-            )
+            inputs = {
+                "onnx_path": onnx_path,
+                "train": train,
+                "val": val,
+                "threads": ctx.params.build_engine.threads,
+                "qat_onnx": qat_onnx,
+            }
+            targets = ctx.params.build_engine.targets
+            first = qdq_types(cfg.activation_type, targets)[0]  # the deployable model.onnx's
+            report = run(cfg.model_copy(update={"activation_type": first}), out=out, **inputs)
+            report["targets"] = target_models(cfg, targets, report, out, **inputs)
         if qat_report:
             report["qat"] = qat_report
         write_json(out / "report.json", report)
@@ -537,6 +671,7 @@ def main(
                 if f"int8_{k}" in report["val_map50"]
             },
         }
+        metrics |= target_metrics(report["targets"])
         write_json(out / "metrics.json", metrics)
         ctx.log_metrics(metrics)
         ctx.log_artifact(out / "report.md")

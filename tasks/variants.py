@@ -65,6 +65,9 @@ def run(
     bf16 = engine_cfg.model_copy(update={"openvino_precision": "bf16"})
     builds = {name: ("onnxruntime", path, engine_cfg) for name, path in onnx_files.items()}
     builds["bf16"] = ("openvino", distilled, bf16)
+    litert_source = quantized / "targets" / "litert" / "model.onnx"
+    if litert_source.with_suffix(".tflite").exists():  # LiteRT's model, as quantize made it
+        builds["litert"] = ("litert", litert_source, engine_cfg)
     runners, sizes = {}, {}
     for name, (target, path, target_cfg) in builds.items():
         folder = work / f"engine-{name}"

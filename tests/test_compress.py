@@ -334,3 +334,66 @@ def test_the_decision_key_ignores_the_order_ort_writes_the_ranges_in(tmp_path):
     assert decision_key(ranges=a) == decision_key(ranges=b)
     b.write_text(json.dumps({"data": {"y": [2.5], "x": [1.0]}}))
     assert decision_key(ranges=a) != decision_key(ranges=b)
+
+
+def _zero_points(path):
+    """{op: [zero-point arrays]} of every QuantizeLinear/DequantizeLinear of the graph."""
+    graph = onnx.load(str(path)).graph
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    found: dict = {"QuantizeLinear": [], "DequantizeLinear": []}
+    for node in graph.node:
+        if node.op_type in found:
+            assert len(node.input) == 3, node.name  # no zero point: uint8 by the ONNX spec
+            found[node.op_type].append(init[node.input[2]])
+    return found
+
+
+def test_each_target_gets_the_int8_model_it_accepts(tiny, splits, teacher_onnx, tmp_path):
+    from tasks.engines import litert
+    from tasks.engines.int8 import qdq_types
+
+    cfg = tiny.quantize.model_copy(
+        update={"compare_calibrators": False, "keep_faster": False, "accuracy_aware": False}
+    )
+    inputs = {
+        "onnx_path": teacher_onnx,
+        "train": splits[0],
+        "val": splits[1],
+        "threads": 1,
+        "qat_onnx": None,
+    }
+    targets = ["onnxruntime", "openvino", "tensorrt", "litert"]
+    first = qdq_types(cfg.activation_type, targets)[0]
+    assert cfg.activation_type == "auto" and first == "quint8"
+    report = quantize.run(cfg.model_copy(update={"activation_type": first}), out=tmp_path, **inputs)
+    made = quantize.target_models(cfg, targets, report, tmp_path, **inputs)
+    folder = tmp_path / "targets"
+    # ONNX Runtime and OpenVINO: the deployable u8-activation model, as before
+    for target in ("onnxruntime", "openvino"):
+        assert (folder / target / "model.onnx").read_bytes() == (
+            tmp_path / "model.onnx"
+        ).read_bytes()
+    assert {z.dtype for z in _zero_points(tmp_path / "model.onnx")["QuantizeLinear"]} == {
+        np.dtype(np.uint8)
+    }
+    # TensorRT: symmetric s8 activations and weights, read from the graph
+    zps = _zero_points(folder / "tensorrt" / "model.onnx")
+    assert len(zps["QuantizeLinear"]) >= 14  # every conv's input activation
+    for z in zps["QuantizeLinear"]:
+        assert z.dtype == np.int8 and not z.any()
+    # weights int8, biases int32 (ORT quantizes conv biases to int32), all zero points 0
+    assert {z.dtype for z in zps["DequantizeLinear"]} == {np.dtype(np.int8), np.dtype(np.int32)}
+    assert not any(z.any() for z in zps["DequantizeLinear"])
+    x = splits[1].batch(slice(0, 4))
+    trt_model = ort.InferenceSession(str(folder / "tensorrt" / "model.onnx"))
+    got = trt_model.run(None, {"images": x})
+    assert got[1].shape == (4, tiny.export.max_detections, 4) and np.isfinite(got[2]).all()
+    assert made["tensorrt"]["activation_type"] == "qint8"
+    assert 0 <= made["qdq_qint8"]["val_map50_int8"] <= 1 and "int8_map_drop" in made["qdq_qint8"]
+    # LiteRT: its own full-integer model from the same calibration images
+    if litert.unavailable() is None:
+        assert made["litert"]["precision"] in ("int8", "float32")
+        assert made["litert"]["calibration_md5"] == report["calibration"]["md5"]
+        assert (folder / "litert" / "model.tflite").exists()
+    else:
+        assert made["litert"]["status"] == litert.unavailable()

@@ -19,7 +19,7 @@ def write(tmp_path, mutate):
 
 def test_default_params_are_valid():
     params = load_params(ROOT / "params.yaml")
-    assert params.build_engine.targets == ["onnxruntime", "openvino", "tensorrt"]
+    assert params.build_engine.targets == ["onnxruntime", "openvino", "tensorrt", "litert"]
     assert params.build_engine.openvino_precision == "f32"  # bf16 is this CPU's default
 
 
@@ -55,6 +55,16 @@ def test_default_params_are_valid():
         (
             lambda p: p["data"].update(digit_size=[40, 20]),
             "params.yaml: data: Value error, digit_size",
+        ),
+        (  # ONNX Runtime's CPU INT8 takes u8 activations only
+            lambda p: p["quantize"].update(activation_type="qint8"),
+            "params.yaml: quantize.activation_type: qint8 cannot serve build_engine.targets "
+            "onnxruntime",
+        ),
+        (  # TensorRT's explicit quantization takes symmetric s8 activations only
+            lambda p: p["quantize"].update(activation_type="quint8"),
+            "params.yaml: quantize.activation_type: quint8 cannot serve build_engine.targets "
+            "tensorrt",
         ),
     ],
 )
@@ -137,3 +147,8 @@ def test_path_params_refuse_shell_metacharacters(tmp_path, path):
     bad = write(tmp_path, lambda p: p["dataset"].update(path=path))
     with pytest.raises(ConfigError, match="params.yaml: dataset.path:"):
         load_params(bad)
+
+
+def test_litert_can_be_built_and_promoted(tmp_path):
+    params = load_params(write(tmp_path, lambda p: p["promote"].update(target="litert")))
+    assert params.promote.target == "litert" and "litert" in params.build_engine.targets

@@ -9,7 +9,7 @@ import torch
 from tasks import build_engine, evaluate, export, quantize, train
 from tasks.coco import DetectionSet
 from tasks.config import BuildEngineCfg
-from tasks.engines import check_int8, get
+from tasks.engines import check_int8, get, litert
 from tasks.engines.tensorrt_gpu import unavailable
 from tasks.errors import GateFailed
 from tasks.metrics import coco_metrics, predict
@@ -137,7 +137,7 @@ def test_tensorrt_builds_fp16_and_int8_engines_that_match_onnxruntime(
 
 
 def test_engine_cfg_rejects_an_unknown_target():
-    with pytest.raises(ValueError, match="'onnxruntime', 'openvino' or 'tensorrt'"):
+    with pytest.raises(ValueError, match="'openvino', 'tensorrt' or 'litert'"):
         BuildEngineCfg(targets=["tflite"])
 
 
@@ -175,3 +175,81 @@ def test_bench_sizes_times_every_variant_at_every_size(tiny, tiny_manifest, mode
         assert per_size["ratios"]["onnxruntime_compressed_vs_eager"] == pytest.approx(
             p50["eager_fp32"] / p50["onnxruntime_compressed"]
         )
+
+
+# LiteRT: onnx2tf conversion and ai-edge-litert's interpreter, for real (the `litert` extra,
+# installed by .ci/setup); skipped here only where the extra is not installed, with the reason.
+litert_missing = pytest.mark.skipif(
+    litert.unavailable() is not None, reason=str(litert.unavailable())
+)
+
+
+@litert_missing
+def test_litert_fp32_and_int8_run_on_xnnpack_and_keep_pytorch_accuracy(
+    tiny, tiny_manifest, models, tmp_path
+):
+    test = DetectionSet(tiny_manifest, "test", 64)
+    ref = eager_map(models / "model.pt", test, tiny)
+    # float32: converted from the ONNX by the build itself
+    facts = build_engine.run(
+        tiny.build_engine, target="litert", onnx_path=models / "fp32.onnx", out=tmp_path / "f32"
+    )
+    assert facts["status"] == "ok" and facts["precision"] == "float32"
+    assert facts["delegate"] == "XNNPACK" and facts["xnnpack_ops"]["CONV_2D"] == 14
+    assert facts["conv_precisions"] == {"f32": 14} and facts["size_mb"] > 0
+    runner = get("litert").load(tmp_path / "f32", tiny.build_engine)
+    assert abs(coco_metrics(test.coco, predict(runner, test), 0.3)["map50"] - ref) <= 0.02
+    # full-integer INT8, calibrated on quantize's calibration images, as quantize makes it
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "model.onnx").write_bytes((models / "fp32.onnx").read_bytes())
+    images, _, _ = quantize.calibration_set(tiny.quantize, DetectionSet(tiny_manifest, "train", 64))
+    litert.convert(made / "model.onnx", made / "model.tflite", "int8", images)
+    facts = build_engine.run(
+        tiny.build_engine, target="litert", onnx_path=made / "model.onnx", out=tmp_path / "i8"
+    )
+    assert facts["source"] == "model.tflite" and facts["precision"] == "int8"
+    assert facts["conv_precisions"] == {"int8": 14}  # every convolution reads int8
+    assert facts["xnnpack_ops"]["CONV_2D"] == 14  # ... and XNNPACK runs it
+    runner = get("litert").load(tmp_path / "i8", tiny.build_engine)
+    got = coco_metrics(test.coco, predict(runner, test), 0.3)["map50"]
+    assert abs(got - ref) <= 0.05, (got, ref)
+    size = {k: (tmp_path / k / "model.tflite").stat().st_size for k in ("f32", "i8")}
+    assert size["i8"] < 0.4 * size["f32"]
+
+
+@litert_missing
+def test_litert_int8_model_running_float_convolutions_is_caught(
+    tiny, tiny_manifest, models, tmp_path, monkeypatch
+):
+    import requests
+
+    def no_download(*args, **kwargs):  # onnx2tf fetches sample images unless given ours
+        raise AssertionError(f"download at run time: {args}")
+
+    monkeypatch.setattr(requests, "get", no_download)
+    images, _, _ = quantize.calibration_set(tiny.quantize, DetectionSet(tiny_manifest, "train", 64))
+    litert.convert(models / "fp32.onnx", tmp_path / "int8.tflite", "int8", images)
+    interpreter = litert._interpreter(tmp_path / "int8.tflite", 1)
+    litert.check_int8(tmp_path / "int8.tflite", interpreter, litert.conv_precisions(interpreter))
+    with pytest.raises(GateFailed, match="no convolution reads int8"):
+        litert.check_int8(tmp_path / "int8.tflite", interpreter, {"f32": 14})
+
+
+def test_litert_without_its_extra_reports_the_reason():
+    reason = litert.unavailable(("shrinkflow_no_such_runtime",))
+    assert reason.startswith("skipped: shrinkflow_no_such_runtime not installed")
+    assert "pip install '.[litert]'" in reason
+    assert litert.unavailable(("numpy",)) is None
+
+
+def test_trtexec_line_carries_the_profile_shapes(tiny, tmp_path):
+    from tasks.engines.tensorrt_gpu import trtexec_command
+
+    line = trtexec_command(
+        tmp_path / "model.onnx", tmp_path / "model.engine", tiny.build_engine, True, (3, 64, 64)
+    )
+    lo, opt, hi = tiny.build_engine.tensorrt_batch
+    assert f"--minShapes=images:{lo}x3x64x64" in line
+    assert f"--optShapes=images:{opt}x3x64x64" in line
+    assert f"--maxShapes=images:{hi}x3x64x64" in line and "--int8" in line

@@ -17,7 +17,7 @@ from tasks.train import evaluate_model
 from tests.conftest import running_mlflow_server, tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
-TARGETS = ["onnxruntime", "openvino", "tensorrt"]
+TARGETS = ["onnxruntime", "openvino", "tensorrt", "litert"]
 STAGES = [
     "check_params",  # re-runs on any params.yaml edit
     "ingest",
@@ -126,6 +126,12 @@ def test_targets_are_built_evaluated_and_compared(pipeline):
     trt = json.loads((proj / "artifacts/build_engine/tensorrt/metrics.json").read_text())
     assert trt["status"].startswith("skipped: ") or trt["status"] == "ok"
     assert table["tensorrt"]["status"] == trt["status"]
+    # LiteRT: built from the full-integer model quantize made for it, where the extra is installed
+    lite = json.loads((proj / "artifacts/build_engine/litert/metrics.json").read_text())
+    assert lite["status"] == "ok" or lite["status"].startswith("skipped: ")
+    if lite["status"] == "ok":
+        assert lite["source"] == "model.tflite" and lite["delegate"] == "XNNPACK"
+        assert table["litert"]["status"] == "ok" and 0 < table["litert"]["map50"] <= 1
 
 
 def test_metrics_and_plots_render(pipeline):

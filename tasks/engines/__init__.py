@@ -19,7 +19,12 @@ from tasks.config import BuildEngineCfg
 from tasks.errors import ConfigError, GateFailed
 
 Runner = Callable[[np.ndarray], Sequence[np.ndarray]]
-MODULES = {"onnxruntime": "onnx_runtime", "openvino": "openvino_cpu", "tensorrt": "tensorrt_gpu"}
+MODULES = {
+    "onnxruntime": "onnx_runtime",
+    "openvino": "openvino_cpu",
+    "tensorrt": "tensorrt_gpu",
+    "litert": "litert",
+}
 
 
 class Engine(Protocol):

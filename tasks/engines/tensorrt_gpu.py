@@ -1,7 +1,7 @@
 """TensorRT on an NVIDIA GPU, written to TensorRT 10's documented Python API.
 
-Build: parse the ONNX, FP16 allowed by flag, INT8 by explicit quantization (the QDQ model from
-`quantize`, which for TensorRT should use `quantize.activation_type: qint8`), one optimization
+Build: parse the ONNX, FP16 allowed by flag, INT8 by explicit quantization (the symmetric s8
+QDQ model `quantize` makes for this target, see tasks/engines/int8.py), one optimization
 profile for the dynamic batch (min/opt/max from params), a workspace limit, and a timing cache
 kept beside the engine between builds. The engine is saved with a JSON of its build settings
 and the TensorRT/CUDA/GPU versions it is valid for, plus the equivalent `trtexec` command line
@@ -35,15 +35,19 @@ def unavailable() -> str | None:
     return None
 
 
-def trtexec_command(onnx_path: Path, engine_path: Path, cfg: BuildEngineCfg, int8: bool) -> str:
+def trtexec_command(
+    onnx_path: Path, engine_path: Path, cfg: BuildEngineCfg, int8: bool, shape: tuple[int, ...]
+) -> str:
+    """The trtexec line that builds the same engine; `shape` is the input's (C, H, W)."""
     lo, opt, hi = cfg.tensorrt_batch
+    chw = "x".join(str(d) for d in shape)
     args = [
         "trtexec",
         f"--onnx={onnx_path.name}",
         f"--saveEngine={engine_path.name}",
-        f"--minShapes=images:{lo}x3xHxW",
-        f"--optShapes=images:{opt}x3xHxW",
-        f"--maxShapes=images:{hi}x3xHxW",
+        f"--minShapes=images:{lo}x{chw}",
+        f"--optShapes=images:{opt}x{chw}",
+        f"--maxShapes=images:{hi}x{chw}",
         f"--memPoolSize=workspace:{cfg.tensorrt_workspace_mb}M",
         f"--timingCacheFile={TIMING_CACHE.name}",
     ]
@@ -101,7 +105,7 @@ class TensorRtGpu:
             "cuda": torch.version.cuda,
             "gpu": torch.cuda.get_device_name(0),
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-            "trtexec": trtexec_command(onnx_path, out_dir / self.engine_file, cfg, int8),
+            "trtexec": trtexec_command(onnx_path, out_dir / self.engine_file, cfg, int8, shape),
         }
 
     def load(self, out_dir: Path, cfg: BuildEngineCfg) -> Runner:

@@ -46,7 +46,11 @@ COLUMNS = {
     "height": "float64",
 }
 PACKAGES = ("mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "onnx", "pycocotools")
-RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",)}
+RUNTIME_PACKAGES = {
+    "onnxruntime": ("onnxruntime",),
+    "openvino": ("openvino",),
+    "litert": ("ai-edge-litert", "onnxruntime"),  # the .tflite head; its decode runs in ORT
+}
 BATCH = 32  # images per engine call
 
 

@@ -1,0 +1,311 @@
+"""LiteRT (TFLite) on the CPU: ai-edge-litert's interpreter with the XNNPACK delegate.
+
+Conversion (`convert`): the ONNX is cut in two. The backbone+head (every node up to the outputs
+of the convolutions) goes through onnx2tf (ONNX -> TensorFlow -> the TFLite converter) to
+`model.tflite`: float32, float16 (float16 weights, float compute) or full-integer INT8 (int8
+activations, per-channel int8 weights, int8 input and output; activation ranges from the TFLite
+converter's calibration on the images it is given). The in-graph decode after the head (peak
+pooling, top-K, boxes) is kept as the graph's own ONNX nodes in `model.decode.onnx` and runs in
+ONNX Runtime on one thread: onnx2tf cannot convert its TopK (it calls `int()` on the
+one-element K array, which numpy 2 refuses), and full-integer quantization would put the scores
+and box arithmetic in int8.
+
+Build (`LiteRt.build`): a `.tflite` beside the ONNX with the same stem (what `quantize` made for
+this target, with its `.decode.onnx`) is taken as it is; otherwise the ONNX is converted to
+float32. The interpreter is created with `build_engine.threads`; which ops the XNNPACK delegate
+took and which fell back to the builtin kernels is read from the interpreter's nodes (a
+delegate node replaces the partition between its inputs and outputs), and each convolution's
+precision from its input tensor type. An INT8 model whose convolutions all run in float fails
+the build.
+
+The model is converted at batch 1 (LiteRT is batch-1 first): the runner calls it image by image.
+Without the `litert` extra the target reports `skipped: <reason>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx.utils import Extractor
+
+from tasks.config import BuildEngineCfg
+from tasks.engines import Runner, register
+from tasks.errors import GateFailed, ShrinkflowError
+
+log = logging.getLogger(__name__)
+OUTPUTS = ["num_detections", "boxes", "scores", "classes"]
+REQUIRED = ("ai_edge_litert", "onnx2tf", "tensorflow")  # the `litert` extra
+PRECISIONS = ("float32", "float16", "int8")
+SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # onnx2tf's name
+_ONNX2TF_FILES = {
+    "float32": "{}_float32.tflite",
+    "float16": "{}_float16.tflite",
+    "int8": "{}_full_integer_quant.tflite",
+}
+
+
+def unavailable(modules: tuple[str, ...] = REQUIRED) -> str | None:
+    """Why the LiteRT target cannot build here (`skipped: <reason>`), or None. Looks the
+    modules up without importing them (TensorFlow takes seconds to import)."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            return f"skipped: {name} not installed; pip install '.[litert]'"
+    return None
+
+
+def split(onnx_path: Path, head: Path, decode: Path) -> list[str]:
+    """Cut `onnx_path` into the backbone+head (every ancestor of a Conv, and the Convs) and the
+    decode after it. Returns the tensors at the cut (the head's outputs, the decode's inputs)."""
+    model = onnx.load(str(onnx_path))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    backbone: set[int] = set()
+    stack = [n for n in model.graph.node if n.op_type == "Conv"]
+    while stack:
+        node = stack.pop()
+        if id(node) not in backbone:
+            backbone.add(id(node))
+            stack += [producer[i] for i in node.input if i in producer]
+    cut: list[str] = []
+    for node in model.graph.node:
+        if id(node) in backbone:
+            continue
+        for name in node.input:
+            if name in producer and id(producer[name]) in backbone and name not in cut:
+                cut.append(name)
+    if len(cut) != 1:
+        raise ShrinkflowError(
+            f"litert: {onnx_path}: the decode reads {len(cut)} tensors of the backbone "
+            f"({', '.join(cut)}); the LiteRT target supports one head output"
+        )
+    inputs = [i.name for i in model.graph.input]
+    extractor = Extractor(model)
+    onnx.save(extractor.extract_model(inputs, cut), str(head))
+    outputs = [o.name for o in model.graph.output]
+    decode_model = extractor.extract_model(cut, outputs)
+    onnx.save(decode_model, str(decode))
+    return cut
+
+
+def convert(
+    onnx_path: Path, dst: Path, precision: str, calibration: np.ndarray | None = None
+) -> dict:
+    """Convert `onnx_path` to `dst` (a .tflite; the decode goes to `<stem>.decode.onnx` beside
+    it) at `precision`. `calibration` (N, 3, S, S) float32 images are required for int8.
+    Returns conversion facts."""
+    if precision not in PRECISIONS:
+        raise ShrinkflowError(f"litert: unsupported precision {precision!r}; choose {PRECISIONS}")
+    if precision == "int8" and calibration is None:
+        raise ShrinkflowError("litert: full-integer INT8 needs calibration images")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import onnx2tf
+
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-litert-") as tmp:
+        tmp = Path(tmp)
+        head = tmp / "head.onnx"
+        cut = split(onnx_path, head, tmp / "decode.onnx")
+        shape = [
+            d.dim_value for d in onnx.load(str(head)).graph.input[0].type.tensor_type.shape.dim
+        ]
+        name = onnx.load(str(head)).graph.input[0].name
+        options: dict = {}
+        if precision == "int8":
+            np.save(tmp / "calibration.npy", calibration.transpose(0, 2, 3, 1))  # NHWC
+            options = {
+                "output_integer_quantized_tflite": True,
+                "quant_type": "per-channel",
+                # [input, images (N, H, W, C), mean, std]: the images are used as they are
+                "custom_input_op_name_np_data_path": [
+                    [name, str(tmp / "calibration.npy"), [0.0] * shape[1], [1.0] * shape[1]]
+                ],
+            }
+        # onnx2tf checks its TF graph against ONNX Runtime on sample images, which it downloads
+        # unless this file is in the working directory: give it ours (no download at run time).
+        samples = calibration if calibration is not None else _samples(shape)
+        np.save(tmp / SAMPLE_FILE, samples[:20].transpose(0, 2, 3, 1).astype(np.float32))
+        printed = io.StringIO()  # onnx2tf prints the TF graph's signatures: keep for debug
+        with contextlib.chdir(tmp), contextlib.redirect_stdout(printed):
+            onnx2tf.convert(
+                input_onnx_file_path=str(head),
+                output_folder_path=str(tmp / "out"),
+                overwrite_input_shape=[f"{name}:1,{','.join(str(d) for d in shape[1:])}"],
+                non_verbose=True,
+                **options,
+            )
+        log.debug("onnx2tf: %s", printed.getvalue())
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp / "out" / _ONNX2TF_FILES[precision].format("head"), dst)
+        shutil.copy(tmp / "decode.onnx", decode_path(dst))
+    return {
+        "precision": precision,
+        "converter": "onnx2tf",
+        "cut": cut,
+        "calibration_images": 0 if calibration is None else int(len(calibration)),
+    }
+
+
+def _samples(shape: list[int]) -> np.ndarray:
+    """One deterministic image in [0, 1] of the model's input shape (1, C, H, W)."""
+    return np.random.default_rng(0).random((1, *shape[1:]), dtype=np.float32)
+
+
+def decode_path(tflite: Path) -> Path:
+    return tflite.with_name(f"{tflite.stem}.decode.onnx")
+
+
+def _interpreter(tflite: Path, threads: int):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite), num_threads=threads)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _nodes(interpreter) -> list[tuple[str, list[int], list[int]]]:
+    w = interpreter._interpreter  # the wrapper's node API (names, input and output tensors)
+    return [
+        (w.NodeName(i), [int(t) for t in w.NodeInputs(i)], [int(t) for t in w.NodeOutputs(i)])
+        for i in range(w.NumNodes())
+    ]
+
+
+def delegation(interpreter) -> dict:
+    """Ops taken by the XNNPACK delegate and ops left to the builtin kernels, by op name.
+
+    After delegation the interpreter lists the model's nodes and then one DELEGATE node per
+    partition; a partition is every model node on a path from its inputs to its outputs.
+    """
+    nodes = _nodes(interpreter)
+    model = [i for i, (name, _, _) in enumerate(nodes) if name != "DELEGATE"]
+    producer = {t: i for i in model for t in nodes[i][2]}
+    taken: set[int] = set()
+    partitions = 0
+    for name, ins, outs in nodes:
+        if name != "DELEGATE":
+            continue
+        partitions += 1
+        stack = [producer[t] for t in outs if t in producer]
+        while stack:
+            i = stack.pop()
+            if i not in taken:
+                taken.add(i)
+                stack += [producer[t] for t in nodes[i][1] if t in producer and t not in ins]
+    return {
+        "delegate": "XNNPACK" if partitions else None,
+        "partitions": partitions,
+        "xnnpack_ops": dict(Counter(nodes[i][0] for i in model if i in taken)),
+        "fallback_ops": dict(Counter(nodes[i][0] for i in model if i not in taken)),
+    }
+
+
+def conv_precisions(interpreter) -> dict[str, int]:
+    """Convolutions counted by the type of the activations they read (e.g. {'int8': 14})."""
+    w = interpreter._interpreter
+    counts: Counter = Counter()
+    for name, ins, _ in _nodes(interpreter):
+        if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV"):
+            counts[np.dtype(w.TensorType(ins[0], 0)).name.replace("float32", "f32")] += 1
+    return dict(counts)
+
+
+def model_precision(interpreter) -> str:
+    """int8 when the model reads int8 activations, float16 with float16 weights, else float32."""
+    w = interpreter._interpreter
+    if interpreter.get_input_details()[0]["dtype"] == np.int8:
+        return "int8"
+    types = {np.dtype(w.TensorType(t, 0)).name for _, ins, _ in _nodes(interpreter) for t in ins}
+    return "float16" if "float16" in types else "float32"
+
+
+def check_int8(tflite: Path, interpreter, precisions: dict[str, int]) -> None:
+    """A full-integer model whose convolutions all read float activations is an error."""
+    if model_precision(interpreter) == "int8" and precisions.get("int8", 0) == 0:
+        raise GateFailed(
+            f"litert: {tflite} is full-integer INT8 but no convolution reads int8 activations "
+            f"(interpreter reports {precisions}); the engine would silently run in float"
+        )
+
+
+def runner(tflite: Path, threads: int) -> Runner:
+    """(B, 3, S, S) float32 -> the four decode outputs; the head runs image by image."""
+    import onnxruntime as ort
+
+    interpreter = _interpreter(tflite, threads)
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    decode = ort.InferenceSession(
+        str(decode_path(tflite)), opts, providers=["CPUExecutionProvider"]
+    )
+    decode_input = decode.get_inputs()[0].name
+
+    def run(x: np.ndarray):
+        heads = []
+        for image in x.transpose(0, 2, 3, 1):  # NHWC, as onnx2tf converts
+            if inp["dtype"] == np.int8:
+                image = np.clip(np.round(image / in_scale) + in_zero, -128, 127)
+            interpreter.set_tensor(inp["index"], image[None].astype(inp["dtype"]))
+            interpreter.invoke()
+            y = interpreter.get_tensor(out["index"])
+            heads.append((y.astype(np.float32) - out_zero) * out_scale if out_scale else y)
+        raw = np.concatenate(heads).transpose(0, 3, 1, 2)  # back to (B, C, H, W)
+        return decode.run(OUTPUTS, {decode_input: np.ascontiguousarray(raw, np.float32)})
+
+    return run
+
+
+class LiteRt:
+    name = "litert"
+    engine_file = "model.tflite"
+    takes_batch = False  # converted at batch 1: no throughput figure
+
+    def build(self, onnx_path: Path, out_dir: Path, cfg: BuildEngineCfg) -> dict:
+        if reason := unavailable():
+            return {"status": reason}
+        import ai_edge_litert
+
+        made = Path(onnx_path).with_suffix(".tflite")
+        dst = out_dir / self.engine_file
+        if made.exists():  # what quantize made for this target, with its facts beside it
+            shutil.copy(made, dst)
+            shutil.copy(decode_path(made), decode_path(dst))
+            recorded = made.with_suffix(".json")
+            facts = {"source": made.name}
+            if recorded.exists():
+                facts["quantize"] = json.loads(recorded.read_text())
+        else:
+            facts = {"source": Path(onnx_path).name, **convert(onnx_path, dst, "float32")}
+        interpreter = _interpreter(dst, cfg.threads)
+        precisions = conv_precisions(interpreter)
+        check_int8(dst, interpreter, precisions)
+        return {
+            "status": "ok",
+            **facts,
+            "precision": model_precision(interpreter),
+            "threads": cfg.threads,
+            "batch": 1,
+            "input_shape": [int(d) for d in interpreter.get_input_details()[0]["shape"]],
+            "conv_precisions": precisions,
+            **delegation(interpreter),
+            "decode": "ONNX Runtime (the graph's own decode nodes, 1 thread)",
+            "ai_edge_litert": getattr(ai_edge_litert, "__version__", "?"),
+        }
+
+    def load(self, out_dir: Path, cfg: BuildEngineCfg) -> Runner:
+        return runner(out_dir / self.engine_file, cfg.threads)
+
+
+register(LiteRt())
