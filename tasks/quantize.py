@@ -254,7 +254,7 @@ def temp_under(folder: Path) -> Iterator[Path]:
     remove(folder)
     folder.mkdir(parents=True)
     before = tempfile.tempdir
-    tempfile.tempdir = str(folder)
+    tempfile.tempdir = str(folder.resolve())  # absolute: converters chdir into their temp dirs
     try:
         yield folder
     finally:

@@ -676,7 +676,9 @@ def test_promote_without_its_params_section_registers_nothing(mlflow_server, can
     (tmp_path / "params.yaml").write_text("")  # every stage would run on built-in defaults
     proc = promote_cli(mlflow_server, tmp_path / "params.yaml", candidates["weak"], tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert "params.yaml: promote:" in proc.stderr and "Traceback" not in proc.stderr
+    # the stage entry's section check names every section promote reads, promote first
+    assert "params.yaml: promote" in proc.stderr and "section missing" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
     default_name = Params().project.registered_model
     assert not MlflowClient(mlflow_server).search_model_versions(f"name = '{default_name}'")

@@ -111,7 +111,7 @@ def convert(
     import onnx2tf
 
     with tempfile.TemporaryDirectory(prefix="shrinkflow-litert-") as tmp:
-        tmp = Path(tmp)
+        tmp = Path(tmp).resolve()  # onnx2tf runs in it (chdir below): no relative paths
         head = tmp / "head.onnx"
         cut = split(onnx_path, head, tmp / "decode.onnx")
         shape = [
@@ -135,13 +135,19 @@ def convert(
         np.save(tmp / SAMPLE_FILE, samples[:20].transpose(0, 2, 3, 1).astype(np.float32))
         printed = io.StringIO()  # onnx2tf prints the TF graph's signatures: keep for debug
         with contextlib.chdir(tmp), contextlib.redirect_stdout(printed):
-            onnx2tf.convert(
-                input_onnx_file_path=str(head),
-                output_folder_path=str(tmp / "out"),
-                overwrite_input_shape=[f"{name}:1,{','.join(str(d) for d in shape[1:])}"],
-                non_verbose=True,
-                **options,
-            )
+            try:
+                onnx2tf.convert(
+                    input_onnx_file_path=str(head),
+                    output_folder_path=str(tmp / "out"),
+                    overwrite_input_shape=[f"{name}:1,{','.join(str(d) for d in shape[1:])}"],
+                    non_verbose=True,
+                    **options,
+                )
+            except SystemExit as exc:  # onnx2tf reports its errors by sys.exit(1)
+                raise ShrinkflowError(
+                    f"{onnx_path}: onnx2tf could not convert it to LiteRT {precision} "
+                    f"(exit {exc.code}): {printed.getvalue()[-500:].strip()}"
+                ) from None
         log.debug("onnx2tf: %s", printed.getvalue())
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp / "out" / _ONNX2TF_FILES[precision].format("head"), dst)
