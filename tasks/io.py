@@ -121,6 +121,10 @@ def check_onnx(path: Path) -> None:
         onnx.checker.check_model(onnx.load(str(path)))
     except (DecodeError, onnx.checker.ValidationError, ValueError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        # onnxconverter-common's FP16 conversion leaves its input casts out of topological order:
+        # every runtime here sorts the graph itself, so only that complaint is not an error
+        if "must be topologically sorted" in first:
+            return
         raise DataError(f"{path}: not a valid ONNX model (truncated or corrupt?): {first}") from e
 
 
