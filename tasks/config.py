@@ -12,44 +12,15 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from tasks.config_types import NonNegInt, PosInt, SafePath, Section  # noqa: F401
 from tasks.errors import ConfigError
-
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-
-# Characters a shell gives a meaning to (dvc.yaml interpolates path params into `cmd` lines),
-# control characters, and a leading `-` (it would read as an option).
-_SHELL_META = set("$`'\"\\;&|<>(){}[]*?!#~\n\r\t\0")
-
-
-def _safe_path(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must be a path, not empty")
-    bad = sorted({c for c in value if c in _SHELL_META or ord(c) < 32})
-    if bad:
-        raise ValueError(
-            f"{value!r} is not a plain path: remove {' '.join(repr(c) for c in bad)} "
-            "(shell metacharacters are refused)"
-        )
-    if value.startswith("-"):
-        raise ValueError(f"{value!r} is not a plain path: it starts with '-'")
-    return value
-
-
-SafePath = Annotated[str, AfterValidator(_safe_path)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from tasks.models.config import ModelCfg
 
 
 class ProjectCfg(Section):
@@ -665,6 +636,7 @@ class PromoteCfg(Section):
 
 class Params(Section):
     project: ProjectCfg = ProjectCfg()
+    model: ModelCfg = ModelCfg()
     dataset: DatasetCfg = DatasetCfg()
     data: DataCfg = DataCfg()
     label_qa: LabelQaCfg = LabelQaCfg()

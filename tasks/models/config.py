@@ -1,0 +1,59 @@
+"""`params.yaml: model`: which model family the pipeline compresses, and each family's config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tasks.config_types import SafePath, Section
+
+
+class CenterNetCfg(Section):
+    """The built-in CenterNet-style detector (tasks/models/centernet.py)."""
+
+    width: float = Field(1.0, gt=0, le=4, description="channel multiplier")
+    depth: int = Field(1, ge=1, le=6, description="extra conv blocks per backbone stage")
+
+
+class YoloCfg(Section):
+    """Ultralytics YOLO detect models (tasks/models/yolo.py; the `yolo` extra, AGPL-3.0)."""
+
+    yaml: str = Field(
+        "yolov8n.yaml",
+        description="Ultralytics model yaml to build from scratch (yolov8n.yaml, yolo11s.yaml, "
+        "...; the scale letter picks depth/width) when model.weights is not set",
+    )
+
+
+class ModelCfg(Section):
+    family: str = Field(
+        "centernet",
+        description="a registered model family: centernet (built-in), yolo (Ultralytics), onnx "
+        "(an imported detector: post-training stages only)",
+    )
+    factory: str | None = Field(
+        None,
+        description="'package.module:function' returning a ModelAdapter for a user's own family "
+        "(overrides family)",
+    )
+    weights: SafePath | None = Field(
+        None,
+        description="a user's trained checkpoint to start from (yolo: an Ultralytics .pt, a "
+        "pickle: loaded only from this path, its MD5 recorded)",
+    )
+    onnx: SafePath | None = Field(None, description="family onnx: the imported detector's file")
+    outputs: Literal["detections", "yolo_raw"] = Field(
+        "detections",
+        description="family onnx: the file's output convention: `detections` = the project's "
+        "num_detections, boxes, scores, classes; `yolo_raw` = Ultralytics-style (B, 4 + C, N) "
+        "predictions, to which decode + NMS are appended",
+    )
+    centernet: CenterNetCfg = CenterNetCfg()
+    yolo: YoloCfg = YoloCfg()
+
+    @model_validator(mode="after")
+    def _onnx_needs_a_file(self) -> ModelCfg:
+        if self.family == "onnx" and not self.factory and self.onnx is None:
+            raise ValueError("model.onnx: family onnx needs the imported model's path")
+        return self
