@@ -29,27 +29,28 @@ from tasks.coco import DetectionSet
 from tasks.config import Params
 from tasks.engines import get
 from tasks.evaluate import eager_runner
-from tasks.export import to_onnx
-from tasks.model import Detector, DetectorConfig, load_checkpoint
+from tasks.models import ModelAdapter, load_checkpoint
+from tasks.onnx_export import to_onnx
 from tasks.quantize import calibrate, calibration_set, to_fp16, to_int8
 
 CPU_TARGETS = ("onnxruntime", "openvino")
 
 
-def at_size(model: Detector, size: int) -> Detector:
-    """The same weights rebuilt for `size` x `size` inputs."""
-    resized = Detector(DetectorConfig(**{**model.cfg.to_dict(), "input_size": size}))
-    resized.load_state_dict(model.state_dict())
-    return resized.eval()
+def at_size(loaded: tuple, path: Path, size: int) -> tuple[ModelAdapter, torch.nn.Module]:
+    """The same weights rebuilt for `size` x `size` inputs (`loaded`: load_checkpoint's
+    result; every family keeps its input side in the checkpoint's `config.input_size`)."""
+    adapter, _, ckpt = loaded
+    resized = {**ckpt, "config": {**ckpt["config"], "input_size": size}}
+    return adapter, adapter.load(resized, path)
 
 
 def _deployable(
-    model: Detector, params: Params, report: dict, manifest: dict, size: int, tmp: Path
+    resized: tuple, params: Params, report: dict, manifest: dict, size: int, tmp: Path
 ) -> Path:
     """The compressed model at `size`, in the precision and with the float layers that the
     quantize stage chose (its `report.json`)."""
     onnx_path = tmp / f"compressed-{size}.onnx"
-    to_onnx(model, params.export, onnx_path)
+    to_onnx(*resized, params.export, onnx_path)
     precision = report["precision"]
     if precision == "fp32":
         return onnx_path
@@ -66,9 +67,9 @@ def _deployable(
     return out
 
 
-def _runners(params: Params, trained: Detector, compressed: Path, size: int, tmp: Path) -> dict:
+def _runners(params: Params, trained: tuple, compressed: Path, size: int, tmp: Path) -> dict:
     fp32 = tmp / f"trained-{size}.onnx"
-    to_onnx(trained, params.export, fp32)
+    to_onnx(*trained, params.export, fp32)
     engine_cfg = params.build_engine
     variants = {
         "onnxruntime_fp32": ("onnxruntime", fp32, engine_cfg),
@@ -84,7 +85,7 @@ def _runners(params: Params, trained: Detector, compressed: Path, size: int, tmp
         ),
         **{f"{t}_compressed": (t, compressed, engine_cfg) for t in CPU_TARGETS},
     }
-    runners = {"eager_fp32": eager_runner(trained, params.export)}
+    runners = {"eager_fp32": eager_runner(*trained, params.export)}
     for name, (target, onnx_path, cfg) in variants.items():
         folder = tmp / f"{name}-{size}"
         folder.mkdir()
@@ -118,8 +119,8 @@ def run(
 ) -> dict:
     """Time every variant at every size (see module docstring); returns the result table."""
     torch.set_num_threads(params.build_engine.threads)
-    trained_model, _ = load_checkpoint(trained)
-    compressed_model, _ = load_checkpoint(compressed)
+    trained_model = load_checkpoint(trained, params.model)
+    compressed_model = load_checkpoint(compressed, params.model)
     report = json.loads(quantize_report.read_text())
     manifest_obj = json.loads(manifest.read_text())
     result: dict = {
@@ -134,9 +135,10 @@ def run(
         with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-sizes-") as tmp:
             tmp = Path(tmp)
             deploy = _deployable(
-                at_size(compressed_model, size), params, report, manifest_obj, size, tmp
-            )
-            runners = _runners(params, at_size(trained_model, size), deploy, size, tmp)
+                at_size(compressed_model, compressed, size), params, report, manifest_obj, size,
+                tmp,
+            )  # fmt: skip
+            runners = _runners(params, at_size(trained_model, trained, size), deploy, size, tmp)
             x = DetectionSet(manifest_obj, "test", size).batch(slice(0, 1))
             with torch.inference_mode():
                 times = time_blocks(runners, x, warmup=10, runs=runs, rounds=rounds)

@@ -156,7 +156,7 @@ def engines(
     from tasks.config import load_params
     from tasks.engines import get
     from tasks.evaluate import BASELINE, eager_runner
-    from tasks.model import load_checkpoint
+    from tasks.models import load_checkpoint
 
     setup_logging()
     cfg = load_params(params)
@@ -168,14 +168,14 @@ def engines(
             runners[target] = get(target).load(engines_dir / target / "engine", cfg.build_engine)
         else:
             skipped[target] = facts["status"]
-    model, _ = load_checkpoint(baseline)
-    runners[BASELINE] = eager_runner(model, cfg.export)
+    adapter, model, _ = load_checkpoint(baseline, cfg.model)
+    runners[BASELINE] = eager_runner(adapter, model, cfg.export)
     work = tempfile.TemporaryDirectory(prefix="shrinkflow-bench-")
     if uncompressed:  # what a user gets with no pipeline, on each CPU runtime
-        from tasks.export import to_onnx
+        from tasks.onnx_export import to_onnx
 
         fp32 = Path(work.name) / "fp32.onnx"
-        to_onnx(model, cfg.export, fp32)
+        to_onnx(adapter, model, cfg.export, fp32)
         variants = {
             "onnxruntime": cfg.build_engine,
             "openvino": cfg.build_engine.model_copy(update={"openvino_precision": "f32"}),

@@ -32,15 +32,15 @@ log = logging.getLogger("shrinkflow")
 # name before any `@item`.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "ingest": ("dataset", "data", "label_qa"),
-    "label_qa": ("label_qa", "train", "project"),
-    "train": ("train", "evaluate"),
-    "prune": ("prune", "train"),
-    "distill": ("distill", "train"),
-    "export": ("export",),
-    "quantize": ("quantize", "train", "build_engine"),
+    "label_qa": ("label_qa", "model", "train", "project"),
+    "train": ("model", "train", "evaluate"),
+    "prune": ("prune", "model", "train"),
+    "distill": ("distill", "model", "train"),
+    "export": ("export", "model"),
+    "quantize": ("quantize", "model", "train", "build_engine"),
     "build_engine": ("build_engine",),
-    "evaluate": ("evaluate", "export", "build_engine"),
-    "variants": ("quantize", "export", "evaluate", "build_engine"),
+    "evaluate": ("evaluate", "model", "export", "build_engine"),
+    "variants": ("quantize", "model", "export", "evaluate", "build_engine"),
     "compare": ("build_engine",),
     "promote": ("promote", "project", "build_engine", "export"),
 }

@@ -148,7 +148,13 @@ class LabelQaModelCfg(Section):
     folds: int = Field(3, ge=2, le=10, description="K of the K-fold cross-fit on train")
     epochs: PosInt = Field(40, description="training epochs per fold")
     input_size: int = Field(128, ge=32, le=1024, description="fold model input side, px")
-    width: float = Field(0.5, gt=0, le=4, description="fold model channel multiplier")
+    width: float = Field(
+        0.5,
+        gt=0,
+        le=4,
+        description="fold model channel multiplier (the built-in detector: it overrides "
+        "model.centernet.width)",
+    )
     lr: float = Field(8e-3, gt=0, description="fold model peak learning rate")
     min_map50: float = Field(
         0.2,
@@ -310,8 +316,6 @@ class TrainCfg(Section):
     lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW, one-cycle)")
     weight_decay: float = Field(1e-4, ge=0)
     input_size: int = Field(128, ge=32, le=1024, description="square model input side, px")
-    width: float = Field(1.0, gt=0, le=4, description="channel multiplier")
-    depth: int = Field(1, ge=1, le=6, description="extra conv blocks per backbone stage")
     amp: bool = Field(True, description="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     threads: PosInt = Field(2, description="torch intra-op threads on CPU")
@@ -347,7 +351,9 @@ class PruneCfg(Section):
     lr: float = Field(1e-3, gt=0, description="fine-tune peak learning rate")
     round_to: int = Field(8, ge=1, description="keep channel counts multiples of this (SIMD)")
     ignore: list[str] = Field(
-        ["out"], description="conv block paths left unpruned (the head output must stay)"
+        [],
+        description="module paths left unpruned, beside those the model family protects (its "
+        "output convs)",
     )
     target: Literal["macs_reduction", "latency_ms", "speedup"] = Field(
         "macs_reduction",

@@ -1,8 +1,9 @@
 """Stage `distill`: knowledge distillation from the trained model into the pruned one.
 
-Loss = detection loss + `kd_weight` * per-pixel soft-target loss on the class heatmaps (binary
-cross-entropy between temperature-softened sigmoids, scaled by T^2; Hinton et al., 2015) +
-`reg_weight` * L1 to the teacher's size/offset maps, weighted by the teacher's confidence.
+Loss = the family's detection loss + its KD loss (`adapter.kd_loss`): `kd_weight` x soft class
+targets at `temperature` (scaled by T^2; Hinton et al., 2015) + `reg_weight` x a box term (the
+built-in detector: per-pixel heatmap KL and confidence-weighted L1 to the size/offset maps; YOLO:
+class logits and the box distribution per anchor).
 Optionally `feature_weight` * MSE between the teacher's features at block `feature_stage` and
 the student's, mapped to the teacher's width by a 1x1 conv adapter trained with the student
 (FitNets, Romero et al., 2015) and dropped afterwards. With `control: true` the pruned model
@@ -25,26 +26,10 @@ from tasks.coco import DetectionSet, load_splits
 from tasks.config import DistillCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json
-from tasks.model import Detector, load_checkpoint
-from tasks.train import evaluate_model, fit, save_checkpoint
+from tasks.models import ModelAdapter, load_checkpoint
+from tasks.training import evaluate_model, fit, pick_device
 
 log = logging.getLogger(__name__)
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, num_classes: int, cfg: DistillCfg):
-    """Distillation loss between raw maps (B, C + 4, H, W) of student and teacher."""
-    t = cfg.temperature
-    s_logits, t_logits = student[:, :num_classes].float(), teacher[:, :num_classes].float()
-    soft = torch.sigmoid(t_logits / t)
-    # Bernoulli KL(teacher || student) per pixel and class = BCE minus the target's entropy
-    # (so a perfect student scores 0); summed over classes, averaged over pixels, times T^2.
-    bce = F.binary_cross_entropy_with_logits(s_logits / t, soft, reduction="none")
-    entropy = F.binary_cross_entropy_with_logits(t_logits / t, soft, reduction="none")
-    heat = (bce - entropy).sum(1).mean() * t * t
-    confidence = torch.sigmoid(t_logits).amax(1, keepdim=True)  # (B, 1, H, W)
-    reg = (student[:, num_classes:].float() - teacher[:, num_classes:].float()).abs()
-    reg = (reg * confidence).sum() / confidence.sum().clamp(min=1)
-    return cfg.kd_weight * heat + cfg.reg_weight * reg
 
 
 class _FeatureKd:
@@ -52,11 +37,13 @@ class _FeatureKd:
     teacher and student, and a 1x1 conv adapter (a submodule of the student while it trains,
     so the optimizer sees it) maps the student's channels to the teacher's."""
 
-    def __init__(self, teacher: Detector, student: Detector, stage: str) -> None:
+    def __init__(
+        self, adapter: ModelAdapter, teacher: nn.Module, student: nn.Module, stage: str
+    ) -> None:
         try:
             t_block, s_block = teacher.get_submodule(stage), student.get_submodule(stage)
         except AttributeError:
-            blocks = sorted({p.rsplit(".", 1)[0] for p in student.layer_shapes()} - {"out"})
+            blocks = sorted({p.rsplit(".", 1)[0] for p in adapter.prunable(student)} - {"out"})
             raise ConfigError(
                 f"params.yaml: distill.feature_stage: unknown block {stage!r}; choose from "
                 f"{', '.join(blocks)}"
@@ -75,7 +62,7 @@ class _FeatureKd:
         s, t = self.out["student"], self.out["teacher"]
         return F.mse_loss(self.adapter(s).float(), t.float())
 
-    def remove(self, student: Detector) -> None:
+    def remove(self, student: nn.Module) -> None:
         for hook in self.hooks:
             hook.remove()
         del student.kd_adapter
@@ -85,31 +72,34 @@ def run(
     cfg: DistillCfg,
     train_cfg: TrainCfg,
     *,
-    teacher: Detector,
-    student: Detector,
+    adapter: ModelAdapter,
+    teacher: nn.Module,
+    student: nn.Module,
     train: DetectionSet,
     val: DetectionSet,
     on_epoch=None,
-) -> tuple[Detector, dict]:
+) -> tuple[nn.Module, dict]:
     """Distill `teacher` into `student`. Returns the student and metrics (teacher, student,
     and the no-KD control on the val split)."""
     teacher = teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     control = copy.deepcopy(student) if cfg.control else None
-    num_classes = student.cfg.num_classes
-    features = _FeatureKd(teacher, student, cfg.feature_stage) if cfg.feature_stage else None
+    features = (
+        _FeatureKd(adapter, teacher, student, cfg.feature_stage) if cfg.feature_stage else None
+    )
 
-    def extra(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        teacher.to(x.device)
+    def extra(raw, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = teacher(x)
-        loss = kd_loss(raw, target, num_classes, cfg)
+            target = adapter.forward_train(teacher, x)
+        loss = adapter.kd_loss(raw, target, cfg.temperature, cfg.kd_weight, cfg.reg_weight)
         if features is not None:
             loss = loss + cfg.feature_weight * features.loss()
         return loss
 
+    teacher.to(pick_device(train_cfg))  # once: the loop trains the student on this device
     student, history = fit(
+        adapter,
         student,
         train_cfg,
         train=train,
@@ -122,7 +112,7 @@ def run(
     )
     if features is not None:
         features.remove(student)
-    teacher_map = evaluate_model(teacher, val)
+    teacher_map = evaluate_model(adapter, teacher.cpu(), val)
     metrics = {
         "teacher_val_map50": teacher_map["map50"],
         "teacher_val_map50_95": teacher_map["map50_95"],
@@ -131,6 +121,7 @@ def run(
     }
     if control is not None:
         control, rows = fit(
+            adapter,
             control,
             train_cfg,
             train=train,
@@ -162,21 +153,21 @@ def main(
         ctx.log_params(cfg)
         for stale in ("model.pt", "metrics.json", "meta.json"):
             remove(out / stale)
-        teacher_model, _ = load_checkpoint(teacher)
-        student_model, ckpt = load_checkpoint(student)
-        size = student_model.cfg.input_size
-        _, train, val = load_splits(manifest, size)
+        _, teacher_model, _ = load_checkpoint(teacher, ctx.params.model)
+        adapter, student_model, ckpt = load_checkpoint(student, ctx.params.model)
+        _, train, val = load_splits(manifest, adapter.input_size(student_model))
 
         model, metrics = run(
             cfg,
             ctx.params.train,
+            adapter=adapter,
             teacher=teacher_model,
             student=student_model,
             train=train,
             val=val,
             on_epoch=ctx.log_epoch,
         )
-        save_checkpoint(
+        adapter.save(
             out / "model.pt",
             model,
             ckpt["categories"],

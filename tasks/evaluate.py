@@ -28,10 +28,11 @@ from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, check_min_boxes, read_manifest
 from tasks.config import BuildEngineCfg, EvaluateCfg, ExportCfg, Kpi
 from tasks.engines import Runner, engine_size_mb, get
-from tasks.export import to_onnx
 from tasks.io import meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, detection_parity, predict
-from tasks.model import DetectorWithDecode, load_checkpoint, macs_and_params
+from tasks.models import ModelAdapter, load_checkpoint
+from tasks.models.config import ModelCfg
+from tasks.onnx_export import to_onnx
 
 log = logging.getLogger(__name__)
 BASELINE = "pytorch_eager_fp32"
@@ -39,9 +40,11 @@ FP32_SAME_RUNTIME = "fp32_uncompressed"
 QUALITY = ("map50", "map50_95", "precision", "recall")
 
 
-def eager_runner(model, export_cfg: ExportCfg) -> Runner:
+def eager_runner(adapter: ModelAdapter, model, export_cfg: ExportCfg) -> Runner:
     """FP32 PyTorch eager with the same decode as the exported graph."""
-    wrapped = DetectorWithDecode(model, export_cfg.max_detections, export_cfg.score_floor).eval()
+    wrapped = adapter.deployable(
+        model, export_cfg.max_detections, export_cfg.score_floor, fold=False
+    )
 
     def run(x: np.ndarray):
         with torch.inference_mode():
@@ -61,6 +64,7 @@ def run(
     engine_cfg: BuildEngineCfg,
     export_cfg: ExportCfg,
     work: Path,
+    model_cfg: ModelCfg | None = None,
 ) -> tuple[dict, list[dict]]:
     """Evaluate the deployed engine of `target` beside two references measured in the same
     process: the uncompressed FP32 model built for the same runtime, and FP32 PyTorch eager.
@@ -73,18 +77,18 @@ def run(
         return {"target": target, "status": facts["status"]}, []
     torch.set_num_threads(engine_cfg.threads)
     engine = get(target)
-    deployed, _ = load_checkpoint(model_checkpoint)
-    baseline, _ = load_checkpoint(baseline_checkpoint)
+    adapter, deployed, _ = load_checkpoint(model_checkpoint, model_cfg)
+    _, baseline, _ = load_checkpoint(baseline_checkpoint, model_cfg)
     # The uncompressed FP32 model on the same runtime: what a user gets with no pipeline.
-    to_onnx(baseline, export_cfg, work / "fp32.onnx")
+    to_onnx(adapter, baseline, export_cfg, work / "fp32.onnx")
     (work / "fp32").mkdir()
     engine.build(work / "fp32.onnx", work / "fp32", engine_cfg)
     runners = {
         target: engine.load(engine_dir, engine_cfg),
         FP32_SAME_RUNTIME: engine.load(work / "fp32", engine_cfg),
-        BASELINE: eager_runner(baseline, export_cfg),
+        BASELINE: eager_runner(adapter, baseline, export_cfg),
     }
-    test = DetectionSet(manifest, "test", deployed.cfg.input_size)
+    test = DetectionSet(manifest, "test", adapter.input_size(deployed))
     rows = {name: predict(fn, test) for name, fn in runners.items()}
     quality = {name: coco_metrics(test.coco, r, cfg.score_threshold) for name, r in rows.items()}
     one = test.batch(slice(0, 1))
@@ -102,8 +106,8 @@ def run(
         for b in batches
     }
     top = max(batches)
-    shape = {target: macs_and_params(deployed)}
-    shape[FP32_SAME_RUNTIME] = shape[BASELINE] = macs_and_params(baseline)
+    shape = {target: adapter.macs_and_params(deployed)}
+    shape[FP32_SAME_RUNTIME] = shape[BASELINE] = adapter.macs_and_params(baseline)
     sizes = {
         target: engine_size_mb(engine_dir),
         FP32_SAME_RUNTIME: engine_size_mb(work / "fp32"),
@@ -227,6 +231,7 @@ def main(
                 manifest=splits,
                 engine_cfg=ctx.params.build_engine,
                 export_cfg=ctx.params.export,
+                model_cfg=ctx.params.model,
                 work=Path(work),
             )
         buf = io.StringIO()

@@ -22,17 +22,15 @@ from tasks import engines
 from tasks.bench import time_blocks
 from tasks.config import BuildEngineCfg
 from tasks.errors import ConfigError
-from tasks.model import Detector, DetectorWithDecode, fold_batchnorm
+from tasks.models import OUTPUTS, ModelAdapter
 
 log = logging.getLogger(__name__)
-OUTPUTS = ["num_detections", "boxes", "scores", "classes"]
 
 
-def export_for_timing(model: Detector, path: Path) -> Path:
+def export_for_timing(adapter: ModelAdapter, model: torch.nn.Module, path: Path) -> Path:
     """`model` (eval, BatchNorm folded, with decode) as a batch-1 ONNX graph at `path`."""
-    folded, _ = fold_batchnorm(model)
-    wrapped = DetectorWithDecode(folded).eval()
-    size = model.cfg.input_size
+    wrapped = adapter.deployable(model, max_detections=100, score_floor=0.01)
+    size = adapter.input_size(model)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
@@ -48,7 +46,8 @@ def export_for_timing(model: Detector, path: Path) -> Path:
 
 
 def measure(
-    models: dict[str, Detector],
+    adapter: ModelAdapter,
+    models: dict[str, torch.nn.Module],
     engine: str,
     cfg: BuildEngineCfg,
     *,
@@ -63,14 +62,14 @@ def measure(
         ConfigError: the engine target cannot run here (it reports `skipped: ...`).
     """
     target = engines.get(engine)
-    size = next(iter(models.values())).cfg.input_size
+    size = adapter.input_size(next(iter(models.values())))
     batch = np.random.default_rng(seed).random((1, 3, size, size), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
         for name, model in models.items():
             folder = Path(tmp) / name
             folder.mkdir()
-            onnx_path = export_for_timing(model, folder / "model.onnx")
+            onnx_path = export_for_timing(adapter, model, folder / "model.onnx")
             built = folder / "engine"
             built.mkdir()
             facts = target.build(onnx_path, built, cfg)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 import typer
+from torch import nn
 
 from tasks import latency
 from tasks.cli import stage_entry
@@ -33,8 +34,8 @@ from tasks.coco import DetectionSet, load_splits
 from tasks.config import BuildEngineCfg, PruneCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json, write_text
-from tasks.model import Detector, load_checkpoint, macs_and_params
-from tasks.train import detection_loss, evaluate_model, fit, make_targets, save_checkpoint
+from tasks.models import ModelAdapter, load_checkpoint
+from tasks.training import evaluate_model, fit
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,15 @@ CURVE_COLUMNS = ("step", "macs", "latency_ms", "latency_ms_unpruned", "speedup",
                  "val_map50_after_finetune")  # fmt: skip
 
 
-def _taylor_gradients(model: Detector, data: DetectionSet, batch: int = 32) -> None:
+def _taylor_gradients(
+    adapter: ModelAdapter, model: nn.Module, data: DetectionSet, batch: int = 32
+) -> None:
     """Taylor importance needs gradients of the loss: one batch, fresh grads."""
     model.zero_grad()
     idx = np.arange(min(batch, len(data)))
-    heat, reg, mask = make_targets(
-        [data.boxes[i] for i in idx],
-        [data.labels[i] for i in idx],
-        model.cfg.num_classes,
-        model.cfg.input_size,
-    )
-    raw = model(torch.from_numpy(data.batch(idx)))
-    detection_loss(raw, heat, reg, mask, model.cfg.num_classes).backward()
+    raw = adapter.forward_train(model, torch.from_numpy(data.batch(idx)))
+    boxes, labels = [data.boxes[i] for i in idx], [data.labels[i] for i in idx]
+    adapter.loss(model, raw, boxes, labels).backward()
 
 
 def schedule(cfg: PruneCfg) -> list[float]:
@@ -90,9 +88,13 @@ def _meets(cfg: PruneCfg, point: dict) -> bool:
     return False
 
 
-def _time(cfg: PruneCfg, engine_cfg: BuildEngineCfg, base: Detector, model: Detector) -> dict:
+def _time(
+    cfg: PruneCfg, engine_cfg: BuildEngineCfg, adapter: ModelAdapter, base: nn.Module,
+    model: nn.Module,
+) -> dict:  # fmt: skip
     """Batch-1 p50 of the unpruned and the current model on `cfg.engine`, timed together."""
     seconds = latency.measure(
+        adapter,
         {"unpruned": base, "pruned": copy.deepcopy(model).eval()},
         cfg.engine,
         engine_cfg,
@@ -123,11 +125,12 @@ def run(
     cfg: PruneCfg,
     train_cfg: TrainCfg,
     *,
-    model: Detector,
+    adapter: ModelAdapter,
+    model: nn.Module,
     train: DetectionSet,
     val: DetectionSet,
     engine_cfg: BuildEngineCfg | None = None,
-) -> tuple[Detector, dict]:
+) -> tuple[nn.Module, dict]:
     """Prune `model` step by step (each step followed by a fine-tune) until the first bound
     stops it: the MACs target, a latency measured on `cfg.engine` after each step
     (`latency_ms` / `speedup`), or `max_map_drop` (the step that breaks it is undone).
@@ -139,19 +142,29 @@ def run(
         raise ConfigError(
             f"unsupported importance {cfg.importance!r}; choose one of {', '.join(IMPORTANCE)}"
         )
-    unknown = [p for p in cfg.ignore if p not in model.layer_shapes()]
+    prunable = adapter.prunable(model)
+    unknown = [p for p in cfg.ignore if p not in prunable]
     if unknown:
         raise ConfigError(
             f"params.yaml: prune.ignore: unknown layers {unknown}; choose from "
-            f"{', '.join(model.layer_shapes())}"
+            f"{', '.join(prunable)}"
         )
     engine_cfg = engine_cfg or BuildEngineCfg()
-    base_macs, base_params = macs_and_params(model)
-    base_map = evaluate_model(model, val)
+    base_macs, base_params = adapter.macs_and_params(model)
+    base_map = evaluate_model(adapter, model, val)
     unpruned = copy.deepcopy(model).eval()
-    ignored = [model.get_submodule(p) for p in cfg.ignore]
-    size = model.cfg.input_size
+    spec = adapter.prune_spec(model, cfg.ignore)
+    size = adapter.input_size(model)
     model.train()
+    extra = {
+        k: v
+        for k, v in (
+            ("customized_pruners", spec.customized_pruners),
+            ("unwrapped_parameters", spec.unwrapped_parameters),
+            ("root_module_types", spec.root_module_types),
+        )
+        if v is not None
+    }
     pruner = tp.pruner.MetaPruner(
         model,
         torch.zeros(1, 3, size, size),
@@ -159,8 +172,9 @@ def run(
         global_pruning=cfg.global_pruning,
         pruning_ratio=0.9,
         iterative_steps=GRANULARITY,
-        ignored_layers=ignored,
-        round_to=cfg.round_to,
+        ignored_layers=spec.ignored_layers,
+        round_to=spec.round_to or cfg.round_to,
+        **extra,
     )
     macs, history = base_macs, []
     kept = copy.deepcopy(unpruned)  # the last step within max_map_drop
@@ -169,15 +183,15 @@ def run(
         goal = base_macs * (1 - share)
         while macs > goal and pruner.current_step < GRANULARITY:
             if cfg.importance == "taylor":
-                _taylor_gradients(model, train)
+                _taylor_gradients(adapter, model, train)
             pruner.step()
-            macs, _ = macs_and_params(model)
+            macs, _ = adapter.macs_and_params(model)
         if history and macs == history[-1]["macs"]:
             continue  # coarse round_to: the same widths as the last step, already measured
-        model.cfg.layers = model.layer_shapes()
+        adapter.after_prune(model)
         point = {"step": step, "macs": macs, "macs_ratio": macs / base_macs}
-        point |= _time(cfg, engine_cfg, unpruned, model)
-        pruned_map = evaluate_model(model, val)
+        point |= _time(cfg, engine_cfg, adapter, unpruned, model)
+        pruned_map = evaluate_model(adapter, model, val)
         log.info(
             "prune step %d: MACs %.1fM (%.1f%% of base), %s %.3f ms (%.2fx), "
             "val mAP@0.5 %.4f before fine-tune",
@@ -186,6 +200,7 @@ def run(
         )  # fmt: skip
         if cfg.finetune_epochs:
             model, rows = fit(
+                adapter,
                 model,
                 train_cfg,
                 train=train,
@@ -195,7 +210,7 @@ def run(
                 desc=f"prune step {step} fine-tune",
             )
         point["val_map50_after_prune"] = pruned_map["map50"]
-        point["val_map50_after_finetune"] = evaluate_model(model, val)["map50"]
+        point["val_map50_after_finetune"] = evaluate_model(adapter, model, val)["map50"]
         history.append(point)
         drop = base_map["map50"] - point["val_map50_after_finetune"]
         if cfg.max_map_drop is not None and drop > cfg.max_map_drop + 1e-12:
@@ -218,8 +233,8 @@ def run(
                 history[-1]["latency_ms"], history[-1]["speedup"],
             )  # fmt: skip
     model.zero_grad(set_to_none=True)
-    model.cfg.layers = model.layer_shapes()
-    macs, params = macs_and_params(model)
+    adapter.after_prune(model)
+    macs, params = adapter.macs_and_params(model)
     achieved = 1 - macs / base_macs
     if stopped_by == "macs_reduction" and abs(achieved - cfg.macs_reduction) > 0.05:
         # Per-layer ratios with round_to > 1 move every layer's width in the same 8-channel
@@ -230,7 +245,7 @@ def run(
             100 * cfg.macs_reduction,
             cfg.round_to,
         )
-    final = evaluate_model(model, val)
+    final = evaluate_model(adapter, model, val)
     last = next((p for p in reversed(history) if p["macs"] == macs), None)
     return model.eval(), {
         "target": cfg.target,
@@ -271,18 +286,18 @@ def main(
         ctx.log_params(cfg)
         for stale in ("model.pt", "metrics.json", "meta.json", CURVE):
             remove(out / stale)
-        model, ckpt = load_checkpoint(checkpoint)
-        size = model.cfg.input_size
-        _, train, val = load_splits(manifest, size)
+        adapter, model, ckpt = load_checkpoint(checkpoint, ctx.params.model)
+        _, train, val = load_splits(manifest, adapter.input_size(model))
         model, metrics = run(
             cfg,
             ctx.params.train,
+            adapter=adapter,
             model=model,
             train=train,
             val=val,
             engine_cfg=ctx.params.build_engine,
         )
-        save_checkpoint(
+        adapter.save(
             out / "model.pt",
             model,
             ckpt["categories"],

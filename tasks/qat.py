@@ -26,9 +26,8 @@ from torch.nn.utils import parametrize
 
 from tasks.coco import DetectionSet
 from tasks.config import DistillCfg, QuantizeCfg, TrainCfg
-from tasks.distill import kd_loss
-from tasks.model import Detector
-from tasks.train import fit
+from tasks.models import ModelAdapter
+from tasks.training import fit, pick_device
 
 
 class _WeightFakeQuant(nn.Module):
@@ -68,7 +67,7 @@ def _activation_fake_quant(symmetric: bool) -> FakeQuantize:
     )
 
 
-def attach(model: Detector, cfg: QuantizeCfg) -> list[nn.Module]:
+def attach(model: nn.Module, cfg: QuantizeCfg) -> list[nn.Module]:
     """Put fake-quant on the weight and the input of every conv. Returns the convs, for
     `detach`."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -91,29 +90,32 @@ def detach(convs: list[nn.Module]) -> None:
 
 
 def finetune(
-    student: Detector,
-    teacher: Detector,
+    adapter: ModelAdapter,
+    student: nn.Module,
+    teacher: nn.Module,
     cfg: QuantizeCfg,
     distill_cfg: DistillCfg,
     train_cfg: TrainCfg,
     *,
     train: DetectionSet,
     val: DetectionSet,
-) -> tuple[Detector, list[dict]]:
+) -> tuple[nn.Module, list[dict]]:
     """`cfg.qat_epochs` of distillation through fake-quant. Returns the tuned float model and
     the per-epoch rows (val mAP measured with fake-quant on)."""
     teacher = teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    num_classes = student.cfg.num_classes
+    teacher.to(pick_device(train_cfg))  # the device the loop trains the student on
 
-    def extra(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def extra(raw, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = teacher(x)
-        return kd_loss(raw, target, num_classes, distill_cfg)
+            target = adapter.forward_train(teacher, x)
+        d = distill_cfg
+        return adapter.kd_loss(raw, target, d.temperature, d.kd_weight, d.reg_weight)
 
     convs = attach(student, cfg)
     tuned, rows = fit(
+        adapter,
         student,
         # fake-quant needs float32 activations: no bf16 autocast while it is on
         train_cfg.model_copy(update={"amp": False}),
@@ -125,4 +127,5 @@ def finetune(
         desc="QAT",
     )
     detach(convs)
+    teacher.cpu()
     return tuned, rows

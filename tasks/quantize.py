@@ -447,21 +447,22 @@ def _qat(
     params: Params, student: Path, teacher: Path, train: DetectionSet, val: DetectionSet, dst: Path
 ) -> dict:
     """Quantization-aware fine-tune of the exported model's checkpoint, exported to `dst`."""
-    from tasks.export import to_onnx
-    from tasks.model import load_checkpoint
+    from tasks.models import load_checkpoint
+    from tasks.onnx_export import to_onnx
     from tasks.qat import finetune
 
-    model, _ = load_checkpoint(student)
+    adapter, model, _ = load_checkpoint(student, params.model)
     tuned, rows = finetune(
+        adapter,
         model,
-        load_checkpoint(teacher)[0],
+        load_checkpoint(teacher, params.model)[1],
         params.quantize,
         params.distill,
         params.train,
         train=train,
         val=val,
     )
-    to_onnx(tuned, params.export, dst)
+    to_onnx(adapter, tuned, params.export, dst)
     return {
         "epochs": params.quantize.qat_epochs,
         "lr": params.quantize.qat_lr,

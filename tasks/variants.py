@@ -22,10 +22,10 @@ from tasks.cli import stage_entry
 from tasks.coco import DetectionSet
 from tasks.config import Params
 from tasks.engines import engine_size_mb, get
-from tasks.export import to_onnx
 from tasks.io import remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
-from tasks.model import load_checkpoint, macs_and_params
+from tasks.models import load_checkpoint
+from tasks.onnx_export import to_onnx
 from tasks.quantize import CALIBRATORS, calibrate, calibration_set, to_int8
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,13 @@ def run(
     (model.onnx, model.fp16.onnx, report.json).
     """
     cfg, engine_cfg = params.quantize, params.build_engine
-    models = {name: load_checkpoint(path)[0] for name, path in checkpoints.items()}
-    size = models["distilled"].cfg.input_size
+    loaded = {name: load_checkpoint(path, params.model) for name, path in checkpoints.items()}
+    adapter = loaded["distilled"][0]
+    models = {name: model for name, (_, model, _) in loaded.items()}
+    size = adapter.input_size(models["distilled"])
     onnx_files = {name: work / f"{name}.onnx" for name in ("trained", "pruned")}
     for name, path in onnx_files.items():
-        to_onnx(models[name], params.export, path)
+        to_onnx(adapter, models[name], params.export, path)
     onnx_files["distilled"] = distilled = exported
     images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
     for name in CALIBRATORS:
@@ -85,7 +87,7 @@ def run(
         runs=5 * ev.latency_runs,
         rounds=2 * ev.rounds,
     )
-    macs = {name: macs_and_params(model)[0] for name, model in models.items()}
+    macs = {name: adapter.macs_and_params(model)[0] for name, model in models.items()}
     table = {}
     for name, (target, _, _) in builds.items():
         quality = coco_metrics(test.coco, predict(runners[name], test), ev.score_threshold)

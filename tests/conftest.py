@@ -31,6 +31,14 @@ def tiny() -> Params:
 
 
 @pytest.fixture(scope="session")
+def adapter(tiny):
+    """The tiny profile's model adapter (the built-in detector at width 0.5)."""
+    from tasks.models import adapter_for
+
+    return adapter_for(tiny.model)
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny) -> Path:
     """The default data composed with the tiny profile (train 320, val 32, test 32, 64 px)."""
     from tasks import data

@@ -29,8 +29,9 @@ def ws(tmp_path_factory) -> Path:
     checkpoint."""
     from tasks import data, label_qa
     from tasks.config import Params
-    from tasks.export import to_onnx
-    from tasks.model import Detector, DetectorConfig
+    from tasks.models.centernet import CenterNetAdapter, Detector, DetectorConfig
+    from tasks.models.config import CenterNetCfg
+    from tasks.onnx_export import to_onnx
 
     ws = tmp_path_factory.mktemp("bad-inputs")
     params = profile_params("tiny")
@@ -42,6 +43,7 @@ def ws(tmp_path_factory) -> Path:
     _, manifest, _ = label_qa.run(cfg.label_qa, dataset=ws / "data")
     (ws / "manifest.json").write_text(json.dumps(manifest))
     to_onnx(
+        CenterNetAdapter(CenterNetCfg()),
         Detector(DetectorConfig(input_size=32, width=0.25)),
         cfg.export.model_copy(update={"simplifier": "none"}),
         ws / "model.onnx",

@@ -14,7 +14,8 @@ from tasks import distill, export, prune, qat, quantize, train
 from tasks.coco import DetectionSet
 from tasks.errors import ConfigError
 from tasks.io import md5_file
-from tasks.model import load_checkpoint, macs_and_params
+from tasks.models import load_checkpoint
+from tasks.onnx_export import to_onnx
 from tasks.precision import faster
 from tasks.quantize import calibration_set
 
@@ -25,63 +26,85 @@ def splits(tiny_manifest):
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny, splits):
+def teacher(tiny, adapter, splits):
     model, _ = train.run(
-        tiny.train.model_copy(update={"epochs": 6}), train=splits[0], val=splits[1]
+        adapter, tiny.train.model_copy(update={"epochs": 6}), train=splits[0], val=splits[1]
     )
     return model
 
 
 @pytest.mark.parametrize("importance", ["l1", "taylor"])
 def test_pruning_reaches_the_macs_target_and_rebuilds_without_torch_pruning(
-    tiny, splits, teacher, importance, tmp_path
+    tiny, adapter, splits, teacher, importance, tmp_path
 ):
     cfg = tiny.prune.model_copy(
         update={"importance": importance, "macs_reduction": 0.5, "finetune_epochs": 0}
     )
     model, metrics = prune.run(
-        cfg, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
+        cfg,
+        tiny.train,
+        adapter=adapter,
+        model=copy.deepcopy(teacher),
+        train=splits[0],
+        val=splits[1],
     )
     assert abs(metrics["macs_reduction_achieved"] - 0.5) <= 0.05
     assert metrics["params"] < metrics["params_before"]
     path = tmp_path / "pruned.pt"
-    train.save_checkpoint(path, model, [{"id": i + 1, "name": str(i)} for i in range(10)], {})
-    rebuilt, _ = load_checkpoint(path)  # plain Detector(config): no torch-pruning involved
-    assert macs_and_params(rebuilt)[0] == metrics["macs"]
+    adapter.save(path, model, [{"id": i + 1, "name": str(i)} for i in range(10)], {})
+    _, rebuilt, _ = load_checkpoint(path)  # plain Detector(config): no torch-pruning involved
+    assert adapter.macs_and_params(rebuilt)[0] == metrics["macs"]
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
-    facts = export.to_onnx(rebuilt, tiny.export, tmp_path / "pruned.onnx")
+    facts = to_onnx(adapter, rebuilt, tiny.export, tmp_path / "pruned.onnx")
     assert facts["bn_folded"] > 0 and (tmp_path / "pruned.onnx").exists()
 
 
-def test_unknown_layer_to_ignore_is_a_config_error(tiny, splits, teacher):
+def test_unknown_layer_to_ignore_is_a_config_error(tiny, adapter, splits, teacher):
     cfg = tiny.prune.model_copy(update={"ignore": ["head", "nope"]})
     with pytest.raises(ConfigError, match=r"prune.ignore: unknown layers \['nope'\]"):
-        prune.run(cfg, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1])
+        prune.run(
+            cfg,
+            tiny.train,
+            adapter=adapter,
+            model=copy.deepcopy(teacher),
+            train=splits[0],
+            val=splits[1],
+        )
 
 
-def test_kd_loss_is_zero_against_itself_and_follows_the_teacher(tiny):
+def kd_loss(adapter, student, teacher, cfg):
+    return adapter.kd_loss(student, teacher, cfg.temperature, cfg.kd_weight, cfg.reg_weight)
+
+
+def test_kd_loss_is_zero_against_itself_and_follows_the_teacher(tiny, adapter):
     raw = torch.randn(2, 14, 16, 16)
-    assert distill.kd_loss(raw, raw, 10, tiny.distill).item() == pytest.approx(0, abs=1e-5)
-    assert distill.kd_loss(raw + 1, raw, 10, tiny.distill).item() > 0.1
+    assert kd_loss(adapter, raw, raw, tiny.distill).item() == pytest.approx(0, abs=1e-5)
+    assert kd_loss(adapter, raw + 1, raw, tiny.distill).item() > 0.1
 
 
-def test_distillation_lowers_the_kd_loss_and_reports_the_control(tiny, splits, teacher):
+def test_distillation_lowers_the_kd_loss_and_reports_the_control(tiny, adapter, splits, teacher):
     student, _ = prune.run(
-        tiny.prune, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
+        tiny.prune,
+        tiny.train,
+        adapter=adapter,
+        model=copy.deepcopy(teacher),
+        train=splits[0],
+        val=splits[1],
     )
     x = torch.from_numpy(splits[0].batch(slice(0, 16)))
 
     def kd(model):
         with torch.no_grad():
-            return distill.kd_loss(model(x), teacher(x), 10, tiny.distill).item()
+            return kd_loss(adapter, model(x), teacher(x), tiny.distill).item()
 
     before = kd(student)
     cfg = tiny.distill.model_copy(update={"epochs": 3})
     student, metrics = distill.run(
         cfg,
         tiny.train,
+        adapter=adapter,
         teacher=teacher,
         student=copy.deepcopy(student),
         train=splits[0],
@@ -93,14 +116,21 @@ def test_distillation_lowers_the_kd_loss_and_reports_the_control(tiny, splits, t
     )
 
 
-def test_feature_distillation_trains_an_adapter_and_leaves_a_plain_student(tiny, splits, teacher):
+def test_feature_distillation_trains_an_adapter_and_leaves_a_plain_student(
+    tiny, adapter, splits, teacher
+):
     student, _ = prune.run(
-        tiny.prune, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
+        tiny.prune,
+        tiny.train,
+        adapter=adapter,
+        model=copy.deepcopy(teacher),
+        train=splits[0],
+        val=splits[1],
     )
     keys = student.state_dict().keys()
     x = torch.from_numpy(splits[0].batch(slice(0, 8)))
     probe = copy.deepcopy(student)
-    features = distill._FeatureKd(teacher, probe, "stages.1")
+    features = distill._FeatureKd(adapter, teacher, probe, "stages.1")
     assert any(p is features.adapter.weight for p in probe.parameters())  # the optimizer sees it
     with torch.no_grad():
         teacher(x), probe(x)
@@ -114,21 +144,33 @@ def test_feature_distillation_trains_an_adapter_and_leaves_a_plain_student(tiny,
         update={"epochs": 1, "control": False, "feature_stage": "stages.1"}
     )
     tuned, metrics = distill.run(
-        cfg, tiny.train, teacher=teacher, student=student, train=splits[0], val=splits[1]
+        cfg,
+        tiny.train,
+        adapter=adapter,
+        teacher=teacher,
+        student=student,
+        train=splits[0],
+        val=splits[1],
     )
     assert not hasattr(tuned, "kd_adapter") and tuned.state_dict().keys() == keys
     assert 0 <= metrics["student_val_map50"] <= 1
     bad = cfg.model_copy(update={"feature_stage": "stages.9"})
     with pytest.raises(ConfigError, match="distill.feature_stage: unknown block 'stages.9'"):
         distill.run(
-            bad, tiny.train, teacher=teacher, student=student, train=splits[0], val=splits[1]
+            bad,
+            tiny.train,
+            adapter=adapter,
+            teacher=teacher,
+            student=student,
+            train=splits[0],
+            val=splits[1],
         )
 
 
 @pytest.fixture(scope="module")
-def teacher_onnx(tiny, teacher, tiny_manifest, tmp_path_factory):
+def teacher_onnx(tiny, adapter, teacher, tiny_manifest, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("teacher")
-    train.save_checkpoint(tmp / "t.pt", teacher, tiny_manifest["splits"]["train"]["categories"], {})
+    adapter.save(tmp / "t.pt", teacher, tiny_manifest["splits"]["train"]["categories"], {})
     export.run(tiny.export, checkpoint=tmp / "t.pt", manifest=tiny_manifest, out=tmp / "model.onnx")
     return tmp / "model.onnx"
 
@@ -180,10 +222,10 @@ def test_more_calibration_images_than_train_images_is_a_params_error(tiny, split
 
 
 def test_quantize_writes_int8_qdq_and_fp16_that_keep_the_accuracy(
-    tiny, splits, teacher, tiny_manifest, tmp_path
+    tiny, adapter, splits, teacher, tiny_manifest, tmp_path
 ):
     path = tmp_path / "teacher.pt"
-    train.save_checkpoint(path, teacher, tiny_manifest["splits"]["train"]["categories"], {})
+    adapter.save(path, teacher, tiny_manifest["splits"]["train"]["categories"], {})
     onnx_path = tmp_path / "model.onnx"
     export.run(tiny.export, checkpoint=path, manifest=tiny_manifest, out=onnx_path)
     out = tmp_path / "q"
@@ -221,7 +263,7 @@ def test_quantize_writes_int8_qdq_and_fp16_that_keep_the_accuracy(
 
 
 def test_qat_fake_quant_comes_off_cleanly_and_its_model_exports_to_the_same_qdq(
-    tiny, splits, teacher, teacher_onnx, tmp_path
+    tiny, adapter, splits, teacher, teacher_onnx, tmp_path
 ):
     student = copy.deepcopy(teacher).eval()
     x = torch.from_numpy(splits[1].batch(slice(0, 4)))
@@ -241,6 +283,7 @@ def test_qat_fake_quant_comes_off_cleanly_and_its_model_exports_to_the_same_qdq(
         update={"qat_epochs": 1, "compare_calibrators": False, "accuracy_aware": False}
     )
     tuned, rows = qat.finetune(
+        adapter,
         copy.deepcopy(teacher),
         teacher,
         cfg,
@@ -251,7 +294,7 @@ def test_qat_fake_quant_comes_off_cleanly_and_its_model_exports_to_the_same_qdq(
     )
     assert len(rows) == 1
     qat_onnx = tmp_path / "qat.onnx"
-    export.to_onnx(tuned, tiny.export, qat_onnx)
+    to_onnx(adapter, tuned, tiny.export, qat_onnx)
     out = tmp_path / "q"
     out.mkdir()
     report = quantize.run(

@@ -13,20 +13,18 @@ from tasks.engines import check_int8, get, litert
 from tasks.engines.tensorrt_gpu import unavailable
 from tasks.errors import GateFailed
 from tasks.metrics import coco_metrics, predict
-from tasks.model import DetectorWithDecode, load_checkpoint
+from tasks.models import load_checkpoint
 
 CPU_TARGETS = ["onnxruntime", "openvino"]
 
 
 @pytest.fixture(scope="module")
-def models(tiny, tiny_manifest, tmp_path_factory):
+def models(tiny, adapter, tiny_manifest, tmp_path_factory):
     """A briefly trained checkpoint, its FP32 ONNX and an INT8 QDQ ONNX."""
     tmp = tmp_path_factory.mktemp("engines")
     tr, va = (DetectionSet(tiny_manifest, s, 64) for s in ("train", "val"))
-    model, _ = train.run(tiny.train.model_copy(update={"epochs": 8}), train=tr, val=va)
-    train.save_checkpoint(
-        tmp / "model.pt", model, tiny_manifest["splits"]["train"]["categories"], {}
-    )
+    model, _ = train.run(adapter, tiny.train.model_copy(update={"epochs": 8}), train=tr, val=va)
+    adapter.save(tmp / "model.pt", model, tiny_manifest["splits"]["train"]["categories"], {})
     export.run(
         tiny.export, checkpoint=tmp / "model.pt", manifest=tiny_manifest, out=tmp / "fp32.onnx"
     )
@@ -38,8 +36,10 @@ def models(tiny, tiny_manifest, tmp_path_factory):
 
 
 def eager_map(checkpoint, test, tiny):
-    model, _ = load_checkpoint(checkpoint)
-    wrapped = DetectorWithDecode(model, tiny.export.max_detections, tiny.export.score_floor)
+    adapter, model, _ = load_checkpoint(checkpoint)
+    wrapped = adapter.deployable(
+        model, tiny.export.max_detections, tiny.export.score_floor, fold=False
+    )
 
     def run(x):
         with torch.no_grad():
@@ -146,12 +146,13 @@ def test_bench_sizes_times_every_variant_at_every_size(tiny, tiny_manifest, mode
     (no timing is asserted: only that each variant ran and the ratios are derived from it)."""
     from tasks import bench_sizes
 
-    model, _ = load_checkpoint(models / "model.pt")
-    bigger = bench_sizes.at_size(model, 96)
+    loaded = load_checkpoint(models / "model.pt")
+    model = loaded[1]
+    _, bigger = bench_sizes.at_size(loaded, models / "model.pt", 96)
     assert bigger.cfg.input_size == 96
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(bench_sizes.at_size(model, 64)(x), model(x))
+        assert torch.equal(bench_sizes.at_size(loaded, models / "model.pt", 64)[1](x), model(x))
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"precision": "int8", "layer_precision": {}}))
     (tmp_path / "manifest.json").write_text(json.dumps(tiny_manifest))

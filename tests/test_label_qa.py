@@ -504,16 +504,18 @@ def test_champion_onnx_is_downloaded_from_the_registry_and_run(
     from mlflow.tracking import MlflowClient
 
     from tasks.config import ExportCfg
-    from tasks.export import to_onnx
     from tasks.label_qa.__main__ import champion_runner
-    from tasks.model import Detector, DetectorConfig
+    from tasks.models.centernet import CenterNetAdapter, Detector, DetectorConfig
+    from tasks.models.config import CenterNetCfg
+    from tasks.onnx_export import to_onnx
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = "label-qa-champion-test"
     assert champion_runner(name, tmp_path / "none") is None  # no such model: cross-fit only
     onnx = tmp_path / "model" / "model.onnx"
     onnx.parent.mkdir()
-    to_onnx(Detector(DetectorConfig(10, 64, 0.25, 1)).eval(), ExportCfg(), onnx)
+    adapter = CenterNetAdapter(CenterNetCfg())
+    to_onnx(adapter, Detector(DetectorConfig(10, 64, 0.25, 1)).eval(), ExportCfg(), onnx)
     client = MlflowClient(mlflow_server)
     exp = client.create_experiment("label-qa-champion-test")
     run = client.create_run(exp)

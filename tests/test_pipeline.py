@@ -11,9 +11,9 @@ from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
 
 from tasks.coco import DetectionSet
-from tasks.model import Detector, DetectorConfig, load_checkpoint
+from tasks.models import load_checkpoint
 from tasks.project import copy_project, dvc
-from tasks.train import evaluate_model
+from tasks.training import evaluate_model
 from tests.conftest import running_mlflow_server, tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -86,10 +86,10 @@ def test_kpis_are_in_range_and_beat_an_untrained_model(pipeline):
     assert m["macs"] < m["baseline"]["macs"]  # the deployed model is the pruned one
     manifest = json.loads((proj / "artifacts/label_qa/manifest.json").read_text())
     manifest["root"] = str(proj / manifest["root"])
-    _, ckpt = load_checkpoint(proj / "artifacts/train/model.pt")
-    untrained = Detector(DetectorConfig(**ckpt["config"])).eval()
+    adapter, _, ckpt = load_checkpoint(proj / "artifacts/train/model.pt")
+    untrained = adapter.build(len(ckpt["categories"]), ckpt["config"]["input_size"], 0).eval()
     test = DetectionSet(manifest, "test", ckpt["config"]["input_size"])
-    chance = evaluate_model(untrained, test)["map50"]
+    chance = evaluate_model(adapter, untrained, test)["map50"]
     assert m["map50"] > chance + 0.3, (m["map50"], chance)
 
 

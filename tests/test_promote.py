@@ -26,12 +26,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from tasks import build_engine, export, train
+from tasks import build_engine, train
 from tasks.coco import DetectionSet
 from tasks.config import Params, load_params
 from tasks.engines import get
 from tasks.errors import ConfigError
 from tasks.metrics import coco_metrics, predict
+from tasks.onnx_export import to_onnx
 from tasks.project import venv_env
 from tasks.promote import bootstrap, stage
 from tasks.promote.numeric import numeric_format
@@ -58,7 +59,7 @@ KPIS = {
 
 
 @pytest.fixture(scope="module")
-def onnx_models(tiny, tiny_manifest, tmp_path_factory):
+def onnx_models(tiny, adapter, tiny_manifest, tmp_path_factory):
     """good.onnx: a briefly trained detector; good2/good3/weak.onnx: the same graph with other
     metadata (different files, hence other candidates, with the same detections); shrunk.onnx:
     the same predicting boxes half as wide and high (IoU 0.25 with what good.onnx finds: a
@@ -66,11 +67,12 @@ def onnx_models(tiny, tiny_manifest, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("promote-models")
     size = tiny.train.input_size
     model, _ = train.run(
+        adapter,
         tiny.train.model_copy(update={"epochs": 6}),
         train=DetectionSet(tiny_manifest, "train", size),
         val=DetectionSet(tiny_manifest, "val", size),
     )
-    export.to_onnx(model, tiny.export, tmp / "good.onnx")
+    to_onnx(adapter, model, tiny.export, tmp / "good.onnx")
     for other in ("good2", "good3", "weak"):
         again = onnx.load(str(tmp / "good.onnx"))
         onnx.helper.set_model_props(again, {"candidate": other})
@@ -80,7 +82,7 @@ def onnx_models(tiny, tiny_manifest, tmp_path_factory):
     with torch.no_grad():
         shrunk.out.weight[wh] *= 0.5
         shrunk.out.bias[wh] *= 0.5
-    export.to_onnx(shrunk, tiny.export, tmp / "shrunk.onnx")
+    to_onnx(adapter, shrunk, tiny.export, tmp / "shrunk.onnx")
     return tmp
 
 

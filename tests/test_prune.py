@@ -13,7 +13,6 @@ import yaml
 from tasks import prune
 from tasks.config import Params, load_params
 from tasks.errors import ConfigError
-from tasks.model import macs_and_params
 from tests.conftest import tiny_params
 from tests.test_compress import splits, teacher  # noqa: F401  (fixtures: tiny data, trained model)
 
@@ -38,7 +37,7 @@ def test_a_latency_target_needs_its_value_and_steps_follow_search_step(tmp_path)
 
 @pytest.mark.slow
 def test_a_speedup_target_stops_at_the_first_measured_step_that_meets_it(
-    tiny, splits, teacher, tmp_path
+    tiny, adapter, splits, teacher, tmp_path
 ):
     cfg = tiny.prune.model_copy(
         update={
@@ -51,7 +50,12 @@ def test_a_speedup_target_stops_at_the_first_measured_step_that_meets_it(
         }
     )
     model, m = prune.run(
-        cfg, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
+        cfg,
+        tiny.train,
+        adapter=adapter,
+        model=copy.deepcopy(teacher),
+        train=splits[0],
+        val=splits[1],
     )
     curve = m["steps"]
     steps = [p["step"] for p in curve]
@@ -70,19 +74,24 @@ def test_a_speedup_target_stops_at_the_first_measured_step_that_meets_it(
     else:
         assert m["stopped_by"] == "macs_reduction"
     # the model is the stopping step's: its MACs and measured speedup are the metrics'
-    assert macs_and_params(model)[0] == m["macs"] == curve[-1]["macs"]
+    assert adapter.macs_and_params(model)[0] == m["macs"] == curve[-1]["macs"]
     assert m["speedup"] == curve[-1]["speedup"] and m["latency_ms"] == curve[-1]["latency_ms"]
     csv = prune.curve_csv(curve).splitlines()
     assert csv[0].startswith("step,macs,latency_ms") and len(csv) == len(curve) + 1
 
 
 @pytest.mark.slow
-def test_max_map_drop_stops_where_the_recorded_val_map_says(tiny, splits, teacher):
+def test_max_map_drop_stops_where_the_recorded_val_map_says(tiny, adapter, splits, teacher):
     base = tiny.prune.model_copy(
         update={"macs_reduction": 0.75, "steps": 3, "finetune_epochs": 1, **FAST_TIMING}
     )
     _, free = prune.run(
-        base, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
+        base,
+        tiny.train,
+        adapter=adapter,
+        model=copy.deepcopy(teacher),
+        train=splits[0],
+        val=splits[1],
     )
     assert free["stopped_by"] == "macs_reduction" and len(free["steps"]) == 3
     drops = [free["val_map50_before"] - p["val_map50_after_finetune"] for p in free["steps"]]
@@ -95,7 +104,12 @@ def test_max_map_drop_stops_where_the_recorded_val_map_says(tiny, splits, teache
 
     cfg = base.model_copy(update={"max_map_drop": bound})
     model, m = prune.run(
-        cfg, tiny.train, model=copy.deepcopy(teacher), train=splits[0], val=splits[1]
+        cfg,
+        tiny.train,
+        adapter=adapter,
+        model=copy.deepcopy(teacher),
+        train=splits[0],
+        val=splits[1],
     )
     assert m["stopped_by"] == "max_map_drop"
     assert len(m["steps"]) == stop + 1  # it ran up to the breaking step and no further
@@ -105,7 +119,7 @@ def test_max_map_drop_stops_where_the_recorded_val_map_says(tiny, splits, teache
     # the breaking step is undone: the model is the step before it (or the unpruned model)
     kept = m["steps"][stop - 1] if stop else None
     assert m["macs"] == (kept["macs"] if kept else m["macs_before"])
-    assert macs_and_params(model)[0] == m["macs"]
+    assert adapter.macs_and_params(model)[0] == m["macs"]
     assert m["val_map50"] == pytest.approx(
         kept["val_map50_after_finetune"] if kept else m["val_map50_before"]
     )

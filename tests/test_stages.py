@@ -10,28 +10,31 @@ from tasks import build_engine, evaluate, export, train
 from tasks.coco import DetectionSet
 from tasks.engines import get
 from tasks.errors import ConfigError
-from tasks.model import Detector, DetectorConfig, DetectorWithDecode, load_checkpoint
+from tasks.models import OUTPUTS, load_checkpoint
+from tasks.models.centernet import Detector, DetectorConfig, make_targets
+from tasks.onnx_export import parity
 
 
 @pytest.fixture(scope="module")
-def trained(tiny, tiny_manifest, tmp_path_factory):
+def trained(tiny, adapter, tiny_manifest, tmp_path_factory):
     """A short training run on the tiny data; its checkpoint path and history."""
     cfg = tiny.train.model_copy(update={"epochs": 6})
     size = cfg.input_size
     model, history = train.run(
+        adapter,
         cfg,
         train=DetectionSet(tiny_manifest, "train", size),
         val=DetectionSet(tiny_manifest, "val", size),
     )
     path = tmp_path_factory.mktemp("train") / "model.pt"
     cats = tiny_manifest["splits"]["train"]["categories"]
-    train.save_checkpoint(path, model, cats, {"train_cfg": cfg.model_dump(mode="json")})
+    adapter.save(path, model, cats, {"train_cfg": cfg.model_dump(mode="json")})
     return path, history
 
 
 def test_targets_mark_each_object_centre():
     boxes = [np.array([[8, 8, 24, 24], [40, 0, 64, 16]], np.float32)]
-    heat, reg, mask = train.make_targets(boxes, [np.array([3, 7])], num_classes=10, size=64)
+    heat, reg, mask = make_targets(boxes, [np.array([3, 7])], num_classes=10, size=64)
     assert heat.shape == (1, 10, 16, 16) and reg.shape == (1, 4, 16, 16)
     assert mask.sum() == 2
     assert heat[0, 3, 4, 4] == 1.0 and heat[0, 7, 2, 13] == 1.0
@@ -41,8 +44,8 @@ def test_targets_mark_each_object_centre():
 def test_training_lowers_the_loss_and_checkpoint_round_trips(trained):
     path, history = trained
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
-    model, ckpt = load_checkpoint(path)  # weights_only=True inside
-    assert ckpt["config"]["input_size"] == 64
+    _, model, ckpt = load_checkpoint(path)  # weights_only=True inside
+    assert ckpt["config"]["input_size"] == 64 and ckpt["family"] == "centernet"
     x = torch.rand(2, 3, 64, 64)
     assert model(x).shape == (2, 14, 16, 16)
 
@@ -63,7 +66,7 @@ def test_export_has_the_detection_signature_and_dynamic_batch(
     assert result["parity_max_abs_diff"] <= tiny.export.parity_tolerance
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
-    assert [o.name for o in model.graph.output] == export.OUTPUTS
+    assert [o.name for o in model.graph.output] == OUTPUTS
     assert model.opset_import[0].version >= 17
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
@@ -78,11 +81,11 @@ def test_parity_gate_fails_on_a_different_model(tiny, trained, tiny_manifest, tm
     path, _ = trained
     out = tmp_path / "model.onnx"
     export.run(tiny.export, checkpoint=path, manifest=tiny_manifest, out=out)
-    other, _ = load_checkpoint(path)
+    adapter, other, _ = load_checkpoint(path)
     with torch.no_grad():
         other.out.bias += 1.0  # shift every score: the ONNX no longer matches this model
     images = DetectionSet(tiny_manifest, "test", 64).batch(slice(0, 4))
-    result = export.parity(other, out, images, tiny.export)
+    result = parity(adapter, other, out, images, tiny.export)
     assert result["parity_max_abs_diff"] > tiny.export.parity_tolerance
 
 
@@ -127,10 +130,11 @@ def test_eager_and_engine_give_the_same_detections(tiny, trained, tiny_manifest,
         tiny.build_engine, target="onnxruntime", onnx_path=onnx_path, out=tmp_path / "engine"
     )
     runner = get("onnxruntime").load(tmp_path / "engine", tiny.build_engine)
-    model, _ = load_checkpoint(path)
+    adapter, model, _ = load_checkpoint(path)
     x = DetectionSet(tiny_manifest, "test", 64).batch(slice(0, 2))
     with torch.no_grad():
-        ref = DetectorWithDecode(model, 100, tiny.export.score_floor)(torch.from_numpy(x))
+        deployable = adapter.deployable(model, 100, tiny.export.score_floor, fold=False)
+        ref = deployable(torch.from_numpy(x))
     got = runner(x)
     top = ref[2][:, :5].numpy()
     np.testing.assert_allclose(got[2][:, :5], top, atol=1e-4)

@@ -111,6 +111,7 @@ def main(
             cfg,
             dataset=dataset,
             train_cfg=ctx.params.train,
+            model_cfg=ctx.params.model,
             champion=champion[:2] if champion else None,
             decisions=Path(cfg.decisions),
         )

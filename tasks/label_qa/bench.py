@@ -142,15 +142,17 @@ def train_and_test(params: Params, manifest: dict, test_manifest: dict, epochs: 
     return its metrics on the test split of `test_manifest` (the clean labels: every variant is
     judged against the same ground truth, whatever a policy did to its own test split)."""
     from tasks.coco import DetectionSet
-    from tasks.train import evaluate_model
-    from tasks.train import run as train
+    from tasks.models import adapter_for
+    from tasks.training import evaluate_model, fit
 
     cfg = params.train.model_copy(update={"epochs": epochs})
     t0 = time.perf_counter()
     tr = DetectionSet(manifest, "train", cfg.input_size)
     val = DetectionSet(manifest, "val", cfg.input_size)
-    model, _ = train(cfg, train=tr, val=val)
-    test = evaluate_model(model, DetectionSet(test_manifest, "test", cfg.input_size))
+    adapter = adapter_for(params.model)
+    model = adapter.build(len(tr.categories), cfg.input_size, cfg.seed)
+    model, _ = fit(adapter, model, cfg, train=tr, val=val, epochs=epochs, lr=cfg.lr)
+    test = evaluate_model(adapter, model, DetectionSet(test_manifest, "test", cfg.input_size))
     return {
         "map50": test["map50"],
         "map50_95": test["map50_95"],
@@ -207,7 +209,7 @@ def run_benchmark(
     }
     save(result)
     t0 = time.perf_counter()
-    with_model = run_qa(qa, dataset=noisy_dir, train_cfg=params.train)
+    with_model = run_qa(qa, dataset=noisy_dir, train_cfg=params.train, model_cfg=params.model)
     result["stage_s"]["with_crossfit"] = time.perf_counter() - t0
     result["stage_s"]["model_checks"] = with_model.metrics["model_checks_s"]
     result["crossfit_map50"] = {"noisy": with_model.metrics["crossfit_map50"]}
@@ -219,7 +221,7 @@ def run_benchmark(
     on_clean = None
     if clean_check:  # false findings on clean labels (what the gate sees on the default data)
         t0 = time.perf_counter()
-        on_clean = run_qa(qa, dataset=clean_dir, train_cfg=params.train)
+        on_clean = run_qa(qa, dataset=clean_dir, train_cfg=params.train, model_cfg=params.model)
         result["stage_s"]["clean_data_with_crossfit"] = time.perf_counter() - t0
         result["crossfit_map50"]["clean"] = on_clean.metrics["crossfit_map50"]
         result["error_rate"]["clean"] = on_clean.metrics["error_rate"]

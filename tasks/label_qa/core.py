@@ -36,6 +36,7 @@ from tasks.label_qa.balance import class_counts
 from tasks.label_qa.images import phash
 from tasks.label_qa.registry import RULES, SPLITS, Finding, Hit, QaContext, Rule, SplitData
 from tasks.metrics import Runner
+from tasks.models.config import ModelCfg
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ def run(
     *,
     dataset: Path,
     train_cfg: TrainCfg | None = None,
+    model_cfg: ModelCfg | None = None,
     champion: tuple[Runner, int] | None = None,
     decisions: Path | None = None,
 ) -> QaResult:
@@ -229,6 +231,7 @@ def run(
         dataset: root holding {train,val,test}.json and the images they name, or the manifest
             file `ingest` writes.
         train_cfg: batch size, seed, threads and AMP of the cross-fit (params `train`).
+        model_cfg: the model family the cross-fit trains (params `model`).
         champion: (runner, input size) of the registry's champion, to score val/test with.
         decisions: a reviewer's decisions file (`review.py`); they override everything else.
     Returns:
@@ -260,7 +263,7 @@ def run(
     model_s = 0.0
     if cfg.model.enabled:
         t0 = time.perf_counter()
-        model_checks.predict_splits(ctx, train_cfg or TrainCfg(), champion)
+        model_checks.predict_splits(ctx, train_cfg or TrainCfg(), model_cfg or ModelCfg(), champion)
         findings += model_findings(ctx)
         model_s = time.perf_counter() - t0
     if reviewed:

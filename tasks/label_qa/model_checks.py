@@ -43,6 +43,7 @@ from tasks.label_qa import box_classifier
 from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.registry import Hit, QaContext, dataset_rule
 from tasks.metrics import Runner, coco_metrics, predict
+from tasks.models.config import ModelCfg
 
 log = logging.getLogger(__name__)
 SCORE_FLOOR = 0.05  # predictions below this confidence are not passed to cleanlab
@@ -74,13 +75,11 @@ def _to_cleanlab(rows: list[dict], image_ids: list[int], categories: list[int]) 
     }
 
 
-def torch_runner(model) -> Runner:
-    """A Runner (float32 (B, 3, S, S) -> num, boxes, scores, classes) for a PyTorch Detector."""
+def torch_runner(adapter, model) -> Runner:
+    """A Runner (float32 (B, 3, S, S) -> num, boxes, scores, classes) for a PyTorch model."""
     import torch
 
-    from tasks.model import DetectorWithDecode
-
-    wrapped = DetectorWithDecode(model.eval(), max_detections=100, score_floor=SCORE_FLOOR)
+    wrapped = adapter.deployable(model, max_detections=100, score_floor=SCORE_FLOOR, fold=False)
 
     def run(x: np.ndarray):
         with torch.inference_mode():
@@ -105,21 +104,24 @@ def deterministic(threads: int) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner, float]:
+def crossfit(
+    ctx: QaContext, train_cfg: TrainCfg, model_cfg: ModelCfg
+) -> tuple[dict, Runner, float]:
     """K-fold cross-fit on the interim train split: returns out-of-fold predictions per train
     image (cleanlab format), the runner of the last fold model and the mean held-out mAP@0.5.
-    Folds and training are seeded from `train.seed`."""
-    import torch
-
-    from tasks.model import Detector, DetectorConfig
-    from tasks.train import fit
+    The fold models are the project's family (`model_cfg`; the built-in detector at
+    `label_qa.model.width`). Folds and training are seeded from `train.seed`."""
+    from tasks.models import adapter_for
+    from tasks.training import fit
 
     m = ctx.cfg.model
+    narrow = model_cfg.centernet.model_copy(update={"width": m.width})
+    adapter = adapter_for(model_cfg.model_copy(update={"centernet": narrow}))
     ids = [im["id"] for im in ctx.interim["train"]["images"]]
     folds = np.array_split(np.random.default_rng(train_cfg.seed).permutation(ids), m.folds)
     ctx.crossfit_folds = [sorted(int(i) for i in f) for f in folds]
     fold_cfg = train_cfg.model_copy(
-        update={"input_size": m.input_size, "width": m.width, "epochs": m.epochs, "lr": m.lr}
+        update={"input_size": m.input_size, "epochs": m.epochs, "lr": m.lr}
     )
     categories = sorted(c["id"] for c in ctx.interim["train"]["categories"])
     preds: dict = {}
@@ -132,9 +134,9 @@ def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner, float]:
         val = _split_set(ctx, "train", held_ids, m.input_size)
         # the per-epoch curve only needs a glimpse of the held-out fold: 32 images keep it cheap
         glimpse = _split_set(ctx, "train", held_ids[:32], m.input_size)
-        torch.manual_seed(train_cfg.seed + k)
-        model = Detector(DetectorConfig(len(categories), m.input_size, m.width, train_cfg.depth))
+        model = adapter.build(len(categories), m.input_size, train_cfg.seed + k)
         model, _ = fit(
+            adapter,
             model,
             fold_cfg,
             train=train,
@@ -143,7 +145,7 @@ def crossfit(ctx: QaContext, train_cfg: TrainCfg) -> tuple[dict, Runner, float]:
             lr=m.lr,
             desc=f"fold {k + 1}",
         )
-        runner = torch_runner(model)
+        runner = torch_runner(adapter, model)
         rows = predict(runner, val)
         maps.append(coco_metrics(val.coco, rows, 0.3)["map50"])
         log.info(
@@ -200,22 +202,28 @@ def calibrate(preds: dict, coco: dict) -> dict:
 
 
 def predict_splits(
-    ctx: QaContext, train_cfg: TrainCfg, champion: tuple[Runner, int] | None
+    ctx: QaContext,
+    train_cfg: TrainCfg,
+    model_cfg: ModelCfg,
+    champion: tuple[Runner, int] | None,
 ) -> None:
     """Fill ctx.predictions for every split (see the module docstring for who predicts what),
     under `deterministic` kernels with `train.threads` threads."""
     with deterministic(train_cfg.threads):
-        _predict_splits(ctx, train_cfg, champion)
+        _predict_splits(ctx, train_cfg, model_cfg, champion)
 
 
 def _predict_splits(
-    ctx: QaContext, train_cfg: TrainCfg, champion: tuple[Runner, int] | None
+    ctx: QaContext,
+    train_cfg: TrainCfg,
+    model_cfg: ModelCfg,
+    champion: tuple[Runner, int] | None,
 ) -> None:
     ctx.predictions = {}
     fold_runner = None
     if ctx.interim["train"]["images"]:
         ctx.seed = train_cfg.seed
-        raw, fold_runner, ctx.crossfit_map50 = crossfit(ctx, train_cfg)
+        raw, fold_runner, ctx.crossfit_map50 = crossfit(ctx, train_cfg, model_cfg)
         if ctx.crossfit_map50 >= ctx.cfg.model.min_map50:
             ctx.predictions["train"] = calibrate(raw, ctx.interim["train"])
             ctx.prediction_source["train"] = f"cross-fit ({ctx.cfg.model.folds} folds)"

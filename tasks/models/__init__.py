@@ -16,7 +16,15 @@ from tasks.errors import ConfigError, DataError
 from tasks.models.base import OUTPUTS, ModelAdapter, PruneSpec
 from tasks.models.config import ModelCfg
 
-__all__ = ["OUTPUTS", "ModelAdapter", "PruneSpec", "adapter_for", "adapter_of", "FAMILIES"]
+__all__ = [
+    "FAMILIES",
+    "OUTPUTS",
+    "ModelAdapter",
+    "PruneSpec",
+    "adapter_for",
+    "adapter_of",
+    "load_checkpoint",
+]
 
 # family name -> "module:function" building its adapter from the ModelCfg (imported on use, so
 # the built-in family never imports Ultralytics)
@@ -74,3 +82,12 @@ def adapter_of(ckpt: dict, path: Path, cfg: ModelCfg | None = None) -> ModelAdap
         f"{path}: checkpoint of model family {family!r}, which neither a registered family "
         "nor params.yaml: model.factory provides"
     )
+
+
+def load_checkpoint(path: Path, cfg: ModelCfg | None = None):
+    """(adapter, model in eval mode, checkpoint dict) of a project checkpoint, any family."""
+    from tasks.models.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(Path(path))
+    adapter = adapter_of(ckpt, Path(path), cfg)
+    return adapter, adapter.load(ckpt, Path(path)), ckpt

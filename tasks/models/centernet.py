@@ -1,4 +1,5 @@
-"""A small anchor-free detector (CenterNet-style: heatmap + size + offset at stride 4).
+"""The built-in detector: a small anchor-free CenterNet-style model (heatmap + size + offset at
+stride 4), and its adapter (`family: centernet`).
 
 Zhou et al., "Objects as Points", 2019 (arXiv:1904.07850). Plain 3x3 convolutions with BN+ReLU
 (depthwise blocks gain little or lose from INT8 on the target CPUs). The config holds every
@@ -9,10 +10,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tasks.errors import DataError
+from tasks.models.base import PruneSpec
+from tasks.models.checkpoint import write_checkpoint
+from tasks.models.config import CenterNetCfg, ModelCfg
 
 BASE_CHANNELS = (16, 32, 64, 128)  # stem, stride 4, 8, 16
 BASE_NECK = 64
@@ -163,44 +171,157 @@ def fold_batchnorm(model: Detector) -> tuple[Detector, int]:
     return folded, count
 
 
-def load_checkpoint(path) -> tuple[Detector, dict]:
-    """Rebuild a model from a checkpoint written by `save_checkpoint` (weights_only load).
+def make_targets(boxes: list[np.ndarray], labels: list[np.ndarray], num_classes: int, size: int):
+    """CenterNet targets on the stride-4 grid.
 
-    Raises:
-        DataError: the file is missing, not a torch checkpoint (truncated, foreign, or holding
-            objects a weights-only load refuses), or not one of ours.
+    Returns heat (B, C, H, W) with an elliptical Gaussian per object (TTFNet, arXiv:1909.00700),
+    reg (B, 4, H, W) = box w, h and centre offset in cells, mask (B, H, W) = 1 at object centres.
     """
-    from tasks.errors import DataError
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: file not found") from e
-    except Exception as e:  # noqa: BLE001  (torch raises several types; torch's advice to
-        # turn weights_only off would run code from the file: never give it)
-        raise DataError(
-            f"{path}: not a readable Shrinkflow checkpoint ({type(e).__name__}); "
-            "re-create it with the stage that writes it"
-        ) from e
-    if not isinstance(ckpt, dict) or not {"config", "state_dict"} <= set(ckpt):
-        raise DataError(f"{path}: not a Shrinkflow checkpoint (no config/state_dict)")
-    try:
-        model = Detector(DetectorConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["state_dict"])
-    except (TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise DataError(f"{path}: checkpoint does not match its config: {first}") from e
-    model.eval()
-    return model, ckpt
+    h = w = size // STRIDE
+    b = len(boxes)
+    heat = np.zeros((b, num_classes, h, w), np.float32)
+    reg = np.zeros((b, 4, h, w), np.float32)
+    mask = np.zeros((b, h, w), np.float32)
+    ys, xs = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None, :]
+    for i, (bx, lb) in enumerate(zip(boxes, labels, strict=True)):
+        for (x0, y0, x1, y1), c in zip(bx / STRIDE, lb, strict=True):
+            bw, bh = x1 - x0, y1 - y0
+            if bw <= 0 or bh <= 0:
+                continue
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            ix, iy = min(int(cx), w - 1), min(int(cy), h - 1)
+            sx, sy = max(bw * 0.54 / 6, 0.5), max(bh * 0.54 / 6, 0.5)
+            g = np.exp(-((xs - ix) ** 2) / (2 * sx**2) - ((ys - iy) ** 2) / (2 * sy**2))
+            np.maximum(heat[i, c], g, out=heat[i, c])
+            reg[i, :, iy, ix] = (bw, bh, cx - ix, cy - iy)
+            mask[i, iy, ix] = 1.0
+    return torch.from_numpy(heat), torch.from_numpy(reg), torch.from_numpy(mask)
 
 
-def macs_and_params(model: Detector) -> tuple[int, int]:
-    """MACs at the configured input size and parameter count (torch-pruning's counter)."""
+def detection_loss(raw: torch.Tensor, heat, reg, mask, num_classes: int) -> torch.Tensor:
+    """Penalty-reduced focal loss on the heatmap + L1 on size (x0.1) and offset at centres."""
+    logits = raw[:, :num_classes].float()
+    pred = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+    pos = heat.eq(1).float()
+    neg_w = (1 - heat).pow(4)
+    pos_loss = (pos * (1 - pred).pow(2) * torch.log(pred)).sum()
+    neg_loss = ((1 - pos) * neg_w * pred.pow(2) * torch.log(1 - pred)).sum()
+    n = mask.sum().clamp(min=1)
+    focal = -(pos_loss + neg_loss) / n
+    r = raw[:, num_classes : num_classes + 4].float()
+    m = mask.unsqueeze(1)
+    size_l1 = (F.l1_loss(r[:, :2], reg[:, :2], reduction="none") * m).sum() / n
+    off_l1 = (F.l1_loss(r[:, 2:], reg[:, 2:], reduction="none") * m).sum() / n
+    return focal + 0.1 * size_l1 + off_l1
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    num_classes: int,
+    temperature: float,
+    cls_weight: float,
+    box_weight: float,
+) -> torch.Tensor:
+    """Distillation loss between raw maps (B, C + 4, H, W) of student and teacher."""
+    t = temperature
+    s_logits, t_logits = student[:, :num_classes].float(), teacher[:, :num_classes].float()
+    soft = torch.sigmoid(t_logits / t)
+    # Bernoulli KL(teacher || student) per pixel and class = BCE minus the target's entropy
+    # (so a perfect student scores 0); summed over classes, averaged over pixels, times T^2.
+    bce = F.binary_cross_entropy_with_logits(s_logits / t, soft, reduction="none")
+    entropy = F.binary_cross_entropy_with_logits(t_logits / t, soft, reduction="none")
+    heat = (bce - entropy).sum(1).mean() * t * t
+    confidence = torch.sigmoid(t_logits).amax(1, keepdim=True)  # (B, 1, H, W)
+    reg = (student[:, num_classes:].float() - teacher[:, num_classes:].float()).abs()
+    reg = (reg * confidence).sum() / confidence.sum().clamp(min=1)
+    return cls_weight * heat + box_weight * reg
+
+
+def macs_and_params(model: nn.Module, input_size: int) -> tuple[int, int]:
+    """MACs at `input_size` for batch 1 and parameter count (torch-pruning's counter)."""
     import torch_pruning as tp
 
-    example = torch.zeros(1, 3, model.cfg.input_size, model.cfg.input_size)
+    example = torch.zeros(1, 3, input_size, input_size)
     was_training = model.training
     model.eval()
     macs, params = tp.utils.count_ops_and_params(model, example)
     model.train(was_training)
     return int(macs), int(params)
+
+
+class CenterNetAdapter:
+    """`ModelAdapter` of the built-in detector (see tasks/models/base.py)."""
+
+    family = "centernet"
+
+    def __init__(self, cfg: CenterNetCfg) -> None:
+        self.cfg = cfg
+
+    def build(self, num_classes: int, input_size: int, seed: int) -> Detector:
+        torch.manual_seed(seed)  # the initial weights
+        return Detector(DetectorConfig(num_classes, input_size, self.cfg.width, self.cfg.depth))
+
+    def save(self, path: Path, model: Detector, categories: list[dict], extra: dict) -> None:
+        write_checkpoint(
+            path,
+            {
+                "family": self.family,
+                "config": model.cfg.to_dict(),
+                "state_dict": model.state_dict(),
+                "categories": categories,
+                **extra,
+            },
+        )
+
+    def load(self, ckpt: dict, path: Path) -> Detector:
+        try:
+            model = Detector(DetectorConfig(**ckpt["config"]))
+            model.load_state_dict(ckpt["state_dict"])
+        except (TypeError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise DataError(f"{path}: checkpoint does not match its config: {first}") from e
+        return model.eval()
+
+    def input_size(self, model: Detector) -> int:
+        return model.cfg.input_size
+
+    def num_classes(self, model: Detector) -> int:
+        return model.cfg.num_classes
+
+    def forward_train(self, model: Detector, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def loss(self, model: Detector, raw, boxes, labels) -> torch.Tensor:
+        heat, reg, mask = (
+            t.to(raw.device)
+            for t in make_targets(boxes, labels, model.cfg.num_classes, model.cfg.input_size)
+        )
+        return detection_loss(raw, heat, reg, mask, model.cfg.num_classes)
+
+    def kd_loss(self, student_raw, teacher_raw, temperature, cls_weight, box_weight):
+        num_classes = student_raw.shape[1] - 4
+        return kd_loss(student_raw, teacher_raw, num_classes, temperature, cls_weight, box_weight)
+
+    def prunable(self, model: Detector) -> list[str]:
+        return list(model.layer_shapes())
+
+    def prune_spec(self, model: Detector, ignore: list[str]) -> PruneSpec:
+        # `out` holds the class and box channels: its outputs are the detector's meaning
+        return PruneSpec(ignored_layers=[model.get_submodule(p) for p in {*ignore, "out"}])
+
+    def after_prune(self, model: Detector) -> None:
+        model.cfg.layers = model.layer_shapes()
+
+    def deployable(
+        self, model: Detector, max_detections: int, score_floor: float, fold: bool = True
+    ) -> nn.Module:
+        base = fold_batchnorm(model)[0] if fold else copy.deepcopy(model).eval()
+        return DetectorWithDecode(base, max_detections, score_floor).eval()
+
+    def macs_and_params(self, model: Detector) -> tuple[int, int]:
+        return macs_and_params(model, model.cfg.input_size)
+
+
+def adapter(cfg: ModelCfg) -> CenterNetAdapter:
+    return CenterNetAdapter(cfg.centernet)
