@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tasks.errors import ConfigError, DataError
-from tasks.models import OUTPUTS, ModelAdapter, adapter_for
+from tasks.models import OUTPUTS, ModelAdapter, adapter_for, adapter_of
 from tasks.models.config import ModelCfg
 from tasks.models.yolo import weights_md5  # sets Ultralytics' offline switches before its import
 
@@ -214,9 +214,9 @@ def test_prune_then_train_and_reload(yaml, tmp_path):
     macs0, params0 = adapter.macs_and_params(model)
     assert params0 == sum(p.numel() for p in model.parameters())
     model.eval()
-    _prune(adapter, model, 0.15)
+    _prune(adapter, model, 0.1)
     macs1, params1 = adapter.macs_and_params(model)
-    assert 0.2 <= 1 - macs1 / macs0 <= 0.45, (macs0, macs1)
+    assert 0.2 <= 1 - macs1 / macs0 <= 0.4, (macs0, macs1)  # ~30% (channels rounded to 8)
     assert params1 < params0
     head = model.model[-1]
     assert head.cv3[0][-1].out_channels == NC and head.cv2[0][-1].out_channels == 64
@@ -232,12 +232,14 @@ def test_prune_then_train_and_reload(yaml, tmp_path):
     adapter.save(path, model, [{"id": 1, "name": "red"}], {"stage": "prune"})
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["family"] == "yolo" and ckpt["stage"] == "prune"
-    again = adapter.load(ckpt, path)
+    again = adapter_of(ckpt, path).load(ckpt, path)  # the registry finds the family
     assert not again.training and adapter.macs_and_params(again) == (macs1, params1)
     with torch.no_grad():
         a, b = adapter.forward_train(model, x), adapter.forward_train(again, x)
     assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["boxes"], b["boxes"])
 
+    with pytest.raises(DataError, match="pruned.pt: not a yolo-family checkpoint"):
+        adapter.load({**ckpt, "family": "centernet"}, path)
     ckpt["config"]["widths"]["model.0.conv"] = [3, 7, 1]
     with pytest.raises(DataError, match="pruned.pt: checkpoint does not match its config"):
         adapter.load(ckpt, path)

@@ -307,9 +307,10 @@ class YoloAdapter:
         _ultralytics()
         from ultralytics.nn.tasks import DetectionModel
 
+        family = ckpt.get("family") if isinstance(ckpt, dict) else None
         config = ckpt.get("config") if isinstance(ckpt, dict) else None
-        if ckpt.get("family") != FAMILY or not isinstance(config, dict):
-            raise DataError(f"{path}: not a yolo-family checkpoint (family {ckpt.get('family')!r})")
+        if family != FAMILY or not isinstance(config, dict):
+            raise DataError(f"{path}: not a yolo-family checkpoint (family {family!r})")
         try:
             model = DetectionModel(copy.deepcopy(config["yaml"]), nc=config["nc"], verbose=False)
             _split_c2f(model)
