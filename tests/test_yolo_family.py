@@ -167,6 +167,19 @@ def test_training_steps_lower_the_loss(trained):
     assert sum(hits) >= 4, (num, hits)
 
 
+def test_loss_with_images_without_objects():
+    """Negatives (no boxes) train: only the class term pushes scores down."""
+    adapter = yolo()
+    model = adapter.build(NC, SIZE, seed=0)
+    x, boxes, labels = shapes_batch(2)
+    none_b, none_l = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+    for b, c in (([boxes[0], none_b], [labels[0], none_l]), ([none_b] * 2, [none_l] * 2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = adapter.loss(model, adapter.forward_train(model, x), b, c)
+        loss.backward()
+        assert torch.isfinite(loss) and loss.item() > 0
+
+
 def test_teacher_raw_maps_and_kd_loss(trained):
     adapter, teacher, _, _ = trained
     x, _, _ = shapes_batch(4, seed=1)
@@ -191,10 +204,10 @@ def test_teacher_raw_maps_and_kd_loss(trained):
     assert torch.allclose(only_cls + only_box, kd, rtol=1e-5)
 
 
-def _prune(adapter, model, ratio: float):
+def _prune(adapter, model, ratio: float, ignore: tuple[str, ...] = ()):
     import torch_pruning as tp
 
-    spec = adapter.prune_spec(model, [])
+    spec = adapter.prune_spec(model, list(ignore))
     pruner = tp.pruner.MetaPruner(
         model,
         torch.rand(1, 3, SIZE, SIZE),
@@ -213,13 +226,16 @@ def test_prune_then_train_and_reload(yaml, tmp_path):
     model = adapter.build(NC, SIZE, seed=0)
     macs0, params0 = adapter.macs_and_params(model)
     assert params0 == sum(p.numel() for p in model.parameters())
+    assert "model.2.cv0" in adapter.prunable(model)  # the C2f / C3k2 rewrite's first half
+    kept = model.model[2].cv0.conv.out_channels
     model.eval()
-    _prune(adapter, model, 0.1)
+    _prune(adapter, model, 0.1, ignore=("model.2.cv0",))
     macs1, params1 = adapter.macs_and_params(model)
     assert 0.2 <= 1 - macs1 / macs0 <= 0.4, (macs0, macs1)  # ~30% (channels rounded to 8)
     assert params1 < params0
     head = model.model[-1]
     assert head.cv3[0][-1].out_channels == NC and head.cv2[0][-1].out_channels == 64
+    assert model.model[2].cv0.conv.out_channels == kept  # named in prune.ignore
 
     model.train()
     x, boxes, labels = shapes_batch(2)
@@ -236,7 +252,9 @@ def test_prune_then_train_and_reload(yaml, tmp_path):
     assert not again.training and adapter.macs_and_params(again) == (macs1, params1)
     with torch.no_grad():
         a, b = adapter.forward_train(model, x), adapter.forward_train(again, x)
+        num, boxes, _, _ = adapter.deployable(again, 10, 0.0)(x)
     assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["boxes"], b["boxes"])
+    assert boxes.shape == (2, 10, 4) and (num >= 1).all()
 
     with pytest.raises(DataError, match="pruned.pt: not a yolo-family checkpoint"):
         adapter.load({**ckpt, "family": "centernet"}, path)
