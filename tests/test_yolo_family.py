@@ -104,6 +104,8 @@ def test_bad_config_is_one_clear_line():
         yolo().build(NC, 70, seed=0)
     with pytest.raises(ConfigError, match="model.yolo.yaml: 'yolov9000x.yaml'"):
         yolo("yolov9000x.yaml").build(NC, SIZE, seed=0)
+    with pytest.raises(ConfigError, match="'yolov8n-seg.yaml': expected a YOLOv8 / YOLO11 Detect"):
+        yolo("yolov8n-seg.yaml").build(NC, SIZE, seed=0)
     model = yolo().build(NC, SIZE, seed=0)
     with pytest.raises(ConfigError, match="prune.ignore: 'model.99'"):
         yolo().prune_spec(model, ["model.99"])

@@ -205,8 +205,9 @@ def _load_user_weights(path: Path, num_classes: int) -> nn.Module:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  (unpickling raises many types)
+        first = (str(e).strip().splitlines() or [""])[0]
         raise DataError(
-            f"{path}: not a readable Ultralytics checkpoint ({type(e).__name__}: {e})"
+            f"{path}: not a readable Ultralytics checkpoint ({type(e).__name__}: {first})"
         ) from e
     model = None
     if isinstance(ckpt, dict):
@@ -268,7 +269,10 @@ class YoloAdapter:
                         f"params.yaml: model.yolo.yaml: {self.cfg.yolo.yaml!r} is "
                         f"not a usable Ultralytics model yaml ({e})"
                     ) from e
-            _check_supported(model, f"model.yolo.yaml {self.cfg.yolo.yaml!r}")
+            try:
+                _check_supported(model, f"params.yaml: model.yolo.yaml {self.cfg.yolo.yaml!r}")
+            except DataError as e:  # a yaml is config, not data
+                raise ConfigError(str(e)) from None
         _split_c2f(model)
         _set_hyp(model)
         model.shrinkflow = {"input_size": int(input_size), "weights_md5": md5}
