@@ -1,0 +1,550 @@
+"""The Ultralytics YOLO family (YOLOv8 / YOLO11 detect models) behind the `ModelAdapter` seam.
+
+Ultralytics is the optional `yolo` extra (AGPL-3.0). This module switches it offline before it is
+first imported (`_ultralytics()`): no network checks, no pip auto-install, no telemetry, quiet.
+
+What the family owns:
+- the model: an Ultralytics `DetectionModel`, built from a model yaml (`model.yolo.yaml`) with
+  `nc` = the data's classes, or unpickled from the user's `model.weights` (that path only; its MD5
+  is recorded). Every `C2f` / `C3k2` is rewritten once (`_split_c2f`) so that its first conv is two
+  convs instead of one conv + `chunk(2)`: the same function, but torch-pruning can prune the two
+  halves independently and the rebuilt model needs no split sizes.
+- the checkpoint: {family, config: {yaml, nc, input_size, widths, weights_md5}, state_dict,
+  categories, **extra}; `widths` holds every conv's (in, out, groups) and every BatchNorm's
+  width, so `load` rebuilds a pruned model exactly from a weights-only file.
+- training: the raw head output is Ultralytics' dict {"boxes": (B, 4*reg_max, A) DFL logits,
+  "scores": (B, C, A) class logits, "feats": per-level maps}; `loss` is Ultralytics'
+  `v8DetectionLoss` with its default gains (box 7.5, cls 0.5, dfl 1.5).
+- deployment: decode (DFL + anchors, Ultralytics' functions) and class-aware NMS
+  (`torchvision.ops.nms`, exported as ONNX `NonMaxSuppression`) inside the graph, ending in the
+  project's `OUTPUTS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.errors import ConfigError, DataError
+from tasks.io import md5_file
+from tasks.models.base import PruneSpec
+from tasks.models.config import ModelCfg
+
+log = logging.getLogger(__name__)
+
+FAMILY = "yolo"
+MAX_STRIDE = 32  # P5 models: the input side must be a multiple of the largest stride
+IOU_THRESHOLD = 0.7  # Ultralytics' default NMS IoU (`iou` in its default.yaml)
+# layer types of the YOLOv8 / YOLO11 detect models this adapter prunes, saves and exports
+SUPPORTED_LAYERS = {"Conv", "C2f", "C3k2", "SPPF", "C2PSA", "Concat", "Upsample", "Detect"}
+# Ultralytics' offline switches (read when `ultralytics.utils` is first imported)
+OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_VERBOSE": "0"}
+
+
+def _offline() -> None:
+    """Set Ultralytics' offline switches unless the user set them: `YOLO_OFFLINE` makes its
+    online check false (no events, no Sentry, nothing it gates on being online),
+    `YOLO_AUTOINSTALL=0` stops pip auto-installs, `YOLO_VERBOSE=0` quiets its logger."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+_offline()  # on import of this module, so that it precedes Ultralytics' own first import
+
+
+def _ultralytics():
+    """Import Ultralytics offline (see `_offline`), analytics off in its settings. Returns the
+    `ultralytics` module; ConfigError when the `yolo` extra is not installed."""
+    _offline()
+    try:
+        import ultralytics
+        from ultralytics.utils import SETTINGS
+    except ImportError as e:
+        raise ConfigError(
+            "params.yaml: model.family: yolo needs Ultralytics: pip install 'shrinkflow[yolo]'"
+        ) from e
+    if SETTINGS.get("sync"):
+        SETTINGS.update({"sync": False})  # analytics off in the user's settings file too
+    return ultralytics
+
+
+class C2fSplit(nn.Module):
+    """`C2f` (and YOLO11's `C3k2`) with `cv1(x).chunk(2)` computed by two convs, `cv0` and
+    `cv1`, each making one half: the same function, traceable by torch-pruning's DepGraph and
+    rebuildable from conv widths alone. `f`, `i`, `type`, `np` are Ultralytics' layer tags."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        from ultralytics.nn.modules import Conv
+
+        conv, bn = block.cv1.conv, block.cv1.bn
+        half = conv.out_channels // 2
+        self.cv0 = Conv(conv.in_channels, half, 1, 1)
+        self.cv1 = Conv(conv.in_channels, half, 1, 1)
+        for k, part in enumerate((self.cv0, self.cv1)):
+            rows = slice(k * half, (k + 1) * half)
+            part.act = copy.deepcopy(block.cv1.act)
+            part.conv.weight.data = conv.weight.data[rows].clone()
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(part.bn, name).data = getattr(bn, name).data[rows].clone()
+            part.bn.eps, part.bn.momentum = bn.eps, bn.momentum
+            part.bn.num_batches_tracked.data = bn.num_batches_tracked.data.clone()
+        self.cv2, self.m = block.cv2, block.m
+        for tag in ("f", "i", "type", "np"):
+            if hasattr(block, tag):
+                setattr(self, tag, getattr(block, tag))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv0(x), self.cv1(x)]
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+def _split_c2f(model: nn.Module) -> None:
+    """Replace every `C2f` / `C3k2` layer of `model.model` by its `C2fSplit` (in place)."""
+    from ultralytics.nn.modules import C2f
+
+    for k, layer in enumerate(model.model):
+        if isinstance(layer, C2f):
+            model.model[k] = C2fSplit(layer)
+
+
+def _head(model: nn.Module) -> nn.Module:
+    return model.model[-1]
+
+
+def _set_hyp(model: nn.Module) -> None:
+    """Give the model Ultralytics' default hyperparameters (the loss gains box 7.5, cls 0.5,
+    dfl 1.5), as its trainer does; a user's checkpoint carries its training args as a dict."""
+    from ultralytics.cfg import get_cfg
+
+    model.args = get_cfg()
+
+
+def _check_supported(model: nn.Module, where: str) -> None:
+    """Raise DataError unless `model` is a plain YOLOv8 / YOLO11 detection model."""
+    from ultralytics.nn.modules import Detect
+    from ultralytics.nn.tasks import DetectionModel
+
+    if type(model) is not DetectionModel:
+        raise DataError(
+            f"{where}: expected an Ultralytics detection model, found "
+            f"{type(model).__name__} (task {getattr(model, 'task', '?')!r})"
+        )
+    head = _head(model)
+    if type(head) is not Detect or getattr(head, "end2end", False):
+        raise DataError(
+            f"{where}: expected a YOLOv8 / YOLO11 Detect head, found "
+            f"{type(head).__name__}{' (end-to-end)' if type(head) is Detect else ''}"
+        )
+    found = sorted({type(m).__name__ for m in model.model} - SUPPORTED_LAYERS - {"C2fSplit"})
+    if found:
+        raise DataError(
+            f"{where}: not a YOLOv8 / YOLO11 model: layer types {found} are not "
+            f"among the supported {sorted(SUPPORTED_LAYERS)}"
+        )
+
+
+def _widths(model: nn.Module) -> dict[str, list[int]]:
+    """Every conv's [in, out, groups] and every BatchNorm's [features], by module path."""
+    out: dict[str, list[int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = [m.in_channels, m.out_channels, m.groups]
+        elif isinstance(m, nn.BatchNorm2d):
+            out[name] = [m.num_features]
+    return out
+
+
+def _apply_widths(model: nn.Module, widths: dict[str, list[int]]) -> None:
+    """Replace each conv / BatchNorm whose recorded width differs by a fresh one of that width
+    (the pruned model's shapes), so that its state_dict loads."""
+    modules = dict(model.named_modules())
+    for name, want in widths.items():
+        m = modules.get(name)
+        if isinstance(m, nn.Conv2d) and [m.in_channels, m.out_channels, m.groups] != want:
+            new = nn.Conv2d(
+                want[0],
+                want[1],
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                want[2],
+                m.bias is not None,
+                m.padding_mode,
+            )
+        elif isinstance(m, nn.BatchNorm2d) and [m.num_features] != want:
+            new = nn.BatchNorm2d(want[0], m.eps, m.momentum, m.affine, m.track_running_stats)
+        else:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, new)
+
+
+def weights_md5(cfg: ModelCfg) -> str | None:
+    """MD5 of the user's `model.weights` file (the lineage record), None when building from yaml."""
+    return md5_file(Path(cfg.weights)) if cfg.weights else None
+
+
+def _load_user_weights(path: Path, num_classes: int) -> nn.Module:
+    """Unpickle the user's Ultralytics checkpoint at `path` (only this path: it runs code) and
+    return its detection model in float32. Raises DataError when it is not one we support."""
+    if not path.is_file():
+        raise DataError(f"{path}: model.weights: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  (unpickling raises many types)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"{path}: not a readable Ultralytics checkpoint ({type(e).__name__}: {first})"
+        ) from e
+    model = None
+    if isinstance(ckpt, dict):
+        model = ckpt.get("ema") or ckpt.get("model")
+    elif isinstance(ckpt, nn.Module):
+        model = ckpt
+    if not isinstance(model, nn.Module):
+        raise DataError(
+            f"{path}: expected an Ultralytics checkpoint (a dict with 'model'), "
+            f"found {type(ckpt).__name__}"
+        )
+    _check_supported(model, str(path))
+    found = _head(model).nc
+    if found != num_classes:
+        raise DataError(
+            f"{path}: the model has {found} classes, the data has {num_classes}; "
+            "train it on these categories or change the data"
+        )
+    return model.float()
+
+
+@dataclass(frozen=True)
+class YoloAdapter:
+    """The `ModelAdapter` of Ultralytics YOLOv8 / YOLO11 detect models."""
+
+    cfg: ModelCfg
+    family: str = FAMILY
+
+    # -- build, save, load -------------------------------------------------------------------
+    def build(self, num_classes: int, input_size: int, seed: int) -> nn.Module:
+        """A YOLO detection model in train mode: the user's `model.weights` if set, else the
+        `model.yolo.yaml` architecture with `nc = num_classes`, initialised from `seed`.
+
+        Raises ConfigError for an input size that is not a multiple of 32 or an unknown yaml;
+        DataError for weights that are not a supported detection model or whose class count
+        differs from the data's."""
+        _ultralytics()
+        from ultralytics.nn.tasks import DetectionModel
+
+        if input_size % MAX_STRIDE:
+            near = max(MAX_STRIDE, round(input_size / MAX_STRIDE) * MAX_STRIDE)
+            raise ConfigError(
+                f"params.yaml: input size {input_size} is not a multiple of {MAX_STRIDE} "
+                f"(YOLO's largest stride); use e.g. {near}"
+            )
+        md5 = None
+        if self.cfg.weights:
+            path = Path(self.cfg.weights)
+            model = _load_user_weights(path, num_classes)
+            md5 = md5_file(path)
+            log.info("yolo: %s (md5 %s)", path, md5)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                try:
+                    model = DetectionModel(self.cfg.yolo.yaml, nc=num_classes, verbose=False)
+                except (FileNotFoundError, KeyError, ValueError) as e:
+                    raise ConfigError(
+                        f"params.yaml: model.yolo.yaml: {self.cfg.yolo.yaml!r} is "
+                        f"not a usable Ultralytics model yaml ({e})"
+                    ) from e
+            try:
+                _check_supported(model, f"params.yaml: model.yolo.yaml {self.cfg.yolo.yaml!r}")
+            except DataError as e:  # a yaml is config, not data
+                raise ConfigError(str(e)) from None
+        _split_c2f(model)
+        _set_hyp(model)
+        model.shrinkflow = {"input_size": int(input_size), "weights_md5": md5}
+        for p in model.parameters():
+            p.requires_grad_(True)
+        _head(model).dfl.requires_grad_(False)  # DFL's conv is the fixed 0..reg_max-1 projection
+        return model.train()
+
+    def save(self, path: Path, model: nn.Module, categories: list[dict], extra: dict) -> None:
+        """Write the checkpoint (see the module docstring) atomically: temp file, then rename."""
+        config = {
+            "yaml": copy.deepcopy(model.yaml),
+            "nc": int(_head(model).nc),
+            "input_size": self.input_size(model),
+            "widths": _widths(model),
+            "weights_md5": model.shrinkflow.get("weights_md5"),
+        }
+        ckpt = {
+            "family": FAMILY,
+            "config": config,
+            "state_dict": model.state_dict(),
+            "categories": categories,
+            **extra,
+        }
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+
+    def load(self, ckpt: dict, path: Path) -> nn.Module:
+        """Rebuild the model (eval mode) from a weights-only checkpoint dict: the recorded yaml,
+        the C2f rewrite, the recorded (pruned) widths, then the state_dict."""
+        _ultralytics()
+        from ultralytics.nn.tasks import DetectionModel
+
+        family = ckpt.get("family") if isinstance(ckpt, dict) else None
+        config = ckpt.get("config") if isinstance(ckpt, dict) else None
+        if family != FAMILY or not isinstance(config, dict):
+            raise DataError(f"{path}: not a yolo-family checkpoint (family {family!r})")
+        try:
+            model = DetectionModel(copy.deepcopy(config["yaml"]), nc=config["nc"], verbose=False)
+            _split_c2f(model)
+            _apply_widths(model, config["widths"])
+            model.load_state_dict(ckpt["state_dict"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise DataError(f"{path}: checkpoint does not match its config: {first}") from e
+        _set_hyp(model)
+        model.shrinkflow = {
+            "input_size": int(config["input_size"]),
+            "weights_md5": config.get("weights_md5"),
+        }
+        _head(model).dfl.requires_grad_(False)
+        return model.eval()
+
+    def input_size(self, model: nn.Module) -> int:
+        return int(model.shrinkflow["input_size"])
+
+    def num_classes(self, model: nn.Module) -> int:
+        return int(_head(model).nc)
+
+    # -- training ----------------------------------------------------------------------------
+    def forward_train(self, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+        """Ultralytics' raw head dict {"boxes", "scores", "feats"}; in eval mode (a teacher) the
+        same dict, taken from the (decoded, raw) pair the model returns."""
+        out = model(x)
+        return out[1] if isinstance(out, tuple) else out
+
+    def loss(
+        self, model: nn.Module, raw: dict, boxes: list[np.ndarray], labels: list[np.ndarray]
+    ) -> torch.Tensor:
+        """Ultralytics' `v8DetectionLoss` (box 7.5 * CIoU + cls 0.5 * BCE + dfl 1.5 * DFL), per
+        image: the sum of its three gained terms, not multiplied by the batch size as
+        Ultralytics' trainer does. Computed in float32 (safe under bf16 autocast)."""
+        from ultralytics.utils.loss import v8DetectionLoss
+
+        size = float(self.input_size(model))
+        preds = {k: (v.float() if k != "feats" else [f.float() for f in v]) for k, v in raw.items()}
+        device = preds["scores"].device
+        idx, cls, xywh = [], [], []
+        for i, (b, c) in enumerate(zip(boxes, labels, strict=True)):
+            b = torch.as_tensor(np.asarray(b, np.float32).reshape(-1, 4))
+            centre, wh = (b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]
+            xywh.append(torch.cat([centre, wh], 1) / size)  # normalised xywh, Ultralytics' batch
+            cls.append(torch.as_tensor(np.asarray(c, np.float32).reshape(-1)))
+            idx.append(torch.full((len(b),), float(i)))
+        batch = {
+            "batch_idx": torch.cat(idx).to(device),
+            "cls": torch.cat(cls).to(device),
+            "bboxes": torch.cat(xywh).to(device),
+        }
+        with torch.autocast(device.type, enabled=False):
+            total, _ = v8DetectionLoss(model).loss(preds, batch)
+        return total.sum() / preds["scores"].shape[0]
+
+    def kd_loss(
+        self,
+        student_raw: dict,
+        teacher_raw: dict,
+        temperature: float,
+        cls_weight: float,
+        box_weight: float,
+    ) -> torch.Tensor:
+        """Per-anchor distillation, weighted by the teacher's confidence (its top class
+        probability, so background anchors count little): class logits as Bernoulli soft
+        targets (KL of sigmoid(t/T) to sigmoid(s/T), summed over classes) and the DFL box
+        distributions (softmax KL over the reg_max bins of each side, mean over the 4 sides),
+        both scaled by T^2 (Hinton et al., 2015). Float32 throughout."""
+        s_cls, t_cls = student_raw["scores"].float(), teacher_raw["scores"].float().detach()
+        s_box, t_box = student_raw["boxes"].float(), teacher_raw["boxes"].float().detach()
+        if s_cls.shape != t_cls.shape or s_box.shape != t_box.shape:
+            raise ConfigError(
+                f"distill: student and teacher outputs differ: scores "
+                f"{tuple(s_cls.shape)} vs {tuple(t_cls.shape)}, boxes "
+                f"{tuple(s_box.shape)} vs {tuple(t_box.shape)} (same classes and "
+                "input size needed)"
+            )
+        t = float(temperature)
+        weight = t_cls.sigmoid().amax(1)  # (B, A) teacher confidence
+        norm = weight.sum().clamp(min=1e-6)
+        target = (t_cls / t).sigmoid()
+        # Bernoulli KL = BCE(student, p) - BCE(teacher, p): zero when the logits agree
+        kl_cls = F.binary_cross_entropy_with_logits(s_cls / t, target, reduction="none")
+        kl_cls = kl_cls - F.binary_cross_entropy_with_logits(t_cls / t, target, reduction="none")
+        cls_term = (kl_cls.sum(1) * weight).sum() / norm
+        b, c, a = s_box.shape  # (B, 4 * reg_max, A)
+        log_s = (s_box.view(b, 4, c // 4, a) / t).log_softmax(2)
+        log_t = (t_box.view(b, 4, c // 4, a) / t).log_softmax(2)
+        kl_box = (log_t.exp() * (log_t - log_s)).sum(2).mean(1)  # (B, A)
+        box_term = (kl_box * weight).sum() / norm
+        return (cls_weight * cls_term + box_weight * box_term) * t * t
+
+    # -- pruning -----------------------------------------------------------------------------
+    def prunable(self, model: nn.Module) -> list[str]:
+        """Paths of the model's Ultralytics `Conv` blocks (conv + BN + SiLU), e.g. 'model.2.cv0'."""
+        from ultralytics.nn.modules import Conv
+
+        return [name for name, m in model.named_modules() if isinstance(m, Conv)]
+
+    def prune_spec(self, model: nn.Module, ignore: list[str]) -> PruneSpec:
+        """Keep the head's outputs (each level's last box and class conv, and the DFL), the
+        attention blocks (C2PSA: heads and key sizes tie their widths) and the user's
+        `prune.ignore` modules; everything else is MetaPruner's to prune."""
+        from ultralytics.nn.modules.block import C2PSA, Attention, PSABlock
+
+        head = _head(model)
+        keep: list[nn.Module] = [head.dfl]
+        keep += [branch[-1] for branch in (*head.cv2, *head.cv3)]
+        keep += [m for m in model.modules() if isinstance(m, C2PSA | PSABlock | Attention)]
+        modules = dict(model.named_modules())
+        for name in ignore:
+            if name not in modules:
+                raise ConfigError(
+                    f"params.yaml: prune.ignore: {name!r} is not a module of this "
+                    f"yolo model; e.g. {', '.join(self.prunable(model)[:3])}"
+                )
+            keep.append(modules[name])
+        return PruneSpec(ignored_layers=keep)
+
+    def after_prune(self, model: nn.Module) -> None:
+        """Nothing to record beyond the modules themselves: `save` reads every conv's and
+        BatchNorm's width from the live model. Checks that torch-pruning left each conv's
+        declared channels equal to its weight's (what `load` rebuilds from)."""
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                shape = (m.out_channels, m.in_channels // m.groups)
+                if tuple(m.weight.shape[:2]) != shape:
+                    raise RuntimeError(
+                        f"yolo: pruned conv {name} declares {shape}, weight "
+                        f"has {tuple(m.weight.shape[:2])}"
+                    )
+
+    # -- deployment --------------------------------------------------------------------------
+    def deployable(
+        self, model: nn.Module, max_detections: int, score_floor: float, fold: bool = True
+    ) -> nn.Module:
+        """An eval-mode copy (BatchNorm fused by Ultralytics' `fuse()` when `fold`) that decodes
+        and runs class-aware NMS in the graph; see `YoloWithNms`."""
+        net = copy.deepcopy(model).eval()
+        if fold:
+            net.fuse(verbose=False)
+        return YoloWithNms(net, self.input_size(model), max_detections, score_floor).eval()
+
+    def macs_and_params(self, model: nn.Module) -> tuple[int, int]:
+        """MACs at `input_size` for batch 1 (eval mode, BN unfused) and parameter count."""
+        import torch_pruning as tp
+
+        size = self.input_size(model)
+        was_training = model.training
+        model.eval()
+        try:
+            macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, size, size))
+        finally:
+            model.train(was_training)
+        return int(macs), int(params)
+
+
+def _raw_head(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Run the layers as `DetectionModel._predict_once` does, the Detect head by its
+    mode-independent `forward_head`: {"boxes", "scores", "feats"} whatever the mode."""
+    *body, head = model.model
+    saved, y = set(model.save), []
+    for m in (*body, head):
+        if m.f != -1:  # inputs from earlier layers
+            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+        if m.i == head.i:
+            return head.forward_head(x, **head.one2many)
+        x = m(x)
+        y.append(x if m.i in saved else None)
+    raise RuntimeError("yolo: model has no Detect head")
+
+
+class YoloWithNms(nn.Module):
+    """Images (B, 3, S, S) in [0, 1] -> `OUTPUTS`: num_detections (B,) int32, boxes (B, K, 4)
+    xyxy input pixels, scores (B, K) descending, classes (B, K) int32; padding rows are zeros.
+
+    Decode is Ultralytics' (DFL expectation, anchor centres, `dist2bbox`); each anchor keeps its
+    best class (Ultralytics' single-label predict). The top `pre_nms` anchors per image go
+    through one `torchvision.ops.nms` call (ONNX `NonMaxSuppression`) with boxes shifted by
+    (image, class) so no two groups overlap: class-aware NMS for a dynamic batch with static
+    shapes around it. Kept candidates are marked by a scatter and the top K taken per image.
+    """
+
+    def __init__(self, model: nn.Module, size: int, max_detections: int, score_floor: float):
+        import torchvision  # noqa: F401  (loads torch.ops.torchvision before the ONNX exporter
+        # builds its registry: torchlib maps torchvision::nms to NonMaxSuppression only then)
+
+        super().__init__()
+        self.model, self.size = model, int(size)
+        self.k, self.score_floor = int(max_detections), float(score_floor)
+        self.iou = IOU_THRESHOLD
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        import torchvision
+        from ultralytics.utils.tal import dist2bbox, make_anchors
+
+        head = _head(self.model)
+        raw = _raw_head(self.model, x)
+        anchors, strides = make_anchors(raw["feats"], head.stride, 0.5)  # (A, 2), (A, 1)
+        dist = head.dfl(raw["boxes"])  # (B, 4, A) expected side distances, in strides
+        boxes = dist2bbox(dist, anchors.transpose(0, 1).unsqueeze(0), xywh=False, dim=1)
+        boxes = (boxes * strides.transpose(0, 1)).transpose(1, 2).clamp(0.0, float(self.size))
+        conf, cls = raw["scores"].sigmoid().max(1)  # (B, A)
+        b, a = conf.shape
+        n = min(a, max(1000, 3 * self.k))  # pre-NMS candidates per image
+        top, idx = conf.topk(n, dim=1)  # (B, n), descending
+        cand = boxes.gather(1, idx.unsqueeze(-1).expand(-1, -1, 4))  # (B, n, 4)
+        cand_cls = cls.gather(1, idx)
+        group = torch.arange(b, device=x.device).unsqueeze(1) * head.nc + cand_cls
+        shifted = cand + (group.to(cand.dtype) * (self.size + 1)).unsqueeze(-1)
+        keep = torchvision.ops.nms(shifted.reshape(-1, 4), top.reshape(-1), self.iou)
+        kept = torch.zeros(b * n, dtype=top.dtype, device=x.device).scatter(
+            0, keep, torch.ones_like(keep, dtype=top.dtype)
+        )
+        live = (kept.view(b, n) > 0) & (top >= self.score_floor)
+        ranked = torch.where(live, top, torch.full_like(top, -1.0))
+        if n < self.k:  # fewer anchors than K: pad the candidate list
+            ranked = F.pad(ranked, (0, self.k - n), value=-1.0)
+            cand, cand_cls = F.pad(cand, (0, 0, 0, self.k - n)), F.pad(cand_cls, (0, self.k - n))
+        scores, order = ranked.topk(self.k, dim=1)  # (B, K)
+        valid = scores >= 0
+        num = valid.sum(1).to(torch.int32)
+        scores = torch.where(valid, scores, torch.zeros_like(scores))
+        out_boxes = cand.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
+        out_boxes = torch.where(valid.unsqueeze(-1), out_boxes, torch.zeros_like(out_boxes))
+        classes = torch.where(valid, cand_cls.gather(1, order), torch.zeros_like(order))
+        return num, out_boxes, scores, classes.to(torch.int32)
+
+
+def adapter(cfg: ModelCfg) -> YoloAdapter:
+    """The registry's entry point (`tasks.models.FAMILIES["yolo"]`)."""
+    return YoloAdapter(cfg)
