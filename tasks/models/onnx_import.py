@@ -82,9 +82,10 @@ def _dtype(value_info: onnx.ValueInfoProto) -> str:
 
 
 def _describe(values) -> str:
-    return ", ".join(
-        f"{v.name} ({','.join(str(d) for d in _dims(v))}) {_dtype(v)}" for v in values
-    ) or "none"
+    return (
+        ", ".join(f"{v.name} ({','.join(str(d) for d in _dims(v))}) {_dtype(v)}" for v in values)
+        or "none"
+    )
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -217,9 +218,11 @@ def _inspect(
     shapes = {o.name: _dims(o) for o in outs}
     if any(not s or any(not isinstance(d, int) or d <= 0 for d in s[1:]) for s in shapes.values()):
         run = _run_shapes(sized, size)
-        shapes = {
-            n: [s[0], *run[n][1:]] if s else ["?", *run[n][1:]] for n, s in shapes.items()
-        }
+        shapes = {n: [s[0], *run[n][1:]] if s else ["?", *run[n][1:]] for n, s in shapes.items()}
+    declared = {o.name: _dims(o) for o in model.graph.output}
+    for name, dims_found in shapes.items():  # the batch axis as the file names it
+        if declared.get(name) and len(declared[name]) == len(dims_found):
+            dims_found[0] = declared[name][0]
     found = ", ".join(
         f"{o.name} ({','.join(str(d) for d in shapes[o.name])}) {_dtype(o)}" for o in outs
     )
@@ -349,9 +352,11 @@ def _append_decode(
     sel_scores = d.op("GatherND", [scores, selected], "sel_scores")  # (M,)
     sel_boxes = d.op("GatherND", [boxes, image_box], "sel_boxes")  # (M, 4)
     n = d.op("Gather", [d.op("Shape", [raw], "shape"), d.const("i0b", np.int64(0))], "batch")
-    rows = d.op("Unsqueeze", [d.op("Range", [d.const("r0", np.int64(0)), n,
-                                              d.const("r1", np.int64(1))], "range"), ax1],
-                "rows")  # fmt: skip  (B, 1)
+    rows = d.op(
+        "Unsqueeze",
+        [d.op("Range", [d.const("r0", np.int64(0)), n, d.const("r1", np.int64(1))], "range"), ax1],
+        "rows",
+    )  # (B, 1)
     mine = d.op("Equal", [d.op("Unsqueeze", [image, d.const("ax0", [0])], "cols"), rows], "mine")
     filler = d.const("filler", np.float32(-1.0))
     masked = d.op(
@@ -373,20 +378,30 @@ def _append_decode(
     )  # (B, K)
     candidates = d.op("Concat", [masked, pad], "candidates", axis=1)  # (B, M + K)
     top, index = d.op(
-        "TopK", [candidates, d.const("topk", np.array([k], np.int64))], "topk", outputs=2,
-        axis=1, largest=1, sorted=1,
-    )  # fmt: skip  (B, K) each
+        "TopK",
+        [candidates, d.const("topk", np.array([k], np.int64))],
+        "topk",
+        outputs=2,
+        axis=1,
+        largest=1,
+        sorted=1,
+    )  # (B, K) each
     valid = d.op("Greater", [top, d.const("half_filler", np.float32(-0.5))], "valid")
     box_pool = d.op(
-        "Concat", [sel_boxes, d.const("zero_boxes", np.zeros((k, 4), np.float32))], "box_pool",
+        "Concat",
+        [sel_boxes, d.const("zero_boxes", np.zeros((k, 4), np.float32))],
+        "box_pool",
         axis=0,
-    )  # fmt: skip  (M + K, 4)
+    )  # (M + K, 4)
     cls_pool = d.op(
         "Concat",
-        [d.op("Cast", [cls], "sel_class_i32", to=TensorProto.INT32),
-         d.const("zero_classes", np.zeros(k, np.int32))],
-        "class_pool", axis=0,
-    )  # fmt: skip  (M + K,)
+        [
+            d.op("Cast", [cls], "sel_class_i32", to=TensorProto.INT32),
+            d.const("zero_classes", np.zeros(k, np.int32)),
+        ],
+        "class_pool",
+        axis=0,
+    )  # (M + K,)
     zero_f, zero_i = d.const("zero_f", np.float32(0.0)), d.const("zero_i", np.int32(0))
     valid3 = d.op("Unsqueeze", [valid, ax2], "valid3")
     d.nodes += [
