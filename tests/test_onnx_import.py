@@ -21,9 +21,9 @@ from onnx import TensorProto, helper
 
 from tasks.config import ExportCfg, QuantizeCfg
 from tasks.errors import DataError
+from tasks.models import onnx_import as oi
 from tasks.models.base import OUTPUTS
 from tasks.models.config import ModelCfg
-from tasks.models import onnx_import as oi
 
 SIZE, CLASSES, K, FLOOR, IOU = 64, 3, 30, 0.05, 0.6
 
@@ -41,9 +41,8 @@ def _openvino(model: onnx.ModelProto, tmp: Path):
 
     path = tmp / "ov.onnx"
     onnx.save(model, str(path))
-    compiled = ov.Core().compile_model(
-        ov.convert_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}
-    )
+    config = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", config)
     request = compiled.create_infer_request()
     return lambda x: [request.infer({0: x})[o] for o in compiled.outputs]
 
@@ -154,7 +153,7 @@ def test_yolo_raw_decode_matches_reference_in_ort_and_openvino(
     assert _check_against_reference(_ort(capped)(images), raw, 8) == 3 * 8
 
 
-def _one_output_model(path: Path, out_shape: list, name: str = "output0") -> Path:
+def _one_output_model(path: Path, out_shape: list, name: str = "output0", opset: int = 17) -> Path:
     """A valid ONNX: images (1, 3, 64, 64) -> Conv -> Reshape to `out_shape`."""
     w = helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 1, 1], np.ones(24, np.float32))
     shape = helper.make_tensor("shape", TensorProto.INT64, [len(out_shape)], out_shape)
@@ -166,7 +165,7 @@ def _one_output_model(path: Path, out_shape: list, name: str = "output0") -> Pat
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, out_shape)],
         [w, shape],
     )  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
     return path
 
 
@@ -256,8 +255,13 @@ def test_int8_quantizes_the_detector_and_leaves_the_decode_float(appended, image
     onnx.save(appended, str(src))
     cfg = QuantizeCfg()
     calibrate(src, np.concatenate([images] * 3), cfg, cfg.calibrator, cache)
-    to_int8(src, dst, cache, cfg, cfg.calibrator)
+    dfl = oi.integral_convs(appended)
+    assert dfl == ["/model.22/dfl/conv/Conv"]  # the DFL box integral stays float too
+    to_int8(src, dst, cache, cfg, cfg.calibrator, exclude=dfl)
     quantized = onnx.load(str(dst))
+    producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    (dfl_node,) = [n for n in quantized.graph.node if n.name == dfl[0]]
+    assert producers.get(dfl_node.input[1]) != "DequantizeLinear"
     ops = {n.name: n.op_type for n in quantized.graph.node}
     assert sum(op == "QuantizeLinear" for op in ops.values()) > 50  # the detector's convs
     before = {n.name: n.op_type for n in appended.graph.node if n.name.startswith("decode/")}
@@ -287,3 +291,15 @@ def test_adapter_marks_torch_stages_unsupported(yolo_onnx, tmp_path):
     assert facts["convention"] == "yolo_raw" and facts["anchors"] == 84
     assert facts["macs"] == oi.macs_and_params(yolo_onnx, SIZE)[0]
     oi.inspect(tmp_path / "model.onnx", "detections", CLASSES, SIZE)
+
+
+def test_old_opset_is_converted_and_fixed_batch_refused(tmp_path):
+    path = _one_output_model(tmp_path / "old.onnx", [1, 8, 4096], opset=11)  # C = 4
+    model = oi.to_detections(onnx.load(str(path)), 4, K, FLOOR, IOU, path=path)
+    assert oi._opset(model) == oi.MIN_OPSET
+    num, boxes, _, _ = _ort(model)(np.random.default_rng(1).random((1, 3, SIZE, SIZE), np.float32))
+    assert boxes.shape == (1, K, 4) and 0 < num[0] <= K
+    cfg = ModelCfg(family="onnx", onnx=str(path), outputs="yolo_raw")
+    with pytest.raises(DataError, match=rf"{path}: input images has a fixed batch of 1"):
+        oi.prepare(cfg, tmp_path / "out.onnx", num_classes=4, input_size=SIZE,
+                   max_detections=K, score_floor=FLOOR)  # fmt: skip

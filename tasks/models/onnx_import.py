@@ -496,6 +496,22 @@ def decode_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.name.startswith(DECODE_PREFIX)]
 
 
+def integral_convs(model: onnx.ModelProto) -> list[str]:
+    """Conv nodes that compute a fixed expectation rather than learned features: a 1x1 conv
+    with weights exactly 0, 1, ..., n-1 (Ultralytics' DFL box integral, inside the imported
+    graph). INT8 would round those bin centres (per-channel scale (n-1)/127), so the quantize
+    stage should pass them to `nodes_to_exclude` (ORT) / an IgnoredScope (NNCF)."""
+    weights = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        w = weights.get(node.input[1]) if node.op_type == "Conv" else None
+        if w is None or len(w.dims) != 4 or w.dims[0] != 1 or list(w.dims[2:]) != [1, 1]:
+            continue
+        if np.array_equal(numpy_helper.to_array(w).ravel(), np.arange(w.dims[1])):
+            found.append(node.name)
+    return found
+
+
 def detector_end(model: onnx.ModelProto) -> str | None:
     """The tensor where the imported detector ends and the appended decode begins, if any."""
     return next((p.value for p in model.metadata_props if p.key == DETECTOR_END), None)
@@ -681,13 +697,19 @@ def prepare(
     the stage's report (convention, size, anchors, decode node count, MACs, params, MD5).
 
     Raises:
-        DataError: the file or its outputs do not match `cfg.outputs`, or its class count or
-            input size differs from the pipeline's.
+        DataError: the file or its outputs do not match `cfg.outputs`, its class count or
+            input size differs from the pipeline's, or its batch axis is fixed.
     """
     from tasks.io import md5_file
 
     src = Path(cfg.onnx)
     found = inspect(src, cfg.outputs, num_classes, input_size)
+    if not found.dynamic_batch:  # exporters bake the batch into reshapes: it cannot be freed
+        raise DataError(
+            f"{src}: input {found.input_name} has a fixed batch of 1; the pipeline runs "
+            "batches: re-export it with a dynamic batch axis (Ultralytics: dynamic=True; "
+            "torch.onnx.export: dynamic_shapes)"
+        )
     model = to_detections(
         _load(src), num_classes, max_detections, score_floor, cfg.imported.iou_threshold,
         convention=cfg.outputs, input_size=input_size, path=src,
