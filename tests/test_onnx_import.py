@@ -153,16 +153,18 @@ def test_yolo_raw_decode_matches_reference_in_ort_and_openvino(
     assert _check_against_reference(_ort(capped)(images), raw, 8) == 3 * 8
 
 
-def _one_output_model(path: Path, out_shape: list, name: str = "output0", opset: int = 17) -> Path:
-    """A valid ONNX: images (1, 3, 64, 64) -> Conv -> Reshape to `out_shape`."""
-    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 1, 1], np.ones(24, np.float32))
+def _one_output_model(path: Path, out_shape: list, opset: int = 17, channels: int = 8) -> Path:
+    """A valid ONNX: images (1, 3, 64, 64) -> 1x1 Conv to `channels` -> Reshape to `out_shape`."""
+    w = helper.make_tensor(
+        "w", TensorProto.FLOAT, [channels, 3, 1, 1], np.ones(3 * channels, np.float32)
+    )
     shape = helper.make_tensor("shape", TensorProto.INT64, [len(out_shape)], out_shape)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["images", "w"], ["c"], name="conv"),
-         helper.make_node("Reshape", ["c", "shape"], [name], name="reshape")],
+         helper.make_node("Reshape", ["c", "shape"], ["output0"], name="reshape")],
         "wrong",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, out_shape)],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, out_shape)],
         [w, shape],
     )  # fmt: skip
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
@@ -181,6 +183,8 @@ def test_wrong_outputs_name_found_versus_expected(tmp_path, yolo_onnx):
     # (B, N, 4 + C) is the transposed layout
     with pytest.raises(DataError, match=r"looks like \(B, N, 4\+C\)"):
         oi.inspect(_one_output_model(tmp_path / "t.onnx", [1, 4096, 8]), "yolo_raw")
+    with pytest.raises(DataError, match=r"found output0 \(1,\d+,6\) float32; .* end-to-end"):
+        oi.inspect(_one_output_model(tmp_path / "e2e.onnx", [1, 4096, 6], channels=6), "yolo_raw")
     with pytest.raises(DataError, match=rf"{yolo_onnx}: output output0 .* holds 3 class scores; "
                        r"the dataset has 5 classes: expected \(B,9,N\)"):  # fmt: skip
         oi.inspect(yolo_onnx, "yolo_raw", num_classes=5, input_size=SIZE)
@@ -271,8 +275,9 @@ def test_int8_quantizes_the_detector_and_leaves_the_decode_float(appended, image
                    for o in n.output}  # fmt: skip
     assert not decode_inputs & dequantized  # the decode reads float tensors only
     fp32, int8 = _ort(src)(images), _ort(dst)(images)
-    assert [a.shape for a in int8] == [a.shape for a in fp32]
-    assert int8[0].min() > 0  # still detects
+    int8_ov = _openvino(quantized, tmp_path)(images)
+    assert [a.shape for a in int8] == [a.shape for a in int8_ov] == [a.shape for a in fp32]
+    assert int8[0].min() > 0 and int8_ov[0].min() > 0  # still detects
 
 
 def test_adapter_marks_torch_stages_unsupported(yolo_onnx, tmp_path):

@@ -113,32 +113,48 @@ def _fixed_size(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
         dims[axis].ClearField("dim_param")
         dims[axis].dim_value = size
     del model.graph.value_info[:]
+    declared = {}
     for out in model.graph.output:  # symbolic output axes are re-derived below
+        declared[out.name] = onnx.ValueInfoProto.FromString(out.SerializeToString())
         out.type.tensor_type.ClearField("shape")
-    return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    for out in model.graph.output:  # what inference could not derive stays as declared
+        if not out.type.tensor_type.HasField("shape"):
+            out.CopyFrom(declared[out.name])
+    return model
 
 
-def _run_shapes(model: onnx.ModelProto, size: int) -> dict[str, list[int]]:
+def _run_shapes(model: onnx.ModelProto, size: int, path: Path) -> dict[str, list[int]]:
     """Output shapes from one ONNX Runtime run on a (1, 3, S, S) zero image (for graphs whose
     output shapes static inference cannot resolve, e.g. reshapes computed from Shape ops)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     x = np.zeros((1, 3, size, size), np.float32)
-    outs = sess.run(None, {sess.get_inputs()[0].name: x})
+    try:
+        sess = ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+        outs = sess.run(None, {sess.get_inputs()[0].name: x})
+    except Exception as e:  # noqa: BLE001  (ORT raises its own Fail/InvalidArgument types)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"{path}: does not run in ONNX Runtime on a (1,3,{size},{size}) image: {first}"
+        ) from e
     return {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
 
-def _tensor_shapes(model: onnx.ModelProto, size: int, names: list[str]) -> dict[str, list[int]]:
+def _tensor_shapes(
+    model: onnx.ModelProto, size: int, names: list[str], path: Path
+) -> dict[str, list[int]]:
     """Shapes of intermediate tensors `names` from one ONNX Runtime run (batch 1)."""
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     graph_outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(
         onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in graph_outputs
     )
-    return _run_shapes(probe, size)
+    return _run_shapes(probe, size, path)
 
 
 def inspect(
@@ -206,8 +222,8 @@ def _inspect(
     size = static[0] if static else input_size
     if size is None:
         raise DataError(
-            f"{path}: input {inputs[0].name} has symbolic height/width ({h}, {w}); declare the "
-            "input size (model.imported.input_size)"
+            f"{path}: input {inputs[0].name} has symbolic height/width ({h}, {w}); give the "
+            "pipeline's input size (train.input_size)"
         )
     dynamic_batch = not (isinstance(dims[0], int) and dims[0] > 0)
     if not dynamic_batch and dims[0] != 1:
@@ -217,7 +233,7 @@ def _inspect(
     outs = list(sized.graph.output)
     shapes = {o.name: _dims(o) for o in outs}
     if any(not s or any(not isinstance(d, int) or d <= 0 for d in s[1:]) for s in shapes.values()):
-        run = _run_shapes(sized, size)
+        run = _run_shapes(sized, size, path)
         shapes = {n: [s[0], *run[n][1:]] if s else ["?", *run[n][1:]] for n, s in shapes.items()}
     declared = {o.name: _dims(o) for o in model.graph.output}
     for name, dims_found in shapes.items():  # the batch axis as the file names it
@@ -256,6 +272,9 @@ def _inspect(
         hint = "; declare model.outputs: detections" if [o.name for o in outs] == OUTPUTS else ""
         raise mismatch(EXPECTED_RAW, hint)
     _, channels, anchors = shapes[outs[0].name]
+    if anchors == 6 and channels > 6:  # (B, N, 6): x1, y1, x2, y2, score, class
+        raise mismatch(EXPECTED_RAW, " ((B, N, 6) is an end-to-end export with NMS inside: "
+                       "re-export it without NMS / end2end)")  # fmt: skip
     if channels - 4 > anchors:  # (B, N, 4 + C): the transposed layout
         raise mismatch(EXPECTED_RAW, f" (this looks like (B, N, 4+C) with N={channels})")
     classes = channels - 4
@@ -483,8 +502,7 @@ def to_detections(
     batch = _dims(_graph_inputs(out)[0])[0]
     _append_decode(out, raw, found.num_classes, max_detections, score_floor, iou_threshold,
                    batch if isinstance(batch, int) and batch > 0 else "batch")  # fmt: skip
-    del out.metadata_props[:]
-    helper.set_model_props(out, {DETECTOR_END: raw})
+    out.metadata_props.add(key=DETECTOR_END, value=raw)  # the file's own metadata is kept
     out = onnx.shape_inference.infer_shapes(out)
     onnx.checker.check_model(out)
     return out
@@ -561,7 +579,7 @@ def macs_and_params(
         if not shapes.get(name) or any(not isinstance(d, int) or d <= 0 for d in shapes[name][1:])
     ]
     if unresolved:  # e.g. reshapes computed from Shape ops: ask ONNX Runtime, one zero image
-        shapes.update(_tensor_shapes(model, size, unresolved))
+        shapes.update(_tensor_shapes(model, size, unresolved, path))
 
     def shape(name: str, node: onnx.NodeProto) -> list[int]:
         s = shapes.get(name)
