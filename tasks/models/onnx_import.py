@@ -12,10 +12,12 @@ follow a declared convention (`model.outputs`):
 
 Every appended node and tensor is named `decode/...` and the model records where the detector
 ends (`metadata_props`: `shrinkflow.detector_end` = the raw tensor), so INT8 quantization can
-leave the decode in float and the LiteRT target can cut the graph there.
+leave the decode in float and the LiteRT target can cut the graph there (tasks/models/
+onnx_decode.py). MACs are counted from the graph (`macs_and_params`, tasks/models/onnx_graph.py).
 
-MACs are counted from the graph (`macs_and_params`): Conv, ConvTranspose, Gemm and MatMul at the
-model's input size for batch 1, with shapes from ONNX shape inference.
+The stages call: `adapter.prepare(...)` (or `prepare`) once, where the other families export;
+`macs_and_params(path)` wherever MACs are reported; `decode_nodes` / `integral_convs` for what
+INT8 must leave in float.
 """
 
 from __future__ import annotations
@@ -24,20 +26,37 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from tasks.errors import ConfigError, DataError
 from tasks.models.base import OUTPUTS
 from tasks.models.config import ModelCfg
+from tasks.models.onnx_decode import (
+    DECODE_PREFIX,
+    DETECTOR_END,
+    append_decode,
+    decode_nodes,
+    detector_end,
+    integral_convs,
+)
+from tasks.models.onnx_graph import dims as _dims
+from tasks.models.onnx_graph import dtype as _dtype
+from tasks.models.onnx_graph import fixed_size as _fixed_size
+from tasks.models.onnx_graph import graph_inputs as _graph_inputs
+from tasks.models.onnx_graph import load as _load
+from tasks.models.onnx_graph import macs_and_params
+from tasks.models.onnx_graph import opset as _opset
+from tasks.models.onnx_graph import run_shapes as _run_shapes
 
+__all__ = [
+    "SKIPPED", "Imported", "ImportedOnnxAdapter", "adapter", "decode_nodes", "detector_end",
+    "inspect", "integral_convs", "macs_and_params", "prepare", "to_detections",
+]  # fmt: skip
 log = logging.getLogger(__name__)
 
 CONVENTIONS = ("detections", "yolo_raw")
 INPUT_NAME = "images"  # what every runner feeds (tasks/engines, tasks/quantize.py)
-DECODE_PREFIX = "decode/"
-DETECTOR_END = "shrinkflow.detector_end"  # metadata key: the tensor where the detector ends
 MIN_OPSET = 13  # ReduceSum with axes as an input; NonMaxSuppression needs 10
 SKIPPED = "skipped: imported ONNX"  # what the PyTorch stages report for this family
 EXPECTED_DETECTIONS = (
@@ -69,92 +88,11 @@ class Imported:
 # -- inspection -----------------------------------------------------------------------------
 
 
-def _dims(value_info: onnx.ValueInfoProto) -> list:
-    """A value's shape: ints for static axes, the dim name (or '?') for symbolic ones."""
-    tt = value_info.type.tensor_type
-    if not tt.HasField("shape"):
-        return []
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-
-
-def _dtype(value_info: onnx.ValueInfoProto) -> str:
-    return helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type).name
-
-
 def _describe(values) -> str:
     return (
         ", ".join(f"{v.name} ({','.join(str(d) for d in _dims(v))}) {_dtype(v)}" for v in values)
         or "none"
     )
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The real inputs (old exporters also list the initializers as graph inputs)."""
-    weights = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in weights]
-
-
-def _load(path: Path) -> onnx.ModelProto:
-    from tasks.io import check_onnx
-
-    check_onnx(path)
-    return onnx.load(str(path))
-
-
-def _fixed_size(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
-    """A copy whose image input is (B, 3, size, size) (batch kept as it is), re-inferred."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    dims = _graph_inputs(model)[0].type.tensor_type.shape.dim
-    for axis in (2, 3):
-        dims[axis].ClearField("dim_param")
-        dims[axis].dim_value = size
-    del model.graph.value_info[:]
-    declared = {}
-    for out in model.graph.output:  # symbolic output axes are re-derived below
-        declared[out.name] = onnx.ValueInfoProto.FromString(out.SerializeToString())
-        out.type.tensor_type.ClearField("shape")
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    for out in model.graph.output:  # what inference could not derive stays as declared
-        if not out.type.tensor_type.HasField("shape"):
-            out.CopyFrom(declared[out.name])
-    return model
-
-
-def _run_shapes(model: onnx.ModelProto, size: int, path: Path) -> dict[str, list[int]]:
-    """Output shapes from one ONNX Runtime run on a (1, 3, S, S) zero image (for graphs whose
-    output shapes static inference cannot resolve, e.g. reshapes computed from Shape ops)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    x = np.zeros((1, 3, size, size), np.float32)
-    try:
-        sess = ort.InferenceSession(
-            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
-        outs = sess.run(None, {sess.get_inputs()[0].name: x})
-    except Exception as e:  # noqa: BLE001  (ORT raises its own Fail/InvalidArgument types)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(
-            f"{path}: does not run in ONNX Runtime on a (1,3,{size},{size}) image: {first}"
-        ) from e
-    return {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), outs, strict=True)}
-
-
-def _tensor_shapes(
-    model: onnx.ModelProto, size: int, names: list[str], path: Path
-) -> dict[str, list[int]]:
-    """Shapes of intermediate tensors `names` from one ONNX Runtime run (batch 1)."""
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    graph_outputs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(
-        onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in graph_outputs
-    )
-    return _run_shapes(probe, size, path)
 
 
 def inspect(
@@ -288,7 +226,7 @@ def _inspect(
                     shapes, raw_output=outs[0].name, anchors=anchors, opset=opset)  # fmt: skip
 
 
-# -- the appended decode --------------------------------------------------------------------
+# -- the deployable model --------------------------------------------------------------------
 
 
 def _rename_input(model: onnx.ModelProto, old: str, new: str) -> None:
@@ -302,158 +240,6 @@ def _rename_input(model: onnx.ModelProto, old: str, new: str) -> None:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-
-
-class _Decode:
-    """Builds the `decode/` nodes and initializers (every name gets the prefix)."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.weights: list[onnx.TensorProto] = []
-
-    def const(self, name: str, value) -> str:
-        self.weights.append(numpy_helper.from_array(np.asarray(value), DECODE_PREFIX + name))
-        return DECODE_PREFIX + name
-
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, **attrs):
-        outs = [f"{DECODE_PREFIX}{name}" + (f":{i}" if outputs > 1 else "") for i in range(outputs)]
-        self.nodes.append(
-            helper.make_node(op_type, inputs, outs, name=DECODE_PREFIX + name, **attrs)
-        )
-        return outs[0] if outputs == 1 else outs
-
-
-def _append_decode(
-    model: onnx.ModelProto,
-    raw: str,
-    num_classes: int,
-    max_detections: int,
-    score_floor: float,
-    iou_threshold: float,
-    batch,
-) -> None:
-    """Append decode + NMS reading `raw` (B, 4 + C, N) and make `OUTPUTS` the graph's outputs.
-
-    Shapes: M = the boxes NMS keeps over the whole batch (at most K per image and class), K =
-    max_detections. Each image's K best are taken by TopK over a (B, M + K) matrix holding the
-    image's own kept scores and -1 elsewhere; the K extra columns are -1 padding, so TopK always
-    has K candidates. Rows whose score is the -1 filler are zeroed and not counted.
-    """
-    k, c = max_detections, num_classes
-    d = _Decode()
-    ax1, ax2 = d.const("axis1", [1]), d.const("axis2", [2])
-    t = d.op("Transpose", [raw], "bnc", perm=[0, 2, 1])  # (B, N, 4 + C)
-    xy = d.op("Slice", [t, d.const("0", [0]), d.const("2", [2]), ax2], "xy")  # (B, N, 2)
-    wh = d.op("Slice", [t, d.const("2b", [2]), d.const("4", [4]), ax2], "wh")
-    half = d.op("Mul", [wh, d.const("half", np.float32(0.5))], "half_wh")
-    boxes = d.op(
-        "Concat",
-        [d.op("Sub", [xy, half], "x1y1"), d.op("Add", [xy, half], "x2y2")],
-        "boxes_xyxy",
-        axis=2,
-    )  # (B, N, 4)
-    scores = d.op("Slice", [raw, d.const("4c", [4]), d.const("end", [4 + c]), ax1], "class_scores")
-    selected = d.op(
-        "NonMaxSuppression",
-        [
-            boxes,
-            scores,  # (B, C, N): per class, so NMS is class-aware
-            d.const("max_per_class", np.array([k], np.int64)),
-            d.const("iou_threshold", np.array([iou_threshold], np.float32)),
-            d.const("score_threshold", np.array([score_floor], np.float32)),
-        ],
-        "nms",
-        center_point_box=0,
-    )  # (M, 3) int64: batch, class, box
-    image = d.op("Gather", [selected, d.const("i0", np.int64(0))], "sel_image", axis=1)  # (M,)
-    cls = d.op("Gather", [selected, d.const("i1", np.int64(1))], "sel_class", axis=1)
-    image_box = d.op("Gather", [selected, d.const("i02", [0, 2])], "sel_image_box", axis=1)
-    sel_scores = d.op("GatherND", [scores, selected], "sel_scores")  # (M,)
-    sel_boxes = d.op("GatherND", [boxes, image_box], "sel_boxes")  # (M, 4)
-    n = d.op("Gather", [d.op("Shape", [raw], "shape"), d.const("i0b", np.int64(0))], "batch")
-    rows = d.op(
-        "Unsqueeze",
-        [d.op("Range", [d.const("r0", np.int64(0)), n, d.const("r1", np.int64(1))], "range"), ax1],
-        "rows",
-    )  # (B, 1)
-    mine = d.op("Equal", [d.op("Unsqueeze", [image, d.const("ax0", [0])], "cols"), rows], "mine")
-    filler = d.const("filler", np.float32(-1.0))
-    masked = d.op(
-        "Where",
-        [mine, d.op("Unsqueeze", [sel_scores, d.const("ax0b", [0])], "sel_scores_row"), filler],
-        "masked",
-    )  # (B, M)
-    pad_shape = d.op(
-        "Concat",
-        [d.op("Unsqueeze", [n, d.const("ax0c", [0])], "batch_1d"), d.const("k", [k])],
-        "pad_shape",
-        axis=0,
-    )
-    pad = d.op(
-        "ConstantOfShape",
-        [pad_shape],
-        "pad",
-        value=numpy_helper.from_array(np.array([-1.0], np.float32)),
-    )  # (B, K)
-    candidates = d.op("Concat", [masked, pad], "candidates", axis=1)  # (B, M + K)
-    top, index = d.op(
-        "TopK",
-        [candidates, d.const("topk", np.array([k], np.int64))],
-        "topk",
-        outputs=2,
-        axis=1,
-        largest=1,
-        sorted=1,
-    )  # (B, K) each
-    valid = d.op("Greater", [top, d.const("half_filler", np.float32(-0.5))], "valid")
-    box_pool = d.op(
-        "Concat",
-        [sel_boxes, d.const("zero_boxes", np.zeros((k, 4), np.float32))],
-        "box_pool",
-        axis=0,
-    )  # (M + K, 4)
-    cls_pool = d.op(
-        "Concat",
-        [
-            d.op("Cast", [cls], "sel_class_i32", to=TensorProto.INT32),
-            d.const("zero_classes", np.zeros(k, np.int32)),
-        ],
-        "class_pool",
-        axis=0,
-    )  # (M + K,)
-    zero_f, zero_i = d.const("zero_f", np.float32(0.0)), d.const("zero_i", np.int32(0))
-    valid3 = d.op("Unsqueeze", [valid, ax2], "valid3")
-    d.nodes += [
-        helper.make_node(
-            "ReduceSum",
-            [d.op("Cast", [valid], "valid_i32", to=TensorProto.INT32), ax1],
-            ["num_detections"],
-            name=DECODE_PREFIX + "num_detections",
-            keepdims=0,
-        ),
-        helper.make_node(
-            "Where",
-            [valid3, d.op("Gather", [box_pool, index], "top_boxes", axis=0), zero_f],
-            ["boxes"],
-            name=DECODE_PREFIX + "boxes",
-        ),
-        helper.make_node("Where", [valid, top, zero_f], ["scores"], name=DECODE_PREFIX + "scores"),
-        helper.make_node(
-            "Where",
-            [valid, d.op("Gather", [cls_pool, index], "top_classes", axis=0), zero_i],
-            ["classes"],
-            name=DECODE_PREFIX + "classes",
-        ),
-    ]
-    model.graph.node.extend(d.nodes)
-    model.graph.initializer.extend(d.weights)
-    del model.graph.output[:]
-    model.graph.output.extend([
-        helper.make_tensor_value_info("num_detections", TensorProto.INT32, [batch]),
-        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [batch, k, 4]),
-        helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, k]),
-        helper.make_tensor_value_info("classes", TensorProto.INT32, [batch, k]),
-    ])  # fmt: skip
 
 
 def to_detections(
@@ -500,120 +286,12 @@ def to_detections(
         raise DataError(f"{path}: output {raw!r} or nodes named {DECODE_PREFIX}* clash with the "
                         "appended decode; rename them")  # fmt: skip
     batch = _dims(_graph_inputs(out)[0])[0]
-    _append_decode(out, raw, found.num_classes, max_detections, score_floor, iou_threshold,
+    append_decode(out, raw, found.num_classes, max_detections, score_floor, iou_threshold,
                    batch if isinstance(batch, int) and batch > 0 else "batch")  # fmt: skip
     out.metadata_props.add(key=DETECTOR_END, value=raw)  # the file's own metadata is kept
     out = onnx.shape_inference.infer_shapes(out)
     onnx.checker.check_model(out)
     return out
-
-
-def decode_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the appended decode's nodes (to exclude from quantization: NNCF's
-    `IgnoredScope(patterns=["decode/.*"])` or ORT's `nodes_to_exclude`)."""
-    return [n.name for n in model.graph.node if n.name.startswith(DECODE_PREFIX)]
-
-
-def integral_convs(model: onnx.ModelProto) -> list[str]:
-    """Conv nodes that compute a fixed expectation rather than learned features: a 1x1 conv
-    with weights exactly 0, 1, ..., n-1 (Ultralytics' DFL box integral, inside the imported
-    graph). INT8 would round those bin centres (per-channel scale (n-1)/127), so the quantize
-    stage should pass them to `nodes_to_exclude` (ORT) / an IgnoredScope (NNCF)."""
-    weights = {t.name: t for t in model.graph.initializer}
-    found = []
-    for node in model.graph.node:
-        w = weights.get(node.input[1]) if node.op_type == "Conv" else None
-        if w is None or len(w.dims) != 4 or w.dims[0] != 1 or list(w.dims[2:]) != [1, 1]:
-            continue
-        if np.array_equal(numpy_helper.to_array(w).ravel(), np.arange(w.dims[1])):
-            found.append(node.name)
-    return found
-
-
-def detector_end(model: onnx.ModelProto) -> str | None:
-    """The tensor where the imported detector ends and the appended decode begins, if any."""
-    return next((p.value for p in model.metadata_props if p.key == DETECTOR_END), None)
-
-
-# -- MACs from the graph --------------------------------------------------------------------
-
-_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def macs_and_params(
-    model: onnx.ModelProto | Path | str, input_size: int | None = None
-) -> tuple[int, int]:
-    """MACs for one image and parameter count, read from the ONNX graph.
-
-    Counted ops (shapes from ONNX shape inference at the input size; `input_size` is needed
-    only when the file's height/width are symbolic): Conv = OC*OH*OW * KH*KW*IC/groups,
-    ConvTranspose = IC*IH*IW * KH*KW*OC/groups, Gemm/MatMul = output elements * the reduced
-    dimension; plus one add per output element for a bias, as torch-pruning's counter does.
-    Elementwise ops, pooling and resizes are not counted. Parameters: the elements of the
-    float initializers, the appended `decode/` constants left out.
-
-    Raises:
-        DataError: a counted op whose shapes inference cannot resolve (the file is named).
-    """
-    path = Path(model) if isinstance(model, (str, Path)) else Path("<model>")
-    if isinstance(model, (str, Path)):
-        model = _load(path)
-    dims = _dims(_graph_inputs(model)[0])
-    size = dims[2] if isinstance(dims[2], int) and dims[2] > 0 else input_size
-    if size is None:
-        raise DataError(f"{path}: symbolic input height/width; give the input size to count MACs")
-    model = _fixed_size(model, size)
-    graph = model.graph
-    weights = {t.name: list(t.dims) for t in graph.initializer}
-    shapes = {v.name: _dims(v) for v in [*graph.value_info, *graph.input, *graph.output]}
-    shapes.update(weights)
-
-    counted = [
-        n for n in graph.node
-        if n.op_type in _WEIGHTED_OPS and not n.name.startswith(DECODE_PREFIX)
-    ]  # fmt: skip
-    unresolved = [
-        name
-        for n in counted
-        for name in (n.input[0], n.output[0])
-        if not shapes.get(name) or any(not isinstance(d, int) or d <= 0 for d in shapes[name][1:])
-    ]
-    if unresolved:  # e.g. reshapes computed from Shape ops: ask ONNX Runtime, one zero image
-        shapes.update(_tensor_shapes(model, size, unresolved, path))
-
-    def shape(name: str, node: onnx.NodeProto) -> list[int]:
-        s = shapes.get(name)
-        if not s or any(not isinstance(d, int) or d <= 0 for d in s[1:]):
-            raise DataError(f"{path}: cannot count MACs: {node.op_type} {node.name!r} tensor "
-                            f"{name!r} has shape {s} after shape inference")  # fmt: skip
-        return s
-
-    macs = 0
-    for node in counted:
-        out = shape(node.output[0], node)
-        bias = len(node.input) > 2 and bool(node.input[2])
-        if node.op_type == "Conv":
-            w = shape(node.input[1], node)
-            macs += int(np.prod(out[1:])) * int(np.prod(w[1:]))
-        elif node.op_type == "ConvTranspose":
-            x, w = shape(node.input[0], node), shape(node.input[1], node)
-            macs += int(np.prod(x[1:])) * int(np.prod(w[1:]))
-        elif node.op_type == "Gemm":
-            a = shape(node.input[0], node)
-            trans_a = any(a_.name == "transA" and a_.i for a_ in node.attribute)
-            macs += int(np.prod(out[1:] if len(out) > 2 else out[-1:])) * a[0 if trans_a else 1]
-        else:  # MatMul: (..., M, K) @ (..., K, N)
-            a = shape(node.input[0], node)
-            macs += int(np.prod(out[1:] if len(out) > 2 else out[-1:])) * a[-1]
-        if bias and node.op_type != "MatMul":
-            macs += int(np.prod(out[1:] if len(out) > 2 else out[-1:]))
-    params = sum(
-        int(np.prod(t.dims))
-        for t in graph.initializer
-        if not t.name.startswith(DECODE_PREFIX)
-        and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
-    )
-    return macs, params
 
 
 # -- the family's adapter -------------------------------------------------------------------
