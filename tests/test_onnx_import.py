@@ -55,6 +55,7 @@ def yolo_onnx(tmp_path_factory) -> Path:
     for key, value in {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false",
                        "YOLO_VERBOSE": "false"}.items():  # fmt: skip
         os.environ.setdefault(key, value)
+    pytest.importorskip("ultralytics", reason="the yolo extra (Ultralytics) is not installed")
     import yaml
     from ultralytics import YOLO
     from ultralytics.nn.tasks import yaml_model_load
