@@ -26,6 +26,18 @@ class YoloCfg(Section):
     )
 
 
+class ImportedCfg(Section):
+    """An imported detector (`family: onnx`, tasks/models/onnx_import.py)."""
+
+    iou_threshold: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="outputs yolo_raw: IoU above which the appended class-aware NMS drops the "
+        "lower-scoring box (Ultralytics' default 0.7)",
+    )
+
+
 class ModelCfg(Section):
     family: str = Field(
         "centernet",
@@ -51,6 +63,7 @@ class ModelCfg(Section):
     )
     centernet: CenterNetCfg = CenterNetCfg()
     yolo: YoloCfg = YoloCfg()
+    imported: ImportedCfg = ImportedCfg()
 
     @model_validator(mode="after")
     def _onnx_needs_a_file(self) -> ModelCfg:
