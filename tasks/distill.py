@@ -21,12 +21,13 @@ import torch.nn.functional as F
 import typer
 from torch import nn
 
+from tasks import skipped
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, load_splits
 from tasks.config import DistillCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json
-from tasks.models import ModelAdapter, load_checkpoint
+from tasks.models import ModelAdapter, adapter_for, load_checkpoint
 from tasks.training import evaluate_model, fit, pick_device
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,12 @@ def main(
         ctx.log_params(cfg)
         for stale in ("model.pt", "metrics.json", "meta.json"):
             remove(out / stale)
+        imported = adapter_for(ctx.params.model)
+        if not getattr(imported, "torch_stages", True):  # an imported ONNX: nothing to distill
+            metrics = skipped.write(imported, out, config=cfg, checkpoint=student)
+            ctx.log_metrics(metrics)
+            log.info("distill: %s", metrics["status"])
+            return
         _, teacher_model, _ = load_checkpoint(teacher, ctx.params.model)
         adapter, student_model, ckpt = load_checkpoint(student, ctx.params.model)
         _, train, val = load_splits(manifest, adapter.input_size(student_model))

@@ -30,13 +30,14 @@ from tasks.config import BuildEngineCfg, EvaluateCfg, ExportCfg, Kpi
 from tasks.engines import Runner, engine_size_mb, get
 from tasks.io import meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, detection_parity, predict
-from tasks.models import ModelAdapter, load_checkpoint
+from tasks.models import ModelAdapter, adapter_for, load_checkpoint
 from tasks.models.config import ModelCfg
 from tasks.onnx_export import to_onnx
 
 log = logging.getLogger(__name__)
 BASELINE = "pytorch_eager_fp32"
 FP32_SAME_RUNTIME = "fp32_uncompressed"
+IMPORTED_BASELINE = "onnxruntime_fp32_imported"  # family onnx: the user's graph, FP32, in ORT
 QUALITY = ("map50", "map50_95", "precision", "recall")
 
 
@@ -65,30 +66,60 @@ def run(
     export_cfg: ExportCfg,
     work: Path,
     model_cfg: ModelCfg | None = None,
+    input_size: int = 128,
 ) -> tuple[dict, list[dict]]:
     """Evaluate the deployed engine of `target` beside two references measured in the same
     process: the uncompressed FP32 model built for the same runtime, and FP32 PyTorch eager.
 
     `model_checkpoint` is the model the engine was built from (for MACs and params);
-    `baseline_checkpoint` is the trained, uncompressed one. Returns (metrics, PR-curve rows).
+    `baseline_checkpoint` is the trained, uncompressed one. For an imported ONNX (`family:
+    onnx`, no PyTorch model) both references are the imported graph at `input_size`, FP32:
+    on the same runtime, and on ONNX Runtime in place of PyTorch eager. Returns (metrics,
+    PR-curve rows).
     """
     facts = json.loads((engine_dir / "engine.json").read_text())
     if facts["status"] != "ok":
         return {"target": target, "status": facts["status"]}, []
     torch.set_num_threads(engine_cfg.threads)
     engine = get(target)
-    adapter, deployed, _ = load_checkpoint(model_checkpoint, model_cfg)
-    _, baseline, _ = load_checkpoint(baseline_checkpoint, model_cfg)
-    # The uncompressed FP32 model on the same runtime: what a user gets with no pipeline.
-    to_onnx(adapter, baseline, export_cfg, work / "fp32.onnx")
+    adapter = adapter_for(model_cfg or ModelCfg())
+    imported = not getattr(adapter, "torch_stages", True)
+    baseline_name = IMPORTED_BASELINE if imported else BASELINE
+    if imported:  # no PyTorch model: the FP32 reference is the imported graph itself
+        size = input_size
+        facts = adapter.prepare(
+            work / "fp32.onnx",
+            num_classes=len(manifest["splits"]["train"]["categories"]),
+            input_size=size,
+            max_detections=export_cfg.max_detections,
+            score_floor=export_cfg.score_floor,
+        )
+        shape = dict.fromkeys(
+            (target, FP32_SAME_RUNTIME, BASELINE), (facts["macs"], facts["params"])
+        )
+        baseline_size = adapter.imported_onnx().stat().st_size / 2**20
+        eager = get("onnxruntime")
+        (work / "reference").mkdir()
+        eager.build(work / "fp32.onnx", work / "reference", engine_cfg)
+        reference = eager.load(work / "reference", engine_cfg)
+    else:
+        adapter, deployed, _ = load_checkpoint(model_checkpoint, model_cfg)
+        _, baseline, _ = load_checkpoint(baseline_checkpoint, model_cfg)
+        size = adapter.input_size(deployed)
+        # The uncompressed FP32 model on the same runtime: what a user gets with no pipeline.
+        to_onnx(adapter, baseline, export_cfg, work / "fp32.onnx")
+        shape = {target: adapter.macs_and_params(deployed)}
+        shape[FP32_SAME_RUNTIME] = shape[BASELINE] = adapter.macs_and_params(baseline)
+        baseline_size = baseline_checkpoint.stat().st_size / 2**20
+        reference = eager_runner(adapter, baseline, export_cfg)
     (work / "fp32").mkdir()
     engine.build(work / "fp32.onnx", work / "fp32", engine_cfg)
     runners = {
         target: engine.load(engine_dir, engine_cfg),
         FP32_SAME_RUNTIME: engine.load(work / "fp32", engine_cfg),
-        BASELINE: eager_runner(adapter, baseline, export_cfg),
+        BASELINE: reference,
     }
-    test = DetectionSet(manifest, "test", adapter.input_size(deployed))
+    test = DetectionSet(manifest, "test", size)
     rows = {name: predict(fn, test) for name, fn in runners.items()}
     quality = {name: coco_metrics(test.coco, r, cfg.score_threshold) for name, r in rows.items()}
     one = test.batch(slice(0, 1))
@@ -106,12 +137,10 @@ def run(
         for b in batches
     }
     top = max(batches)
-    shape = {target: adapter.macs_and_params(deployed)}
-    shape[FP32_SAME_RUNTIME] = shape[BASELINE] = adapter.macs_and_params(baseline)
     sizes = {
         target: engine_size_mb(engine_dir),
         FP32_SAME_RUNTIME: engine_size_mb(work / "fp32"),
-        BASELINE: baseline_checkpoint.stat().st_size / 2**20,
+        BASELINE: baseline_size,
     }
     kpis = {}
     for name in runners:
@@ -152,7 +181,7 @@ def run(
             for ref in [quality[BASELINE]["ap50_per_class"].get(c)]
         },
         "fp32_same_runtime": {"name": FP32_SAME_RUNTIME, **same},
-        "baseline": {"name": BASELINE, **base},
+        "baseline": {"name": baseline_name, **base},
     }
     return metrics, quality[target]["pr_curve"]
 
@@ -232,6 +261,7 @@ def main(
                 engine_cfg=ctx.params.build_engine,
                 export_cfg=ctx.params.export,
                 model_cfg=ctx.params.model,
+                input_size=ctx.params.train.input_size,
                 work=Path(work),
             )
         buf = io.StringIO()

@@ -12,11 +12,11 @@ from pathlib import Path
 import typer
 
 from tasks.cli import stage_entry
-from tasks.coco import DetectionSet
+from tasks.coco import DetectionSet, read_manifest
 from tasks.config import ExportCfg
 from tasks.errors import GateFailed
 from tasks.io import meta, remove, write_json
-from tasks.models import load_checkpoint
+from tasks.models import adapter_for, load_checkpoint
 from tasks.models.config import ModelCfg
 from tasks.onnx_export import parity, to_onnx
 
@@ -69,13 +69,25 @@ def main(
         ctx.log_params(cfg)
         for stale in ("model.onnx", "metrics.json", "meta.json"):
             remove(out / stale)
-        result = run(
-            cfg,
-            checkpoint=checkpoint,
-            manifest=json.loads(manifest.read_text()),
-            out=out / "model.onnx",
-            model_cfg=ctx.params.model,
-        )
+        adapter = adapter_for(ctx.params.model)
+        if getattr(adapter, "torch_stages", True):
+            result = run(
+                cfg,
+                checkpoint=checkpoint,
+                manifest=json.loads(manifest.read_text()),
+                out=out / "model.onnx",
+                model_cfg=ctx.params.model,
+            )
+        else:  # an imported ONNX: checked, its decode + NMS appended (tasks/models/onnx_import)
+            categories = read_manifest(manifest)["splits"]["train"]["categories"]
+            result = adapter.prepare(
+                out / "model.onnx",
+                num_classes=len(categories),
+                input_size=ctx.params.train.input_size,
+                max_detections=cfg.max_detections,
+                score_floor=cfg.score_floor,
+            )
+            result["parity"] = f"{adapter.skipped}: no PyTorch model to compare with"
         write_json(
             out / "meta.json",
             meta(cfg, {"checkpoint": checkpoint}, ("onnx", "onnxsim", "onnxslim", "onnxruntime")),

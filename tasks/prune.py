@@ -28,13 +28,13 @@ import torch_pruning as tp
 import typer
 from torch import nn
 
-from tasks import latency
+from tasks import latency, skipped
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, load_splits
 from tasks.config import BuildEngineCfg, PruneCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json, write_text
-from tasks.models import ModelAdapter, load_checkpoint
+from tasks.models import ModelAdapter, adapter_for, load_checkpoint
 from tasks.training import evaluate_model, fit
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,14 @@ def main(
         ctx.log_params(cfg)
         for stale in ("model.pt", "metrics.json", "meta.json", CURVE):
             remove(out / stale)
+        imported = adapter_for(ctx.params.model)
+        if not getattr(imported, "torch_stages", True):  # an imported ONNX: nothing to prune
+            metrics = skipped.write(
+                imported, out, config=cfg, checkpoint=checkpoint, plots={CURVE: CURVE_COLUMNS}
+            )
+            ctx.log_metrics(metrics)
+            log.info("prune: %s", metrics["status"])
+            return
         adapter, model, ckpt = load_checkpoint(checkpoint, ctx.params.model)
         _, train, val = load_splits(manifest, adapter.input_size(model))
         model, metrics = run(

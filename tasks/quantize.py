@@ -48,6 +48,7 @@ from tasks.engines.int8 import qdq_types
 from tasks.errors import ConfigError
 from tasks.io import atomic_dir, check_onnx, copy_file, meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
+from tasks.models.onnx_decode import integral_convs
 from tasks.precision import (
     conv_precision,
     decision_key,
@@ -138,7 +139,10 @@ def to_int8(
     exclude: list[str] | None = None,
 ) -> None:
     """QDQ-quantize the convolutions of `src` into `dst` (all, `only` these, or all but
-    `exclude`) with the activation ranges in `cache` (see `calibrate`)."""
+    `exclude`) with the activation ranges in `cache` (see `calibrate`). Integral convs (a box
+    distribution's fixed bin centres: `integral_convs`) always stay float."""
+    fixed = integral_convs(onnx.load(str(src)))
+    exclude = sorted({*(exclude or []), *fixed}) or None
     quantize_static(
         str(src),
         str(dst),
@@ -183,16 +187,19 @@ def val_map(path: Path, val: DetectionSet, threads: int) -> float:
     return coco_metrics(val.coco, predict(runner, val), 0.3)["map50"]
 
 
+def _quantizable(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    fixed = set(integral_convs(model))
+    return [n for n in model.graph.node if n.op_type in QUANTIZED_OPS and n.name not in fixed]
+
+
 def conv_names(path: Path) -> list[str]:
-    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in QUANTIZED_OPS]
+    return [n.name for n in _quantizable(onnx.load(str(path)))]
 
 
 def layer_types(path: Path) -> dict[str, list[str]]:
     """The quantizable nodes of `path` grouped by kind ("3x3", "1x1", "depthwise 3x3", ...)."""
     types: dict[str, list[str]] = {}
-    for node in onnx.load(str(path)).graph.node:
-        if node.op_type not in QUANTIZED_OPS:
-            continue
+    for node in _quantizable(onnx.load(str(path))):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         kind = "x".join(str(k) for k in attrs.get("kernel_shape", []))
         kind = f"depthwise {kind}" if attrs.get("group", 1) > 1 else kind

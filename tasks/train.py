@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from tasks import skipped
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, check_min_boxes, load_splits, read_manifest
 from tasks.config import TrainCfg
@@ -23,6 +24,7 @@ from tasks.models import ModelAdapter, adapter_for
 from tasks.training import evaluate_model, fit
 
 log = logging.getLogger(__name__)
+COLUMNS = ("epoch", "train_loss", "val_map50", "val_map50_95")  # plots/curves.csv
 
 
 def run(
@@ -51,12 +53,18 @@ def main(
         ctx.log_params(cfg)
         for stale in ("model.pt", "metrics.json", "meta.json", "plots/curves.csv"):
             remove(out / stale)
+        adapter = adapter_for(ctx.params.model)
+        if not getattr(adapter, "torch_stages", True):  # an imported ONNX: nothing to train
+            metrics = skipped.write(
+                adapter, out, config=cfg, manifest=manifest, plots={"plots/curves.csv": COLUMNS}
+            )
+            ctx.log_metrics(metrics)
+            log.info("train: %s (%s)", metrics["status"], metrics["source"])
+            return
         m = read_manifest(manifest)
         check_min_boxes(m, manifest, "train", cfg.min_boxes, "train.min_boxes")
         m, train, val = load_splits(manifest, cfg.input_size)
         log.info("train: %d images, val: %d images", len(train), len(val))
-
-        adapter = adapter_for(ctx.params.model)
         model, history = run(adapter, cfg, train=train, val=val, on_epoch=ctx.log_epoch)
         macs, n_params = adapter.macs_and_params(model)
         final = evaluate_model(adapter, model, val, ctx.params.evaluate.score_threshold)

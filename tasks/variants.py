@@ -24,7 +24,8 @@ from tasks.config import Params
 from tasks.engines import engine_size_mb, get
 from tasks.io import remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
-from tasks.models import load_checkpoint
+from tasks.models import adapter_for, load_checkpoint
+from tasks.models.onnx_graph import macs_and_params
 from tasks.onnx_export import to_onnx
 from tasks.quantize import CALIBRATORS, calibrate, calibration_set, to_int8
 
@@ -48,13 +49,18 @@ def run(
     (model.onnx, model.fp16.onnx, report.json).
     """
     cfg, engine_cfg = params.quantize, params.build_engine
-    loaded = {name: load_checkpoint(path, params.model) for name, path in checkpoints.items()}
-    adapter = loaded["distilled"][0]
-    models = {name: model for name, (_, model, _) in loaded.items()}
-    size = adapter.input_size(models["distilled"])
-    onnx_files = {name: work / f"{name}.onnx" for name in ("trained", "pruned")}
-    for name, path in onnx_files.items():
-        to_onnx(adapter, models[name], params.export, path)
+    adapter = adapter_for(params.model)
+    if getattr(adapter, "torch_stages", True):
+        loaded = {name: load_checkpoint(path, params.model) for name, path in checkpoints.items()}
+        models = {name: model for name, (_, model, _) in loaded.items()}
+        size = adapter.input_size(models["distilled"])
+        onnx_files = {name: work / f"{name}.onnx" for name in ("trained", "pruned")}
+        for name, path in onnx_files.items():
+            to_onnx(adapter, models[name], params.export, path)
+        macs = {name: adapter.macs_and_params(model)[0] for name, model in models.items()}
+    else:  # an imported ONNX: not trained, pruned or distilled here; its graph is the start
+        size, onnx_files = params.train.input_size, {}
+        macs = {"distilled": macs_and_params(exported)[0]}
     onnx_files["distilled"] = distilled = exported
     images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
     for name in CALIBRATORS:
@@ -87,7 +93,6 @@ def run(
         runs=5 * ev.latency_runs,
         rounds=2 * ev.rounds,
     )
-    macs = {name: adapter.macs_and_params(model)[0] for name, model in models.items()}
     table = {}
     for name, (target, _, _) in builds.items():
         quality = coco_metrics(test.coco, predict(runners[name], test), ev.score_threshold)
