@@ -37,18 +37,36 @@ def _simplify(model: onnx.ModelProto, simplifier: str) -> onnx.ModelProto:
     return model
 
 
+def _module_path(scopes: list[str]) -> str:
+    """The module path of a node from the exporter's name scopes, whose entries are either
+    full paths ('model.stages.0') or attribute names relative to the last ('conv'); the last
+    entry is the op itself."""
+    path = ""
+    for entry in scopes[:-1]:
+        if not entry:
+            continue
+        path = entry if not path or entry.startswith(f"{path}.") else f"{path}.{entry}"
+    return path
+
+
 def _name_convs_by_module(model: onnx.ModelProto) -> None:
-    """Rename each Conv node to its PyTorch block path ("stem", "stages.0.1", "out"), from the
-    exporter's name-scope metadata, so quantization reports and exclusions speak model terms."""
+    """Rename each Conv node to its PyTorch module path, without the deployable wrapper's
+    `model.` ("stem", "stages.0.1", "out"; a Conv-BN-ReLU block's conv at index 0 is named
+    after the block), from the exporter's name-scope metadata, so quantization reports and
+    exclusions speak model terms. Names that would repeat keep the exporter's."""
+    names: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         scopes = next(
             (p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None
         )
         if node.op_type != "Conv" or scopes is None:
             continue
-        module = ast.literal_eval(scopes)[-2]  # e.g. 'model.stages.0.1.0'
-        path = module.removeprefix("model.")
-        node.name = path if path == "out" else path.removesuffix(".0")
+        path = _module_path(ast.literal_eval(scopes)).removeprefix("model.")
+        if path:
+            names.setdefault(path if path == "out" else path.removesuffix(".0"), []).append(node)
+    for name, nodes in names.items():
+        if len(nodes) == 1:
+            nodes[0].name = name
 
 
 def _batchnorms(module: torch.nn.Module) -> int:

@@ -24,6 +24,7 @@ PIPELINE_FILES = (
     ".dvc/config",
     ".gitignore",
     "data/README.md",
+    "data/models/README.md",  # model.path: the folder of a user's model files (a dvc dep)
     "tasks",
     "flows",
     "prefect.yaml",

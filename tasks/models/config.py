@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -49,6 +50,11 @@ class ModelCfg(Section):
         description="'package.module:function' returning a ModelAdapter for a user's own family "
         "(overrides family)",
     )
+    path: SafePath = Field(
+        "data/models",
+        description="the folder holding the user's model files: model.weights and model.onnx "
+        "lie under it (dvc.yaml depends on it, so a changed file re-runs the pipeline)",
+    )
     weights: SafePath | None = Field(
         None,
         description="a user's trained checkpoint to start from (yolo: an Ultralytics .pt, a "
@@ -64,6 +70,20 @@ class ModelCfg(Section):
     centernet: CenterNetCfg = CenterNetCfg()
     yolo: YoloCfg = YoloCfg()
     imported: ImportedCfg = ImportedCfg()
+
+    @model_validator(mode="after")
+    def _files_under_path(self) -> ModelCfg:
+        root = PurePath(self.path)
+        for key in ("weights", "onnx"):
+            value = getattr(self, key)
+            if value is not None and (
+                ".." in PurePath(value).parts or not PurePath(value).is_relative_to(root)
+            ):
+                raise ValueError(
+                    f"model.{key}: {value!r} must lie under model.path ({self.path}), the "
+                    "folder DVC tracks for the pipeline"
+                )
+        return self
 
     @model_validator(mode="after")
     def _onnx_needs_a_file(self) -> ModelCfg:
