@@ -8,9 +8,7 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import yaml
 
 from tasks import build_engine, evaluate, export, train
@@ -23,6 +21,7 @@ FACTORY = "tests.fixtures.my_detector:build"
 
 
 def test_user_family_trains_exports_and_evaluates(tiny, tiny_manifest, tmp_path):
+    """The factory's adapter through the stages' own functions, as the pipeline calls them."""
     from tasks.models import adapter_for
 
     model_cfg = tiny.model.model_copy(update={"factory": FACTORY})
@@ -30,11 +29,11 @@ def test_user_family_trains_exports_and_evaluates(tiny, tiny_manifest, tmp_path)
     cfg = tiny.train.model_copy(update={"epochs": 10, "threads": 1})
     train_set = DetectionSet(tiny_manifest, "train", cfg.input_size)
     val = DetectionSet(tiny_manifest, "val", cfg.input_size)
-    untrained = evaluate_model(adapter, adapter.build(len(train_set.categories), 64, 0), val)
+    untrained = evaluate_model(adapter, adapter.build(len(train_set.categories), 64, cfg.seed), val)
     model, history = train.run(adapter, cfg, train=train_set, val=val)
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
     ckpt_path = tmp_path / "model.pt"
-    adapter.save(ckpt_path, model, train_set.categories, {"train_cfg": cfg.model_dump()})
+    adapter.save(ckpt_path, model, train_set.categories, {"train_cfg": cfg.model_dump(mode="json")})
 
     loaded_adapter, _, ckpt = load_checkpoint(ckpt_path, model_cfg)  # weights_only inside
     assert ckpt["family"] == loaded_adapter.family == "my_detector"
@@ -72,29 +71,47 @@ def test_user_family_trains_exports_and_evaluates(tiny, tiny_manifest, tmp_path)
 
 
 USER_MODULE = "def build(cfg):\n    return {'family': 'mine'}  # a dict, not an adapter\n"
+CASES = {  # model section -> the start of the one error line
+    "does-not-import": (
+        {"factory": "no_such_pkg.models:build"},
+        "params.yaml: model.factory: 'no_such_pkg.models:build' does not import",
+    ),
+    "returns-a-dict": (
+        {"factory": "user_models:build"},
+        "params.yaml: model.factory: 'user_models:build' returned dict, not a ModelAdapter",
+    ),
+    "unknown-family": ({"family": "nosuchfamily"}, "params.yaml: model.family: unknown family"),
+}
 
 
-@pytest.mark.parametrize(
-    ("model", "message"),
-    [
-        ({"factory": "no_such_pkg.models:build"}, "params.yaml: model.factory: "),
-        ({"factory": "user_models:build"}, "params.yaml: model.factory: "),
-        ({"family": "nosuchfamily"}, "params.yaml: model.family: unknown family 'nosuchfamily'"),
-    ],
-    ids=["does-not-import", "returns-a-dict", "unknown-family"],
-)
-def test_unusable_model_is_one_line_exit_2(model, message, tmp_path):
-    params = tiny_params()
-    params["model"].update(model)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (tmp_path / "user_models.py").write_text(USER_MODULE)  # importable from the project dir
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks.train", "--params", "params.yaml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2, proc.stderr
-    assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not Path(tmp_path / "artifacts" / "train" / "model.pt").exists()
+def test_unusable_model_is_one_line_exit_2(tmp_path):
+    """`python -m tasks.train` with each bad model section (the three run side by side: each
+    costs a Python start with torch and MLflow; each has its own MLflow store, as SQLite schema
+    creation does not take concurrent writers)."""
+    procs = {}
+    for case, (model, _) in CASES.items():
+        work = tmp_path / case
+        work.mkdir()
+        params = tiny_params()
+        params["model"].update(model)
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (work / "user_models.py").write_text(USER_MODULE)  # importable from the project dir
+        procs[case] = subprocess.Popen(
+            [sys.executable, "-m", "tasks.train", "--params", "params.yaml"],
+            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"},
+        )  # fmt: skip
+    try:
+        for case, proc in procs.items():
+            _, stderr = proc.communicate(timeout=300)
+            errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+            assert proc.returncode == 2, (case, stderr)
+            assert len(errors) == 1, (case, stderr)
+            assert errors[0].startswith(f"error: {CASES[case][1]}"), (case, stderr)
+            assert "Traceback" not in stderr, (case, stderr)
+            assert not (tmp_path / case / "artifacts" / "train" / "model.pt").exists()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
