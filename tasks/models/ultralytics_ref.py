@@ -1,0 +1,445 @@
+"""Ultralytics' own OpenVINO export of a YOLO model: the reference a YOLO user compares us with.
+
+`ultralytics_int8_reference` runs `YOLO(weights).export(format="openvino", int8=True, ...)`
+(Ultralytics calibrates with NNCF on the data.yaml split it is given, keeping the Detect head in
+float) and the FP32 export (`int8=False`) of the same model, offline, in a temp folder, and
+measures both the way the project measures its own engines: mAP on the project's letterboxed
+test split with the project's metrics (tasks/metrics.py), batch-1 latency of the compiled
+OpenVINO model timed in alternating blocks (tasks/bench.py), and the IR's file size.
+
+`write_yolo_dataset` writes the project's manifest as the Ultralytics dataset layout that the
+export (and Ultralytics' trainer) reads; `to_ultralytics_pt` turns a project checkpoint of the
+`yolo` family (state_dict + model yaml) into a temporary Ultralytics `.pt`.
+
+Ultralytics is imported only through `offline_ultralytics()`, which first switches off every
+path to the network: `YOLO_OFFLINE` (its online check answers False, so no telemetry, no
+update check), `YOLO_AUTOINSTALL=false` (a missing requirement is an error, never a pip
+install), the integrations and `sync` settings off (in memory: the user's settings file is not
+rewritten), and a private settings folder whose `Arial.ttf` is matplotlib's DejaVu Sans
+(Ultralytics' dataset check otherwise fetches the font; plots are off, it is never drawn).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import yaml
+from pydantic import Field
+
+from tasks.coco import DetectionSet, resolve_image
+from tasks.config_types import PosInt, Section
+from tasks.errors import ConfigError, DataError
+from tasks.io import copy_file, md5_file, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# Ultralytics' switches, set (unless the user set them) before it is first imported
+ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false"}
+CONFIG_DIR_ENV = "YOLO_CONFIG_DIR"
+# settings that would send data out or log runs elsewhere (MLflow, DVC, W&B, ...)
+SETTINGS_OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+FONTS = ("Arial.ttf", "Arial.Unicode.ttf")  # what Ultralytics' check_font looks for
+VARIANTS = {"ultralytics_openvino_fp32": False, "ultralytics_openvino_int8": True}
+
+
+def private_config_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"shrinkflow-ultralytics-{os.getuid()}"
+
+
+def offline_ultralytics() -> ModuleType:
+    """Import Ultralytics with downloads, auto-installs, telemetry and integrations off.
+
+    Environment switches are set only where the user has not set them; they take effect only
+    if Ultralytics is not yet imported in this process (its online check runs at import), so
+    every project module reaches Ultralytics through this function.
+    """
+    import sys
+
+    first = "ultralytics" not in sys.modules
+    if first:
+        for key, value in {**ENV, CONFIG_DIR_ENV: str(private_config_dir())}.items():
+            os.environ.setdefault(key, value)
+    import ultralytics
+    from ultralytics.utils import ONLINE, SETTINGS, USER_CONFIG_DIR
+
+    if ONLINE:
+        log.warning("Ultralytics was imported before offline_ultralytics(): it may go online")
+    # dict.update, not SETTINGS.update: the latter rewrites the settings file on disk
+    dict.update(SETTINGS, dict.fromkeys(SETTINGS_OFF, False))
+    if Path(USER_CONFIG_DIR).is_relative_to(private_config_dir()):  # <dir>/Ultralytics
+        import matplotlib
+
+        font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        for name in FONTS:
+            if not (Path(USER_CONFIG_DIR) / name).exists():
+                copy_file(font, Path(USER_CONFIG_DIR) / name)
+    return ultralytics
+
+
+# -- the dataset ------------------------------------------------------------------------------
+def yolo_label_lines(coco: dict) -> dict[int, list[str]]:
+    """{image id: label lines `class cx cy w h`} of a COCO split, normalised by each image's
+    size; classes numbered in category-id order; crowd annotations left out (Ultralytics has
+    no ignore regions); images without boxes get no lines (negatives)."""
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    index = {c["id"]: k for k, c in enumerate(cats)}
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    lines: dict[int, list[str]] = {im["id"]: [] for im in coco["images"]}
+    for a in coco["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        w, h = sizes[a["image_id"]]
+        x, y, bw, bh = a["bbox"]
+        lines[a["image_id"]].append(
+            f"{index[a['category_id']]} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} "
+            f"{bw / w:.6f} {bh / h:.6f}"
+        )
+    return lines
+
+
+def write_yolo_dataset(
+    manifest: dict, out: Path, splits: Iterable[str] = SPLITS, *, link: bool = True
+) -> Path:
+    """Write the project's manifest ({root, splits: {split: COCO}}) in the Ultralytics layout.
+
+    `out/images/<split>/` holds each image (a symlink to the manifest's file, or a copy when
+    `link` is False or the file system refuses links), `out/labels/<split>/<stem>.txt` its
+    boxes (see `yolo_label_lines`), `out/data.yaml` the absolute path, the splits and `names`
+    in category-id order. A file name is prefixed with its image id, so images of the same
+    name in different folders stay apart. Returns the data.yaml path.
+
+    Raises:
+        DataError: an image path escapes the manifest's root, or a split is missing.
+    """
+    out = Path(out)
+    root = Path(manifest["root"])
+    splits = list(splits)
+    names = None
+    for split in splits:
+        coco = manifest["splits"].get(split)
+        if coco is None:
+            raise DataError(
+                f"manifest: splits.{split}: missing (found {sorted(manifest['splits'])})"
+            )
+        cats = sorted(coco["categories"], key=lambda c: c["id"])
+        names = names or [c["name"] for c in cats]
+        images, labels = out / "images" / split, out / "labels" / split
+        images.mkdir(parents=True, exist_ok=True)
+        labels.mkdir(parents=True, exist_ok=True)
+        lines = yolo_label_lines(coco)
+        for i, im in enumerate(coco["images"]):
+            src = resolve_image(root, im["file_name"], root, f"splits.{split}.images[{i}]")
+            dst = images / f"{im['id']}_{Path(im['file_name']).name}"
+            dst.unlink(missing_ok=True)
+            try:
+                if not link:
+                    raise OSError("copy asked for")
+                dst.symlink_to(src)
+            except OSError:
+                shutil.copyfile(src, dst)
+            write_text(labels / f"{dst.stem}.txt", "\n".join(lines[im["id"]]))
+    spec = {"path": str(out.resolve()), **{s: f"images/{s}" for s in splits}, "names": names}
+    if "val" not in spec:  # Ultralytics requires train and val keys
+        spec["val"] = spec[splits[0]]
+    write_text(out / "data.yaml", yaml.safe_dump(spec, sort_keys=False))
+    return out / "data.yaml"
+
+
+# -- a project checkpoint as an Ultralytics .pt -----------------------------------------------
+def to_ultralytics_pt(ckpt: dict, out: Path, source: Path | None = None) -> Path:
+    """Write a project checkpoint of the `yolo` family as an Ultralytics `.pt` at `out`.
+
+    The checkpoint (read with `torch.load(weights_only=True)`) must hold `state_dict`,
+    `categories` ([{id, name}], in class order) and `config.yaml`: the model yaml as a dict
+    (Ultralytics' `DetectionModel.yaml`, e.g. yaml.safe_load of yolov8n.yaml with its `scale`)
+    or the name of a yaml shipped with Ultralytics (`yolov8n.yaml`). The model is rebuilt with
+    Ultralytics' DetectionModel, the weights loaded strictly, and saved the way Ultralytics'
+    trainer saves (`{"model": module, "train_args": ...}`, a pickle Ultralytics loads itself).
+    `source` (the checkpoint's path) names the file in errors.
+
+    Raises:
+        DataError: the checkpoint is not of the `yolo` family, lacks a field, or its weights do
+            not fit the model its yaml describes.
+    """
+    import torch
+
+    offline_ultralytics()
+    from ultralytics import __version__
+    from ultralytics.nn.tasks import DetectionModel
+
+    where = Path(source) if source else Path(out)
+    config = ckpt.get("config") or {}
+    if ckpt.get("family") != "yolo" or "yaml" not in config or "state_dict" not in ckpt:
+        raise DataError(
+            f"{where}: expected a yolo-family checkpoint with config.yaml and state_dict, "
+            f"found family {ckpt.get('family')!r} and keys {sorted(ckpt)}"
+        )
+    names = [c["name"] for c in ckpt["categories"]]
+    model = DetectionModel(config["yaml"], nc=len(names), verbose=False)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise DataError(f"{where}: weights do not fit the model yaml: {e}") from e
+    model.names = dict(enumerate(names))
+    model.args = {"imgsz": int(config.get("input_size", 640)), "task": "detect"}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    torch.save({"model": model.eval(), "train_args": model.args, "version": __version__}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# -- the reference ----------------------------------------------------------------------------
+class ReferenceCfg(Section):
+    """How Ultralytics' export is made and measured (defaults: Ultralytics' own)."""
+
+    imgsz: PosInt = Field(128, description="export and evaluation input side, px (the project's)")
+    threads: PosInt = Field(2, description="OpenVINO INFERENCE_NUM_THREADS (build_engine.threads)")
+    precision: str | None = Field(
+        "f32",
+        description="OpenVINO INFERENCE_PRECISION_HINT for float layers (build_engine."
+        "openvino_precision); None: OpenVINO's CPU default (bf16 where the CPU has it)",
+    )
+    calibration_split: str = Field("val", description="data.yaml split NNCF calibrates on")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of that split used")
+    conf: float = Field(0.001, ge=0, lt=1, description="NMS score floor (Ultralytics' val)")
+    iou: float = Field(0.7, gt=0, le=1, description="NMS IoU (Ultralytics' val)")
+    max_det: PosInt = Field(300, description="detections kept per image (Ultralytics' val)")
+    score_threshold: float = Field(0.3, gt=0, lt=1, description="evaluate.score_threshold")
+    warmup: int = Field(10, ge=0, description="untimed calls before each timed block")
+    runs: PosInt = Field(200, description="timed batch-1 calls per variant")
+    rounds: PosInt = Field(5, description="alternating timing rounds")
+
+
+def reference_cfg(params, **overrides) -> ReferenceCfg:
+    """The ReferenceCfg that measures like the project's own engines under `params` (Params):
+    input side `train.input_size`, `build_engine.threads` and `.openvino_precision`,
+    `evaluate.score_threshold`; `overrides` (e.g. runs, rounds) win."""
+    return ReferenceCfg(
+        imgsz=params.train.input_size,
+        threads=params.build_engine.threads,
+        precision=params.build_engine.openvino_precision,
+        score_threshold=params.evaluate.score_threshold,
+        **overrides,
+    )
+
+
+def _export(weights_pt: Path, data_yaml: Path, int8: bool, cfg: ReferenceCfg, work: Path) -> Path:
+    """Ultralytics' OpenVINO export of a copy of `weights_pt` under `work`; the IR's .xml."""
+    offline_ultralytics()
+    from ultralytics import YOLO
+
+    folder = work / ("int8" if int8 else "fp32")
+    folder.mkdir(parents=True)
+    pt = folder / "model.pt"  # export writes next to the weights: never beside the user's file
+    shutil.copyfile(weights_pt, pt)
+    exported = YOLO(str(pt)).export(
+        format="openvino",
+        quantize=8 if int8 else None,  # Ultralytics 8.4's spelling of int8=True
+        data=str(data_yaml),
+        imgsz=cfg.imgsz,
+        batch=1,
+        split=cfg.calibration_split,
+        fraction=cfg.fraction,
+        device="cpu",
+        verbose=False,
+    )
+    xml = sorted(Path(exported).glob("*.xml"))
+    if not xml:
+        raise ConfigError(f"ultralytics: OpenVINO export wrote no .xml under {exported}")
+    return xml[0]
+
+
+def _compile(xml: Path, cfg: ReferenceCfg):
+    import openvino as ov
+
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cfg.threads}
+    if cfg.precision:
+        config["INFERENCE_PRECISION_HINT"] = cfg.precision
+    return ov.Core().compile_model(str(xml), "CPU", config)
+
+
+def raw_runner(compiled):
+    """float32 (1, 3, S, S) in [0, 1] -> the model's raw (1, 4 + C, N): xywh in input pixels,
+    class scores after sigmoid."""
+    request = compiled.create_infer_request()
+    output = compiled.outputs[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return request.infer({0: x})[output]
+
+    return run
+
+
+def ultralytics_nms(raw: np.ndarray, size: int, cfg: ReferenceCfg) -> list[np.ndarray]:
+    """Ultralytics' own NMS (ultralytics.utils.nms.non_max_suppression) on raw (B, 4 + C, N):
+    (num (B,), boxes (B, K, 4) xyxy input pixels, scores (B, K), classes (B, K)), K = max_det,
+    rows past num zero: the project's runner signature (tasks/metrics.py). Boxes are clipped
+    to the `size` x `size` input, as Ultralytics' predictor and validator clip to the image."""
+    import torch
+    from ultralytics.utils.nms import non_max_suppression
+
+    kept = non_max_suppression(
+        torch.from_numpy(np.ascontiguousarray(raw)), cfg.conf, cfg.iou, max_det=cfg.max_det
+    )
+    b, k = len(kept), cfg.max_det
+    num = np.zeros(b, np.int32)
+    boxes = np.zeros((b, k, 4), np.float32)
+    scores = np.zeros((b, k), np.float32)
+    classes = np.zeros((b, k), np.int32)
+    for j, det in enumerate(kept):  # det: (n, 6) x1 y1 x2 y2 score class, by score
+        d = det.numpy()
+        n = num[j] = len(d)
+        boxes[j, :n] = np.clip(d[:, :4], 0, size)
+        scores[j, :n], classes[j, :n] = d[:, 4], d[:, 5]
+    return [num, boxes, scores, classes]
+
+
+def detection_runner(compiled, cfg: ReferenceCfg):
+    """The compiled export + Ultralytics' NMS as a project runner, batch by batch of one."""
+    raw = raw_runner(compiled)
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        outs = [ultralytics_nms(raw(x[i : i + 1]), x.shape[-1], cfg) for i in range(len(x))]
+        return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+    return run
+
+
+def _macs(weights_pt: Path, imgsz: int) -> int:
+    """Ultralytics' own count (thop, reported as GFLOPs = 2 x MACs) at batch 1."""
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import get_flops
+
+    return int(round(get_flops(YOLO(str(weights_pt)).model, imgsz) * 1e9 / 2))
+
+
+def ultralytics_int8_reference(
+    weights_pt: Path, data_yaml: Path, manifest: dict, cfg: ReferenceCfg, work: Path | None = None
+) -> dict:
+    """Ultralytics' OpenVINO FP32 and INT8 exports of `weights_pt`, measured like our engines.
+
+    Both exports are made by Ultralytics (`export(format="openvino", quantize=8 | None (int8=True
+    | False before 8.4), data=data_yaml,
+    imgsz, batch=1, split=cfg.calibration_split, fraction)`) from a copy of the weights in a
+    temp folder (or `work`). Each is compiled on the CPU (LATENCY hint, `cfg.threads` threads,
+    `cfg.precision`), fed the project's own letterboxed test images (DetectionSet of
+    `manifest`'s test split at `cfg.imgsz`: the same float32 [0, 1] inputs the project's
+    engines get), its raw output reduced by Ultralytics' NMS, and scored by the project's
+    `predict` + `coco_metrics` against the test split.
+
+    Latency is batch 1, in seconds per call, timed with `tasks.bench.time_blocks` (all four
+    runners in one call: alternating shuffled blocks): `latency_ms_p50` / `_p95` are the
+    compiled model alone, without NMS (the project's engines include NMS in the graph);
+    `latency_ms_p50_with_nms` / `_p95` add Ultralytics' torch NMS on the host, as a user of
+    the export runs it. `size_mb` is the IR's .xml + .bin.
+
+    Returns:
+        {"variants": {"ultralytics_openvino_fp32" | "ultralytics_openvino_int8": {map50,
+        map50_95, precision, recall, latency_ms_p50, latency_ms_p95, latency_ms_p50_with_nms,
+        latency_ms_p95_with_nms, throughput_ips, size_mb, macs, conv_precisions, runtime,
+        inference_precision_used}}, "config": cfg, "versions": {...}, "test_images": n}.
+    """
+    from tasks.bench import latency_stats, time_blocks
+    from tasks.engines.openvino_cpu import conv_precisions
+    from tasks.metrics import coco_metrics, predict
+
+    offline_ultralytics()
+    test = DetectionSet(manifest, "test", cfg.imgsz)
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-ulref-") as tmp:
+        work = Path(work or tmp)
+        runners, rows = {}, {}
+        for name, int8 in VARIANTS.items():
+            xml = _export(Path(weights_pt), Path(data_yaml), int8, cfg, work / name)
+            compiled = _compile(xml, cfg)
+            detect = detection_runner(compiled, cfg)
+            metrics = coco_metrics(test.coco, predict(detect, test, 1), cfg.score_threshold)
+            rows[name] = {
+                "runtime": "openvino",
+                **{k: metrics[k] for k in ("map50", "map50_95", "precision", "recall")},
+                "size_mb": sum(xml.with_suffix(s).stat().st_size for s in (".xml", ".bin")) / 2**20,
+                "conv_precisions": conv_precisions(compiled),
+                "inference_precision_used": compiled.get_property(
+                    "INFERENCE_PRECISION_HINT"
+                ).get_type_name(),
+            }
+            runners[name], runners[f"{name}+nms"] = raw_runner(compiled), detect
+        x = test.batch(slice(0, 1))
+        times = time_blocks(runners, x, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds)
+        macs = _macs(Path(weights_pt), cfg.imgsz)
+    for name, row in rows.items():
+        model, nms = latency_stats(times[name], 1), latency_stats(times[f"{name}+nms"], 1)
+        row.update(
+            latency_ms_p50=model["latency_ms_p50"],
+            latency_ms_p95=model["latency_ms_p95"],
+            throughput_ips=model["throughput_ips"],
+            latency_ms_p50_with_nms=nms["latency_ms_p50"],
+            latency_ms_p95_with_nms=nms["latency_ms_p95"],
+            macs=macs,
+        )
+    from tasks.io import versions
+
+    return {
+        "variants": rows,
+        "config": cfg.model_dump(),
+        "test_images": len(test),
+        "versions": versions("ultralytics", "openvino", "nncf", "torch"),
+    }
+
+
+def bench_reference(
+    checkpoint: Path,
+    manifest: Path,
+    out: Path,
+    cfg: ReferenceCfg,
+    *,
+    weights_pt: Path | None = None,
+    work: Path | None = None,
+) -> dict:
+    """The `shrinkflow bench` command's body: Ultralytics' OpenVINO FP32/INT8 of the trained
+    model, written atomically to `out` (JSON) and returned.
+
+    `checkpoint` is the project's trained `yolo` checkpoint (state_dict + model yaml), turned
+    into a temporary Ultralytics .pt; `weights_pt` (a user's Ultralytics .pt) is used as it is
+    instead when given. The dataset is the manifest's splits in a temp Ultralytics layout;
+    the exports go to a temp folder too, or stay under `work` when given.
+
+    Raises:
+        DataError: the checkpoint or manifest is missing or does not fit (names the file).
+    """
+    import torch
+
+    from tasks.coco import read_manifest
+
+    m = read_manifest(manifest)
+    source = Path(weights_pt or checkpoint)
+    if not source.is_file():
+        raise DataError(f"{source}: file not found (the trained model to export)")
+    lineage = {"weights": str(source), "weights_md5": md5_file(source)}
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-ulref-bench-") as tmp:
+        tmp = Path(tmp)
+        if weights_pt is None:
+            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            weights_pt = to_ultralytics_pt(ckpt, tmp / "trained.pt", source=checkpoint)
+        data_yaml = write_yolo_dataset(m, tmp / "data")
+        result = ultralytics_int8_reference(
+            weights_pt, data_yaml, m, cfg, work=Path(work or tmp / "export")
+        )
+    result.update(lineage)
+    write_json(out, result)
+    for name, row in result["variants"].items():
+        log.info(
+            "%s: map50 %.3f, %.3f ms p50 (%.3f ms with NMS), %.2f MB",
+            name, row["map50"], row["latency_ms_p50"], row["latency_ms_p50_with_nms"],
+            row["size_mb"],
+        )  # fmt: skip
+    return result

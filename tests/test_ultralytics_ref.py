@@ -1,0 +1,198 @@
+"""Ultralytics' own OpenVINO FP32/INT8 export as the reference row: a real tiny YOLOv8n trained by
+Ultralytics' trainer (from yolov8n.yaml, 1 epoch, 64 px, 32 images), exported by Ultralytics and
+measured with the project's metrics, with every network call failing loudly."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tasks import data
+from tasks.errors import DataError
+from tasks.metrics import coco_metrics, predict
+from tasks.models import ultralytics_ref as ref
+from tests.conftest import small_data_cfg
+
+
+@pytest.fixture(scope="module")
+def network_attempts():
+    """Every DNS lookup or internet connection made while the module's tests run, refused."""
+    attempts: list[str] = []
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(f"connect {address}")
+            raise OSError(f"test_ultralytics_ref: network access attempted: {address}")
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        attempts.append(f"getaddrinfo {host}")
+        raise OSError(f"test_ultralytics_ref: DNS lookup attempted: {host}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", connect)
+        mp.setattr(socket, "getaddrinfo", getaddrinfo)
+        yield attempts
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, network_attempts):
+    """(manifest, data.yaml) of a small digits dataset: train 32, val 8, test 8, 64 px."""
+    work = tmp_path_factory.mktemp("ulref")
+    data.run(small_data_cfg(train_images=32, val_images=8, test_images=8), out_dir=work / "coco")
+    splits = {s: json.loads((work / "coco" / f"{s}.json").read_text()) for s in ref.SPLITS}
+    manifest = {"root": str(work / "coco"), "splits": splits}
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    return manifest, ref.write_yolo_dataset(manifest, work / "yolo")
+
+
+@pytest.fixture(scope="module")
+def best_pt(tmp_path_factory, dataset):
+    """A real best.pt from Ultralytics' own trainer."""
+    ref.offline_ultralytics()
+    from ultralytics import YOLO
+
+    runs = tmp_path_factory.mktemp("runs")
+    YOLO("yolov8n.yaml").train(
+        data=str(dataset[1]), epochs=1, imgsz=64, batch=16, workers=0, plots=False, amp=False,
+        device="cpu", project=str(runs), name="t", seed=0, verbose=False,
+    )  # fmt: skip
+    return runs / "t" / "weights" / "best.pt"
+
+
+CFG = ref.ReferenceCfg(imgsz=64, threads=1, warmup=2, runs=20, rounds=2)
+
+
+def project_checkpoint(best_pt, categories, path):
+    """What the yolo family saves: state_dict + model yaml, loadable with weights_only=True."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(best_pt)).model
+    ckpt = {
+        "family": "yolo",
+        "config": {"yaml": model.yaml, "input_size": 64},
+        "state_dict": model.state_dict(),
+        "categories": categories,
+    }
+    torch.save(ckpt, path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, dataset, best_pt):
+    """bench_reference on the project checkpoint of the trained model: (result, export folder,
+    results JSON)."""
+    work = tmp_path_factory.mktemp("export")
+    manifest, data_yaml = dataset
+    cats = sorted(manifest["splits"]["train"]["categories"], key=lambda c: c["id"])
+    _, ckpt = project_checkpoint(best_pt, cats, work / "model.pt")
+    out = work / "bench" / "ultralytics-reference.json"
+    manifest_path = data_yaml.parent.parent / "manifest.json"
+    result = ref.bench_reference(ckpt, manifest_path, out, CFG, work=work / "ir")
+    return result, work / "ir", out
+
+
+def test_yolo_dataset_matches_the_manifest(dataset):
+    manifest, data_yaml = dataset
+    spec = yaml.safe_load(data_yaml.read_text())
+    cats = sorted(manifest["splits"]["train"]["categories"], key=lambda c: c["id"])
+    assert spec["names"] == [c["name"] for c in cats]
+    root = data_yaml.parent
+    for split in ref.SPLITS:
+        coco = manifest["splits"][split]
+        images = sorted((root / "images" / split).iterdir())
+        assert len(images) == len(coco["images"]) and all(p.is_file() for p in images)
+        im = coco["images"][0]
+        lines = root / "labels" / split / f"{im['id']}_{im['file_name'].rsplit('/', 1)[-1]}"
+        rows = [r.split() for r in lines.with_suffix(".txt").read_text().splitlines()]
+        anns = [a for a in coco["annotations"] if a["image_id"] == im["id"]]
+        assert len(rows) == len(anns)
+        x, y, w, h = anns[0]["bbox"]
+        cls = [c["id"] for c in cats].index(anns[0]["category_id"])
+        expect = [cls, (x + w / 2) / im["width"], (y + h / 2) / im["height"], w / im["width"]]
+        assert [int(rows[0][0]), *map(float, rows[0][1:4])] == pytest.approx(expect, abs=1e-5)
+
+
+def test_a_path_escaping_the_root_is_a_data_error(tmp_path, dataset):
+    manifest = json.loads(json.dumps(dataset[0]))
+    manifest["splits"]["val"]["images"][0]["file_name"] = "../../etc/passwd"
+    with pytest.raises(DataError, match=r"splits\.val\.images\[0\].*escapes"):
+        ref.write_yolo_dataset(manifest, tmp_path / "out")
+
+
+@pytest.mark.slow  # two Ultralytics exports + NNCF: ~30 s on the loaded 2-core machine
+def test_reference_measures_fp32_and_int8(reference, dataset, network_attempts):
+    result, work, out = reference
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["variants"]
+    assert set(rows) == set(ref.VARIANTS)
+    for row in rows.values():
+        for key in ("map50", "map50_95", "latency_ms_p50", "latency_ms_p50_with_nms", "size_mb"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+        assert row["latency_ms_p50"] > 0 and row["macs"] > 0
+        assert row["latency_ms_p50_with_nms"] > row["latency_ms_p50"]  # NMS on the host costs
+    int8, fp32 = rows["ultralytics_openvino_int8"], rows["ultralytics_openvino_fp32"]
+    assert int8["size_mb"] < fp32["size_mb"] / 2
+    assert int8["conv_precisions"].get("u8", 0) + int8["conv_precisions"].get("i8", 0) > 0
+    assert set(fp32["conv_precisions"]) == {"f32"}
+    assert result["test_images"] == len(dataset[0]["splits"]["test"]["images"])
+    assert network_attempts == []
+
+
+@pytest.mark.slow  # two Ultralytics exports + NNCF: ~30 s on the loaded 2-core machine
+def test_reference_map_is_the_projects_metric_on_the_test_split(reference, dataset):
+    result, work, _ = reference
+    manifest, _ = dataset
+    test = ref.DetectionSet(manifest, "test", CFG.imgsz)
+    xml = next((work / "ultralytics_openvino_int8").rglob("*.xml"))
+    rows = predict(ref.detection_runner(ref._compile(xml, CFG), CFG), test, batch_size=4)
+    assert rows and {r["image_id"] for r in rows} <= set(test.ids)
+    metrics = coco_metrics(manifest["splits"]["test"], rows, CFG.score_threshold)
+    got = result["variants"]["ultralytics_openvino_int8"]
+    assert (got["map50"], got["map50_95"]) == (metrics["map50"], metrics["map50_95"])
+
+
+@pytest.mark.slow  # two Ultralytics exports + NNCF: ~30 s on the loaded 2-core machine
+def test_detections_match_ultralytics_own_predictor(reference, dataset, best_pt):
+    """The OpenVINO FP32 export + Ultralytics' NMS, fed the project's input, finds what
+    Ultralytics' own PyTorch predictor finds on the image file (64 px: no letterbox)."""
+    from ultralytics import YOLO
+
+    result, work, _ = reference
+    manifest, _ = dataset
+    test = ref.DetectionSet(manifest, "test", CFG.imgsz)
+    xml = next((work / "ultralytics_openvino_fp32").rglob("*.xml"))
+    num, boxes, scores, _ = ref.detection_runner(ref._compile(xml, CFG), CFG)(
+        test.batch(slice(0, 1))
+    )
+    path = ref.resolve_image(manifest["root"], test.coco["images"][0]["file_name"], xml, "test")
+    (theirs,) = YOLO(str(best_pt)).predict(
+        str(path), imgsz=64, conf=CFG.conf, iou=CFG.iou, max_det=CFG.max_det, verbose=False
+    )
+    k = min(5, int(num[0]), len(theirs.boxes))
+    assert k > 0
+    np.testing.assert_allclose(scores[0, :k], theirs.boxes.conf[:k].numpy(), atol=1e-4)
+    np.testing.assert_allclose(boxes[0, :k], theirs.boxes.xyxy[:k].numpy(), atol=0.05)
+
+
+def test_project_checkpoint_becomes_an_ultralytics_pt(tmp_path, best_pt, dataset):
+    from ultralytics import YOLO
+
+    categories = sorted(dataset[0]["splits"]["train"]["categories"], key=lambda c: c["id"])
+    model, saved = project_checkpoint(best_pt, categories, tmp_path / "model.pt")
+    pt = ref.to_ultralytics_pt(torch.load(saved, weights_only=True), tmp_path / "u.pt")
+    rebuilt = YOLO(str(pt)).model
+    assert rebuilt.names == {i: c["name"] for i, c in enumerate(categories)}
+    theirs, ours = model.state_dict(), rebuilt.state_dict()
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k].float(), ours[k].float()) for k in theirs)
+    with pytest.raises(DataError, match=r"c\.pt: expected a yolo-family checkpoint"):
+        ref.to_ultralytics_pt({"family": "centernet"}, tmp_path / "x.pt", source=Path("c.pt"))
