@@ -96,8 +96,24 @@ def reference(tmp_path_factory, dataset, best_pt):
     _, ckpt = project_checkpoint(best_pt, cats, work / "model.pt")
     out = work / "bench" / "ultralytics-reference.json"
     manifest_path = data_yaml.parent.parent / "manifest.json"
-    result = ref.bench_reference(ckpt, manifest_path, out, CFG, work=work / "ir")
+    result = ref.bench_reference(
+        ckpt, manifest_path, out, CFG, work=work / "ir", others={"eager": eager_runner(best_pt)}
+    )
     return result, work / "ir", out
+
+
+def eager_runner(best_pt):
+    """Ultralytics' PyTorch model + its NMS, as a project runner (timed beside the exports)."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(best_pt)).model.eval()
+
+    def run(x):
+        with torch.no_grad():
+            raw = model(torch.from_numpy(x))[0].numpy()
+        return ref.ultralytics_nms(raw, x.shape[-1], CFG)
+
+    return run
 
 
 def test_yolo_dataset_matches_the_manifest(dataset):
@@ -144,6 +160,8 @@ def test_reference_measures_fp32_and_int8(reference, dataset, network_attempts):
     assert int8["conv_precisions"].get("u8", 0) + int8["conv_precisions"].get("i8", 0) > 0
     assert set(fp32["conv_precisions"]) == {"f32"}
     assert result["test_images"] == len(dataset[0]["splits"]["test"]["images"])
+    eager = result["others"]["eager"]  # timed in the same call as the exports
+    assert eager["latency_ms_p50"] > 0 and math.isfinite(eager["map50"])
     assert network_attempts == []
 
 

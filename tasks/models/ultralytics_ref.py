@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +38,7 @@ from tasks.coco import DetectionSet, resolve_image
 from tasks.config_types import PosInt, Section
 from tasks.errors import ConfigError, DataError
 from tasks.io import copy_file, md5_file, write_json, write_text
+from tasks.metrics import Runner
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +307,8 @@ def ultralytics_nms(raw: np.ndarray, size: int, cfg: ReferenceCfg) -> list[np.nd
 
 
 def detection_runner(compiled, cfg: ReferenceCfg):
-    """The compiled export + Ultralytics' NMS as a project runner, batch by batch of one."""
+    """The compiled export + Ultralytics' NMS as a project runner (tasks.metrics.Runner), any
+    batch size, one image per call of the batch-1 model."""
     raw = raw_runner(compiled)
 
     def run(x: np.ndarray) -> list[np.ndarray]:
@@ -315,8 +318,62 @@ def detection_runner(compiled, cfg: ReferenceCfg):
     return run
 
 
-def _macs(weights_pt: Path, imgsz: int) -> int:
-    """Ultralytics' own count (thop, reported as GFLOPs = 2 x MACs) at batch 1."""
+@dataclass
+class UltralyticsExport:
+    """One Ultralytics OpenVINO export, compiled as `cfg` says."""
+
+    name: str
+    xml: Path
+    compiled: object  # openvino.CompiledModel
+    cfg: ReferenceCfg
+
+    def raw_runner(self):
+        """Model only: the raw (1, 4 + C, N)."""
+        return raw_runner(self.compiled)
+
+    def detection_runner(self):
+        """Model + Ultralytics' NMS on the host: the project's (num, boxes, scores, classes)."""
+        return detection_runner(self.compiled, self.cfg)
+
+    @property
+    def size_mb(self) -> float:
+        """The IR's .xml + .bin."""
+        return sum(self.xml.with_suffix(s).stat().st_size for s in (".xml", ".bin")) / 2**20
+
+    def facts(self) -> dict:
+        from tasks.engines.openvino_cpu import conv_precisions
+
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        return {
+            "runtime": "openvino",
+            "size_mb": self.size_mb,
+            "conv_precisions": conv_precisions(self.compiled),
+            "inference_precision_used": hint.get_type_name(),
+        }
+
+
+def ultralytics_exports(
+    weights_pt: Path,
+    data_yaml: Path,
+    cfg: ReferenceCfg,
+    work: Path,
+    names: Iterable[str] = VARIANTS,
+) -> dict[str, UltralyticsExport]:
+    """Ultralytics' OpenVINO exports (`names`: keys of VARIANTS) of `weights_pt` under `work`,
+    compiled on the CPU (LATENCY hint, `cfg.threads` threads, `cfg.precision`). The INT8 one
+    is calibrated by NNCF on `data_yaml`'s `cfg.calibration_split` (`cfg.fraction` of it)."""
+    out = {}
+    for name in names:
+        if name not in VARIANTS:
+            raise ConfigError(f"unknown Ultralytics export {name!r}; choose from {list(VARIANTS)}")
+        xml = _export(Path(weights_pt), Path(data_yaml), VARIANTS[name], cfg, Path(work) / name)
+        out[name] = UltralyticsExport(name, xml, _compile(xml, cfg), cfg)
+    return out
+
+
+def ultralytics_macs(weights_pt: Path, imgsz: int) -> int:
+    """MACs at batch 1 by Ultralytics' own count (thop; it reports GFLOPs = 2 x MACs)."""
+    offline_ultralytics()
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import get_flops
 
@@ -324,58 +381,59 @@ def _macs(weights_pt: Path, imgsz: int) -> int:
 
 
 def ultralytics_int8_reference(
-    weights_pt: Path, data_yaml: Path, manifest: dict, cfg: ReferenceCfg, work: Path | None = None
+    weights_pt: Path,
+    data_yaml: Path,
+    manifest: dict,
+    cfg: ReferenceCfg,
+    work: Path | None = None,
+    others: dict[str, Runner] | None = None,
 ) -> dict:
     """Ultralytics' OpenVINO FP32 and INT8 exports of `weights_pt`, measured like our engines.
 
-    Both exports are made by Ultralytics (`export(format="openvino", quantize=8 | None (int8=True
-    | False before 8.4), data=data_yaml,
-    imgsz, batch=1, split=cfg.calibration_split, fraction)`) from a copy of the weights in a
-    temp folder (or `work`). Each is compiled on the CPU (LATENCY hint, `cfg.threads` threads,
-    `cfg.precision`), fed the project's own letterboxed test images (DetectionSet of
-    `manifest`'s test split at `cfg.imgsz`: the same float32 [0, 1] inputs the project's
-    engines get), its raw output reduced by Ultralytics' NMS, and scored by the project's
-    `predict` + `coco_metrics` against the test split.
+    Both exports are made by Ultralytics (`export(format="openvino", quantize=8 or None` (the
+    `int8=True/False` of Ultralytics < 8.4), `data=data_yaml, imgsz, batch=1,
+    split=cfg.calibration_split, fraction)`) from a copy of the weights in a temp folder (or
+    `work`); see `ultralytics_exports`. Each is fed the project's own letterboxed test images
+    (DetectionSet of `manifest`'s test split at `cfg.imgsz`: the same float32 [0, 1] inputs
+    the project's engines get), its raw output reduced by Ultralytics' NMS, and scored by the
+    project's `predict` + `coco_metrics` against the test split.
 
-    Latency is batch 1, in seconds per call, timed with `tasks.bench.time_blocks` (all four
-    runners in one call: alternating shuffled blocks): `latency_ms_p50` / `_p95` are the
-    compiled model alone, without NMS (the project's engines include NMS in the graph);
-    `latency_ms_p50_with_nms` / `_p95` add Ultralytics' torch NMS on the host, as a user of
-    the export runs it. `size_mb` is the IR's .xml + .bin.
+    Latency is batch 1, timed with `tasks.bench.time_blocks` (every runner in one call:
+    alternating shuffled blocks, so the figures compare as ratios): `latency_ms_p50` / `_p95`
+    are the compiled model alone, without NMS; `latency_ms_p50_with_nms` / `_p95` add
+    Ultralytics' torch NMS on the host, as a user of the export runs it (the project's own
+    engines have NMS inside the graph: compare them with the `_with_nms` figures). `others`
+    (name: a project runner, e.g. our deployed engine) are timed and scored in the same call.
 
     Returns:
         {"variants": {"ultralytics_openvino_fp32" | "ultralytics_openvino_int8": {map50,
         map50_95, precision, recall, latency_ms_p50, latency_ms_p95, latency_ms_p50_with_nms,
         latency_ms_p95_with_nms, throughput_ips, size_mb, macs, conv_precisions, runtime,
-        inference_precision_used}}, "config": cfg, "versions": {...}, "test_images": n}.
+        inference_precision_used}}, "others": {name: {map50, map50_95, precision, recall,
+        latency_ms_p50, latency_ms_p95, throughput_ips}}, "config": cfg, "versions": {...},
+        "test_images": n}.
     """
     from tasks.bench import latency_stats, time_blocks
-    from tasks.engines.openvino_cpu import conv_precisions
+    from tasks.io import versions
     from tasks.metrics import coco_metrics, predict
 
     offline_ultralytics()
     test = DetectionSet(manifest, "test", cfg.imgsz)
+    others = others or {}
+
+    def quality(runner) -> dict:
+        m = coco_metrics(test.coco, predict(runner, test, 1), cfg.score_threshold)
+        return {k: m[k] for k in ("map50", "map50_95", "precision", "recall")}
+
     with tempfile.TemporaryDirectory(prefix="shrinkflow-ulref-") as tmp:
-        work = Path(work or tmp)
-        runners, rows = {}, {}
-        for name, int8 in VARIANTS.items():
-            xml = _export(Path(weights_pt), Path(data_yaml), int8, cfg, work / name)
-            compiled = _compile(xml, cfg)
-            detect = detection_runner(compiled, cfg)
-            metrics = coco_metrics(test.coco, predict(detect, test, 1), cfg.score_threshold)
-            rows[name] = {
-                "runtime": "openvino",
-                **{k: metrics[k] for k in ("map50", "map50_95", "precision", "recall")},
-                "size_mb": sum(xml.with_suffix(s).stat().st_size for s in (".xml", ".bin")) / 2**20,
-                "conv_precisions": conv_precisions(compiled),
-                "inference_precision_used": compiled.get_property(
-                    "INFERENCE_PRECISION_HINT"
-                ).get_type_name(),
-            }
-            runners[name], runners[f"{name}+nms"] = raw_runner(compiled), detect
+        exports = ultralytics_exports(weights_pt, data_yaml, cfg, Path(work or tmp))
+        runners, rows = dict(others), {}
+        for name, e in exports.items():
+            runners[name], runners[f"{name}+nms"] = e.raw_runner(), e.detection_runner()
+            rows[name] = {**e.facts(), **quality(runners[f"{name}+nms"])}
         x = test.batch(slice(0, 1))
         times = time_blocks(runners, x, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds)
-        macs = _macs(Path(weights_pt), cfg.imgsz)
+    macs = ultralytics_macs(Path(weights_pt), cfg.imgsz)
     for name, row in rows.items():
         model, nms = latency_stats(times[name], 1), latency_stats(times[f"{name}+nms"], 1)
         row.update(
@@ -386,10 +444,16 @@ def ultralytics_int8_reference(
             latency_ms_p95_with_nms=nms["latency_ms_p95"],
             macs=macs,
         )
-    from tasks.io import versions
-
+    other_rows = {}
+    for name, runner in others.items():
+        stats = latency_stats(times[name], 1)
+        other_rows[name] = {
+            **quality(runner),
+            **{k: stats[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips")},
+        }
     return {
         "variants": rows,
+        "others": other_rows,
         "config": cfg.model_dump(),
         "test_images": len(test),
         "versions": versions("ultralytics", "openvino", "nncf", "torch"),
@@ -404,6 +468,7 @@ def bench_reference(
     *,
     weights_pt: Path | None = None,
     work: Path | None = None,
+    others: dict[str, Runner] | None = None,
 ) -> dict:
     """The `shrinkflow bench` command's body: Ultralytics' OpenVINO FP32/INT8 of the trained
     model, written atomically to `out` (JSON) and returned.
@@ -411,7 +476,9 @@ def bench_reference(
     `checkpoint` is the project's trained `yolo` checkpoint (state_dict + model yaml), turned
     into a temporary Ultralytics .pt; `weights_pt` (a user's Ultralytics .pt) is used as it is
     instead when given. The dataset is the manifest's splits in a temp Ultralytics layout;
-    the exports go to a temp folder too, or stay under `work` when given.
+    the exports go to a temp folder too, or stay under `work` when given. `others` (e.g. the
+    project's built engines, loaded as runners) are timed in the same call (see
+    `ultralytics_int8_reference`).
 
     Raises:
         DataError: the checkpoint or manifest is missing or does not fit (names the file).
@@ -432,7 +499,7 @@ def bench_reference(
             weights_pt = to_ultralytics_pt(ckpt, tmp / "trained.pt", source=checkpoint)
         data_yaml = write_yolo_dataset(m, tmp / "data")
         result = ultralytics_int8_reference(
-            weights_pt, data_yaml, m, cfg, work=Path(work or tmp / "export")
+            weights_pt, data_yaml, m, cfg, Path(work or tmp / "export"), others
         )
     result.update(lineage)
     write_json(out, result)
