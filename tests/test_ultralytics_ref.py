@@ -137,6 +137,12 @@ def test_yolo_dataset_matches_the_manifest(dataset):
         assert [int(rows[0][0]), *map(float, rows[0][1:4])] == pytest.approx(expect, abs=1e-5)
 
 
+def test_the_reference_can_run_here(monkeypatch):
+    assert ref.skip_reason() is None
+    monkeypatch.setattr(ref, "REQUIRES", (*ref.REQUIRES, "no_such_package_xyz"))
+    assert ref.skip_reason() == "skipped: no_such_package_xyz not installed"
+
+
 def test_a_path_escaping_the_root_is_a_data_error(tmp_path, dataset):
     manifest = json.loads(json.dumps(dataset[0]))
     manifest["splits"]["val"]["images"][0]["file_name"] = "../../etc/passwd"
@@ -171,7 +177,7 @@ def test_reference_map_is_the_projects_metric_on_the_test_split(reference, datas
     manifest, _ = dataset
     test = ref.DetectionSet(manifest, "test", CFG.imgsz)
     xml = next((work / "ultralytics_openvino_int8").rglob("*.xml"))
-    rows = predict(ref.detection_runner(ref._compile(xml, CFG), CFG), test, batch_size=4)
+    rows = predict(ref.detection_runner(ref.compile_ir(xml, CFG), CFG), test, batch_size=4)
     assert rows and {r["image_id"] for r in rows} <= set(test.ids)
     metrics = coco_metrics(manifest["splits"]["test"], rows, CFG.score_threshold)
     got = result["variants"]["ultralytics_openvino_int8"]
@@ -188,7 +194,7 @@ def test_detections_match_ultralytics_own_predictor(reference, dataset, best_pt)
     manifest, _ = dataset
     test = ref.DetectionSet(manifest, "test", CFG.imgsz)
     xml = next((work / "ultralytics_openvino_fp32").rglob("*.xml"))
-    num, boxes, scores, _ = ref.detection_runner(ref._compile(xml, CFG), CFG)(
+    num, boxes, scores, _ = ref.detection_runner(ref.compile_ir(xml, CFG), CFG)(
         test.batch(slice(0, 1))
     )
     path = ref.resolve_image(manifest["root"], test.coco["images"][0]["file_name"], xml, "test")

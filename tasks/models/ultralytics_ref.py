@@ -1,8 +1,9 @@
 """Ultralytics' own OpenVINO export of a YOLO model: the reference a YOLO user compares us with.
 
-`ultralytics_int8_reference` runs `YOLO(weights).export(format="openvino", int8=True, ...)`
-(Ultralytics calibrates with NNCF on the data.yaml split it is given, keeping the Detect head in
-float) and the FP32 export (`int8=False`) of the same model, offline, in a temp folder, and
+`ultralytics_int8_reference` runs `YOLO(weights).export(format="openvino", quantize=8, ...)`
+(`int8=True` before Ultralytics 8.4; it calibrates with NNCF on the data.yaml split it is
+given, keeping the Detect head in float) and the FP32 export of the same model, offline, in a
+temp folder, and
 measures both the way the project measures its own engines: mAP on the project's letterboxed
 test split with the project's metrics (tasks/metrics.py), batch-1 latency of the compiled
 OpenVINO model timed in alternating blocks (tasks/bench.py), and the IR's file size.
@@ -29,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Literal
 
 import numpy as np
 import yaml
@@ -179,9 +181,14 @@ def to_ultralytics_pt(ckpt: dict, out: Path, source: Path | None = None) -> Path
 
     where = Path(source) if source else Path(out)
     config = ckpt.get("config") or {}
-    if ckpt.get("family") != "yolo" or "yaml" not in config or "state_dict" not in ckpt:
+    if (
+        ckpt.get("family") != "yolo"
+        or "yaml" not in config
+        or not {"state_dict", "categories"} <= set(ckpt)
+    ):
         raise DataError(
-            f"{where}: expected a yolo-family checkpoint with config.yaml and state_dict, "
+            f"{where}: expected a yolo-family checkpoint with config.yaml, state_dict and "
+            "categories, "
             f"found family {ckpt.get('family')!r} and keys {sorted(ckpt)}"
         )
     names = [c["name"] for c in ckpt["categories"]]
@@ -206,7 +213,7 @@ class ReferenceCfg(Section):
 
     imgsz: PosInt = Field(128, description="export and evaluation input side, px (the project's)")
     threads: PosInt = Field(2, description="OpenVINO INFERENCE_NUM_THREADS (build_engine.threads)")
-    precision: str | None = Field(
+    precision: Literal["f32", "bf16"] | None = Field(
         "f32",
         description="OpenVINO INFERENCE_PRECISION_HINT for float layers (build_engine."
         "openvino_precision); None: OpenVINO's CPU default (bf16 where the CPU has it)",
@@ -235,8 +242,22 @@ def reference_cfg(params, **overrides) -> ReferenceCfg:
     )
 
 
+REQUIRES = ("ultralytics", "openvino", "nncf")  # nncf: Ultralytics' INT8 path for OpenVINO
+
+
+def skip_reason() -> str | None:
+    """None when the reference can run here, else `skipped: ...` naming the missing packages
+    (a reported status, not a crash: see DESIGN.md "Bad input and faults")."""
+    import importlib.util
+
+    missing = [m for m in REQUIRES if importlib.util.find_spec(m) is None]
+    return f"skipped: {', '.join(missing)} not installed" if missing else None
+
+
 def _export(weights_pt: Path, data_yaml: Path, int8: bool, cfg: ReferenceCfg, work: Path) -> Path:
     """Ultralytics' OpenVINO export of a copy of `weights_pt` under `work`; the IR's .xml."""
+    if why := skip_reason():
+        raise ConfigError(f"Ultralytics' OpenVINO export: {why.removeprefix('skipped: ')}")
     offline_ultralytics()
     from ultralytics import YOLO
 
@@ -261,7 +282,9 @@ def _export(weights_pt: Path, data_yaml: Path, int8: bool, cfg: ReferenceCfg, wo
     return xml[0]
 
 
-def _compile(xml: Path, cfg: ReferenceCfg):
+def compile_ir(xml: Path, cfg: ReferenceCfg):
+    """The IR compiled on the CPU as the project's openvino engine compiles: LATENCY hint,
+    `cfg.threads` threads, `cfg.precision` for float layers."""
     import openvino as ov
 
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cfg.threads}
@@ -367,7 +390,7 @@ def ultralytics_exports(
         if name not in VARIANTS:
             raise ConfigError(f"unknown Ultralytics export {name!r}; choose from {list(VARIANTS)}")
         xml = _export(Path(weights_pt), Path(data_yaml), VARIANTS[name], cfg, Path(work) / name)
-        out[name] = UltralyticsExport(name, xml, _compile(xml, cfg), cfg)
+        out[name] = UltralyticsExport(name, xml, compile_ir(xml, cfg), cfg)
     return out
 
 
