@@ -143,6 +143,12 @@ def test_the_reference_can_run_here(monkeypatch):
     assert ref.skip_reason() == "skipped: no_such_package_xyz not installed"
 
 
+def test_reference_cfg_follows_params_and_overrides(tiny):
+    cfg = ref.reference_cfg(tiny, threads=1, runs=7)
+    assert (cfg.imgsz, cfg.threads, cfg.runs) == (tiny.train.input_size, 1, 7)
+    assert cfg.precision == tiny.build_engine.openvino_precision
+
+
 def test_a_path_escaping_the_root_is_a_data_error(tmp_path, dataset):
     manifest = json.loads(json.dumps(dataset[0]))
     manifest["splits"]["val"]["images"][0]["file_name"] = "../../etc/passwd"

@@ -223,6 +223,17 @@ class ReferenceCfg(Section):
     conf: float = Field(0.001, ge=0, lt=1, description="NMS score floor (Ultralytics' val)")
     iou: float = Field(0.7, gt=0, le=1, description="NMS IoU (Ultralytics' val)")
     max_det: PosInt = Field(300, description="detections kept per image (Ultralytics' val)")
+    timed_conf: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="NMS score floor of the timed model + NMS runner (Ultralytics' predict "
+        "default; reference_cfg sets export.score_floor, the floor of our in-graph NMS)",
+    )
+    timed_max_det: PosInt = Field(
+        300,
+        description="detections kept by the timed runner (reference_cfg: export.max_detections)",
+    )
     score_threshold: float = Field(0.3, gt=0, lt=1, description="evaluate.score_threshold")
     warmup: int = Field(10, ge=0, description="untimed calls before each timed block")
     runs: PosInt = Field(200, description="timed batch-1 calls per variant")
@@ -232,14 +243,17 @@ class ReferenceCfg(Section):
 def reference_cfg(params, **overrides) -> ReferenceCfg:
     """The ReferenceCfg that measures like the project's own engines under `params` (Params):
     input side `train.input_size`, `build_engine.threads` and `.openvino_precision`,
-    `evaluate.score_threshold`; `overrides` (e.g. runs, rounds) win."""
-    return ReferenceCfg(
-        imgsz=params.train.input_size,
-        threads=params.build_engine.threads,
-        precision=params.build_engine.openvino_precision,
-        score_threshold=params.evaluate.score_threshold,
-        **overrides,
-    )
+    `evaluate.score_threshold`, and the timed NMS keeping what our in-graph NMS keeps
+    (`export.score_floor`, `export.max_detections`); `overrides` (e.g. runs, rounds) win."""
+    base = {
+        "imgsz": params.train.input_size,
+        "threads": params.build_engine.threads,
+        "precision": params.build_engine.openvino_precision,
+        "score_threshold": params.evaluate.score_threshold,
+        "timed_conf": params.export.score_floor,
+        "timed_max_det": params.export.max_detections,
+    }
+    return ReferenceCfg(**{**base, **overrides})
 
 
 REQUIRES = ("ultralytics", "openvino", "nncf")  # nncf: Ultralytics' INT8 path for OpenVINO
@@ -354,9 +368,14 @@ class UltralyticsExport:
         """Model only: the raw (1, 4 + C, N)."""
         return raw_runner(self.compiled)
 
-    def detection_runner(self):
-        """Model + Ultralytics' NMS on the host: the project's (num, boxes, scores, classes)."""
-        return detection_runner(self.compiled, self.cfg)
+    def detection_runner(self, timed: bool = False):
+        """Model + Ultralytics' NMS on the host: the project's (num, boxes, scores, classes).
+        NMS keeps what mAP needs (cfg.conf, cfg.max_det), or, `timed`, what a deployment
+        keeps (cfg.timed_conf, cfg.timed_max_det): the runner to time beside our engines."""
+        cfg = self.cfg
+        if timed:
+            cfg = cfg.model_copy(update={"conf": cfg.timed_conf, "max_det": cfg.timed_max_det})
+        return detection_runner(self.compiled, cfg)
 
     @property
     def size_mb(self) -> float:
@@ -424,8 +443,10 @@ def ultralytics_int8_reference(
     Latency is batch 1, timed with `tasks.bench.time_blocks` (every runner in one call:
     alternating shuffled blocks, so the figures compare as ratios): `latency_ms_p50` / `_p95`
     are the compiled model alone, without NMS; `latency_ms_p50_with_nms` / `_p95` add
-    Ultralytics' torch NMS on the host, as a user of the export runs it (the project's own
-    engines have NMS inside the graph: compare them with the `_with_nms` figures). `others`
+    Ultralytics' torch NMS on the host at the deployment floor `cfg.timed_conf` (keeping
+    `cfg.timed_max_det`), as a user of the export runs it (the project's own engines have NMS
+    inside the graph: compare them with the `_with_nms` figures). mAP uses the NMS of
+    Ultralytics' val (`cfg.conf`, `cfg.max_det`). `others`
     (name: a project runner, e.g. our deployed engine) are timed and scored in the same call.
 
     Returns:
@@ -452,8 +473,9 @@ def ultralytics_int8_reference(
         exports = ultralytics_exports(weights_pt, data_yaml, cfg, Path(work or tmp))
         runners, rows = dict(others), {}
         for name, e in exports.items():
-            runners[name], runners[f"{name}+nms"] = e.raw_runner(), e.detection_runner()
-            rows[name] = {**e.facts(), **quality(runners[f"{name}+nms"])}
+            runners[name] = e.raw_runner()
+            runners[f"{name}+nms"] = e.detection_runner(timed=True)
+            rows[name] = {**e.facts(), **quality(e.detection_runner())}
         x = test.batch(slice(0, 1))
         times = time_blocks(runners, x, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds)
     macs = ultralytics_macs(Path(weights_pt), cfg.imgsz)
