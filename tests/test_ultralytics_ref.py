@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tasks import data
-from tasks.errors import DataError
+from tasks.errors import ConfigError, DataError
 from tasks.metrics import coco_metrics, predict
 from tasks.models import ultralytics_ref as ref
 from tests.conftest import small_data_cfg
@@ -147,6 +147,14 @@ def test_reference_cfg_follows_params_and_overrides(tiny):
     cfg = ref.reference_cfg(tiny, threads=1, runs=7)
     assert (cfg.imgsz, cfg.threads, cfg.runs) == (tiny.train.input_size, 1, 7)
     assert cfg.precision == tiny.build_engine.openvino_precision
+
+
+def test_others_may_not_reuse_a_reference_name(dataset):
+    manifest, data_yaml = dataset
+    with pytest.raises(ConfigError, match="ultralytics_openvino_int8"):
+        ref.ultralytics_int8_reference(
+            "w.pt", data_yaml, manifest, CFG, others={"ultralytics_openvino_int8": print}
+        )
 
 
 def test_a_path_escaping_the_root_is_a_data_error(tmp_path, dataset):

@@ -461,9 +461,11 @@ def ultralytics_int8_reference(
     from tasks.io import versions
     from tasks.metrics import coco_metrics, predict
 
+    others = others or {}
+    if clash := sorted(set(others) & {n + s for n in VARIANTS for s in ("", "+nms")}):
+        raise ConfigError(f"others: {clash} are names of the Ultralytics rows; rename them")
     offline_ultralytics()
     test = DetectionSet(manifest, "test", cfg.imgsz)
-    others = others or {}
 
     def quality(runner) -> dict:
         m = coco_metrics(test.coco, predict(runner, test, 1), cfg.score_threshold)
