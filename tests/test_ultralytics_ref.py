@@ -137,6 +137,20 @@ def test_yolo_dataset_matches_the_manifest(dataset):
         assert [int(rows[0][0]), *map(float, rows[0][1:4])] == pytest.approx(expect, abs=1e-5)
 
 
+def test_ultralytics_reads_every_box_of_the_written_dataset(dataset):
+    ref.offline_ultralytics()
+    from ultralytics.data import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+
+    manifest, data_yaml = dataset
+    spec = check_det_dataset(str(data_yaml))
+    for split in ref.SPLITS:
+        ds = YOLODataset(img_path=spec[split], data=spec, augment=False, imgsz=64, prefix=split)
+        coco = manifest["splits"][split]
+        assert len(ds.labels) == len(coco["images"])
+        assert sum(len(lb["cls"]) for lb in ds.labels) == len(coco["annotations"])
+
+
 def test_the_reference_can_run_here(monkeypatch):
     assert ref.skip_reason() is None
     monkeypatch.setattr(ref, "REQUIRES", (*ref.REQUIRES, "no_such_package_xyz"))
