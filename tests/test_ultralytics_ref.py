@@ -72,18 +72,19 @@ CFG = ref.ReferenceCfg(imgsz=64, threads=1, warmup=2, runs=20, rounds=2)
 
 
 def project_checkpoint(best_pt, categories, path):
-    """What the yolo family saves: state_dict + model yaml, loadable with weights_only=True."""
+    """The trained model as the yolo family saves it (tasks/models/yolo.py: C2f layers split,
+    state_dict + model yaml + widths, loadable with weights_only=True), and the Ultralytics
+    model it came from."""
     from ultralytics import YOLO
 
-    model = YOLO(str(best_pt)).model
-    ckpt = {
-        "family": "yolo",
-        "config": {"yaml": model.yaml, "input_size": 64},
-        "state_dict": model.state_dict(),
-        "categories": categories,
-    }
-    torch.save(ckpt, path)
-    return model, path
+    from tasks.models import adapter_for
+    from tasks.models.config import ModelCfg
+
+    adapter = adapter_for(ModelCfg(family="yolo", weights=str(best_pt)))
+    model = adapter.build(num_classes=len(categories), input_size=64, seed=0)
+    assert any(type(m).__name__ == "C2fSplit" for m in model.model)  # the family's rewrite
+    adapter.save(path, model.eval(), categories, {})
+    return YOLO(str(best_pt)).model, path
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,37 @@ def test_ultralytics_reads_every_box_of_the_written_dataset(dataset):
         coco = manifest["splits"][split]
         assert len(ds.labels) == len(coco["images"])
         assert sum(len(lb["cls"]) for lb in ds.labels) == len(coco["annotations"])
+
+
+GUARD_SCRIPT = """
+import socket, sys
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(args[:1])
+    raise OSError("network access attempted")
+socket.getaddrinfo = refuse
+from tasks.models import yolo, ultralytics_ref as ref
+yolo._ultralytics()  # the yolo family imports Ultralytics first, without the private folder
+ref.offline_ultralytics()
+from ultralytics.data.utils import check_det_dataset
+check_det_dataset(sys.argv[1])
+print("ATTEMPTS", attempts)
+"""
+
+
+def test_no_font_download_whoever_imported_ultralytics_first(tmp_path, dataset):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}  # not the user's
+    env.pop(ref.CONFIG_DIR_ENV, None)
+    run = subprocess.run(
+        [sys.executable, "-c", GUARD_SCRIPT, str(dataset[1])],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ATTEMPTS []" in run.stdout, run.stdout[-2000:]
 
 
 def test_the_reference_can_run_here(monkeypatch):
@@ -240,11 +272,18 @@ def test_project_checkpoint_becomes_an_ultralytics_pt(tmp_path, best_pt, dataset
 
     categories = sorted(dataset[0]["splits"]["train"]["categories"], key=lambda c: c["id"])
     model, saved = project_checkpoint(best_pt, categories, tmp_path / "model.pt")
-    pt = ref.to_ultralytics_pt(torch.load(saved, weights_only=True), tmp_path / "u.pt")
+    ckpt = torch.load(saved, weights_only=True)
+    pt = ref.to_ultralytics_pt(ckpt, tmp_path / "u.pt")
     rebuilt = YOLO(str(pt)).model
     assert rebuilt.names == {i: c["name"] for i, c in enumerate(categories)}
     theirs, ours = model.state_dict(), rebuilt.state_dict()
     assert theirs.keys() == ours.keys()
     assert all(torch.equal(theirs[k].float(), ours[k].float()) for k in theirs)
+    assert type(rebuilt.model[2]).__name__ == "C2f"  # Ultralytics' own layers again
+    pruned = {**ckpt, "state_dict": {**ckpt["state_dict"]}}
+    key = "model.0.conv.weight"
+    pruned["state_dict"][key] = pruned["state_dict"][key][:8]
+    with pytest.raises(DataError, match=r"c\.pt: weights do not fit .*pruned"):
+        ref.to_ultralytics_pt(pruned, tmp_path / "y.pt", source=Path("c.pt"))
     with pytest.raises(DataError, match=r"c\.pt: expected a yolo-family checkpoint"):
         ref.to_ultralytics_pt({"family": "centernet"}, tmp_path / "x.pt", source=Path("c.pt"))

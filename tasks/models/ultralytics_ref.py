@@ -16,14 +16,16 @@ Ultralytics is imported only through `offline_ultralytics()`, which first switch
 path to the network: `YOLO_OFFLINE` (its online check answers False, so no telemetry, no
 update check), `YOLO_AUTOINSTALL=false` (a missing requirement is an error, never a pip
 install), the integrations and `sync` settings off (in memory: the user's settings file is not
-rewritten), and a private settings folder whose `Arial.ttf` is matplotlib's DejaVu Sans
-(Ultralytics' dataset check otherwise fetches the font; plots are off, it is never drawn).
+rewritten), a private settings folder, and matplotlib's DejaVu Sans registered as the
+`Arial.ttf` Ultralytics' dataset check otherwise fetches (plots are off: it is never drawn).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -58,6 +60,26 @@ def private_config_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"shrinkflow-ultralytics-{os.getuid()}"
 
 
+def _register_fonts() -> None:
+    """Give Ultralytics' `check_font` the fonts it looks for, so that it never downloads them:
+    matplotlib's DejaVu Sans copied as `Arial.ttf` / `Arial.Unicode.ttf` into the private
+    folder and added to matplotlib's font list in memory (where `check_font` looks after its
+    settings folder), whatever settings folder Ultralytics was imported with."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    known = {Path(f.fname).name for f in font_manager.fontManager.ttflist}
+    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    for name in FONTS:
+        if name in known:
+            continue
+        path = private_config_dir() / "fonts" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            copy_file(font, path)
+        font_manager.fontManager.addfont(str(path))
+
+
 def offline_ultralytics() -> ModuleType:
     """Import Ultralytics with downloads, auto-installs, telemetry and integrations off.
 
@@ -72,19 +94,13 @@ def offline_ultralytics() -> ModuleType:
         for key, value in {**ENV, CONFIG_DIR_ENV: str(private_config_dir())}.items():
             os.environ.setdefault(key, value)
     import ultralytics
-    from ultralytics.utils import ONLINE, SETTINGS, USER_CONFIG_DIR
+    from ultralytics.utils import ONLINE, SETTINGS
 
     if ONLINE:
         log.warning("Ultralytics was imported before offline_ultralytics(): it may go online")
     # dict.update, not SETTINGS.update: the latter rewrites the settings file on disk
     dict.update(SETTINGS, dict.fromkeys(SETTINGS_OFF, False))
-    if Path(USER_CONFIG_DIR).is_relative_to(private_config_dir()):  # <dir>/Ultralytics
-        import matplotlib
-
-        font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-        for name in FONTS:
-            if not (Path(USER_CONFIG_DIR) / name).exists():
-                copy_file(font, Path(USER_CONFIG_DIR) / name)
+    _register_fonts()
     return ultralytics
 
 
@@ -158,20 +174,45 @@ def write_yolo_dataset(
 
 
 # -- a project checkpoint as an Ultralytics .pt -----------------------------------------------
+def unsplit_c2f(state_dict: dict) -> dict:
+    """The state dict of tasks.models.yolo's model (each C2f / C3k2 layer `k` rewritten as
+    `C2fSplit`: `model.k.cv0` and `model.k.cv1` each make one half of the original `cv1`) as
+    the state dict of Ultralytics' own DetectionModel: the two halves concatenated back into
+    `model.k.cv1` (conv weight and BatchNorm rows; num_batches_tracked from `cv0`). A state
+    dict without `cv0` layers (a plain DetectionModel's) comes back as it is."""
+    import torch
+
+    split = {key.split(".")[1] for key in state_dict if re.match(r"model\.\d+\.cv0\.", key)}
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "model" and parts[1] in split and parts[2] in ("cv0", "cv1"):
+            if parts[2] == "cv1":
+                continue  # merged with its cv0 half below
+            rest = ".".join(parts[3:])
+            second = state_dict[".".join(["model", parts[1], "cv1", rest])]
+            merged = value if rest.endswith("num_batches_tracked") else torch.cat([value, second])
+            out[".".join(["model", parts[1], "cv1", rest])] = merged
+        else:
+            out[key] = value
+    return out
+
+
 def to_ultralytics_pt(ckpt: dict, out: Path, source: Path | None = None) -> Path:
     """Write a project checkpoint of the `yolo` family as an Ultralytics `.pt` at `out`.
 
-    The checkpoint (read with `torch.load(weights_only=True)`) must hold `state_dict`,
-    `categories` ([{id, name}], in class order) and `config.yaml`: the model yaml as a dict
-    (Ultralytics' `DetectionModel.yaml`, e.g. yaml.safe_load of yolov8n.yaml with its `scale`)
-    or the name of a yaml shipped with Ultralytics (`yolov8n.yaml`). The model is rebuilt with
-    Ultralytics' DetectionModel, the weights loaded strictly, and saved the way Ultralytics'
-    trainer saves (`{"model": module, "train_args": ...}`, a pickle Ultralytics loads itself).
-    `source` (the checkpoint's path) names the file in errors.
+    The checkpoint (read with `torch.load(weights_only=True)`; tasks/models/yolo.py's
+    `save`) holds `state_dict`, `categories` ([{id, name}], in class order) and `config.yaml`:
+    the model yaml as a dict (Ultralytics' `DetectionModel.yaml`) or the name of a yaml shipped
+    with Ultralytics. The model is rebuilt as Ultralytics' own DetectionModel (C2f layers as
+    Ultralytics has them: `unsplit_c2f`), the weights loaded strictly, and saved the way
+    Ultralytics' trainer saves (`{"model": module, "train_args": ...}`, a pickle Ultralytics
+    loads itself). Only an unpruned model fits its yaml: the reference is Ultralytics' export
+    of the trained model. `source` (the checkpoint's path) names the file in errors.
 
     Raises:
         DataError: the checkpoint is not of the `yolo` family, lacks a field, or its weights do
-            not fit the model its yaml describes.
+            not fit the model its yaml describes (e.g. a pruned checkpoint).
     """
     import torch
 
@@ -188,15 +229,18 @@ def to_ultralytics_pt(ckpt: dict, out: Path, source: Path | None = None) -> Path
     ):
         raise DataError(
             f"{where}: expected a yolo-family checkpoint with config.yaml, state_dict and "
-            "categories, "
-            f"found family {ckpt.get('family')!r} and keys {sorted(ckpt)}"
+            f"categories, found family {ckpt.get('family')!r} and keys {sorted(ckpt)}"
         )
     names = [c["name"] for c in ckpt["categories"]]
-    model = DetectionModel(config["yaml"], nc=len(names), verbose=False)
+    model = DetectionModel(copy.deepcopy(config["yaml"]), nc=len(names), verbose=False)
     try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        model.load_state_dict(unsplit_c2f(ckpt["state_dict"]), strict=True)
     except RuntimeError as e:
-        raise DataError(f"{where}: weights do not fit the model yaml: {e}") from e
+        first = str(e).strip().splitlines()[0]
+        raise DataError(
+            f"{where}: weights do not fit Ultralytics' model of its yaml (a pruned "
+            f"checkpoint? the reference exports the trained, unpruned one): {first}"
+        ) from e
     model.names = dict(enumerate(names))
     model.args = {"imgsz": int(config.get("input_size", 640)), "task": "detect"}
     out = Path(out)
