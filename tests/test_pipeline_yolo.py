@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks import data
 from tasks.config import DataCfg
+from tasks.models.ultralytics_ref import SPLITS, write_yolo_dataset
 from tasks.project import copy_project, dvc
 from tests.conftest import tiny_params
 
@@ -19,32 +19,10 @@ pytestmark = pytest.mark.slow
 
 
 def coco_to_yolo(src: Path, dst: Path) -> None:
-    """Write the COCO splits under `src` in the Ultralytics layout under `dst`."""
-    names = None
-    for split in ("train", "val", "test"):
-        coco = json.loads((src / f"{split}.json").read_text())
-        names = names or [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
-        index = {
-            c["id"]: k for k, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))
-        }
-        (dst / "images" / split).mkdir(parents=True)
-        (dst / "labels" / split).mkdir(parents=True)
-        by_image: dict[int, list] = {}
-        for a in coco["annotations"]:
-            by_image.setdefault(a["image_id"], []).append(a)
-        for im in coco["images"]:
-            name = Path(im["file_name"]).name
-            (dst / "images" / split / name).write_bytes((src / im["file_name"]).read_bytes())
-            w, h = im["width"], im["height"]
-            lines = [
-                f"{index[a['category_id']]} {(a['bbox'][0] + a['bbox'][2] / 2) / w:.6f} "
-                f"{(a['bbox'][1] + a['bbox'][3] / 2) / h:.6f} {a['bbox'][2] / w:.6f} "
-                f"{a['bbox'][3] / h:.6f}"
-                for a in by_image.get(im["id"], [])
-            ]
-            (dst / "labels" / split / Path(name).with_suffix(".txt")).write_text("\n".join(lines))
-    spec = {"path": ".", "train": "images/train", "val": "images/val", "test": "images/test"}
-    (dst / "data.yaml").write_text(yaml.safe_dump({**spec, "names": names}))
+    """Write the COCO splits under `src` in the Ultralytics layout under `dst` (copies: the
+    project reads the dataset as a user's folder)."""
+    splits = {s: json.loads((src / f"{s}.json").read_text()) for s in SPLITS}
+    write_yolo_dataset({"root": str(src), "splits": splits}, dst, link=False)
 
 
 def ran(output: str) -> list[str]:

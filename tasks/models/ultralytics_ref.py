@@ -1,0 +1,603 @@
+"""Ultralytics' own OpenVINO export of a YOLO model: the reference a YOLO user compares us with.
+
+`ultralytics_int8_reference` runs `YOLO(weights).export(format="openvino", quantize=8, ...)`
+(`int8=True` before Ultralytics 8.4; it calibrates with NNCF on the data.yaml split it is
+given, keeping the Detect head in float) and the FP32 export of the same model, offline, in a
+temp folder, and
+measures both the way the project measures its own engines: mAP on the project's letterboxed
+test split with the project's metrics (tasks/metrics.py), batch-1 latency of the compiled
+OpenVINO model timed in alternating blocks (tasks/bench.py), and the IR's file size.
+
+`write_yolo_dataset` writes the project's manifest as the Ultralytics dataset layout that the
+export (and Ultralytics' trainer) reads; `to_ultralytics_pt` turns a project checkpoint of the
+`yolo` family (state_dict + model yaml) into a temporary Ultralytics `.pt`.
+
+Ultralytics is imported only through `offline_ultralytics()`, which first switches off every
+path to the network: `YOLO_OFFLINE` (its online check answers False, so no telemetry, no
+update check), `YOLO_AUTOINSTALL=false` (a missing requirement is an error, never a pip
+install), the integrations and `sync` settings off (in memory: the user's settings file is not
+rewritten), a private settings folder, and matplotlib's DejaVu Sans registered as the
+`Arial.ttf` Ultralytics' dataset check otherwise fetches (plots are off: it is never drawn).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import Field
+
+from tasks.coco import DetectionSet, resolve_image
+from tasks.config_types import PosInt, Section
+from tasks.errors import ConfigError, DataError
+from tasks.io import copy_file, md5_file, write_json, write_text
+from tasks.metrics import Runner
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# Ultralytics' switches, set (unless the user set them) before it is first imported
+ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false"}
+CONFIG_DIR_ENV = "YOLO_CONFIG_DIR"
+# settings that would send data out or log runs elsewhere (MLflow, DVC, W&B, ...)
+SETTINGS_OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+FONTS = ("Arial.ttf", "Arial.Unicode.ttf")  # what Ultralytics' check_font looks for
+VARIANTS = {"ultralytics_openvino_fp32": False, "ultralytics_openvino_int8": True}
+
+
+def private_config_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"shrinkflow-ultralytics-{os.getuid()}"
+
+
+def _register_fonts() -> None:
+    """Give Ultralytics' `check_font` the fonts it looks for, so that it never downloads them:
+    matplotlib's DejaVu Sans copied as `Arial.ttf` / `Arial.Unicode.ttf` into the private
+    folder and added to matplotlib's font list in memory (where `check_font` looks after its
+    settings folder), whatever settings folder Ultralytics was imported with."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    known = {Path(f.fname).name for f in font_manager.fontManager.ttflist}
+    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    for name in FONTS:
+        if name in known:
+            continue
+        path = private_config_dir() / "fonts" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            copy_file(font, path)
+        font_manager.fontManager.addfont(str(path))
+
+
+def offline_ultralytics() -> ModuleType:
+    """Import Ultralytics with downloads, auto-installs, telemetry and integrations off.
+
+    Environment switches are set only where the user has not set them; they take effect only
+    if Ultralytics is not yet imported in this process (its online check runs at import), so
+    every project module reaches Ultralytics through this function.
+    """
+    import sys
+
+    first = "ultralytics" not in sys.modules
+    if first:
+        for key, value in {**ENV, CONFIG_DIR_ENV: str(private_config_dir())}.items():
+            os.environ.setdefault(key, value)
+    import ultralytics
+    from ultralytics.utils import ONLINE, SETTINGS
+
+    if ONLINE:
+        log.warning("Ultralytics was imported before offline_ultralytics(): it may go online")
+    # dict.update, not SETTINGS.update: the latter rewrites the settings file on disk
+    dict.update(SETTINGS, dict.fromkeys(SETTINGS_OFF, False))
+    _register_fonts()
+    return ultralytics
+
+
+# -- the dataset ------------------------------------------------------------------------------
+def yolo_label_lines(coco: dict) -> dict[int, list[str]]:
+    """{image id: label lines `class cx cy w h`} of a COCO split, normalised by each image's
+    size; classes numbered in category-id order; crowd annotations left out (Ultralytics has
+    no ignore regions); images without boxes get no lines (negatives)."""
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    index = {c["id"]: k for k, c in enumerate(cats)}
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    lines: dict[int, list[str]] = {im["id"]: [] for im in coco["images"]}
+    for a in coco["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        w, h = sizes[a["image_id"]]
+        x, y, bw, bh = a["bbox"]
+        lines[a["image_id"]].append(
+            f"{index[a['category_id']]} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} "
+            f"{bw / w:.6f} {bh / h:.6f}"
+        )
+    return lines
+
+
+def write_yolo_dataset(
+    manifest: dict, out: Path, splits: Iterable[str] = SPLITS, *, link: bool = True
+) -> Path:
+    """Write the project's manifest ({root, splits: {split: COCO}}) in the Ultralytics layout.
+
+    `out/images/<split>/` holds each image (a symlink to the manifest's file, or a copy when
+    `link` is False or the file system refuses links), `out/labels/<split>/<stem>.txt` its
+    boxes (see `yolo_label_lines`), `out/data.yaml` the absolute path, the splits and `names`
+    in category-id order. A file name is prefixed with its image id, so images of the same
+    name in different folders stay apart. Returns the data.yaml path.
+
+    Raises:
+        DataError: an image path escapes the manifest's root, or a split is missing.
+    """
+    out = Path(out)
+    root = Path(manifest["root"])
+    splits = list(splits)
+    names = None
+    for split in splits:
+        coco = manifest["splits"].get(split)
+        if coco is None:
+            raise DataError(
+                f"manifest: splits.{split}: missing (found {sorted(manifest['splits'])})"
+            )
+        cats = sorted(coco["categories"], key=lambda c: c["id"])
+        names = names or [c["name"] for c in cats]
+        images, labels = out / "images" / split, out / "labels" / split
+        images.mkdir(parents=True, exist_ok=True)
+        labels.mkdir(parents=True, exist_ok=True)
+        lines = yolo_label_lines(coco)
+        for i, im in enumerate(coco["images"]):
+            src = resolve_image(root, im["file_name"], root, f"splits.{split}.images[{i}]")
+            dst = images / f"{im['id']}_{Path(im['file_name']).name}"
+            dst.unlink(missing_ok=True)
+            try:
+                if not link:
+                    raise OSError("copy asked for")
+                dst.symlink_to(src)
+            except OSError:
+                shutil.copyfile(src, dst)
+            write_text(labels / f"{dst.stem}.txt", "\n".join(lines[im["id"]]))
+    spec = {"path": str(out.resolve()), **{s: f"images/{s}" for s in splits}, "names": names}
+    if "val" not in spec:  # Ultralytics requires train and val keys
+        spec["val"] = spec[splits[0]]
+    write_text(out / "data.yaml", yaml.safe_dump(spec, sort_keys=False))
+    return out / "data.yaml"
+
+
+# -- a project checkpoint as an Ultralytics .pt -----------------------------------------------
+def unsplit_c2f(state_dict: dict) -> dict:
+    """The state dict of tasks.models.yolo's model (each C2f / C3k2 layer `k` rewritten as
+    `C2fSplit`: `model.k.cv0` and `model.k.cv1` each make one half of the original `cv1`) as
+    the state dict of Ultralytics' own DetectionModel: the two halves concatenated back into
+    `model.k.cv1` (conv weight and BatchNorm rows; num_batches_tracked from `cv0`). A state
+    dict without `cv0` layers (a plain DetectionModel's) comes back as it is."""
+    import torch
+
+    split = {key.split(".")[1] for key in state_dict if re.match(r"model\.\d+\.cv0\.", key)}
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "model" and parts[1] in split and parts[2] in ("cv0", "cv1"):
+            if parts[2] == "cv1":
+                continue  # merged with its cv0 half below
+            rest = ".".join(parts[3:])
+            second = state_dict[".".join(["model", parts[1], "cv1", rest])]
+            merged = value if rest.endswith("num_batches_tracked") else torch.cat([value, second])
+            out[".".join(["model", parts[1], "cv1", rest])] = merged
+        else:
+            out[key] = value
+    return out
+
+
+def to_ultralytics_pt(ckpt: dict, out: Path, source: Path | None = None) -> Path:
+    """Write a project checkpoint of the `yolo` family as an Ultralytics `.pt` at `out`.
+
+    The checkpoint (read with `torch.load(weights_only=True)`; tasks/models/yolo.py's
+    `save`) holds `state_dict`, `categories` ([{id, name}], in class order) and `config.yaml`:
+    the model yaml as a dict (Ultralytics' `DetectionModel.yaml`) or the name of a yaml shipped
+    with Ultralytics. The model is rebuilt as Ultralytics' own DetectionModel (C2f layers as
+    Ultralytics has them: `unsplit_c2f`), the weights loaded strictly, and saved the way
+    Ultralytics' trainer saves (`{"model": module, "train_args": ...}`, a pickle Ultralytics
+    loads itself). Only an unpruned model fits its yaml: the reference is Ultralytics' export
+    of the trained model. `source` (the checkpoint's path) names the file in errors.
+
+    Raises:
+        DataError: the checkpoint is not of the `yolo` family, lacks a field, or its weights do
+            not fit the model its yaml describes (e.g. a pruned checkpoint).
+    """
+    import torch
+
+    offline_ultralytics()
+    from ultralytics import __version__
+    from ultralytics.nn.tasks import DetectionModel
+
+    where = Path(source) if source else Path(out)
+    config = ckpt.get("config") or {}
+    if (
+        ckpt.get("family") != "yolo"
+        or "yaml" not in config
+        or not {"state_dict", "categories"} <= set(ckpt)
+    ):
+        raise DataError(
+            f"{where}: expected a yolo-family checkpoint with config.yaml, state_dict and "
+            f"categories, found family {ckpt.get('family')!r} and keys {sorted(ckpt)}"
+        )
+    names = [c["name"] for c in ckpt["categories"]]
+    model = DetectionModel(copy.deepcopy(config["yaml"]), nc=len(names), verbose=False)
+    try:
+        model.load_state_dict(unsplit_c2f(ckpt["state_dict"]), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise DataError(
+            f"{where}: weights do not fit Ultralytics' model of its yaml (a pruned "
+            f"checkpoint? the reference exports the trained, unpruned one): {first}"
+        ) from e
+    model.names = dict(enumerate(names))
+    model.args = {"imgsz": int(config.get("input_size", 640)), "task": "detect"}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    torch.save({"model": model.eval(), "train_args": model.args, "version": __version__}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# -- the reference ----------------------------------------------------------------------------
+class ReferenceCfg(Section):
+    """How Ultralytics' export is made and measured (defaults: Ultralytics' own)."""
+
+    imgsz: PosInt = Field(128, description="export and evaluation input side, px (the project's)")
+    threads: PosInt = Field(2, description="OpenVINO INFERENCE_NUM_THREADS (build_engine.threads)")
+    precision: Literal["f32", "bf16"] | None = Field(
+        "f32",
+        description="OpenVINO INFERENCE_PRECISION_HINT for float layers (build_engine."
+        "openvino_precision); None: OpenVINO's CPU default (bf16 where the CPU has it)",
+    )
+    calibration_split: str = Field("val", description="data.yaml split NNCF calibrates on")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of that split used")
+    conf: float = Field(0.001, ge=0, lt=1, description="NMS score floor (Ultralytics' val)")
+    iou: float = Field(0.7, gt=0, le=1, description="NMS IoU (Ultralytics' val)")
+    max_det: PosInt = Field(300, description="detections kept per image (Ultralytics' val)")
+    timed_conf: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="NMS score floor of the timed model + NMS runner (Ultralytics' predict "
+        "default; reference_cfg sets export.score_floor, the floor of our in-graph NMS)",
+    )
+    timed_max_det: PosInt = Field(
+        300,
+        description="detections kept by the timed runner (reference_cfg: export.max_detections)",
+    )
+    score_threshold: float = Field(0.3, gt=0, lt=1, description="evaluate.score_threshold")
+    warmup: int = Field(10, ge=0, description="untimed calls before each timed block")
+    runs: PosInt = Field(200, description="timed batch-1 calls per variant")
+    rounds: PosInt = Field(5, description="alternating timing rounds")
+
+
+def reference_cfg(params, **overrides) -> ReferenceCfg:
+    """The ReferenceCfg that measures like the project's own engines under `params` (Params):
+    input side `train.input_size`, `build_engine.threads` and `.openvino_precision`,
+    `evaluate.score_threshold`, and the timed NMS keeping what our in-graph NMS keeps
+    (`export.score_floor`, `export.max_detections`); `overrides` (e.g. runs, rounds) win."""
+    base = {
+        "imgsz": params.train.input_size,
+        "threads": params.build_engine.threads,
+        "precision": params.build_engine.openvino_precision,
+        "score_threshold": params.evaluate.score_threshold,
+        "timed_conf": params.export.score_floor,
+        "timed_max_det": params.export.max_detections,
+    }
+    return ReferenceCfg(**{**base, **overrides})
+
+
+REQUIRES = ("ultralytics", "openvino", "nncf")  # nncf: Ultralytics' INT8 path for OpenVINO
+
+
+def skip_reason() -> str | None:
+    """None when the reference can run here, else `skipped: ...` naming the missing packages
+    (a reported status, not a crash: see DESIGN.md "Bad input and faults")."""
+    import importlib.util
+
+    missing = [m for m in REQUIRES if importlib.util.find_spec(m) is None]
+    return f"skipped: {', '.join(missing)} not installed" if missing else None
+
+
+def _export(weights_pt: Path, data_yaml: Path, int8: bool, cfg: ReferenceCfg, work: Path) -> Path:
+    """Ultralytics' OpenVINO export of a copy of `weights_pt` under `work`; the IR's .xml."""
+    if why := skip_reason():
+        raise ConfigError(f"Ultralytics' OpenVINO export: {why.removeprefix('skipped: ')}")
+    offline_ultralytics()
+    from ultralytics import YOLO
+
+    folder = work / ("int8" if int8 else "fp32")
+    folder.mkdir(parents=True)
+    pt = folder / "model.pt"  # export writes next to the weights: never beside the user's file
+    shutil.copyfile(weights_pt, pt)
+    exported = YOLO(str(pt)).export(
+        format="openvino",
+        quantize=8 if int8 else None,  # Ultralytics 8.4's spelling of int8=True
+        data=str(data_yaml),
+        imgsz=cfg.imgsz,
+        batch=1,
+        split=cfg.calibration_split,
+        fraction=cfg.fraction,
+        device="cpu",
+        verbose=False,
+    )
+    xml = sorted(Path(exported).glob("*.xml"))
+    if not xml:
+        raise ConfigError(f"ultralytics: OpenVINO export wrote no .xml under {exported}")
+    return xml[0]
+
+
+def compile_ir(xml: Path, cfg: ReferenceCfg):
+    """The IR compiled on the CPU as the project's openvino engine compiles: LATENCY hint,
+    `cfg.threads` threads, `cfg.precision` for float layers."""
+    import openvino as ov
+
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cfg.threads}
+    if cfg.precision:
+        config["INFERENCE_PRECISION_HINT"] = cfg.precision
+    return ov.Core().compile_model(str(xml), "CPU", config)
+
+
+def raw_runner(compiled):
+    """float32 (1, 3, S, S) in [0, 1] -> the model's raw (1, 4 + C, N): xywh in input pixels,
+    class scores after sigmoid."""
+    request = compiled.create_infer_request()
+    output = compiled.outputs[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return request.infer({0: x})[output]
+
+    return run
+
+
+def ultralytics_nms(raw: np.ndarray, size: int, cfg: ReferenceCfg) -> list[np.ndarray]:
+    """Ultralytics' own NMS (ultralytics.utils.nms.non_max_suppression) on raw (B, 4 + C, N):
+    (num (B,), boxes (B, K, 4) xyxy input pixels, scores (B, K), classes (B, K)), K = max_det,
+    rows past num zero: the project's runner signature (tasks/metrics.py). Boxes are clipped
+    to the `size` x `size` input, as Ultralytics' predictor and validator clip to the image."""
+    import torch
+    from ultralytics.utils.nms import non_max_suppression
+
+    kept = non_max_suppression(
+        torch.from_numpy(np.ascontiguousarray(raw)), cfg.conf, cfg.iou, max_det=cfg.max_det
+    )
+    b, k = len(kept), cfg.max_det
+    num = np.zeros(b, np.int32)
+    boxes = np.zeros((b, k, 4), np.float32)
+    scores = np.zeros((b, k), np.float32)
+    classes = np.zeros((b, k), np.int32)
+    for j, det in enumerate(kept):  # det: (n, 6) x1 y1 x2 y2 score class, by score
+        d = det.numpy()
+        n = num[j] = len(d)
+        boxes[j, :n] = np.clip(d[:, :4], 0, size)
+        scores[j, :n], classes[j, :n] = d[:, 4], d[:, 5]
+    return [num, boxes, scores, classes]
+
+
+def detection_runner(compiled, cfg: ReferenceCfg):
+    """The compiled export + Ultralytics' NMS as a project runner (tasks.metrics.Runner), any
+    batch size, one image per call of the batch-1 model."""
+    raw = raw_runner(compiled)
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        outs = [ultralytics_nms(raw(x[i : i + 1]), x.shape[-1], cfg) for i in range(len(x))]
+        return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+    return run
+
+
+@dataclass
+class UltralyticsExport:
+    """One Ultralytics OpenVINO export, compiled as `cfg` says."""
+
+    name: str
+    xml: Path
+    compiled: object  # openvino.CompiledModel
+    cfg: ReferenceCfg
+
+    def raw_runner(self):
+        """Model only: the raw (1, 4 + C, N)."""
+        return raw_runner(self.compiled)
+
+    def detection_runner(self, timed: bool = False):
+        """Model + Ultralytics' NMS on the host: the project's (num, boxes, scores, classes).
+        NMS keeps what mAP needs (cfg.conf, cfg.max_det), or, `timed`, what a deployment
+        keeps (cfg.timed_conf, cfg.timed_max_det): the runner to time beside our engines."""
+        cfg = self.cfg
+        if timed:
+            cfg = cfg.model_copy(update={"conf": cfg.timed_conf, "max_det": cfg.timed_max_det})
+        return detection_runner(self.compiled, cfg)
+
+    @property
+    def size_mb(self) -> float:
+        """The IR's .xml + .bin."""
+        return sum(self.xml.with_suffix(s).stat().st_size for s in (".xml", ".bin")) / 2**20
+
+    def facts(self) -> dict:
+        from tasks.engines.openvino_cpu import conv_precisions
+
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        return {
+            "runtime": "openvino",
+            "size_mb": self.size_mb,
+            "conv_precisions": conv_precisions(self.compiled),
+            "inference_precision_used": hint.get_type_name(),
+        }
+
+
+def ultralytics_exports(
+    weights_pt: Path,
+    data_yaml: Path,
+    cfg: ReferenceCfg,
+    work: Path,
+    names: Iterable[str] = VARIANTS,
+) -> dict[str, UltralyticsExport]:
+    """Ultralytics' OpenVINO exports (`names`: keys of VARIANTS) of `weights_pt` under `work`,
+    compiled on the CPU (LATENCY hint, `cfg.threads` threads, `cfg.precision`). The INT8 one
+    is calibrated by NNCF on `data_yaml`'s `cfg.calibration_split` (`cfg.fraction` of it)."""
+    out = {}
+    for name in names:
+        if name not in VARIANTS:
+            raise ConfigError(f"unknown Ultralytics export {name!r}; choose from {list(VARIANTS)}")
+        xml = _export(Path(weights_pt), Path(data_yaml), VARIANTS[name], cfg, Path(work) / name)
+        out[name] = UltralyticsExport(name, xml, compile_ir(xml, cfg), cfg)
+    return out
+
+
+def ultralytics_macs(weights_pt: Path, imgsz: int) -> int:
+    """MACs at batch 1 by Ultralytics' own count (thop; it reports GFLOPs = 2 x MACs)."""
+    offline_ultralytics()
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import get_flops
+
+    return int(round(get_flops(YOLO(str(weights_pt)).model, imgsz) * 1e9 / 2))
+
+
+def ultralytics_int8_reference(
+    weights_pt: Path,
+    data_yaml: Path,
+    manifest: dict,
+    cfg: ReferenceCfg,
+    work: Path | None = None,
+    others: dict[str, Runner] | None = None,
+) -> dict:
+    """Ultralytics' OpenVINO FP32 and INT8 exports of `weights_pt`, measured like our engines.
+
+    Both exports are made by Ultralytics (`export(format="openvino", quantize=8 or None` (the
+    `int8=True/False` of Ultralytics < 8.4), `data=data_yaml, imgsz, batch=1,
+    split=cfg.calibration_split, fraction)`) from a copy of the weights in a temp folder (or
+    `work`); see `ultralytics_exports`. Each is fed the project's own letterboxed test images
+    (DetectionSet of `manifest`'s test split at `cfg.imgsz`: the same float32 [0, 1] inputs
+    the project's engines get), its raw output reduced by Ultralytics' NMS, and scored by the
+    project's `predict` + `coco_metrics` against the test split.
+
+    Latency is batch 1, timed with `tasks.bench.time_blocks` (every runner in one call:
+    alternating shuffled blocks, so the figures compare as ratios): `latency_ms_p50` / `_p95`
+    are the compiled model alone, without NMS; `latency_ms_p50_with_nms` / `_p95` add
+    Ultralytics' torch NMS on the host at the deployment floor `cfg.timed_conf` (keeping
+    `cfg.timed_max_det`), as a user of the export runs it (the project's own engines have NMS
+    inside the graph: compare them with the `_with_nms` figures). mAP uses the NMS of
+    Ultralytics' val (`cfg.conf`, `cfg.max_det`). `others`
+    (name: a project runner, e.g. our deployed engine) are timed and scored in the same call.
+
+    Returns:
+        {"variants": {"ultralytics_openvino_fp32" | "ultralytics_openvino_int8": {map50,
+        map50_95, precision, recall, latency_ms_p50, latency_ms_p95, latency_ms_p50_with_nms,
+        latency_ms_p95_with_nms, throughput_ips, size_mb, macs, conv_precisions, runtime,
+        inference_precision_used}}, "others": {name: {map50, map50_95, precision, recall,
+        latency_ms_p50, latency_ms_p95, throughput_ips}}, "config": cfg, "versions": {...},
+        "test_images": n}.
+    """
+    from tasks.bench import latency_stats, time_blocks
+    from tasks.io import versions
+    from tasks.metrics import coco_metrics, predict
+
+    others = others or {}
+    if clash := sorted(set(others) & {n + s for n in VARIANTS for s in ("", "+nms")}):
+        raise ConfigError(f"others: {clash} are names of the Ultralytics rows; rename them")
+    offline_ultralytics()
+    test = DetectionSet(manifest, "test", cfg.imgsz)
+
+    def quality(runner) -> dict:
+        m = coco_metrics(test.coco, predict(runner, test, 1), cfg.score_threshold)
+        return {k: m[k] for k in ("map50", "map50_95", "precision", "recall")}
+
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-ulref-") as tmp:
+        exports = ultralytics_exports(weights_pt, data_yaml, cfg, Path(work or tmp))
+        runners, rows = dict(others), {}
+        for name, e in exports.items():
+            runners[name] = e.raw_runner()
+            runners[f"{name}+nms"] = e.detection_runner(timed=True)
+            rows[name] = {**e.facts(), **quality(e.detection_runner())}
+        x = test.batch(slice(0, 1))
+        times = time_blocks(runners, x, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds)
+    macs = ultralytics_macs(Path(weights_pt), cfg.imgsz)
+    for name, row in rows.items():
+        model, nms = latency_stats(times[name], 1), latency_stats(times[f"{name}+nms"], 1)
+        row.update(
+            latency_ms_p50=model["latency_ms_p50"],
+            latency_ms_p95=model["latency_ms_p95"],
+            throughput_ips=model["throughput_ips"],
+            latency_ms_p50_with_nms=nms["latency_ms_p50"],
+            latency_ms_p95_with_nms=nms["latency_ms_p95"],
+            macs=macs,
+        )
+    other_rows = {}
+    for name, runner in others.items():
+        stats = latency_stats(times[name], 1)
+        other_rows[name] = {
+            **quality(runner),
+            **{k: stats[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips")},
+        }
+    return {
+        "variants": rows,
+        "others": other_rows,
+        "config": cfg.model_dump(),
+        "test_images": len(test),
+        "versions": versions("ultralytics", "openvino", "nncf", "torch"),
+    }
+
+
+def bench_reference(
+    checkpoint: Path,
+    manifest: Path,
+    out: Path,
+    cfg: ReferenceCfg,
+    *,
+    weights_pt: Path | None = None,
+    work: Path | None = None,
+    others: dict[str, Runner] | None = None,
+) -> dict:
+    """The `shrinkflow bench` command's body: Ultralytics' OpenVINO FP32/INT8 of the trained
+    model, written atomically to `out` (JSON) and returned.
+
+    `checkpoint` is the project's trained `yolo` checkpoint (state_dict + model yaml), turned
+    into a temporary Ultralytics .pt; `weights_pt` (a user's Ultralytics .pt) is used as it is
+    instead when given. The dataset is the manifest's splits in a temp Ultralytics layout;
+    the exports go to a temp folder too, or stay under `work` when given. `others` (e.g. the
+    project's built engines, loaded as runners) are timed in the same call (see
+    `ultralytics_int8_reference`).
+
+    Raises:
+        DataError: the checkpoint or manifest is missing or does not fit (names the file).
+    """
+    import torch
+
+    from tasks.coco import read_manifest
+
+    m = read_manifest(manifest)
+    source = Path(weights_pt or checkpoint)
+    if not source.is_file():
+        raise DataError(f"{source}: file not found (the trained model to export)")
+    lineage = {"weights": str(source), "weights_md5": md5_file(source)}
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-ulref-bench-") as tmp:
+        tmp = Path(tmp)
+        if weights_pt is None:
+            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            weights_pt = to_ultralytics_pt(ckpt, tmp / "trained.pt", source=checkpoint)
+        data_yaml = write_yolo_dataset(m, tmp / "data")
+        result = ultralytics_int8_reference(
+            weights_pt, data_yaml, m, cfg, Path(work or tmp / "export"), others
+        )
+    result.update(lineage)
+    write_json(out, result)
+    for name, row in result["variants"].items():
+        log.info(
+            "%s: map50 %.3f, %.3f ms p50 (%.3f ms with NMS), %.2f MB",
+            name, row["map50"], row["latency_ms_p50"], row["latency_ms_p50_with_nms"],
+            row["size_mb"],
+        )  # fmt: skip
+    return result
