@@ -518,7 +518,10 @@ def litert_model(
         return {"status": reason}
     images, _, ids_md5 = calibration_set(cfg, train)
     precision = {"int8": "int8", "fp16": "float16", "fp32": "float32"}[cfg.precision]
-    facts = litert.convert(src, dst, precision, images if precision == "int8" else None)
+    try:
+        facts = litert.convert(src, dst, precision, images if precision == "int8" else None)
+    except litert.Unconvertible as e:  # a model structure the target does not take
+        return {"status": f"skipped: {e}"}
     result = {"status": "ok", "precision": precision, "reason": "as configured"}
     if precision == "int8":
         runner = litert.runner(dst, threads=1)

@@ -64,6 +64,10 @@ def unavailable(modules: tuple[str, ...] = REQUIRED) -> str | None:
     return None
 
 
+class Unconvertible(ShrinkflowError):
+    """A model this target cannot convert (the stages report `skipped: <why>`)."""
+
+
 def split(onnx_path: Path, head: Path, decode: Path) -> list[str]:
     """Cut `onnx_path` into the backbone+head (every ancestor of a Conv, and the Convs) and the
     decode after it. Returns the tensors at the cut (the head's outputs, the decode's inputs)."""
@@ -84,7 +88,7 @@ def split(onnx_path: Path, head: Path, decode: Path) -> list[str]:
             if name in producer and id(producer[name]) in backbone and name not in cut:
                 cut.append(name)
     if len(cut) != 1:
-        raise ShrinkflowError(
+        raise Unconvertible(
             f"litert: {onnx_path}: the decode reads {len(cut)} tensors of the backbone "
             f"({', '.join(cut)}); the LiteRT target supports one head output"
         )
@@ -293,7 +297,10 @@ class LiteRt:
             if recorded.exists():
                 facts["quantize"] = json.loads(recorded.read_text())
         else:
-            facts = {"source": Path(onnx_path).name, **convert(onnx_path, dst, "float32")}
+            try:
+                facts = {"source": Path(onnx_path).name, **convert(onnx_path, dst, "float32")}
+            except Unconvertible as e:
+                return {"status": f"skipped: {e}"}
         interpreter = _interpreter(dst, cfg.threads)
         precisions = conv_precisions(interpreter)
         check_int8(dst, interpreter, precisions)
