@@ -83,6 +83,15 @@ def run(
         get(target).build(path, folder, target_cfg)
         runners[name] = get(target).load(folder, target_cfg)
         sizes[name] = engine_size_mb(folder)
+    quality_runners = dict(runners)
+    if params.model.family == "yolo":  # the peer: Ultralytics' own INT8 export, same process
+        reference = _ultralytics_reference(params, checkpoints["trained"], manifest, work)
+        for name, ex in reference.items():
+            builds[name] = ("openvino (Ultralytics' export, host NMS)", None, None)
+            runners[name] = ex.detection_runner(timed=True)  # its NMS on the host, timed too
+            quality_runners[name] = ex.detection_runner()
+            sizes[name] = ex.size_mb
+            macs[name] = macs["trained"]  # the unpruned model, counted as ours are
     test = DetectionSet(manifest, "test", size)
     ev = params.evaluate
     # Nine variants within ~0.1 ms of each other: 5x evaluate's sample, in 2x its rounds.
@@ -95,7 +104,7 @@ def run(
     )
     table = {}
     for name, (target, _, _) in builds.items():
-        quality = coco_metrics(test.coco, predict(runners[name], test), ev.score_threshold)
+        quality = coco_metrics(test.coco, predict(quality_runners[name], test), ev.score_threshold)
         source = name if name in macs else "distilled"
         table[name] = {
             "runtime": target + (" (bf16 hint)" if name == "bf16" else ""),
@@ -107,6 +116,26 @@ def run(
             "macs": macs[source],
         }
     return table
+
+
+ULTRALYTICS_INT8 = "ultralytics_openvino_int8"  # the unpruned model, as Ultralytics exports it
+
+
+def _ultralytics_reference(params: Params, trained: Path, manifest: dict, work: Path) -> dict:
+    """{name: export} of Ultralytics' own OpenVINO INT8 export (NNCF) of the trained, unpruned
+    model: what a YOLO user gets without the pipeline (tasks/models/ultralytics_ref.py)."""
+    from tasks.models import ultralytics_ref as ulref
+    from tasks.models.checkpoint import read_checkpoint
+
+    if why := ulref.skip_reason():
+        log.warning("variants: no Ultralytics reference row: %s", why)
+        return {}
+    pt = ulref.to_ultralytics_pt(read_checkpoint(trained), work / "ulref" / "trained.pt", trained)
+    data_yaml = ulref.write_yolo_dataset(manifest, work / "ulref" / "data")
+    exports = ulref.ultralytics_exports(
+        pt, data_yaml, ulref.reference_cfg(params), work / "ulref" / "ir", names=[ULTRALYTICS_INT8]
+    )
+    return exports
 
 
 def render(table: dict[str, dict]) -> str:
