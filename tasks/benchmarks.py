@@ -245,6 +245,35 @@ def engines(
     )
 
 
+@app.command("bench-ultralytics")
+def ultralytics_reference(
+    params: Path = typer.Option(Path("params.yaml")),
+    checkpoint: Path = typer.Option(Path("artifacts/train/model.pt")),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    engines_dir: Path = typer.Option(Path("artifacts/build_engine")),
+    runs: int = typer.Option(300, min=1),
+    rounds: int = typer.Option(5, min=1),
+    out: Path = typer.Option(Path("artifacts/bench/ultralytics-reference.json")),
+) -> None:
+    """Ultralytics' own OpenVINO FP32 / INT8 export of the trained YOLO (family yolo), timed
+    in one process beside the pipeline's built CPU engines, on the same letterboxed test split."""
+    from tasks.config import load_params
+    from tasks.engines import get
+    from tasks.models.ultralytics_ref import bench_reference, reference_cfg
+
+    setup_logging()
+    cfg = load_params(params)
+    others = {}
+    for target in cfg.build_engine.targets:
+        folder = engines_dir / target / "engine"
+        facts = json.loads((folder / "engine.json").read_text()) if folder.exists() else {}
+        if facts.get("status") == "ok":
+            others[f"shrinkflow_{target}"] = get(target).load(folder, cfg.build_engine)
+    bench_reference(
+        checkpoint, manifest, out, reference_cfg(cfg, runs=runs, rounds=rounds), others=others
+    )
+
+
 @app.command("bench-label-qa")
 def label_qa_bench(
     params: Path = typer.Option(Path("params.yaml")),

@@ -31,7 +31,6 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -41,67 +40,14 @@ from pydantic import Field
 from tasks.coco import DetectionSet, resolve_image
 from tasks.config_types import PosInt, Section
 from tasks.errors import ConfigError, DataError
-from tasks.io import copy_file, md5_file, write_json, write_text
+from tasks.io import md5_file, write_json, write_text
 from tasks.metrics import Runner
+from tasks.models.ultralytics_offline import CONFIG_DIR_ENV, offline_ultralytics  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-# Ultralytics' switches, set (unless the user set them) before it is first imported
-ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false"}
-CONFIG_DIR_ENV = "YOLO_CONFIG_DIR"
-# settings that would send data out or log runs elsewhere (MLflow, DVC, W&B, ...)
-SETTINGS_OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
-FONTS = ("Arial.ttf", "Arial.Unicode.ttf")  # what Ultralytics' check_font looks for
 VARIANTS = {"ultralytics_openvino_fp32": False, "ultralytics_openvino_int8": True}
-
-
-def private_config_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"shrinkflow-ultralytics-{os.getuid()}"
-
-
-def _register_fonts() -> None:
-    """Give Ultralytics' `check_font` the fonts it looks for, so that it never downloads them:
-    matplotlib's DejaVu Sans copied as `Arial.ttf` / `Arial.Unicode.ttf` into the private
-    folder and added to matplotlib's font list in memory (where `check_font` looks after its
-    settings folder), whatever settings folder Ultralytics was imported with."""
-    import matplotlib
-    from matplotlib import font_manager
-
-    known = {Path(f.fname).name for f in font_manager.fontManager.ttflist}
-    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    for name in FONTS:
-        if name in known:
-            continue
-        path = private_config_dir() / "fonts" / name
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            copy_file(font, path)
-        font_manager.fontManager.addfont(str(path))
-
-
-def offline_ultralytics() -> ModuleType:
-    """Import Ultralytics with downloads, auto-installs, telemetry and integrations off.
-
-    Environment switches are set only where the user has not set them; they take effect only
-    if Ultralytics is not yet imported in this process (its online check runs at import), so
-    every project module reaches Ultralytics through this function.
-    """
-    import sys
-
-    first = "ultralytics" not in sys.modules
-    if first:
-        for key, value in {**ENV, CONFIG_DIR_ENV: str(private_config_dir())}.items():
-            os.environ.setdefault(key, value)
-    import ultralytics
-    from ultralytics.utils import ONLINE, SETTINGS
-
-    if ONLINE:
-        log.warning("Ultralytics was imported before offline_ultralytics(): it may go online")
-    # dict.update, not SETTINGS.update: the latter rewrites the settings file on disk
-    dict.update(SETTINGS, dict.fromkeys(SETTINGS_OFF, False))
-    _register_fonts()
-    return ultralytics
 
 
 # -- the dataset ------------------------------------------------------------------------------

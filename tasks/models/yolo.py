@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from tasks.errors import ConfigError, DataError
 from tasks.io import md5_file
 from tasks.models.base import PruneSpec
 from tasks.models.config import ModelCfg
+from tasks.models.ultralytics_offline import offline_env, offline_ultralytics
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +47,19 @@ MAX_STRIDE = 32  # P5 models: the input side must be a multiple of the largest s
 IOU_THRESHOLD = 0.7  # Ultralytics' default NMS IoU (`iou` in its default.yaml)
 # layer types of the YOLOv8 / YOLO11 detect models this adapter prunes, saves and exports
 SUPPORTED_LAYERS = {"Conv", "C2f", "C3k2", "SPPF", "C2PSA", "Concat", "Upsample", "Detect"}
-# Ultralytics' offline switches (read when `ultralytics.utils` is first imported)
-OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_VERBOSE": "0"}
 
-
-def _offline() -> None:
-    """Set Ultralytics' offline switches unless the user set them: `YOLO_OFFLINE` makes its
-    online check false (no events, no Sentry, nothing it gates on being online),
-    `YOLO_AUTOINSTALL=0` stops pip auto-installs, `YOLO_VERBOSE=0` quiets its logger."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-
-
-_offline()  # on import of this module, so that it precedes Ultralytics' own first import
+offline_env()  # on import of this module, so that it precedes Ultralytics' own first import
 
 
 def _ultralytics():
-    """Import Ultralytics offline (see `_offline`), analytics off in its settings. Returns the
+    """Ultralytics, imported offline (tasks/models/ultralytics_offline.py). Returns the
     `ultralytics` module; ConfigError when the `yolo` extra is not installed."""
-    _offline()
     try:
-        import ultralytics
-        from ultralytics.utils import SETTINGS
+        return offline_ultralytics()
     except ImportError as e:
         raise ConfigError(
             "params.yaml: model.family: yolo needs Ultralytics: pip install 'shrinkflow[yolo]'"
         ) from e
-    if SETTINGS.get("sync"):
-        SETTINGS.update({"sync": False})  # analytics off in the user's settings file too
-    return ultralytics
 
 
 class C2fSplit(nn.Module):
