@@ -3,7 +3,7 @@ decode + NMS in ONNX Runtime and OpenVINO, MACs from the graph, INT8 leaving the
 
 The imported models are real exports made here: a tiny Ultralytics YOLOv8n (3 classes, 64 px,
 built from yaml offline, exported by Ultralytics' own ONNX exporter with a dynamic batch) and the
-built-in detector exported by `tasks.export.to_onnx`.
+built-in detector exported by `tasks.onnx_export.to_onnx`.
 """
 
 from __future__ import annotations
@@ -213,13 +213,15 @@ def test_wrong_input_named(tmp_path):
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory):
     """The built-in detector (random weights) and its export with decode (`OUTPUTS`)."""
-    from tasks.export import to_onnx
-    from tasks.model import Detector, DetectorConfig
+    from tasks.models.centernet import CenterNetAdapter, Detector, DetectorConfig
+    from tasks.models.config import CenterNetCfg
+    from tasks.onnx_export import to_onnx
 
     torch.manual_seed(0)
     model = Detector(DetectorConfig(num_classes=CLASSES, input_size=SIZE)).eval()
     path = tmp_path_factory.mktemp("builtin") / "model.onnx"
-    to_onnx(model, ExportCfg(simplifier="none", max_detections=K), path)
+    adapter = CenterNetAdapter(CenterNetCfg())
+    to_onnx(adapter, model, ExportCfg(simplifier="none", max_detections=K), path)
     return model, path
 
 
@@ -242,10 +244,10 @@ def test_detections_model_passes_and_is_rejected_as_yolo_raw(builtin, images):
 
 
 def test_macs_from_graph_match_torch_pruning(builtin, yolo_onnx, appended):
-    from tasks.model import macs_and_params
+    from tasks.models.centernet import macs_and_params
 
     model, path = builtin
-    tp_macs, tp_params = macs_and_params(model)  # torch-pruning's counter, on PyTorch
+    tp_macs, tp_params = macs_and_params(model, SIZE)  # torch-pruning's counter, on PyTorch
     macs, params = oi.macs_and_params(path)
     assert abs(macs - tp_macs) / tp_macs < 0.01, (macs, tp_macs)
     assert abs(params - tp_params) / tp_params < 0.01, (params, tp_params)
@@ -285,7 +287,9 @@ def test_adapter_marks_torch_stages_unsupported(yolo_onnx, tmp_path):
     from tasks.errors import ConfigError
     from tasks.models import ModelAdapter, adapter_for
 
-    cfg = ModelCfg(family="onnx", onnx=str(yolo_onnx), outputs="yolo_raw")
+    cfg = ModelCfg(
+        family="onnx", path=str(yolo_onnx.parent), onnx=str(yolo_onnx), outputs="yolo_raw"
+    )
     adapter = adapter_for(cfg)
     assert isinstance(adapter, ModelAdapter) and adapter.torch_stages is False
     assert adapter.skipped == "skipped: imported ONNX"
@@ -305,7 +309,7 @@ def test_old_opset_is_converted_and_fixed_batch_refused(tmp_path):
     assert oi._opset(model) == oi.MIN_OPSET
     num, boxes, _, _ = _ort(model)(np.random.default_rng(1).random((1, 3, SIZE, SIZE), np.float32))
     assert boxes.shape == (1, K, 4) and 0 < num[0] <= K
-    cfg = ModelCfg(family="onnx", onnx=str(path), outputs="yolo_raw")
+    cfg = ModelCfg(family="onnx", path=str(path.parent), onnx=str(path), outputs="yolo_raw")
     with pytest.raises(DataError, match=rf"{path}: input images has a fixed batch of 1"):
         oi.prepare(cfg, tmp_path / "out.onnx", num_classes=4, input_size=SIZE,
                    max_detections=K, score_floor=FLOOR)  # fmt: skip

@@ -80,7 +80,7 @@ def project_checkpoint(best_pt, categories, path):
     from tasks.models import adapter_for
     from tasks.models.config import ModelCfg
 
-    adapter = adapter_for(ModelCfg(family="yolo", weights=str(best_pt)))
+    adapter = adapter_for(ModelCfg(family="yolo", path=str(best_pt.parent), weights=str(best_pt)))
     model = adapter.build(num_classes=len(categories), input_size=64, seed=0)
     assert any(type(m).__name__ == "C2fSplit" for m in model.model)  # the family's rewrite
     adapter.save(path, model.eval(), categories, {})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ NC = 3
 
 
 def yolo(yaml: str = "yolov8n.yaml", **kw) -> ModelAdapter:
+    if "weights" in kw:  # the user's file, under model.path
+        kw.setdefault("path", str(Path(kw["weights"]).parent))
     return adapter_for(ModelCfg(family="yolo", yolo={"yaml": yaml}, **kw))
 
 
