@@ -213,8 +213,9 @@ def test_wrong_input_named(tmp_path):
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory):
     """The built-in detector (random weights) and its export with decode (`OUTPUTS`)."""
-    from tasks.export import to_onnx
     from tasks.model import Detector, DetectorConfig
+
+    from tasks.export import to_onnx
 
     torch.manual_seed(0)
     model = Detector(DetectorConfig(num_classes=CLASSES, input_size=SIZE)).eval()
@@ -254,7 +255,7 @@ def test_macs_from_graph_match_torch_pruning(builtin, yolo_onnx, appended):
 
 
 def test_int8_quantizes_the_detector_and_leaves_the_decode_float(appended, images, tmp_path):
-    from tasks.quantize import calibrate, to_int8
+    from tasks.qdq import calibrate, to_int8
 
     src, dst, cache = tmp_path / "fp32.onnx", tmp_path / "int8.onnx", tmp_path / "ranges"
     onnx.save(appended, str(src))
