@@ -31,7 +31,7 @@ from tasks.engines import get
 from tasks.evaluate import eager_runner
 from tasks.models import ModelAdapter, load_checkpoint
 from tasks.onnx_export import to_onnx
-from tasks.quantize import calibrate, calibration_set, to_fp16, to_int8
+from tasks.qdq import calibrate, calibration_set, to_fp16, to_int8
 
 CPU_TARGETS = ("onnxruntime", "openvino")
 

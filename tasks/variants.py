@@ -27,7 +27,7 @@ from tasks.metrics import coco_metrics, predict
 from tasks.models import adapter_for, load_checkpoint
 from tasks.models.onnx_graph import macs_and_params
 from tasks.onnx_export import to_onnx
-from tasks.quantize import CALIBRATORS, calibrate, calibration_set, to_int8
+from tasks.qdq import CALIBRATORS, calibrate, calibration_set, to_int8
 
 log = logging.getLogger(__name__)
 COLUMNS = ("map50", "map50_95", "latency_ms_p50", "size_mb", "macs")

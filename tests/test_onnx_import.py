@@ -256,7 +256,7 @@ def test_macs_from_graph_match_torch_pruning(builtin, yolo_onnx, appended):
 
 
 def test_int8_quantizes_the_detector_and_leaves_the_decode_float(appended, images, tmp_path):
-    from tasks.quantize import calibrate, to_int8
+    from tasks.qdq import calibrate, to_int8
 
     src, dst, cache = tmp_path / "fp32.onnx", tmp_path / "int8.onnx", tmp_path / "ranges"
     onnx.save(appended, str(src))
