@@ -367,7 +367,7 @@ def deployed(prefect_server, worker, mlflow_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deployed")
     params = tiny_params()
     # The flow and the sweep are under test here, not the engines (test_pipeline builds them
-    # all): one target keeps the nightly run and the sweep's four recipes inside their timeouts.
+    # all): one target keeps the nightly run and the sweep's recipes inside their timeouts.
     params["build_engine"]["targets"] = ["onnxruntime"]
     proj = copy_project(tmp / "proj", params)
     assert dvc(proj, "remote", "add", "-d", "local", str(tmp / "remote")).returncode == 0
@@ -537,15 +537,16 @@ def sweep_runs(mlflow: MlflowClient, experiment_id: str, flow_run_id) -> list:
     )
 
 
+# Two recipes (CI time): tests/test_sweep.py fans a calibrator grid out to two workers.
 SWEEP_GRID = {
-    "quantize.calibrator": ["minmax", "percentile"],
+    "quantize.calibrator": ["minmax"],
     "quantize.precision": ["int8", "fp16"],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_a_2x2_sweep_yields_four_experiments_and_a_pareto_front(
+def test_a_sweep_yields_an_experiment_per_recipe_and_a_pareto_front(
     deployed, prefect_server, mlflow_server, tmp_path
 ):
     from tasks.pareto import dominates
@@ -559,7 +560,7 @@ def test_a_2x2_sweep_yields_four_experiments_and_a_pareto_front(
         "sweep/sweep",
         {"grid": SWEEP_GRID, "mlflow_tracking_uri": mlflow_server, "recipe_deployment": None},
     )
-    print(f"2x2 sweep through the deployment: {time.perf_counter() - t0:.1f} s")
+    print(f"sweep through the deployment: {time.perf_counter() - t0:.1f} s")
     assert run.state.type.value == "COMPLETED", f"{run.state}\n{logs(api, run.id)[-5000:]}"
 
     shown = json.loads(dvc(proj, "exp", "show", "--json").stdout)

@@ -15,7 +15,7 @@ from tasks.training import evaluate_model
 from tests.conftest import tiny_params
 
 pytest.importorskip("ultralytics")
-pytestmark = [pytest.mark.slow, pytest.mark.server]
+pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.families]
 TARGETS = ["onnxruntime", "openvino", "litert"]
 
 
