@@ -11,7 +11,8 @@ reason) and FP32 PyTorch eager of the trained model, times them at one batch siz
 alternating blocks with warm-up and a fixed thread count, and prints each one's ratio to eager.
 
 `pipeline` copies the project into a temp folder (no DVC cache, its own MLflow store), times a
-cold `dvc repro` and a second, no-op `dvc repro`, and records the KPIs that run produced, in
+cold `dvc repro` and a second, no-op `dvc repro`, and records each stage's time (from its MLflow
+run) and the KPIs that run produced, in
 `artifacts/bench/pipeline-<profile>.json` and an MLflow run tagged `shrinkflow.role=benchmark`.
 """
 
@@ -53,13 +54,32 @@ def _timed_repro(proj: Path, env: dict) -> tuple[float, list[str]]:
     return wall, re.findall(r"Running stage '([^']+)'", proc.stdout)
 
 
+def stage_seconds(uri: str, experiment: str) -> dict[str, float]:
+    """{stage: wall seconds} of the stage runs in an MLflow store (its start to end time)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return {}
+    runs = client.search_runs([found.experiment_id], "tags.`shrinkflow.stage` != ''")
+    return {
+        r.data.tags["shrinkflow.stage"]: (r.info.end_time - r.info.start_time) / 1000
+        for r in sorted(runs, key=lambda r: r.info.start_time)
+        if r.info.end_time
+    }
+
+
 def pipeline_benchmark(profile: str, work: Path) -> dict:
-    """Time a cold and a no-op `dvc repro` of a fresh project copy under `work`."""
+    """Time a cold and a no-op `dvc repro` of a fresh project copy under `work`, with each
+    stage's wall time from its MLflow run."""
     params = profile_params(profile)
     proj = copy_project(work / "proj", params)
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri}
     cold_s, stages = _timed_repro(proj, env)
     noop_s, rerun = _timed_repro(proj, env)
+    per_stage = stage_seconds(uri, params["project"]["mlflow_experiment"])
     stage_metrics = {
         p.parent.relative_to(proj / "artifacts").as_posix(): json.loads(p.read_text())
         for p in sorted((proj / "artifacts").rglob("metrics.json"))
@@ -73,6 +93,7 @@ def pipeline_benchmark(profile: str, work: Path) -> dict:
         },
         "dvc_repro_cold_s": cold_s,
         "dvc_repro_noop_s": noop_s,
+        "stage_s": per_stage,
         "stages_run": stages,
         "stages_rerun_on_noop": rerun,
         "kpis": stage_metrics,
