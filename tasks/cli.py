@@ -34,6 +34,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "ingest": ("dataset", "data", "label_qa"),
     "label_qa": ("label_qa", "model", "train", "project"),
     "train": ("model", "train", "evaluate"),
+    "reference": ("export", "model", "train"),
     "prune": ("prune", "model", "train"),
     "distill": ("distill", "model", "train"),
     "export": ("export", "model", "train"),
