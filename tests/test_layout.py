@@ -247,8 +247,11 @@ def narrowed(stage: str) -> dict[str, set[str]]:
     return {"tasks.engines": {f"tasks.engines.{MODULES[n]}" for n in names}}
 
 
-def stage_code(modules: list[str], narrow: dict[str, set[str]] | None = None):
-    """(files the stage runs, loader packages it needs as a folder) from its entry modules."""
+def stage_code(
+    modules: list[str], narrow: dict[str, set[str]] | None = None, follow_loaders: bool = True
+):
+    """(files the stage runs, loader packages it needs as a folder) from its entry modules;
+    with `follow_loaders` False, only what it imports by name (no module a loader may load)."""
     dynamic = dynamic_packages()
     narrow = narrow or {}
     files, folders, seen, todo = set(), set(), set(), list(modules)
@@ -262,7 +265,7 @@ def stage_code(modules: list[str], narrow: dict[str, set[str]] | None = None):
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # the packages' __init__
         todo += sorted(imports(module) | siblings_read(module))
         for package, names in dynamic.items():
-            if uses_loader(module, package, names):
+            if follow_loaders and uses_loader(module, package, names):
                 if package in narrow:
                     todo += sorted(narrow[package])
                 else:
@@ -376,3 +379,123 @@ def test_the_deps_comparison_names_what_is_missing_and_what_is_extra(tmp_path, m
     assert code_dep_mismatches("c", c) == [
         "c: lists tasks/plugins/, but does not run tasks/plugins/two.py"
     ]
+
+
+# --- dvc.yaml params are the params.yaml sections each stage's code reads --------------------
+#
+# The code reads params through the validated `Params` object: `ctx.params.<section>` (or a
+# name bound to it, or an argument typed `Params`), in the stage's module and the modules it
+# imports by name (a family module a loader may load gets a section's config, never `Params`).
+# What this can check exactly: which *sections* a stage reads, and the keys it reads directly
+# (`params.train.input_size`). What it cannot: which keys a section's config is used for once it
+# is passed whole to another function (`fit(adapter, model, ctx.params.train)`). dvc.yaml lists
+# such a section whole, or narrows it to the keys the callee reads; each narrowing is a claim
+# made by hand, listed in NARROWED so that a new one (or a section newly passed whole) fails
+# here until someone checks it. Not a DVC param on purpose: `project.mlflow_experiment`, which
+# the harness (tasks/cli.py) reads to choose where the MLflow run is logged, not what the stage
+# computes. check_params depends on the whole file (`params.yaml:`), reading every section.
+
+NARROWED = {  # stage -> sections it passes whole, of which dvc.yaml lists only some keys
+    "label_qa": {"train"},  # the cross-fit's loop settings; label_qa.model has its own size
+    "prune": {"build_engine"},  # how prune.engine's steps are built and timed
+    "quantize": {"distill"},  # QAT's knowledge-distillation weights
+    "build_engine": {"build_engine"},  # all but `targets`: the foreach item is the target
+    "evaluate": {"build_engine"},  # ditto: how its own target's engine is built
+    "variants": {"build_engine"},  # its CPU runtimes' threads, hint and precision
+}
+
+
+def params_read(files: set[Path]) -> tuple[set[str], set[str]]:
+    """(sections read whole, `section.key`s read directly) through `Params` in `files`."""
+    from tasks.config import Params
+
+    sections = Params.model_fields
+    whole, keys = set(), set()
+    for path in files:
+        if path == TASKS / "cli.py":  # the harness: project.mlflow_experiment (see above)
+            continue
+        tree = parse(path.read_text())
+        holders = {"params"}
+        for n in ast.walk(tree):
+            value = getattr(n, "value", None)
+            if isinstance(n, ast.Assign) and getattr(value, "attr", None) == "params":
+                holders |= {t.id for t in n.targets if isinstance(t, ast.Name)}  # p = ctx.params
+            if isinstance(n, ast.arg) and n.annotation and ast.unparse(n.annotation) == "Params":
+                holders.add(n.arg)
+        parents = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+        for n in ast.walk(tree):
+            if not (isinstance(n, ast.Attribute) and n.attr in sections):
+                continue
+            v = n.value
+            if not (
+                (isinstance(v, ast.Name) and v.id in holders)
+                or (isinstance(v, ast.Attribute) and v.attr == "params")
+            ):
+                continue
+            fields = getattr(sections[n.attr].annotation, "model_fields", {})
+            up = parents.get(n)
+            if isinstance(up, ast.Attribute) and up.attr in fields:
+                keys.add(f"{n.attr}.{up.attr}")
+            else:
+                whole.add(n.attr)
+    return whole, keys
+
+
+def param_mismatches(name: str, stage: dict) -> list[str]:
+    """Where `stage`'s dvc.yaml params and the params its code reads disagree."""
+    from tasks.cli import required_sections
+    from tasks.config import Params
+
+    modules = entry_modules(stage["cmd"])
+    declared = stage.get("params", [])
+    if not modules or declared == [{"params.yaml": None}]:
+        return []
+    files, _ = stage_code(modules, narrowed(name), follow_loaders=False)
+    whole, keys = params_read(files)
+    read = whole | {k.split(".")[0] for k in keys}
+    dwhole = {d for d in declared if "." not in d}
+    dkeys = {d for d in declared if "." in d}
+    dsections = dwhole | {k.split(".")[0] for k in dkeys}
+    problems = []
+    for s in sorted(read - dsections):
+        problems.append(f"{name}: reads params section {s}, not in its dvc.yaml params")
+    for s in sorted(dsections - read):
+        problems.append(f"{name}: dvc.yaml params list section {s}, which it does not read")
+    for k in sorted(keys):
+        s = k.split(".")[0]
+        if s not in dwhole and k not in dkeys:
+            problems.append(f"{name}: reads {k}, not in its dvc.yaml params")
+    for k in sorted(dkeys):
+        s, key = k.split(".", 1)
+        if key not in getattr(Params.model_fields[s].annotation, "model_fields", {}):
+            problems.append(f"{name}: dvc.yaml params list {k}, which is no key of {s}")
+    narrowed_here = {s for s in whole if s not in dwhole}
+    if narrowed_here != NARROWED.get(name, set()):
+        problems.append(
+            f"{name}: passes sections {sorted(narrowed_here)} whole but dvc.yaml lists only "
+            f"some keys; NARROWED (checked by hand) says {sorted(NARROWED.get(name, set()))}"
+        )
+    if set(required_sections(name)) != read:
+        problems.append(
+            f"{name}: tasks/cli.py STAGE_SECTIONS requires {sorted(required_sections(name))}, "
+            f"the code reads {sorted(read)}"
+        )
+    return problems
+
+
+def test_dvc_params_are_the_sections_each_stage_reads():
+    stages = stage_definitions()
+    problems = [p for name, s in stages.items() for p in param_mismatches(name, s)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_params_walk_tells_a_whole_section_from_a_key(tmp_path):
+    code = (
+        "def main(ctx, params: 'Params'):\n"
+        "    p = ctx.params\n"
+        "    fit(p.train)\n"
+        "    size = params.export.opset\n"
+        "    return ctx.params.model.family\n"
+    )
+    (tmp_path / "m.py").write_text(code.replace("'Params'", "Params"))
+    assert params_read({tmp_path / "m.py"}) == ({"train"}, {"export.opset", "model.family"})
