@@ -7,8 +7,9 @@
 (`shrinkflow` is this module's console script; `python -m tasks.benchmarks ...` is the same.)
 
 `bench` loads every engine that `build_engine` built (skipped targets are listed with their
-reason) and FP32 PyTorch eager of the trained model, times them at one batch size in shuffled,
-alternating blocks with warm-up and a fixed thread count, and prints each one's ratio to eager.
+reason), FP32 PyTorch eager of the trained model and its ONNX from the reference stage on each
+CPU runtime, times them at one batch size in shuffled, alternating blocks with warm-up and a
+fixed thread count, and prints each one's ratio to eager.
 
 `pipeline` copies the project into a temp folder (no DVC cache, its own MLflow store), times a
 cold `dvc repro` and a second, no-op `dvc repro`, and records each stage's time (from its MLflow
@@ -157,6 +158,9 @@ def engines(
     params: Path = typer.Option(Path("params.yaml")),
     engines_dir: Path = typer.Option(Path("artifacts/build_engine"), "--engines"),
     baseline: Path = typer.Option(Path("artifacts/train/model.pt")),
+    reference: Path = typer.Option(
+        Path("artifacts/reference"), help="the reference stage's folder (the trained FP32 ONNX)"
+    ),
     manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
     batch: int = typer.Option(1, min=1),
     runs: int = typer.Option(300, min=1, help="timed calls per runtime, over all rounds"),
@@ -193,10 +197,9 @@ def engines(
     runners[BASELINE] = eager_runner(adapter, model, cfg.export)
     work = tempfile.TemporaryDirectory(prefix="shrinkflow-bench-")
     if uncompressed:  # what a user gets with no pipeline, on each CPU runtime
-        from tasks.onnx_export import to_onnx
+        from tasks.reference_graph import read as read_reference
 
-        fp32 = Path(work.name) / "fp32.onnx"
-        to_onnx(adapter, model, cfg.export, fp32)
+        fp32 = read_reference(reference)["onnx"]  # exported once, by the reference stage
         variants = {
             "onnxruntime": cfg.build_engine,
             "openvino": cfg.build_engine.model_copy(update={"openvino_precision": "f32"}),

@@ -30,9 +30,9 @@ from tasks.config import BuildEngineCfg, EvaluateCfg, ExportCfg, Kpi
 from tasks.engines import Runner, engine_size_mb, get
 from tasks.io import meta, remove, write_json, write_text
 from tasks.metrics import coco_metrics, detection_parity, predict
-from tasks.models import ModelAdapter, adapter_for, load_checkpoint
+from tasks.models import ModelAdapter, load_checkpoint
 from tasks.models.config import ModelCfg
-from tasks.onnx_export import to_onnx
+from tasks.reference_graph import read as read_reference
 
 log = logging.getLogger(__name__)
 BASELINE = "pytorch_eager_fp32"
@@ -61,6 +61,7 @@ def run(
     engine_dir: Path,
     model_checkpoint: Path,
     baseline_checkpoint: Path,
+    reference_dir: Path,
     manifest: dict,
     engine_cfg: BuildEngineCfg,
     export_cfg: ExportCfg,
@@ -72,48 +73,39 @@ def run(
     process: the uncompressed FP32 model built for the same runtime, and FP32 PyTorch eager.
 
     `model_checkpoint` is the model the engine was built from (for MACs and params);
-    `baseline_checkpoint` is the trained, uncompressed one. For an imported ONNX (`family:
-    onnx`, no PyTorch model) both references are the imported graph at `input_size`, FP32:
-    on the same runtime, and on ONNX Runtime in place of PyTorch eager. Returns (metrics,
-    PR-curve rows).
+    `baseline_checkpoint` is the trained, uncompressed one (FP32 PyTorch eager);
+    `reference_dir` is the reference stage's folder: its `model.onnx` (the uncompressed model,
+    exported once) is built here for `target`, and its `reference.json` gives the uncompressed
+    model's MACs, parameters and file size. For an imported ONNX (`family: onnx`, no PyTorch
+    model) both references are the imported graph at `input_size`, FP32: on the same runtime,
+    and on ONNX Runtime in place of PyTorch eager. Returns (metrics, PR-curve rows).
     """
     facts = json.loads((engine_dir / "engine.json").read_text())
     if facts["status"] != "ok":
         return {"target": target, "status": facts["status"]}, []
     torch.set_num_threads(engine_cfg.threads)
     engine = get(target)
-    adapter = adapter_for(model_cfg or ModelCfg())
-    imported = not getattr(adapter, "torch_stages", True)
-    baseline_name = IMPORTED_BASELINE if imported else BASELINE
-    if imported:  # no PyTorch model: the FP32 reference is the imported graph itself
+    ref = read_reference(reference_dir)
+    baseline_name = IMPORTED_BASELINE if ref["imported"] else BASELINE
+    uncompressed = (ref["macs"], ref["params"])
+    if ref["imported"]:  # no PyTorch model: the FP32 reference is the imported graph itself
         size = input_size
-        facts = adapter.prepare(
-            work / "fp32.onnx",
-            num_classes=len(manifest["splits"]["train"]["categories"]),
-            input_size=size,
-            max_detections=export_cfg.max_detections,
-            score_floor=export_cfg.score_floor,
-        )
-        shape = dict.fromkeys(
-            (target, FP32_SAME_RUNTIME, BASELINE), (facts["macs"], facts["params"])
-        )
-        baseline_size = adapter.imported_onnx().stat().st_size / 2**20
+        shape = dict.fromkeys((target, FP32_SAME_RUNTIME, BASELINE), uncompressed)
         eager = get("onnxruntime")
         (work / "reference").mkdir()
-        eager.build(work / "fp32.onnx", work / "reference", engine_cfg)
+        eager.build(ref["onnx"], work / "reference", engine_cfg)
         reference = eager.load(work / "reference", engine_cfg)
     else:
         adapter, deployed, _ = load_checkpoint(model_checkpoint, model_cfg)
         _, baseline, _ = load_checkpoint(baseline_checkpoint, model_cfg)
         size = adapter.input_size(deployed)
-        # The uncompressed FP32 model on the same runtime: what a user gets with no pipeline.
-        to_onnx(adapter, baseline, export_cfg, work / "fp32.onnx")
         shape = {target: adapter.macs_and_params(deployed)}
-        shape[FP32_SAME_RUNTIME] = shape[BASELINE] = adapter.macs_and_params(baseline)
-        baseline_size = baseline_checkpoint.stat().st_size / 2**20
+        shape[FP32_SAME_RUNTIME] = shape[BASELINE] = uncompressed
         reference = eager_runner(adapter, baseline, export_cfg)
+    baseline_size = ref["size_mb"]
+    # The uncompressed FP32 model on the same runtime: what a user gets with no pipeline.
     (work / "fp32").mkdir()
-    engine.build(work / "fp32.onnx", work / "fp32", engine_cfg)
+    engine.build(ref["onnx"], work / "fp32", engine_cfg)
     runners = {
         target: engine.load(engine_dir, engine_cfg),
         FP32_SAME_RUNTIME: engine.load(work / "fp32", engine_cfg),
@@ -239,6 +231,9 @@ def main(
     baseline: Path = typer.Option(
         Path("artifacts/train/model.pt"), help="the trained, uncompressed FP32 model"
     ),
+    reference: Path = typer.Option(
+        Path("artifacts/reference"), help="the reference stage's folder (its FP32 ONNX)"
+    ),
     manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
     out: Path = typer.Option(..., help="e.g. artifacts/evaluate/<target>"),
 ) -> None:
@@ -257,6 +252,7 @@ def main(
                 engine_dir=engine,
                 model_checkpoint=checkpoint,
                 baseline_checkpoint=baseline,
+                reference_dir=reference,
                 manifest=splits,
                 engine_cfg=ctx.params.build_engine,
                 export_cfg=ctx.params.export,
@@ -274,7 +270,12 @@ def main(
             out / "meta.json",
             meta(
                 cfg,
-                {"engine": engine, "checkpoint": checkpoint, "baseline": baseline},
+                {
+                    "engine": engine,
+                    "checkpoint": checkpoint,
+                    "baseline": baseline,
+                    "reference": reference,
+                },
                 ("onnxruntime", "pycocotools"),
             ),
         )

@@ -112,6 +112,7 @@ def test_tensorrt_without_cuda_or_tensorrt_is_skipped_with_the_reason(
         engine_dir=tmp_path / "engine",
         model_checkpoint=models / "model.pt",
         baseline_checkpoint=models / "model.pt",
+        reference_dir=tmp_path / "no-reference",  # not read: the target was skipped
         manifest=tiny_manifest,
         engine_cfg=tiny.build_engine,
         export_cfg=tiny.export,

@@ -11,7 +11,7 @@ import sys
 
 import yaml
 
-from tasks import build_engine, evaluate, export, train
+from tasks import build_engine, evaluate, export, reference, train
 from tasks.coco import DetectionSet
 from tasks.models import load_checkpoint
 from tasks.training import evaluate_model
@@ -52,12 +52,17 @@ def test_user_family_trains_exports_and_evaluates(tiny, tiny_manifest, tmp_path)
     )
     assert built["status"] == "ok"
     (tmp_path / "work").mkdir()
+    reference.run(
+        export_cfg, checkpoint=ckpt_path, manifest=tiny_manifest, out=tmp_path / "reference",
+        model_cfg=model_cfg,
+    )  # fmt: skip
     metrics, _ = evaluate.run(
         tiny.evaluate,
         target="onnxruntime",
         engine_dir=tmp_path / "engine",
         model_checkpoint=ckpt_path,
         baseline_checkpoint=ckpt_path,
+        reference_dir=tmp_path / "reference",
         work=tmp_path / "work",
         manifest=tiny_manifest,
         engine_cfg=engine_cfg,

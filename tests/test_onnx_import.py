@@ -303,6 +303,32 @@ def test_adapter_marks_torch_stages_unsupported(yolo_onnx, tmp_path):
     oi.inspect(tmp_path / "model.onnx", "detections", CLASSES, SIZE)
 
 
+def test_the_reference_of_an_imported_onnx_is_its_prepared_graph(yolo_onnx, tmp_path):
+    """The reference stage on family onnx: no checkpoint is read; the reference graph is the
+    imported file prepared at the pipeline's size, its facts what evaluate reports for it."""
+    from tasks import reference
+    from tasks.reference_graph import read
+
+    cfg = ModelCfg(
+        family="onnx", path=str(yolo_onnx.parent), onnx=str(yolo_onnx), outputs="yolo_raw"
+    )
+    manifest = {"splits": {"train": {"categories": [{"id": i} for i in range(CLASSES)]}}}
+    export_cfg = ExportCfg(max_detections=K, score_floor=FLOOR)
+    facts = reference.run(
+        export_cfg, checkpoint=tmp_path / "no-such.pt", manifest=manifest, out=tmp_path,
+        model_cfg=cfg, input_size=SIZE,
+    )  # fmt: skip
+    assert facts["imported"] is True and facts["input_size"] == SIZE
+    assert facts["size_mb"] == yolo_onnx.stat().st_size / 2**20
+    assert facts["macs"] == oi.macs_and_params(tmp_path / "model.onnx")[0] > 0
+    assert read(tmp_path) == {**facts, "onnx": tmp_path / "model.onnx"}
+    found = oi.inspect(tmp_path / "model.onnx", "detections", CLASSES, SIZE)
+    assert found.num_classes == CLASSES  # the project's outputs: decode + NMS appended
+    (tmp_path / "reference.json").unlink()
+    with pytest.raises(DataError, match="reference.json: file not found"):
+        read(tmp_path)
+
+
 def test_old_opset_is_converted_and_fixed_batch_refused(tmp_path):
     path = _one_output_model(tmp_path / "old.onnx", [1, 8, 4096], opset=11)  # C = 4
     model = oi.to_detections(onnx.load(str(path)), 4, K, FLOOR, IOU, path=path)

@@ -23,6 +23,7 @@ STAGES = [
     "ingest",
     "label_qa",
     "train",
+    "reference",  # the trained FP32 model as ONNX, once for every evaluate@<target>
     "prune",
     "distill",
     "export",
@@ -84,6 +85,9 @@ def test_kpis_are_in_range_and_beat_an_untrained_model(pipeline):
     assert m["size_mb"] > 0 and m["params"] > 0 and m["macs"] > 0
     assert m["delta_map50"] == pytest.approx(m["map50"] - m["baseline"]["map50"])
     assert m["macs"] < m["baseline"]["macs"]  # the deployed model is the pruned one
+    ref = json.loads((proj / "artifacts/reference/metrics.json").read_text())
+    assert m["baseline"]["macs"] == m["fp32_same_runtime"]["macs"] == ref["macs"]
+    assert ref["parity_max_abs_diff"] <= tiny_params()["export"]["parity_tolerance"]
     manifest = json.loads((proj / "artifacts/label_qa/manifest.json").read_text())
     manifest["root"] = str(proj / manifest["root"])
     adapter, _, ckpt = load_checkpoint(proj / "artifacts/train/model.pt")
@@ -172,6 +176,8 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(pipeline, mlflow_server)
     assert "baseline.latency_ms_p50" in evaluation.data.metrics
     exported = [f.path for f in client.list_artifacts(by_stage["export"].info.run_id, "model")]
     assert exported == ["model/model.onnx"]
+    reference = [f.path for f in client.list_artifacts(by_stage["reference"].info.run_id, "model")]
+    assert reference == ["model/model.onnx"]
     reports = [f.path for f in client.list_artifacts(evaluation.info.run_id, "evaluation")]
     assert "evaluation/report.md" in reports
 

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tasks import build_engine, evaluate, export, train
+from tasks import build_engine, evaluate, export, reference, train
 from tasks.coco import DetectionSet
 from tasks.engines import get
 from tasks.errors import ConfigError
@@ -99,12 +99,18 @@ def test_engine_and_evaluate_against_eager(tiny, trained, tiny_manifest, tmp_pat
     assert built["status"] == "ok" and built["threads"] == tiny.build_engine.threads
     assert (tmp_path / "engine" / "model.ort.onnx").exists()
     (tmp_path / "work").mkdir()
+    facts = reference.run(
+        tiny.export, checkpoint=path, manifest=tiny_manifest, out=tmp_path / "reference"
+    )
+    assert facts["imported"] is False and (tmp_path / "reference" / "model.onnx").exists()
+    assert facts["parity_max_abs_diff"] <= tiny.export.parity_tolerance
     metrics, curve = evaluate.run(
         tiny.evaluate,
         target="onnxruntime",
         engine_dir=tmp_path / "engine",
         model_checkpoint=path,
         baseline_checkpoint=path,
+        reference_dir=tmp_path / "reference",
         work=tmp_path / "work",
         manifest=tiny_manifest,
         engine_cfg=tiny.build_engine,
@@ -119,6 +125,10 @@ def test_engine_and_evaluate_against_eager(tiny, trained, tiny_manifest, tmp_pat
     assert metrics["baseline"]["name"] == "pytorch_eager_fp32"
     assert metrics["fp32_same_runtime"]["map50"] == pytest.approx(metrics["map50"], abs=0.01)
     assert metrics["speedup_vs_fp32_same_runtime"] > 0 and metrics["macs_reduction"] == 0
+    # the uncompressed model's MACs and file size come from the reference stage's record
+    adapter, model, _ = load_checkpoint(path)
+    assert metrics["baseline"]["macs"] == facts["macs"] == adapter.macs_and_params(model)[0]
+    assert metrics["baseline"]["size_mb"] == pytest.approx(path.stat().st_size / 2**20)
     assert len(curve) == 101
 
 
