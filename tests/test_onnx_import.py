@@ -121,7 +121,7 @@ def test_yolo_raw_decode_matches_reference_in_ort_and_openvino(
     yolo_onnx, appended, images, tmp_path
 ):
     found = oi.inspect(yolo_onnx, "yolo_raw", CLASSES, SIZE)
-    assert (found.num_classes, found.anchors, found.input_size) == (CLASSES, 84, SIZE)
+    assert (found.num_classes, found.anchors, found.input_size) == (CLASSES, 84, (SIZE, SIZE))
     assert found.dynamic_batch and found.raw_output == "output0"
 
     assert [o.name for o in appended.graph.output] == OUTPUTS
