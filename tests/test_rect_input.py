@@ -202,3 +202,38 @@ def test_a_box_on_a_non_square_image_comes_back_through_a_rectangular_input(tmp_
 
     (row,) = predict(runner, ds)
     assert np.allclose(row["bbox"], box, atol=1 / min(lb.sx, lb.sy)), (row["bbox"], box)
+
+
+def test_yolo_builds_trains_and_deploys_at_a_rectangle(tiny, tmp_path):
+    """Ultralytics takes any multiple of 32 per side: yolov8n at [96, 64] has 12x8 + 6x4 + 3x2
+    anchors, a finite loss whose targets are normalised by (w, h, w, h), and a deployable graph
+    whose ONNX (N, 3, 64, 96) matches PyTorch with boxes inside the wide input."""
+    pytest.importorskip("ultralytics")
+    from tasks.models.config import ModelCfg
+    from tasks.onnx_export import parity, to_onnx
+
+    yw, yh = 96, 64
+    adapter = adapter_for(ModelCfg(family="yolo"))
+    assert adapter.input_stride == 32
+    model = adapter.build(3, (yw, yh), seed=0)
+    assert adapter.input_size(model) == (yw, yh)
+    x = torch.rand(2, 3, yh, yw)
+    raw = adapter.forward_train(model, x)
+    assert raw["scores"].shape == (2, 3, 12 * 8 + 6 * 4 + 3 * 2)
+    boxes = [np.array([[60.0, 8.0, 92.0, 40.0]], np.float32)] * 2  # right part: x > h
+    loss = adapter.loss(model, raw, boxes, [np.array([1])] * 2)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    model.eval()
+    adapter.save(tmp_path / "y.pt", model, [{"id": i, "name": str(i)} for i in range(3)], {})
+    again = adapter.load(torch.load(tmp_path / "y.pt", weights_only=True), tmp_path / "y.pt")
+    assert adapter.input_size(again) == (yw, yh)
+    facts = to_onnx(adapter, model, tiny.export, tmp_path / "y.onnx")
+    dims = onnx.load(str(tmp_path / "y.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, yh, yw] and facts["nodes"] > 0
+    images = np.random.default_rng(0).random((2, 3, yh, yw), dtype=np.float32)
+    same = parity(adapter, model, tmp_path / "y.onnx", images, tiny.export)
+    assert same["parity_max_abs_diff"] <= 1e-3, same
+    with torch.inference_mode():
+        _, b, _, _ = adapter.deployable(model, 100, 0.0)(torch.from_numpy(images))
+    assert b[..., 0::2].max() <= yw and b[..., 1::2].max() <= yh and b.max() > yh

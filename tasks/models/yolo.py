@@ -483,7 +483,7 @@ def _raw_head(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 
 class YoloWithNms(nn.Module):
-    """Images (B, 3, S, S) in [0, 1] -> `OUTPUTS`: num_detections (B,) int32, boxes (B, K, 4)
+    """Images (B, 3, H, W) in [0, 1] -> `OUTPUTS`: num_detections (B,) int32, boxes (B, K, 4)
     xyxy input pixels, scores (B, K) descending, classes (B, K) int32; padding rows are zeros.
 
     Decode is Ultralytics' (DFL expectation, anchor centres, `dist2bbox`); each anchor keeps its
