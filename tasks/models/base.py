@@ -58,8 +58,9 @@ class ModelAdapter(Protocol):
 
     # -- build, save, load -------------------------------------------------------------------
     def build(self, num_classes: int, input_size: int | tuple[int, int], seed: int) -> nn.Module:
-        """A fresh model for inputs of `input_size` ((width, height) or one side), or the
-        user's `model.weights` re-headed if needed, in train mode."""
+        """A fresh model for inputs of `input_size`, or the user's `model.weights` re-headed if
+        needed, in train mode. The stages pass one side for a square (as before rectangles) and
+        (width, height) for a rectangle (`tasks.letterbox.build_size`)."""
 
     def save(self, path: Path, model: nn.Module, categories: list[dict], extra: dict) -> None:
         """Write the project's checkpoint atomically: {family, config, state_dict, categories,
