@@ -206,7 +206,7 @@ def test_wrong_input_named(tmp_path):
     path = tmp_path / "gray.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(DataError, match=rf"{path}: inputs found: x \(1,1,64,64\) float32; "
-                       r"expected one image input \(B,3,S,S\) float32"):  # fmt: skip
+                       r"expected one image input \(B,3,H,W\) float32"):  # fmt: skip
         oi.inspect(path, "yolo_raw")
 
 
