@@ -151,9 +151,11 @@ def _inspect(
             f"{path}: inputs found: {found_in}; expected one image input (B,3,H,W) float32"
         )
     h, w = dims[2], dims[3]
-    static = all(isinstance(d, int) and d > 0 for d in (h, w))
+    fixed = [isinstance(d, int) and d > 0 for d in (w, h)]
+    static = all(fixed)
     wanted = None if input_size is None else input_wh(input_size)
-    if static and wanted is not None and (w, h) != wanted:
+    clash = [f and d != x for f, d, x in zip(fixed, (w, h), wanted or (w, h), strict=True)]
+    if any(clash):  # a side fixed in the file differs from the pipeline's
         raise DataError(
             f"{path}: input {inputs[0].name} is (width, height) [{w}, {h}] but the pipeline's "
             f"train.input_size is [{wanted[0]}, {wanted[1]}]; set train.input_size: [{w}, {h}] "
