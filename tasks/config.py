@@ -22,6 +22,8 @@ from tasks.config_types import NonNegInt, PosInt, SafePath, Section  # noqa: F40
 from tasks.errors import ConfigError
 from tasks.models.config import ModelCfg
 
+Side = Annotated[int, Field(ge=32, le=1024)]  # one side of the model input, px
+
 
 class ProjectCfg(Section):
     mlflow_experiment: str = Field("shrinkflow", description="MLflow experiment (one per project)")
@@ -315,7 +317,12 @@ class TrainCfg(Section):
     batch_size: PosInt = Field(32)
     lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW, one-cycle)")
     weight_decay: float = Field(1e-4, ge=0)
-    input_size: int = Field(128, ge=32, le=1024, description="square model input side, px")
+    input_size: tuple[Side, Side] = Field(
+        (128, 128),
+        description="model input, px: one side (a square, e.g. 128) or [width, height] (e.g. "
+        "[320, 256]); each side a multiple of the model family's stride (centernet 16, yolo "
+        "32). Note the order: [w, h] like PIL and the letterbox, not Ultralytics' imgsz [h, w]",
+    )
     amp: bool = Field(True, description="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     threads: PosInt = Field(2, description="torch intra-op threads on CPU")
@@ -328,6 +335,16 @@ class TrainCfg(Section):
         "with its probability `p`: shift, hflip, vflip, scale_jitter, hsv, channel_shuffle, "
         "mosaic; [] = none",
     )
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _side_or_rectangle(cls, v):
+        """`128` is the square (128, 128); `[320, 256]` is (width, height)."""
+        if isinstance(v, int) and not isinstance(v, bool):
+            return (v, v)
+        if isinstance(v, (list, tuple)) and len(v) != 2:
+            raise ValueError(f"expected one side or [width, height], found {list(v)}")
+        return v
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -673,6 +690,21 @@ class Params(Section):
             raise ValueError(
                 "promote.gates: empty: every candidate would become champion; list gates, or "
                 "set promote.allow_no_gates: true to promote without any"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _input_fits_the_family(self) -> Params:
+        from tasks.models import input_stride
+
+        stride = input_stride(self.model)
+        w, h = self.train.input_size
+        if w % stride or h % stride:
+            near = [max(stride, round(d / stride) * stride) for d in (w, h)]
+            raise ValueError(
+                f"train.input_size: [{w}, {h}] (width, height) is not a multiple of "
+                f"{stride}, the stride of model family {self.model.family!r}; use multiples "
+                f"of {stride}, e.g. {near[0] if near[0] == near[1] else near}"
             )
         return self
 

@@ -67,7 +67,7 @@ def run(
     export_cfg: ExportCfg,
     work: Path,
     model_cfg: ModelCfg | None = None,
-    input_size: int = 128,
+    input_size: int | tuple[int, int] = 128,
 ) -> tuple[dict, list[dict]]:
     """Evaluate the deployed engine of `target` beside two references measured in the same
     process: the uncompressed FP32 model built for the same runtime, and FP32 PyTorch eager.
@@ -77,7 +77,7 @@ def run(
     `reference_dir` is the reference stage's folder: its `model.onnx` (the uncompressed model,
     exported once) is built here for `target`, and its `reference.json` gives the uncompressed
     model's MACs, parameters and file size. For an imported ONNX (`family: onnx`, no PyTorch
-    model) both references are the imported graph at `input_size`, FP32: on the same runtime,
+    model) both references are the imported graph at `input_size` ((w, h) or a side), FP32: on the same runtime,
     and on ONNX Runtime in place of PyTorch eager. Returns (metrics, PR-curve rows).
     """
     facts = json.loads((engine_dir / "engine.json").read_text())

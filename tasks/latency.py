@@ -22,6 +22,7 @@ from tasks import engines
 from tasks.bench import time_blocks
 from tasks.config import BuildEngineCfg
 from tasks.errors import ConfigError
+from tasks.letterbox import input_wh
 from tasks.models import OUTPUTS, ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,12 @@ log = logging.getLogger(__name__)
 def export_for_timing(adapter: ModelAdapter, model: torch.nn.Module, path: Path) -> Path:
     """`model` (eval, BatchNorm folded, with decode) as a batch-1 ONNX graph at `path`."""
     wrapped = adapter.deployable(model, max_detections=100, score_floor=0.01)
-    size = adapter.input_size(model)
+    w, h = input_wh(adapter.input_size(model))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             wrapped,
-            (torch.zeros(1, 3, size, size),),
+            (torch.zeros(1, 3, h, w),),
             str(path),
             dynamo=False,
             opset_version=18,
@@ -62,8 +63,8 @@ def measure(
         ConfigError: the engine target cannot run here (it reports `skipped: ...`).
     """
     target = engines.get(engine)
-    size = adapter.input_size(next(iter(models.values())))
-    batch = np.random.default_rng(seed).random((1, 3, size, size), dtype=np.float32)
+    w, h = input_wh(adapter.input_size(next(iter(models.values()))))
+    batch = np.random.default_rng(seed).random((1, 3, h, w), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
         for name, model in models.items():

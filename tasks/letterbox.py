@@ -48,6 +48,13 @@ def input_wh(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(w), int(h)
 
 
+def build_size(size: int | tuple[int, int] | list[int]) -> int | tuple[int, int]:
+    """`size` as `ModelAdapter.build` takes it: one side for a square (what adapters written
+    before rectangles expect), (width, height) for a rectangle."""
+    w, h = input_wh(size)
+    return w if w == h else (w, h)
+
+
 def fit(width: int, height: int, size: int | tuple[int, int] | list[int]) -> Letterbox:
     """The transform of a `width` x `height` image into the input `size`."""
     tw, th = input_wh(size)

@@ -19,6 +19,7 @@ import torch
 
 from tasks.config import ExportCfg
 from tasks.errors import GateFailed
+from tasks.letterbox import input_wh
 from tasks.models import OUTPUTS, ModelAdapter
 
 
@@ -82,8 +83,8 @@ def to_onnx(adapter: ModelAdapter, model: torch.nn.Module, cfg: ExportCfg, path:
     """
     wrapped = adapter.deployable(model, cfg.max_detections, cfg.score_floor)
     folds = _batchnorms(model) - _batchnorms(wrapped)
-    size = adapter.input_size(model)
-    example = torch.rand(2, 3, size, size)
+    w, h = input_wh(adapter.input_size(model))
+    example = torch.rand(2, 3, h, w)  # NCHW: the graph's input is (N, 3, h, w)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.onnx"
         torch.onnx.export(
@@ -135,7 +136,7 @@ def parity(
     images: np.ndarray,
     cfg: ExportCfg,
 ) -> dict:
-    """Compare ONNX Runtime (no graph rewrites) against PyTorch eager on `images` (B, 3, S, S).
+    """Compare ONNX Runtime (no graph rewrites) against PyTorch eager on `images` (B, 3, H, W).
 
     Every detection scoring at least `parity_min_score` on one side is matched to the closest
     same-class detection in the other side's top-K; `parity_max_abs_diff` is the largest

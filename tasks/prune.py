@@ -34,6 +34,7 @@ from tasks.coco import DetectionSet, load_splits
 from tasks.config import BuildEngineCfg, PruneCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json, write_text
+from tasks.letterbox import input_wh
 from tasks.models import ModelAdapter, adapter_for, load_checkpoint
 from tasks.training import evaluate_model, fit
 
@@ -154,7 +155,7 @@ def run(
     base_map = evaluate_model(adapter, model, val)
     unpruned = copy.deepcopy(model).eval()
     spec = adapter.prune_spec(model, cfg.ignore)
-    size = adapter.input_size(model)
+    w, h = input_wh(adapter.input_size(model))
     model.train()
     extra = {
         k: v
@@ -167,7 +168,7 @@ def run(
     }
     pruner = tp.pruner.MetaPruner(
         model,
-        torch.zeros(1, 3, size, size),
+        torch.zeros(1, 3, h, w),
         importance=IMPORTANCE[cfg.importance](),
         global_pruning=cfg.global_pruning,
         pruning_ratio=0.9,

@@ -20,6 +20,7 @@ from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, check_min_boxes, load_splits, read_manifest
 from tasks.config import TrainCfg
 from tasks.io import meta, remove, write_json, write_text
+from tasks.letterbox import build_size
 from tasks.models import ModelAdapter, adapter_for
 from tasks.training import evaluate_model, fit
 
@@ -32,7 +33,7 @@ def run(
 ):
     """Train the family's model on `train` (from scratch, or from the user's `model.weights`).
     Returns (model on CPU, per-epoch history rows)."""
-    model = adapter.build(len(train.categories), cfg.input_size, cfg.seed)
+    model = adapter.build(len(train.categories), build_size(cfg.input_size), cfg.seed)
     return fit(
         adapter, model, cfg, train=train, val=val, epochs=cfg.epochs, lr=cfg.lr, on_epoch=on_epoch
     )

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from tasks.augment import augmenter
 from tasks.coco import DetectionSet
 from tasks.config import TrainCfg
+from tasks.letterbox import input_wh
 from tasks.metrics import coco_metrics, predict
 from tasks.models.base import ModelAdapter
 
@@ -82,8 +83,8 @@ def fit(
     )
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
-    size = adapter.input_size(model)
-    aug = augmenter(cfg.augment, size, size, cfg.seed)
+    w, h = input_wh(adapter.input_size(model))
+    aug = augmenter(cfg.augment, w, h, cfg.seed)
     history = []
     for epoch in range(1, epochs + 1):
         model.train()

@@ -121,7 +121,7 @@ def test_yolo_raw_decode_matches_reference_in_ort_and_openvino(
     yolo_onnx, appended, images, tmp_path
 ):
     found = oi.inspect(yolo_onnx, "yolo_raw", CLASSES, SIZE)
-    assert (found.num_classes, found.anchors, found.input_size) == (CLASSES, 84, SIZE)
+    assert (found.num_classes, found.anchors, found.input_size) == (CLASSES, 84, (SIZE, SIZE))
     assert found.dynamic_batch and found.raw_output == "output0"
 
     assert [o.name for o in appended.graph.output] == OUTPUTS
@@ -206,7 +206,7 @@ def test_wrong_input_named(tmp_path):
     path = tmp_path / "gray.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(DataError, match=rf"{path}: inputs found: x \(1,1,64,64\) float32; "
-                       r"expected one image input \(B,3,S,S\) float32"):  # fmt: skip
+                       r"expected one image input \(B,3,H,W\) float32"):  # fmt: skip
         oi.inspect(path, "yolo_raw")
 
 

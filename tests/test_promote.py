@@ -297,13 +297,13 @@ def test_numeric_format_is_read_from_the_graph(onnx_models, tmp_path):
         "integer_op_nodes": 0,
     }
     graph = onnx.load(str(onnx_models / "good.onnx")).graph
-    name, side = graph.input[0].name, stage.input_size(onnx_models / "good.onnx")
+    name, (w, h) = graph.input[0].name, stage.input_size(onnx_models / "good.onnx")
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             rng = np.random.default_rng(0)
             self.batches = iter(
-                [{name: rng.random((1, 3, side, side), dtype=np.float32)} for _ in range(4)]
+                [{name: rng.random((1, 3, h, w), dtype=np.float32)} for _ in range(4)]
             )
 
         def get_next(self):

@@ -90,7 +90,7 @@ def test_build_from_yaml_v8_and_11():
         adapter = yolo(yaml)
         model = adapter.build(NC, SIZE, seed=0)
         assert model.training and model.yaml["scale"] == scale
-        assert adapter.num_classes(model) == NC and adapter.input_size(model) == SIZE
+        assert adapter.num_classes(model) == NC and adapter.input_size(model) == (SIZE, SIZE)
         raw = adapter.forward_train(model, torch.rand(2, 3, SIZE, SIZE))
         anchors = (SIZE // 8) ** 2 + (SIZE // 16) ** 2 + (SIZE // 32) ** 2
         assert raw["scores"].shape == (2, NC, anchors) and raw["boxes"].shape == (2, 64, anchors)

@@ -1,5 +1,5 @@
 """Engine targets, registered by name. `build_engine@<target>` builds one, `evaluate@<target>`
-loads it as a runner: float32 (B, 3, S, S) in [0, 1] -> (num, boxes, scores, classes).
+loads it as a runner: float32 (B, 3, H, W) in [0, 1] -> (num, boxes, scores, classes).
 
 A target that cannot run here (runtime not installed, no device) returns `status:
 "skipped: <reason>"` from `build` instead of raising, so `dvc repro` carries on and says why.

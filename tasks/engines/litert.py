@@ -105,7 +105,7 @@ def convert(
     onnx_path: Path, dst: Path, precision: str, calibration: np.ndarray | None = None
 ) -> dict:
     """Convert `onnx_path` to `dst` (a .tflite; the decode goes to `<stem>.decode.onnx` beside
-    it) at `precision`. `calibration` (N, 3, S, S) float32 images are required for int8.
+    it) at `precision`. `calibration` (N, 3, H, W) float32 images are required for int8.
     Returns conversion facts."""
     if precision not in PRECISIONS:
         raise ShrinkflowError(f"litert: unsupported precision {precision!r}; choose {PRECISIONS}")
@@ -247,7 +247,7 @@ def check_int8(tflite: Path, interpreter, precisions: dict[str, int]) -> None:
 
 
 def runner(tflite: Path, threads: int) -> Runner:
-    """(B, 3, S, S) float32 -> the four decode outputs; the head runs image by image."""
+    """(B, 3, H, W) float32 -> the four decode outputs; the head runs image by image."""
     import onnxruntime as ort
 
     interpreter = _interpreter(tflite, threads)

@@ -142,6 +142,7 @@ def train_and_test(params: Params, manifest: dict, test_manifest: dict, epochs: 
     return its metrics on the test split of `test_manifest` (the clean labels: every variant is
     judged against the same ground truth, whatever a policy did to its own test split)."""
     from tasks.coco import DetectionSet
+    from tasks.letterbox import build_size
     from tasks.models import adapter_for
     from tasks.training import evaluate_model, fit
 
@@ -150,7 +151,7 @@ def train_and_test(params: Params, manifest: dict, test_manifest: dict, epochs: 
     tr = DetectionSet(manifest, "train", cfg.input_size)
     val = DetectionSet(manifest, "val", cfg.input_size)
     adapter = adapter_for(params.model)
-    model = adapter.build(len(tr.categories), cfg.input_size, cfg.seed)
+    model = adapter.build(len(tr.categories), build_size(cfg.input_size), cfg.seed)
     model, _ = fit(adapter, model, cfg, train=tr, val=val, epochs=epochs, lr=cfg.lr)
     test = evaluate_model(adapter, model, DetectionSet(test_manifest, "test", cfg.input_size))
     return {

@@ -11,8 +11,13 @@ graph ends in the project's fixed signature (`OUTPUTS`): num_detections (B,) int
 (B, K, 4) xyxy in input pixels, scores (B, K) sorted descending, classes (B, K) int32; rows past
 num_detections are padding.
 
-Images reach a model as float32 (B, 3, S, S) in [0, 1], letterboxed to `input_size(model)`
-(aspect ratio kept, grey padding); normalisation beyond that is the model's own business.
+Images reach a model as float32 (B, 3, H, W) in [0, 1], letterboxed to `input_size(model)` =
+(W, H) (aspect ratio kept, grey padding); normalisation beyond that is the model's own business.
+Sizes are (width, height) everywhere in the project (params' `train.input_size: [w, h]`, PIL,
+the letterbox); arrays and tensors are (H, W) / NCHW. An adapter may declare `input_stride`
+(an int, default 1): each side of the input must be a multiple of it (params validation says so).
+Callers read `input_size` through `tasks.letterbox.input_wh`, so an older adapter returning one
+side (a square) still works.
 """
 
 from __future__ import annotations
@@ -52,8 +57,10 @@ class ModelAdapter(Protocol):
     family: str
 
     # -- build, save, load -------------------------------------------------------------------
-    def build(self, num_classes: int, input_size: int, seed: int) -> nn.Module:
-        """A fresh model (or the user's `model.weights`, re-headed if needed) in train mode."""
+    def build(self, num_classes: int, input_size: int | tuple[int, int], seed: int) -> nn.Module:
+        """A fresh model for inputs of `input_size`, or the user's `model.weights` re-headed if
+        needed, in train mode. The stages pass one side for a square (as before rectangles) and
+        (width, height) for a rectangle (`tasks.letterbox.build_size`)."""
 
     def save(self, path: Path, model: nn.Module, categories: list[dict], extra: dict) -> None:
         """Write the project's checkpoint atomically: {family, config, state_dict, categories,
@@ -63,8 +70,8 @@ class ModelAdapter(Protocol):
         """Rebuild the model (eval mode) from a checkpoint dict read with weights_only=True.
         Raises DataError naming `path` when the checkpoint does not fit the family."""
 
-    def input_size(self, model: nn.Module) -> int:
-        """Square input side in pixels (the letterbox target)."""
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        """Input (width, height) in pixels (the letterbox target)."""
 
     def num_classes(self, model: nn.Module) -> int: ...
 

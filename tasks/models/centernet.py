@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.errors import DataError
+from tasks.letterbox import input_wh
 from tasks.models.base import PruneSpec
 from tasks.models.checkpoint import write_checkpoint
 from tasks.models.config import CenterNetCfg, ModelCfg
@@ -25,12 +26,13 @@ from tasks.models.config import CenterNetCfg, ModelCfg
 BASE_CHANNELS = (16, 32, 64, 128)  # stem, stride 4, 8, 16
 BASE_NECK = 64
 STRIDE = 4
+INPUT_STRIDE = 16  # the deepest feature map (S/16) is upsampled x2 twice onto S/8 and S/4
 
 
 @dataclass
 class DetectorConfig:
     num_classes: int = 10
-    input_size: int = 128
+    input_size: int | list[int] = 128  # a side (square) or [width, height]
     width: float = 1.0
     depth: int = 1
     # Explicit widths; derived from `width` when empty. Pruning rewrites them.
@@ -48,6 +50,11 @@ class DetectorConfig:
         self.neck = self.neck or scale(BASE_NECK)
         self.head = self.head or scale(BASE_NECK)
 
+    @property
+    def wh(self) -> tuple[int, int]:
+        """(width, height) of the input."""
+        return input_wh(self.input_size)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -59,8 +66,8 @@ def conv_bn(cin: int, cout: int, k: int = 3, s: int = 1) -> nn.Sequential:
 
 
 class Detector(nn.Module):
-    """Input (B, 3, S, S) in [0, 1]; output (B, C + 4, S/4, S/4): class heatmap logits, then
-    box width/height and centre offset, both in stride-4 cells."""
+    """Input (B, 3, H, W) in [0, 1] (H, W multiples of 16); output (B, C + 4, H/4, W/4): class
+    heatmap logits, then box width/height and centre offset, both in stride-4 cells."""
 
     def __init__(self, cfg: DetectorConfig) -> None:
         super().__init__()
@@ -124,19 +131,20 @@ class DetectorWithDecode(nn.Module):
             self.model.cfg.num_classes,
             self.k,
             self.score_floor,
-            float(self.model.cfg.input_size),
+            self.model.cfg.wh,
         )
 
 
 def decode(
-    raw: torch.Tensor, num_classes: int, k: int, score_floor: float, size: float
+    raw: torch.Tensor, num_classes: int, k: int, score_floor: float, size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k class peaks of the heatmap -> boxes, scores, classes (see DetectorWithDecode).
 
     Written for a short ONNX graph, since at batch 1 the decode's op count costs as much as the
     small convolutions: peaks are found on the logits (sigmoid is monotonic, so the 3x3 peaks are
     the same) and only the k winners go through the sigmoid; class and cell coordinates of a
-    flat index come from truncating integer division (indices are never negative).
+    flat index come from truncating integer division (indices are never negative). Boxes are
+    clipped to the input, `size` = (width, height).
     """
     _, _, h, w = raw.shape
     logits = raw[:, :num_classes]
@@ -151,7 +159,13 @@ def decode(
     box = box.gather(2, pix.unsqueeze(1).expand(-1, 4, -1)).transpose(1, 2)  # (B, K, 4)
     centre = (xy + box[..., 2:]) * STRIDE
     half = box[..., :2].clamp(min=0.0) * (STRIDE / 2)
-    boxes = torch.cat([centre - half, centre + half], dim=-1).clamp(0.0, size)
+    boxes = torch.cat([centre - half, centre + half], dim=-1)
+    iw, ih = size
+    if iw == ih:
+        boxes = boxes.clamp(0.0, float(iw))
+    else:
+        limit = torch.tensor([iw, ih, iw, ih], dtype=boxes.dtype, device=boxes.device)
+        boxes = torch.minimum(boxes.clamp(min=0.0), limit)
     num = (scores >= score_floor).sum(dim=1).to(torch.int32)
     return num, boxes, scores, classes.to(torch.int32)
 
@@ -171,13 +185,15 @@ def fold_batchnorm(model: Detector) -> tuple[Detector, int]:
     return folded, count
 
 
-def make_targets(boxes: list[np.ndarray], labels: list[np.ndarray], num_classes: int, size: int):
-    """CenterNet targets on the stride-4 grid.
+def make_targets(
+    boxes: list[np.ndarray], labels: list[np.ndarray], num_classes: int, size: int | tuple[int, int]
+):
+    """CenterNet targets on the stride-4 grid of an input `size` = (width, height).
 
     Returns heat (B, C, H, W) with an elliptical Gaussian per object (TTFNet, arXiv:1909.00700),
     reg (B, 4, H, W) = box w, h and centre offset in cells, mask (B, H, W) = 1 at object centres.
     """
-    h = w = size // STRIDE
+    w, h = (side // STRIDE for side in input_wh(size))
     b = len(boxes)
     heat = np.zeros((b, num_classes, h, w), np.float32)
     reg = np.zeros((b, 4, h, w), np.float32)
@@ -238,11 +254,13 @@ def kd_loss(
     return cls_weight * heat + box_weight * reg
 
 
-def macs_and_params(model: nn.Module, input_size: int) -> tuple[int, int]:
-    """MACs at `input_size` for batch 1 and parameter count (torch-pruning's counter)."""
+def macs_and_params(model: nn.Module, input_size: int | tuple[int, int]) -> tuple[int, int]:
+    """MACs at `input_size` (width, height) for batch 1 and parameter count (torch-pruning's
+    counter)."""
     import torch_pruning as tp
 
-    example = torch.zeros(1, 3, input_size, input_size)
+    w, h = input_wh(input_size)
+    example = torch.zeros(1, 3, h, w)
     was_training = model.training
     model.eval()
     macs, params = tp.utils.count_ops_and_params(model, example)
@@ -254,13 +272,16 @@ class CenterNetAdapter:
     """`ModelAdapter` of the built-in detector (see tasks/models/base.py)."""
 
     family = "centernet"
+    input_stride = INPUT_STRIDE
 
     def __init__(self, cfg: CenterNetCfg) -> None:
         self.cfg = cfg
 
-    def build(self, num_classes: int, input_size: int, seed: int) -> Detector:
+    def build(self, num_classes: int, input_size: int | tuple[int, int], seed: int) -> Detector:
         torch.manual_seed(seed)  # the initial weights
-        return Detector(DetectorConfig(num_classes, input_size, self.cfg.width, self.cfg.depth))
+        w, h = input_wh(input_size)
+        side = w if w == h else [w, h]  # a square stays one side in the checkpoint
+        return Detector(DetectorConfig(num_classes, side, self.cfg.width, self.cfg.depth))
 
     def save(self, path: Path, model: Detector, categories: list[dict], extra: dict) -> None:
         write_checkpoint(
@@ -283,8 +304,8 @@ class CenterNetAdapter:
             raise DataError(f"{path}: checkpoint does not match its config: {first}") from e
         return model.eval()
 
-    def input_size(self, model: Detector) -> int:
-        return model.cfg.input_size
+    def input_size(self, model: Detector) -> tuple[int, int]:
+        return model.cfg.wh
 
     def num_classes(self, model: Detector) -> int:
         return model.cfg.num_classes
@@ -295,7 +316,7 @@ class CenterNetAdapter:
     def loss(self, model: Detector, raw, boxes, labels) -> torch.Tensor:
         heat, reg, mask = (
             t.to(raw.device)
-            for t in make_targets(boxes, labels, model.cfg.num_classes, model.cfg.input_size)
+            for t in make_targets(boxes, labels, model.cfg.num_classes, model.cfg.wh)
         )
         return detection_loss(raw, heat, reg, mask, model.cfg.num_classes)
 
@@ -320,7 +341,7 @@ class CenterNetAdapter:
         return DetectorWithDecode(base, max_detections, score_floor).eval()
 
     def macs_and_params(self, model: Detector) -> tuple[int, int]:
-        return macs_and_params(model, model.cfg.input_size)
+        return macs_and_params(model, model.cfg.wh)
 
 
 def adapter(cfg: ModelCfg) -> CenterNetAdapter:

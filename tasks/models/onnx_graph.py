@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from tasks.errors import DataError
+from tasks.letterbox import input_wh
 
 DECODE_PREFIX = "decode/"  # names of the appended decode's nodes (tasks/models/onnx_decode.py)
 
@@ -47,13 +48,15 @@ def load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
-def fixed_size(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
-    """A copy whose image input is (B, 3, size, size) (batch kept as it is), re-inferred."""
+def fixed_size(model: onnx.ModelProto, size: int | tuple[int, int]) -> onnx.ModelProto:
+    """A copy whose image input is (B, 3, h, w) for `size` = (w, h) or a side (batch kept
+    as it is), re-inferred."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     axes = graph_inputs(model)[0].type.tensor_type.shape.dim
-    for axis in (2, 3):
+    w, h = input_wh(size)
+    for axis, side in ((2, h), (3, w)):
         axes[axis].ClearField("dim_param")
-        axes[axis].dim_value = size
+        axes[axis].dim_value = side
     del model.graph.value_info[:]
     declared = {}
     for out in model.graph.output:  # symbolic output axes are re-derived below
@@ -66,14 +69,18 @@ def fixed_size(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
     return model
 
 
-def run_shapes(model: onnx.ModelProto, size: int, path: Path) -> dict[str, list[int]]:
-    """Output shapes from one ONNX Runtime run on a (1, 3, S, S) zero image (for graphs whose
-    output shapes static inference cannot resolve, e.g. reshapes computed from Shape ops)."""
+def run_shapes(
+    model: onnx.ModelProto, size: int | tuple[int, int], path: Path
+) -> dict[str, list[int]]:
+    """Output shapes from one ONNX Runtime run on a (1, 3, h, w) zero image, `size` = (w, h)
+    or a side (for graphs whose output shapes static inference cannot resolve, e.g. reshapes
+    computed from Shape ops)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    x = np.zeros((1, 3, size, size), np.float32)
+    w, h = input_wh(size)
+    x = np.zeros((1, 3, h, w), np.float32)
     try:
         sess = ort.InferenceSession(
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
@@ -82,7 +89,7 @@ def run_shapes(model: onnx.ModelProto, size: int, path: Path) -> dict[str, list[
     except Exception as e:  # noqa: BLE001  (ORT raises its own Fail/InvalidArgument types)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(
-            f"{path}: does not run in ONNX Runtime on a (1,3,{size},{size}) image: {first}"
+            f"{path}: does not run in ONNX Runtime on a (1,3,{h},{w}) image: {first}"
         ) from e
     return {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
@@ -103,7 +110,7 @@ _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def macs_and_params(
-    model: onnx.ModelProto | Path | str, input_size: int | None = None
+    model: onnx.ModelProto | Path | str, input_size: int | tuple[int, int] | None = None
 ) -> tuple[int, int]:
     """MACs for one image and parameter count, read from the ONNX graph.
 
@@ -120,8 +127,9 @@ def macs_and_params(
     path = Path(model) if isinstance(model, (str, Path)) else Path("<model>")
     if isinstance(model, (str, Path)):
         model = load(path)
-    side = dims(graph_inputs(model)[0])[2]
-    size = side if isinstance(side, int) and side > 0 else input_size
+    _, _, h, w = dims(graph_inputs(model)[0])
+    static = all(isinstance(d, int) and d > 0 for d in (h, w))
+    size = (w, h) if static else input_size
     if size is None:
         raise DataError(f"{path}: symbolic input height/width; give the input size to count MACs")
     model = fixed_size(model, size)

@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto
 
 from tasks.errors import ConfigError, DataError
+from tasks.letterbox import input_wh
 from tasks.models.base import OUTPUTS
 from tasks.models.config import ModelCfg
 from tasks.models.onnx_decode import (
@@ -69,14 +70,15 @@ EXPECTED_RAW = "one output (B, 4+C, N) float: cx, cy, w, h, then C class scores"
 class Imported:
     """What `inspect` found in an imported ONNX.
 
-    `input_size`: the square side S (static in the file, or the declared one);
+    `input_size`: (width, height) of the image input (static in the file, or the declared
+    one);
     `raw_output`: for `yolo_raw`, the (B, 4 + C, N) tensor's name; `anchors`: its N.
     """
 
     path: Path
     convention: str
     input_name: str
-    input_size: int
+    input_size: tuple[int, int]
     dynamic_batch: bool
     num_classes: int
     outputs: dict[str, list]  # name -> shape (ints, or dim names for symbolic axes)
@@ -99,7 +101,7 @@ def inspect(
     path: Path,
     outputs_convention: str,
     num_classes: int | None = None,
-    input_size: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
 ) -> Imported:
     """Load and check an imported ONNX against its declared output convention.
 
@@ -107,15 +109,15 @@ def inspect(
         path: the ONNX file (`model.onnx`).
         outputs_convention: `detections` or `yolo_raw` (`model.outputs`).
         num_classes: the dataset's class count; a model with another count is an error.
-        input_size: the square input side, required when the file's height/width are symbolic;
-            when both are known they must agree.
+        input_size: the pipeline's input, (width, height) or a side; required when the file's
+            height/width are symbolic; when both are known they must agree.
 
     Returns:
         Imported: the input's name and size, the output shapes found, the class count.
 
     Raises:
         ConfigError: unknown convention.
-        DataError: not a valid ONNX; not one (B, 3, S, S) float image input; outputs not the
+        DataError: not a valid ONNX; not one (B, 3, H, W) float image input; outputs not the
             declared convention (the message lists the names and shapes found and expected);
             a class count different from the dataset's.
     """
@@ -127,7 +129,7 @@ def _inspect(
     path: Path,
     outputs_convention: str,
     num_classes: int | None,
-    input_size: int | None,
+    input_size: int | tuple[int, int] | None,
 ) -> Imported:
     """`inspect` on a loaded model; `path` names it in errors."""
     if outputs_convention not in CONVENTIONS:
@@ -146,18 +148,20 @@ def _inspect(
         or inputs[0].type.tensor_type.elem_type != TensorProto.FLOAT
     ):
         raise DataError(
-            f"{path}: inputs found: {found_in}; expected one image input (B,3,S,S) float32"
+            f"{path}: inputs found: {found_in}; expected one image input (B,3,H,W) float32"
         )
     h, w = dims[2], dims[3]
-    static = [d for d in (h, w) if isinstance(d, int) and d > 0]
-    if len(static) == 2 and h != w:
-        raise DataError(f"{path}: input {inputs[0].name} is {h}x{w}; expected a square (B,3,S,S)")
-    if static and input_size is not None and static[0] != input_size:
+    fixed = [isinstance(d, int) and d > 0 for d in (w, h)]
+    static = all(fixed)
+    wanted = None if input_size is None else input_wh(input_size)
+    clash = [f and d != x for f, d, x in zip(fixed, (w, h), wanted or (w, h), strict=True)]
+    if any(clash):  # a side fixed in the file differs from the pipeline's
         raise DataError(
-            f"{path}: input {inputs[0].name} is {static[0]}x{static[0]} but the pipeline's input "
-            f"size is {input_size}; export the model at {input_size} or change the input size"
+            f"{path}: input {inputs[0].name} is (width, height) [{w}, {h}] but the pipeline's "
+            f"train.input_size is [{wanted[0]}, {wanted[1]}]; set train.input_size: [{w}, {h}] "
+            "or export the model at the pipeline's size"
         )
-    size = static[0] if static else input_size
+    size = (w, h) if static else wanted
     if size is None:
         raise DataError(
             f"{path}: input {inputs[0].name} has symbolic height/width ({h}, {w}); give the "
@@ -250,7 +254,7 @@ def to_detections(
     iou_threshold: float,
     *,
     convention: str = "yolo_raw",
-    input_size: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
     path: Path | str = "model.onnx",
 ) -> onnx.ModelProto:
     """The imported model (a copy) ending in the project's `OUTPUTS`, input named `images`
@@ -313,10 +317,13 @@ class ImportedOnnxAdapter:
         """The user's file (`model.onnx`)."""
         return Path(self.cfg.onnx)
 
-    def inspect(self, num_classes: int | None = None, input_size: int | None = None) -> Imported:
+    def inspect(
+        self, num_classes: int | None = None, input_size: int | tuple[int, int] | None = None
+    ) -> Imported:
         return inspect(self.imported_onnx(), self.cfg.outputs, num_classes, input_size)
 
-    def prepare(self, dst: Path, *, num_classes: int, input_size: int, max_detections: int,
+    def prepare(self, dst: Path, *, num_classes: int, input_size: int | tuple[int, int],
+                max_detections: int,
                 score_floor: float) -> dict:  # fmt: skip
         """See `prepare`."""
         return prepare(self.cfg, dst, num_classes=num_classes, input_size=input_size,
@@ -337,11 +344,12 @@ class ImportedOnnxAdapter:
     def load(self, ckpt, path):
         self._no_torch("load")
 
-    def input_size(self, model=None) -> int:
-        """The imported file's square input side (ConfigError when it is symbolic)."""
-        found = _dims(_graph_inputs(_load(self.imported_onnx()))[0])
-        if isinstance(found[2], int) and found[2] > 0:
-            return found[2]
+    def input_size(self, model=None) -> tuple[int, int]:
+        """The imported file's input (width, height), read from its graph (ConfigError when
+        it is symbolic)."""
+        _, _, h, w = _dims(_graph_inputs(_load(self.imported_onnx()))[0])
+        if all(isinstance(d, int) and d > 0 for d in (h, w)):
+            return w, h
         raise ConfigError(f"params.yaml: model.onnx: {self.cfg.onnx} has a symbolic input size; "
                           "the pipeline's train.input_size is used")  # fmt: skip
 
@@ -384,12 +392,12 @@ def prepare(
     dst: Path,
     *,
     num_classes: int,
-    input_size: int,
+    input_size: int | tuple[int, int],
     max_detections: int,
     score_floor: float,
 ) -> dict:
     """Check `cfg.onnx` and write the deployable ONNX to `dst` atomically: input `images`
-    (B, 3, S, S), outputs `OUTPUTS` (decode + NMS appended for `yolo_raw`). Returns facts for
+    (B, 3, h, w), outputs `OUTPUTS` (decode + NMS appended for `yolo_raw`). Returns facts for
     the stage's report (convention, size, anchors, decode node count, MACs, params, MD5).
 
     Raises:
@@ -420,7 +428,7 @@ def prepare(
         "source": str(src),
         "source_md5": md5_file(src),
         "convention": cfg.outputs,
-        "input_size": found.input_size,
+        "input_size": list(found.input_size),
         "num_classes": num_classes,
         "anchors": found.anchors,
         "detector_end": detector_end(model),

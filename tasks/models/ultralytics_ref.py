@@ -35,12 +35,13 @@ from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tasks.coco import DetectionSet, resolve_image
 from tasks.config_types import PosInt, Section
 from tasks.errors import ConfigError, DataError
 from tasks.io import md5_file, write_json, write_text
+from tasks.letterbox import input_wh
 from tasks.metrics import Runner
 from tasks.models.ultralytics_offline import CONFIG_DIR_ENV, offline_ultralytics  # noqa: F401
 
@@ -188,7 +189,8 @@ def to_ultralytics_pt(ckpt: dict, out: Path, source: Path | None = None) -> Path
             f"checkpoint? the reference exports the trained, unpruned one): {first}"
         ) from e
     model.names = dict(enumerate(names))
-    model.args = {"imgsz": int(config.get("input_size", 640)), "task": "detect"}
+    w, h = input_wh(config.get("input_size", 640))
+    model.args = {"imgsz": w if w == h else [h, w], "task": "detect"}  # Ultralytics: [h, w]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
@@ -201,7 +203,11 @@ def to_ultralytics_pt(ckpt: dict, out: Path, source: Path | None = None) -> Path
 class ReferenceCfg(Section):
     """How Ultralytics' export is made and measured (defaults: Ultralytics' own)."""
 
-    imgsz: PosInt = Field(128, description="export and evaluation input side, px (the project's)")
+    imgsz: tuple[PosInt, PosInt] = Field(
+        (128, 128),
+        description="export and evaluation input (width, height), px (the project's "
+        "train.input_size; handed to Ultralytics as its [h, w])",
+    )
     threads: PosInt = Field(2, description="OpenVINO INFERENCE_NUM_THREADS (build_engine.threads)")
     precision: Literal["f32", "bf16"] | None = Field(
         "f32",
@@ -228,6 +234,17 @@ class ReferenceCfg(Section):
     warmup: int = Field(10, ge=0, description="untimed calls before each timed block")
     runs: PosInt = Field(200, description="timed batch-1 calls per variant")
     rounds: PosInt = Field(5, description="alternating timing rounds")
+
+    @field_validator("imgsz", mode="before")
+    @classmethod
+    def _side(cls, v):
+        """One side (a square) or [w, h] -> (w, h)."""
+        return input_wh(v) if isinstance(v, (int, list, tuple)) else v
+
+    @property
+    def ultralytics_imgsz(self) -> list[int]:
+        """Ultralytics' imgsz: [height, width]."""
+        return [self.imgsz[1], self.imgsz[0]]
 
 
 def reference_cfg(params, **overrides) -> ReferenceCfg:
@@ -273,7 +290,7 @@ def _export(weights_pt: Path, data_yaml: Path, int8: bool, cfg: ReferenceCfg, wo
         format="openvino",
         quantize=8 if int8 else None,  # Ultralytics 8.4's spelling of int8=True
         data=str(data_yaml),
-        imgsz=cfg.imgsz,
+        imgsz=cfg.ultralytics_imgsz,
         batch=1,
         split=cfg.calibration_split,
         fraction=cfg.fraction,
@@ -403,8 +420,9 @@ def ultralytics_exports(
     return out
 
 
-def ultralytics_macs(weights_pt: Path, imgsz: int) -> int:
-    """MACs at batch 1 by Ultralytics' own count (thop; it reports GFLOPs = 2 x MACs)."""
+def ultralytics_macs(weights_pt: Path, imgsz: int | list[int]) -> int:
+    """MACs at batch 1 by Ultralytics' own count (thop; it reports GFLOPs = 2 x MACs);
+    `imgsz` in Ultralytics' order (a side or [h, w])."""
     offline_ultralytics()
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import get_flops
@@ -470,7 +488,7 @@ def ultralytics_int8_reference(
             rows[name] = {**e.facts(), **quality(e.detection_runner())}
         x = test.batch(slice(0, 1))
         times = time_blocks(runners, x, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds)
-    macs = ultralytics_macs(Path(weights_pt), cfg.imgsz)
+    macs = ultralytics_macs(Path(weights_pt), cfg.ultralytics_imgsz)
     for name, row in rows.items():
         model, nms = latency_stats(times[name], 1), latency_stats(times[f"{name}+nms"], 1)
         row.update(

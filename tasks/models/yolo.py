@@ -36,6 +36,7 @@ from torch import nn
 
 from tasks.errors import ConfigError, DataError
 from tasks.io import md5_file
+from tasks.letterbox import input_wh
 from tasks.models.base import PruneSpec
 from tasks.models.config import ModelCfg
 from tasks.models.ultralytics_offline import offline_env, offline_ultralytics
@@ -219,9 +220,10 @@ class YoloAdapter:
 
     cfg: ModelCfg
     family: str = FAMILY
+    input_stride: int = MAX_STRIDE
 
     # -- build, save, load -------------------------------------------------------------------
-    def build(self, num_classes: int, input_size: int, seed: int) -> nn.Module:
+    def build(self, num_classes: int, input_size: int | tuple[int, int], seed: int) -> nn.Module:
         """A YOLO detection model in train mode: the user's `model.weights` if set, else the
         `model.yolo.yaml` architecture with `nc = num_classes`, initialised from `seed`.
 
@@ -231,12 +233,14 @@ class YoloAdapter:
         _ultralytics()
         from ultralytics.nn.tasks import DetectionModel
 
-        if input_size % MAX_STRIDE:
-            near = max(MAX_STRIDE, round(input_size / MAX_STRIDE) * MAX_STRIDE)
-            raise ConfigError(
-                f"params.yaml: input size {input_size} is not a multiple of {MAX_STRIDE} "
-                f"(YOLO's largest stride); use e.g. {near}"
-            )
+        w, h = input_wh(input_size)
+        for side in dict.fromkeys((w, h)):
+            if side % MAX_STRIDE:
+                near = max(MAX_STRIDE, round(side / MAX_STRIDE) * MAX_STRIDE)
+                raise ConfigError(
+                    f"params.yaml: input size {side} is not a multiple of {MAX_STRIDE} "
+                    f"(YOLO's largest stride); use e.g. {near}"
+                )
         md5 = None
         if self.cfg.weights:
             path = Path(self.cfg.weights)
@@ -259,7 +263,7 @@ class YoloAdapter:
                 raise ConfigError(str(e)) from None
         _split_c2f(model)
         _set_hyp(model)
-        model.shrinkflow = {"input_size": int(input_size), "weights_md5": md5}
+        model.shrinkflow = {"input_size": _side(w, h), "weights_md5": md5}
         for p in model.parameters():
             p.requires_grad_(True)
         _head(model).dfl.requires_grad_(False)  # DFL's conv is the fixed 0..reg_max-1 projection
@@ -270,7 +274,7 @@ class YoloAdapter:
         config = {
             "yaml": copy.deepcopy(model.yaml),
             "nc": int(_head(model).nc),
-            "input_size": self.input_size(model),
+            "input_size": _side(*self.input_size(model)),
             "widths": _widths(model),
             "weights_md5": model.shrinkflow.get("weights_md5"),
         }
@@ -309,14 +313,14 @@ class YoloAdapter:
             raise DataError(f"{path}: checkpoint does not match its config: {first}") from e
         _set_hyp(model)
         model.shrinkflow = {
-            "input_size": int(config["input_size"]),
+            "input_size": _side(*input_wh(config["input_size"])),
             "weights_md5": config.get("weights_md5"),
         }
         _head(model).dfl.requires_grad_(False)
         return model.eval()
 
-    def input_size(self, model: nn.Module) -> int:
-        return int(model.shrinkflow["input_size"])
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        return input_wh(model.shrinkflow["input_size"])
 
     def num_classes(self, model: nn.Module) -> int:
         return int(_head(model).nc)
@@ -336,7 +340,8 @@ class YoloAdapter:
         Ultralytics' trainer does. Computed in float32 (safe under bf16 autocast)."""
         from ultralytics.utils.loss import v8DetectionLoss
 
-        size = float(self.input_size(model))
+        # v8DetectionLoss scales normalised xywh back by the feature maps' (w, h, w, h)
+        size = torch.tensor(self.input_size(model) * 2, dtype=torch.float32)
         preds = {k: (v.float() if k != "feats" else [f.float() for f in v]) for k, v in raw.items()}
         device = preds["scores"].device
         idx, cls, xywh = [], [], []
@@ -447,14 +452,19 @@ class YoloAdapter:
         """MACs at `input_size` for batch 1 (eval mode, BN unfused) and parameter count."""
         import torch_pruning as tp
 
-        size = self.input_size(model)
+        w, h = self.input_size(model)
         was_training = model.training
         model.eval()
         try:
-            macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, size, size))
+            macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, h, w))
         finally:
             model.train(was_training)
         return int(macs), int(params)
+
+
+def _side(w: int, h: int) -> int | list[int]:
+    """The checkpoint's `input_size`: one side for a square (as before), else [w, h]."""
+    return int(w) if w == h else [int(w), int(h)]
 
 
 def _raw_head(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
@@ -473,7 +483,7 @@ def _raw_head(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 
 class YoloWithNms(nn.Module):
-    """Images (B, 3, S, S) in [0, 1] -> `OUTPUTS`: num_detections (B,) int32, boxes (B, K, 4)
+    """Images (B, 3, H, W) in [0, 1] -> `OUTPUTS`: num_detections (B,) int32, boxes (B, K, 4)
     xyxy input pixels, scores (B, K) descending, classes (B, K) int32; padding rows are zeros.
 
     Decode is Ultralytics' (DFL expectation, anchor centres, `dist2bbox`); each anchor keeps its
@@ -483,12 +493,14 @@ class YoloWithNms(nn.Module):
     shapes around it. Kept candidates are marked by a scatter and the top K taken per image.
     """
 
-    def __init__(self, model: nn.Module, size: int, max_detections: int, score_floor: float):
+    def __init__(
+        self, model: nn.Module, size: tuple[int, int], max_detections: int, score_floor: float
+    ):
         import torchvision  # noqa: F401  (loads torch.ops.torchvision before the ONNX exporter
         # builds its registry: torchlib maps torchvision::nms to NonMaxSuppression only then)
 
         super().__init__()
-        self.model, self.size = model, int(size)
+        self.model, self.size = model, input_wh(size)  # (w, h)
         self.k, self.score_floor = int(max_detections), float(score_floor)
         self.iou = IOU_THRESHOLD
 
@@ -501,7 +513,13 @@ class YoloWithNms(nn.Module):
         anchors, strides = make_anchors(raw["feats"], head.stride, 0.5)  # (A, 2), (A, 1)
         dist = head.dfl(raw["boxes"])  # (B, 4, A) expected side distances, in strides
         boxes = dist2bbox(dist, anchors.transpose(0, 1).unsqueeze(0), xywh=False, dim=1)
-        boxes = (boxes * strides.transpose(0, 1)).transpose(1, 2).clamp(0.0, float(self.size))
+        boxes = (boxes * strides.transpose(0, 1)).transpose(1, 2)
+        iw, ih = self.size
+        if iw == ih:
+            boxes = boxes.clamp(0.0, float(iw))
+        else:
+            limit = torch.tensor([iw, ih, iw, ih], dtype=boxes.dtype, device=boxes.device)
+            boxes = torch.minimum(boxes.clamp(min=0.0), limit)
         conf, cls = raw["scores"].sigmoid().max(1)  # (B, A)
         b, a = conf.shape
         n = min(a, max(1000, 3 * self.k))  # pre-NMS candidates per image
@@ -509,7 +527,7 @@ class YoloWithNms(nn.Module):
         cand = boxes.gather(1, idx.unsqueeze(-1).expand(-1, -1, 4))  # (B, n, 4)
         cand_cls = cls.gather(1, idx)
         group = torch.arange(b, device=x.device).unsqueeze(1) * head.nc + cand_cls
-        shifted = cand + (group.to(cand.dtype) * (self.size + 1)).unsqueeze(-1)
+        shifted = cand + (group.to(cand.dtype) * (max(self.size) + 1)).unsqueeze(-1)
         keep = torchvision.ops.nms(shifted.reshape(-1, 4), top.reshape(-1), self.iou)
         kept = torch.zeros(b * n, dtype=top.dtype, device=x.device).scatter(
             0, keep, torch.ones_like(keep, dtype=top.dtype)

@@ -66,10 +66,10 @@ class Inputs:
     manifest: Path  # label_qa manifest: the test split for the champion comparison
 
 
-def input_size(onnx_path: Path) -> int:
-    """The square input side of the exported graph: images (N, 3, S, S)."""
+def input_size(onnx_path: Path) -> list[int]:
+    """The exported graph's input [width, height]: images (N, 3, h, w)."""
     dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type
-    return int(dims.shape.dim[2].dim_value)
+    return [int(dims.shape.dim[3].dim_value), int(dims.shape.dim[2].dim_value)]
 
 
 def package(params: Params, inputs: Inputs, manifest: dict, work: Path) -> tuple[Path, dict]:
