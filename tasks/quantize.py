@@ -62,6 +62,7 @@ from tasks.qdq import (  # noqa: F401  (re-exported: the stage's primitives)
 log = logging.getLogger(__name__)
 DECISIONS = "keep_faster.json"  # recorded keep-faster decisions, beside the outputs
 WORK = ".tmp-work"  # temp work folder inside the output folder
+CALIBRATOR_MODELS = "calibrators"  # every-conv INT8 per calibrator (compare_calibrators)
 
 
 def keep_faster_types(
@@ -159,11 +160,21 @@ def run(
             to_int8(onnx_path, tmp / "ptq.onnx", tmp / "ptq.json", cfg, cfg.calibrator)
             report["val_map50"]["int8_without_qat"] = val_map(tmp / "ptq.onnx", val, threads)
         src = qat_onnx or onnx_path  # what the INT8 models are built from
+        compared = {}  # every conv INT8 with each calibrator: kept for variants' table
+        (out / CALIBRATOR_MODELS).mkdir(parents=True, exist_ok=True)
         for name in CALIBRATORS if cfg.compare_calibrators else [cfg.calibrator]:
             calibrate(src, images, cfg, name, cache[name])
             if cfg.compare_calibrators:
                 to_int8(src, tmp / f"{name}.onnx", cache[name], cfg, name)
                 report["val_map50"][f"int8_{name}"] = val_map(tmp / f"{name}.onnx", val, threads)
+                compared[name] = f"{CALIBRATOR_MODELS}/int8_{name}.onnx"
+                copy_file(tmp / f"{name}.onnx", out / compared[name])
+        report["calibrator_models"] = {
+            "source": "qat" if qat_onnx is not None else "exported",
+            "activation_type": cfg.activation_type,
+            "files": compared,
+        }
+        write_json(out / CALIBRATOR_MODELS / "index.json", report["calibrator_models"])
         int8, cache = tmp / "int8.onnx", cache[cfg.calibrator]
         to_int8(src, int8, cache, cfg, cfg.calibrator)
         int8_map = val_map(int8, val, threads)
@@ -492,6 +503,7 @@ def main(
             "report.md",
             "meta.json",
             "targets",
+            CALIBRATOR_MODELS,
         ):
             remove(out / stale)
         out.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,14 @@
 
 Trained, pruned and distilled FP32 models, INT8 with each calibrator (every conv INT8, on the
 distilled model), the deployed INT8 model (with the float layers that the quantize stage kept),
-FP16, and OpenVINO's bf16 precision on the distilled model. For each: mAP@0.5, mAP@0.5:0.95,
-batch-1 latency p50, file size and MACs. ONNX Runtime runs every variant but bf16; all
+FP16, and OpenVINO's bf16 precision on the distilled model; the deployed model on OpenVINO too
+(`deployed_openvino`, as build_engine@openvino builds it), and beside it what NNCF gives you
+without Shrinkflow: NNCF's PTQ and accuracy-controlled INT8 of the distilled model on OpenVINO
+(tasks/nncf_peers.py; `skipped: nncf not installed` rows without NNCF). For each: mAP@0.5,
+mAP@0.5:0.95, batch-1 latency p50, file size and MACs. ONNX Runtime runs the rest; all
 variants are timed in one process, in alternating blocks (tasks/bench.py), so the latency
-column compares as ratios.
+column compares as ratios. The INT8-per-calibrator models are the quantize stage's own
+(`calibrators/`) when it compared calibrators on the exported model, made here otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import typer
 
+from tasks import nncf_peers
 from tasks.bench import latency_stats, time_blocks
 from tasks.cli import stage_entry
 from tasks.coco import DetectionSet
@@ -63,16 +68,16 @@ def run(
         macs = {"distilled": macs_and_params(exported)[0]}
     onnx_files["distilled"] = distilled = exported
     images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
-    for name in CALIBRATORS:
-        calibrate(distilled, images, cfg, name, work / f"ranges-{name}.json")
-        onnx_files[f"int8_{name}"] = work / f"int8_{name}.onnx"
-        to_int8(distilled, onnx_files[f"int8_{name}"], work / f"ranges-{name}.json", cfg, name)
     report = json.loads((quantized / "report.json").read_text())
+    onnx_files |= calibrator_models(report, quantized, distilled, images, cfg, work)
     onnx_files["deployed"] = quantized / "model.onnx"
     onnx_files["fp16"] = quantized / "model.fp16.onnx"
     bf16 = engine_cfg.model_copy(update={"openvino_precision": "bf16"})
     builds = {name: ("onnxruntime", path, engine_cfg) for name, path in onnx_files.items()}
     builds["bf16"] = ("openvino", distilled, bf16)
+    deployed_ov = quantized / "targets" / "openvino" / "model.onnx"
+    if deployed_ov.exists():  # the deployed model as build_engine@openvino builds it
+        builds["deployed_openvino"] = ("openvino", deployed_ov, engine_cfg)
     litert_source = quantized / "targets" / "litert" / "model.onnx"
     if litert_source.with_suffix(".tflite").exists():  # LiteRT's model, as quantize made it
         builds["litert"] = ("litert", litert_source, engine_cfg)
@@ -82,6 +87,19 @@ def run(
         folder.mkdir()
         get(target).build(path, folder, target_cfg)
         runners[name] = get(target).load(folder, target_cfg)
+        sizes[name] = engine_size_mb(folder)
+    skipped: dict[str, str] = {}
+    peer_facts: dict[str, dict] = {}
+    val = DetectionSet(manifest, "val", size)
+    for name, made in _nncf_peers(cfg, distilled, images, val, engine_cfg.threads).items():
+        if isinstance(made, str):  # why it was not made
+            skipped[name] = made
+            continue
+        folder = work / f"engine-{name}"
+        nncf_peers.save(made[0], folder)
+        peer_facts[name] = made[1]
+        builds[name] = ("openvino (NNCF)", None, None)
+        runners[name] = get("openvino").load(folder, engine_cfg)
         sizes[name] = engine_size_mb(folder)
     quality_runners = dict(runners)
     if params.model.family == "yolo":  # the peer: Ultralytics' own INT8 export, same process
@@ -102,7 +120,7 @@ def run(
         runs=5 * ev.latency_runs,
         rounds=2 * ev.rounds,
     )
-    table = {}
+    table: dict[str, dict] = {}
     for name, (target, _, _) in builds.items():
         quality = coco_metrics(test.coco, predict(quality_runners[name], test), ev.score_threshold)
         source = name if name in macs else "distilled"
@@ -115,7 +133,37 @@ def run(
             "size_mb": sizes[name],
             "macs": macs[source],
         }
+        if name in peer_facts:
+            table[name]["nncf"] = peer_facts[name]
+    for name, why in skipped.items():
+        table[name] = {"runtime": "openvino (NNCF)", "precision": None, "status": why}
     return table
+
+
+def calibrator_models(
+    report: dict, quantized: Path, distilled: Path, images, cfg, work: Path
+) -> dict[str, Path]:
+    """{`int8_<calibrator>`: every-conv INT8 ONNX of the distilled model}: the quantize stage's
+    own (its `calibrators/`, when it compared calibrators on this model: no QAT), else made
+    here with the same calibration images."""
+    saved = report.get("calibrator_models", {})
+    if saved.get("source") == "exported" and set(saved.get("files", {})) == set(CALIBRATORS):
+        return {f"int8_{name}": quantized / path for name, path in saved["files"].items()}
+    files = {}
+    for name in CALIBRATORS:
+        calibrate(distilled, images, cfg, name, work / f"ranges-{name}.json")
+        files[f"int8_{name}"] = work / f"int8_{name}.onnx"
+        to_int8(distilled, files[f"int8_{name}"], work / f"ranges-{name}.json", cfg, name)
+    return files
+
+
+def _nncf_peers(cfg, distilled: Path, images, val: DetectionSet, threads: int) -> dict:
+    """{peer: (OpenVINO model, facts) or why it was skipped}: NNCF's PTQ and accuracy-controlled
+    INT8 of the distilled model (tasks/nncf_peers.py), what NNCF gives without Shrinkflow."""
+    if why := nncf_peers.unavailable():
+        log.warning("variants: no NNCF rows: %s", why)
+        return {name: "skipped: nncf not installed" for name in nncf_peers.PEERS}
+    return nncf_peers.peers(distilled, images, val, cfg, threads)
 
 
 ULTRALYTICS_INT8 = "ultralytics_openvino_int8"  # the unpruned model, as Ultralytics exports it
@@ -145,15 +193,38 @@ def render(table: dict[str, dict]) -> str:
         "`int8_<calibrator>`: every conv INT8 on the distilled model. `deployed`: what the "
         "quantize stage chose (its float layers kept; see its report).",
         "",
+        "`deployed_openvino`: the same deployed choice as build_engine@openvino builds it. "
+        "`nncf_ptq`, `nncf_accuracy_control`: what NNCF gives you without Shrinkflow (its "
+        "default PTQ and its accuracy-controlled INT8 with max drop `quantize.max_map_drop` on "
+        "val mAP@0.5, of the distilled model, on OpenVINO; tasks/nncf_peers.py).",
+        "",
         "| variant | runtime | mAP@0.5 | mAP@0.5:0.95 | latency p50 (ms) | size (MB) | MACs (M) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in table.items():
+        if "status" in r:
+            lines.append(f"| {name} | {r['runtime']} | {r['status']} | | | | |")
+            continue
         label = f"{name} ({r['precision']})" if r["precision"] else name
         lines.append(
             f"| {label} | {r['runtime']} | {r['map50']:.4f} | {r['map50_95']:.4f} "
             f"| {r['latency_ms_p50']:.3f} | {r['size_mb']:.3f} | {r['macs'] / 1e6:.1f} |"
         )
+    peers = {name: r["nncf"] for name, r in table.items() if "nncf" in r}
+    if peers:
+        lines += [
+            "",
+            "| NNCF peer | made by | val mAP@0.5 (FP32) | val mAP@0.5 | drop | convs INT8 |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, f in peers.items():
+            met = {True: " (within max drop)", False: " (max drop not met)"}.get(
+                f.get("drop_met"), ""
+            )
+            lines.append(
+                f"| {name} | {f['made_by']} | {f['val_map50_fp32']:.4f} | {f['val_map50']:.4f} "
+                f"| {f['val_map50_drop']:+.4f}{met} | {f['convs_int8']}/{f['convs']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +242,8 @@ def main(
     manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
     out: Path = typer.Option(Path("artifacts/variants")),
 ) -> None:
-    """Tabulate trained / pruned / distilled / INT8 per calibrator / deployed / FP16 / bf16."""
+    """Tabulate trained / pruned / distilled / INT8 per calibrator / deployed / FP16 / bf16 /
+    NNCF's peers."""
     with stage_entry("variants", params) as ctx:
         for stale in ("report.md", "metrics.json"):
             remove(out / stale)
@@ -186,7 +258,9 @@ def main(
             )
         write_text(out / "report.md", render(table))
         write_json(out / "metrics.json", table)
-        ctx.log_metrics({f"{name}.{k}": r[k] for name, r in table.items() for k in COLUMNS})
+        ctx.log_metrics(
+            {f"{name}.{k}": r[k] for name, r in table.items() if "status" not in r for k in COLUMNS}
+        )
         ctx.log_artifact(out / "report.md")
         log.info("%s", render(table))
 

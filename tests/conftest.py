@@ -56,6 +56,27 @@ def tiny_manifest(tiny_dataset, tiny) -> dict:
     return manifest
 
 
+@pytest.fixture(scope="session")
+def models(tiny, adapter, tiny_manifest, tmp_path_factory) -> Path:
+    """A folder with a briefly trained checkpoint (model.pt), its FP32 ONNX (fp32.onnx) and an
+    INT8 QDQ ONNX (int8.onnx, minmax): the engine and NNCF-peer tests share it."""
+    from tasks import export, quantize, train
+    from tasks.coco import DetectionSet
+
+    tmp = tmp_path_factory.mktemp("engines")
+    tr, va = (DetectionSet(tiny_manifest, s, 64) for s in ("train", "val"))
+    model, _ = train.run(adapter, tiny.train.model_copy(update={"epochs": 8}), train=tr, val=va)
+    adapter.save(tmp / "model.pt", model, tiny_manifest["splits"]["train"]["categories"], {})
+    export.run(
+        tiny.export, checkpoint=tmp / "model.pt", manifest=tiny_manifest, out=tmp / "fp32.onnx"
+    )
+    cfg = tiny.quantize
+    images, _, _ = quantize.calibration_set(cfg, tr)
+    quantize.calibrate(tmp / "fp32.onnx", images, cfg, "minmax", tmp / "ranges.json")
+    quantize.to_int8(tmp / "fp32.onnx", tmp / "int8.onnx", tmp / "ranges.json", cfg, "minmax")
+    return tmp
+
+
 def small_data_cfg(**overrides) -> DataCfg:
     base = {
         "train_images": 12,

@@ -243,6 +243,14 @@ def test_quantize_writes_int8_qdq_and_fp16_that_keep_the_accuracy(
     assert abs(report["val_map50"]["fp16"] - report["val_map50"]["fp32"]) < 0.02
     for name in ("minmax", "entropy", "percentile"):
         assert 0 <= report["val_map50"][f"int8_{name}"] <= 1
+    # each calibrator's every-conv INT8 model is kept for the variants table (not re-made there)
+    saved = report["calibrator_models"]
+    assert saved["source"] == "exported" and set(saved["files"]) == set(quantize.CALIBRATORS)
+    minmax = out / saved["files"]["minmax"]
+    assert quantize.val_map(minmax, splits[1], 2) == pytest.approx(
+        report["val_map50"]["int8_minmax"]
+    )
+    assert json.loads((out / "calibrators/index.json").read_text()) == saved
     assert report["precision"] in ("int8", "fp32")
     assert (out / "model.onnx").exists()
     # keep_faster: every layer type timed in INT8 and in float, the faster one kept

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tasks import build_engine, evaluate, export, quantize, train
+from tasks import build_engine, evaluate, quantize
 from tasks.coco import DetectionSet
 from tasks.config import BuildEngineCfg
 from tasks.engines import check_int8, get, litert
@@ -16,23 +16,6 @@ from tasks.metrics import coco_metrics, predict
 from tasks.models import load_checkpoint
 
 CPU_TARGETS = ["onnxruntime", "openvino"]
-
-
-@pytest.fixture(scope="module")
-def models(tiny, adapter, tiny_manifest, tmp_path_factory):
-    """A briefly trained checkpoint, its FP32 ONNX and an INT8 QDQ ONNX."""
-    tmp = tmp_path_factory.mktemp("engines")
-    tr, va = (DetectionSet(tiny_manifest, s, 64) for s in ("train", "val"))
-    model, _ = train.run(adapter, tiny.train.model_copy(update={"epochs": 8}), train=tr, val=va)
-    adapter.save(tmp / "model.pt", model, tiny_manifest["splits"]["train"]["categories"], {})
-    export.run(
-        tiny.export, checkpoint=tmp / "model.pt", manifest=tiny_manifest, out=tmp / "fp32.onnx"
-    )
-    cfg = tiny.quantize
-    images, _, _ = quantize.calibration_set(cfg, tr)
-    quantize.calibrate(tmp / "fp32.onnx", images, cfg, "minmax", tmp / "ranges.json")
-    quantize.to_int8(tmp / "fp32.onnx", tmp / "int8.onnx", tmp / "ranges.json", cfg, "minmax")
-    return tmp
 
 
 def eager_map(checkpoint, test, tiny):

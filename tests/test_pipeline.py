@@ -112,15 +112,27 @@ def test_variants_table_covers_every_step_of_the_recipe(pipeline):
         "deployed",
         "fp16",
         "bf16",
+        "deployed_openvino",
         *litert,
+        "nncf_ptq",  # what NNCF gives without Shrinkflow (tasks/nncf_peers.py)
+        "nncf_accuracy_control",
     ]
+    from tasks.nncf_peers import unavailable as no_nncf
+
     for name, r in table.items():
+        if name.startswith("nncf_") and no_nncf():
+            assert r["status"] == "skipped: nncf not installed", name
+            continue
         assert 0 <= r["map50_95"] <= r["map50"] <= 1, name
         assert r["latency_ms_p50"] > 0 and r["size_mb"] > 0, name
     assert table["pruned"]["macs"] < table["trained"]["macs"]
     assert table["int8_minmax"]["size_mb"] < 0.5 * table["distilled"]["size_mb"]
     assert table["bf16"]["runtime"] == "openvino (bf16 hint)"
     assert table["deployed"]["precision"] in ("int8", "fp16", "fp32")
+    if not no_nncf():
+        assert table["nncf_ptq"]["runtime"] == "openvino (NNCF)"
+        assert table["nncf_ptq"]["nncf"]["convs_int8"] == table["nncf_ptq"]["nncf"]["convs"]
+        assert table["nncf_accuracy_control"]["nncf"]["drop_met"] in (True, False)
 
 
 def test_targets_are_built_evaluated_and_compared(pipeline):
