@@ -4,6 +4,8 @@ meta), a reviewer's export back in as decisions, and a clear error for a malform
 
 import copy
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +167,23 @@ def test_an_export_that_is_not_a_task_list_is_a_clear_error(tmp_path):
         path.write_text(text)
         with pytest.raises(DataError, match=message):
             review.load_decisions(path, ctx)
+
+
+def test_structural_findings_export_and_an_orphan_annotation_is_left_out(tmp_path):
+    """Phase-1 findings (a clipped box, an annotation of an image that does not exist) from a
+    stage run: the clip becomes a task with its clipped box proposed, the orphan has no image
+    to show and is left out; the dataset root may be given as a relative path."""
+    from tests.test_label_qa import box_outside_3, orphan_annotation
+
+    root = make_dataset(tmp_path / "d", [box_outside_3, orphan_annotation])
+    result = label_qa.run(CFG, dataset=Path(os.path.relpath(root)))
+    assert {(f.rule, f.image_id) for f in result.findings} == {
+        ("box_outside_image", 3),
+        ("unknown_image", 1234),
+    }
+    review.export(result.findings, result.ctx, tmp_path / "review")
+    [task] = json.loads((tmp_path / "review" / "label_studio.json").read_text())
+    assert task["meta"]["image_id"] == 3
+    assert task["meta"]["findings"][0]["rule"] == "box_outside_image"
+    clipped = _region(task, "a3", "predictions")["value"]
+    assert (clipped["width"], clipped["height"]) == (100 * 7 / 32, 100 * 7 / 32)

@@ -86,8 +86,13 @@ def export(findings: list[Finding], ctx: QaContext, out_dir: Path) -> int:
     out_dir = Path(out_dir)
     per_image: dict[tuple[str, int], list[Finding]] = {}
     for f in sorted(findings, key=lambda f: (f.split, f.image_id or 0, f.rule, f.key)):
-        if _reviewable(f):
+        sd = ctx.splits[f.split]
+        known = f.annotation_id is None or any(
+            a.id == f.annotation_id for a in sd.anns_by_image.get(f.image_id, [])
+        )
+        if _reviewable(f) and f.image_id in sd.images and known:  # not an orphan annotation
             per_image.setdefault((f.split, f.image_id), []).append(f)
+    root = Path(ctx.root).resolve()
     tasks = []
     for (split, image_id), fs in per_image.items():
         sd = ctx.splits[split]
@@ -128,7 +133,7 @@ def export(findings: list[Finding], ctx: QaContext, out_dir: Path) -> int:
         tasks.append(
             {
                 "data": {
-                    "image": URL_PREFIX + sd.paths[image_id].relative_to(ctx.root).as_posix(),
+                    "image": URL_PREFIX + sd.paths[image_id].relative_to(root).as_posix(),
                     "split": split,
                     "image_id": image_id,
                 },
