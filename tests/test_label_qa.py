@@ -771,6 +771,7 @@ def test_error_like_share_bounds_how_many_base_changes_look_like_injected_errors
     mixed = list(np.linspace(0.0, 0.2, 20)) + list(np.linspace(0.5, 0.9, 20))
     assert 0.4 < error_like_share(mixed, injected) < 0.9
     assert error_like_share([], injected) == 1.0
+    assert error_like_share(injected, []) == 0.0  # no injected error changed: no credit
 
 
 @pytest.mark.slow

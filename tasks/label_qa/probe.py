@@ -38,7 +38,8 @@ box classifier is re-fitted on the copy's labels with the run's feature set). Fr
   alarm, and a rule that makes many of them (more than the prior allows) stays below the floor.
 
 A rule changes labels only when its measured precision is at least `label_qa.min_fix_precision`
-and at least `MIN_ERRORS` errors were injected for it; otherwise its findings are reported only.
+and at least `MIN_ERRORS` errors were injected for it and it proposed fixes on that many;
+otherwise its findings are reported only.
 """
 
 from __future__ import annotations
@@ -182,9 +183,12 @@ def error_like_share(base_scores: list[float], injected_scores: list[float]) -> 
     """An upper bound on the share of the base changes that are real errors, from their scores
     (lower = more surely wrong): min over u at the injected scores' QUANTILES of
     (F_base(u) + 2 se) / F_injected(u), capped at 1, with se the binomial standard error of
-    F_base(u) (see the module docstring). 1 when there is nothing to compare."""
-    if not base_scores or not injected_scores:
+    F_base(u) (see the module docstring). 1 when there is no base change; 0 when the rule changed
+    no injected error (nothing shows what its real errors look like)."""
+    if not base_scores:
         return 1.0
+    if not injected_scores:
+        return 0.0
     b, i = np.sort(base_scores), np.sort(injected_scores)
     ratios = []
     for q in QUANTILES:
@@ -296,7 +300,12 @@ def _verdict(row: dict, policy: str, floor: float, kinds: tuple[str, ...]) -> tu
     )
     if policy == "keep":
         return False, f"reports only: policy keep ({measured})"
-    if row["precision"] is None:
+    if 0 < row["on_injected"] < MIN_ERRORS:
+        return False, (
+            f"reports only: too few fixes on injected errors ({row['on_injected']} < "
+            f"{MIN_ERRORS}) to measure its precision ({measured})"
+        )
+    if row["precision"] is None or not row["on_injected"]:
         return False, f"reports only: it proposed no fix on the injected errors ({measured})"
     if row["precision"] < floor:
         return False, (
