@@ -245,6 +245,15 @@ class LabelQaCfg(Section):
         description="share of the train boxes corrupted per rule in that measurement (class swaps; "
         "shifted or scaled boxes; dropped boxes)",
     )
+    max_own_error_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="the largest share of train boxes per error kind the precision measurement "
+        "believes are the data's own errors: a model rule's changes that its injected copy "
+        "cannot explain are credited as right only up to its recall times this many; the rest "
+        "count as false alarms (0: every such change is a false alarm)",
+    )
     decisions: str = Field(
         "label_qa/decisions.yaml",
         min_length=1,

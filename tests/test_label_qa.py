@@ -734,6 +734,46 @@ def test_a_model_that_rewrites_correct_labels_is_measured_and_only_reports(tmp_p
     assert core.apply_policy(ctx, findings)["train"] == core.apply_policy(ctx, [])["train"]
 
 
+def test_the_datas_own_errors_are_credited_up_to_the_prior_and_then_fixed(tmp_path):
+    """Colour data whose labels already hold 5% class swaps (its own errors, unknown to the
+    stage): the probe's copy holds them too. Counting every change to an uninjected box as
+    wrong would stop the rule; the two-pass estimate credits the changes the rule also makes
+    on the data as given, up to recall x label_qa.max_own_error_rate, so it acts, and what it
+    applies undoes the data's own swaps. With that prior at 0 the same run only reports."""
+    ctx, injected = _shapes_ctx(tmp_path, noise={"class_swap": 0.05})
+    original = {r["annotation_id"]: r["original"]["category_id"] for r in injected}
+    ctx.predictions = {"train": _oracle_predictions(ctx, "train", {})}
+    findings = core.model_findings(ctx)
+    evidence = ctx.fix_evidence["label_wrong_class"]
+    assert evidence["acts"], evidence
+    assert evidence["precision_conservative"] < ctx.cfg.min_fix_precision <= evidence["precision"]
+    assert 0 < evidence["credited"] <= evidence["own_errors_found_at_most"], evidence
+    applied = [f for f in findings if f.action == "fix"]
+    assert len(applied) >= 0.8 * len(original), (len(applied), len(original))
+    right = sum(f.fix["category_id"] == original.get(f.annotation_id) for f in applied)
+    assert right >= 0.9 * len(applied), (right, len(applied))
+
+    ctx, _ = _shapes_ctx(tmp_path / "no_prior", noise={"class_swap": 0.05})
+    ctx.cfg = ctx.cfg.model_copy(update={"max_own_error_rate": 0.0})
+    ctx.predictions = {"train": _oracle_predictions(ctx, "train", {})}
+    findings = core.model_findings(ctx)
+    assert ctx.fix_evidence["label_wrong_class"]["credited"] == 0
+    assert not ctx.fix_evidence["label_wrong_class"]["acts"]
+    assert not [f for f in findings if f.action != "keep"]
+
+
+def test_error_like_share_bounds_how_many_base_changes_look_like_injected_errors():
+    from tasks.label_qa.probe import error_like_share
+
+    injected = list(np.linspace(0.0, 0.2, 40))
+    assert error_like_share(list(np.linspace(0.0, 0.2, 40)), injected) == 1.0  # same scores
+    assert error_like_share(list(np.linspace(0.5, 0.9, 40)), injected) < 0.2  # unlike errors
+    mixed = list(np.linspace(0.0, 0.2, 20)) + list(np.linspace(0.5, 0.9, 20))
+    assert 0.4 < error_like_share(mixed, injected) < 0.9
+    assert error_like_share([], injected) == 1.0
+    assert error_like_share(injected, []) == 0.0  # no injected error changed: no credit
+
+
 @pytest.mark.slow
 def test_decisions_round_trip_reject_keeps_the_label(tmp_path):
     """Two stage runs (~35 s): the policy clips a box; a reviewer rejects that; the label stays."""

@@ -211,7 +211,7 @@ def model_findings(ctx: QaContext) -> list[Finding]:
     """The model-based rules on `ctx.predictions`: their findings, each rule measured on
     injected errors (`probe.measure`, into ctx.fix_evidence) and its fixes gated on it."""
     findings = run_rules(ctx, phase=2)
-    ctx.fix_evidence = probe.measure(ctx)
+    ctx.fix_evidence = probe.measure(ctx, findings)
     return gate_model_fixes(ctx, findings)
 
 

@@ -124,20 +124,28 @@ def _evidence(metrics: dict, cfg: LabelQaCfg) -> list[str]:
         "",
         f"Each run injects {cfg.probe_rate:.0%} of the train boxes per rule as known errors and "
         "scores them with the same out-of-sample predictions. A rule changes labels only when "
-        f"its precision is at least label_qa.min_fix_precision ({cfg.min_fix_precision}); "
-        "every change on a box that was not corrupted counts as wrong. Decisions in "
-        f"`{cfg.decisions}` override this.",
+        f"its precision is at least label_qa.min_fix_precision ({cfg.min_fix_precision}). "
+        "A change on an uncorrupted box that the rule also makes on the data as given (base) "
+        "is the data's own error or a false alarm: it is credited as right only up to the "
+        f"rule's recall x label_qa.max_own_error_rate ({cfg.max_own_error_rate:.0%} per kind) "
+        "of the boxes, and only as far as its scores look like the injected errors' "
+        "(`tasks/label_qa/probe.py`); any other change on an uncorrupted box is wrong. "
+        f"Decisions in `{cfg.decisions}` override this.",
         "",
-        "| rule | injected | found (recall) | fixes right (precision) | acts | why |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| rule | injected | found (recall) | right on injected | base credited | collateral "
+        "| precision | acts | why |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rule, e in evidence.items():
         recall = "–" if e["recall"] is None else f"{e['found']} ({e['recall']:.1%})"
         precision = "–" if e["precision"] is None else f"{e['right']} of {e['changes']}"
         precision += "" if e["precision"] is None else f" ({e['precision']:.1%})"
+        injected = f"{e.get('right_on_injected', '–')} of {e.get('on_injected', '–')}"
+        base = f"{e.get('credited', '–')} of {e.get('base', '–')}"
         lines.append(
-            f"| {rule} | {e['injected']} | {recall} | {precision} | "
-            f"{'yes' if e['acts'] else 'no'} | {e['reason']} |"
+            f"| {rule} | {e['injected']} | {recall} | {injected} | {base} | "
+            f"{e.get('collateral', '–')} | {precision} | {'yes' if e['acts'] else 'no'} | "
+            f"{e['reason']} |"
         )
     box = metrics.get("box_classifier") or {}
     if box.get("features"):

@@ -4,7 +4,9 @@ Out (`export`, under `<out>/review/`): each split as COCO where every annotation
 carries `qa_findings` (id, rule, message, score, suggested fix, action) and every box the model
 proposes to add is an extra annotation with `qa_proposed: true` (COCO importers such as CVAT,
 Label Studio and FiftyOne keep or show extra fields); and `decisions.yaml`, a template listing
-every finding that changes or proposes to change a label, each with `decision: pending`.
+every finding that changes or proposes to change a label, each with `decision: pending`; and
+the box-level ones as Label Studio tasks (`label_studio.py`: current labels as annotations,
+proposed fixes as predictions), whose JSON export can be `label_qa.decisions` as it is.
 
 In (`load_decisions`, `apply_decisions`): the file at `label_qa.decisions` (default
 `label_qa/decisions.yaml`, a DVC dependency of the stage) with entries
@@ -24,6 +26,7 @@ before anything is applied.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -81,16 +84,26 @@ def _fix_dict(fix: Fix | None) -> dict | None:
 
 def load_decisions(path: Path, ctx: QaContext) -> list[Decision]:
     """The decisions in `path` (none when it does not exist or is empty), checked against the
-    parsed splits.
+    parsed splits: YAML as above, or a `.json` Label Studio export (`label_studio.py`).
 
     Raises:
-        DataError: not YAML, a schema error, an unknown rule, or an annotation / image / category
-            that the split does not hold; the message names the file and the entry.
+        DataError: not YAML (JSON), a schema error, an unknown rule, or an annotation / image /
+            category that the split does not hold; the message names the file and the entry.
     """
     path = Path(path)
     if not path.exists():
         log.info("label_qa: no decisions file at %s", path)
         return []
+    if path.suffix == ".json":  # a Label Studio export of review/label_studio.json's tasks
+        from tasks.label_qa import label_studio
+
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON: {e}") from e
+        decisions, where = label_studio.load_export(path, raw, ctx)
+        check_decisions(decisions, ctx, where)
+        return decisions
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -103,8 +116,18 @@ def load_decisions(path: Path, ctx: QaContext) -> list[Decision]:
         first = e.errors()[0]
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
         raise DataError(f"{path}: {loc or '<root>'}: {first['msg']}") from e
-    for i, d in enumerate(parsed.decisions):
-        where = f"{path}: decisions[{i}]"
+    where = [f"{path}: decisions[{i}]" for i in range(len(parsed.decisions))]
+    check_decisions(parsed.decisions, ctx, where)
+    return parsed.decisions
+
+
+def check_decisions(decisions: list[Decision], ctx: QaContext, entries: list[str]) -> None:
+    """Check each decision against the parsed splits; `entries[i]` names decision i's entry.
+
+    Raises:
+        DataError: an unknown rule, or an annotation / image / category the split does not hold.
+    """
+    for d, where in zip(decisions, entries, strict=True):
         if d.rule not in RULES:
             raise DataError(f"{where}: unknown rule {d.rule!r}; choose one of {', '.join(RULES)}")
         sd = ctx.splits[d.split]
@@ -125,7 +148,6 @@ def load_decisions(path: Path, ctx: QaContext) -> list[Decision]:
                 raise DataError(f"{where}: fix: category_id {cat} is not in {sd.source.name}")
         if d.rule == "box_missing" and d.decision != "pending" and not (fix and fix.add):
             raise DataError(f"{where}: a box_missing decision needs fix.add (the proposed box)")
-    return parsed.decisions
 
 
 def _match(d: Decision, f: Finding) -> bool:
@@ -195,8 +217,9 @@ def apply_decisions(
 
 
 def export(findings: list[Finding], ctx: QaContext, out_dir: Path) -> None:
-    """Write `<out_dir>/<split>.json` (COCO with `qa_` fields) and `<out_dir>/decisions.yaml`
-    (the template a reviewer fills in; see the module docstring)."""
+    """Write `<out_dir>/<split>.json` (COCO with `qa_` fields), `<out_dir>/decisions.yaml`
+    (the template a reviewer fills in; see the module docstring) and the same findings as
+    Label Studio tasks (`label_studio.json` and its labelling config `label_studio.xml`)."""
     out_dir = Path(out_dir)
     for split in SPLITS:
         sd = ctx.splits[split]
@@ -257,3 +280,6 @@ def export(findings: list[Finding], ctx: QaContext, out_dir: Path) -> None:
         out_dir / "decisions.yaml",
         header + yaml.safe_dump({"decisions": entries}, sort_keys=False, width=100),
     )
+    from tasks.label_qa import label_studio  # it builds on this module's Decision
+
+    label_studio.export(findings, ctx, out_dir)
