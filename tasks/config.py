@@ -704,9 +704,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _input_fits_the_family(self) -> Params:
-        from tasks.models import input_stride
-
-        stride = input_stride(self.model)
+        stride = self.model.input_stride
         w, h = self.train.input_size
         if w % stride or h % stride:
             near = [max(stride, round(d / stride) * stride) for d in (w, h)]

@@ -77,8 +77,9 @@ def run(
     `reference_dir` is the reference stage's folder: its `model.onnx` (the uncompressed model,
     exported once) is built here for `target`, and its `reference.json` gives the uncompressed
     model's MACs, parameters and file size. For an imported ONNX (`family: onnx`, no PyTorch
-    model) both references are the imported graph at `input_size` ((w, h) or a side), FP32: on the same runtime,
-    and on ONNX Runtime in place of PyTorch eager. Returns (metrics, PR-curve rows).
+    model) both references are the imported graph at `input_size` ((w, h) or a side), FP32:
+    on the same runtime, and on ONNX Runtime in place of PyTorch eager. Returns (metrics,
+    PR-curve rows).
     """
     facts = json.loads((engine_dir / "engine.json").read_text())
     if facts["status"] != "ok":

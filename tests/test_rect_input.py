@@ -27,7 +27,10 @@ from tasks.models.centernet import decode, make_targets
 W, H = 96, 64  # the model input, width x height
 
 
-def test_params_take_a_side_or_width_height_and_check_the_family_stride(tmp_path):
+def test_params_take_a_side_or_width_height_and_check_the_family_stride(tmp_path, adapter):
+    from tasks.models.config import ModelCfg
+
+    assert adapter.input_stride == ModelCfg().input_stride == 16  # params say what the model says
     assert Params.model_validate({"train": {"input_size": 64}}).train.input_size == (64, 64)
     assert Params.model_validate({"train": {"input_size": [W, H]}}).train.input_size == (W, H)
     bad = tmp_path / "params.yaml"
@@ -224,7 +227,7 @@ def test_yolo_builds_trains_and_deploys_at_a_rectangle(tiny, tmp_path):
 
     yw, yh = 96, 64
     adapter = adapter_for(ModelCfg(family="yolo"))
-    assert adapter.input_stride == 32
+    assert adapter.input_stride == ModelCfg(family="yolo").input_stride == 32
     model = adapter.build(3, (yw, yh), seed=0)
     assert adapter.input_size(model) == (yw, yh)
     x = torch.rand(2, 3, yh, yw)

@@ -23,7 +23,6 @@ __all__ = [
     "PruneSpec",
     "adapter_for",
     "adapter_of",
-    "input_stride",
     "load_checkpoint",
 ]
 
@@ -65,16 +64,6 @@ def adapter_for(cfg: ModelCfg) -> ModelAdapter:
         raise ConfigError(f"params.yaml: {key}: {spec!r} returned {type(adapter).__name__}, "
                           "not a ModelAdapter (see tasks/models/base.py)")  # fmt: skip
     return adapter
-
-
-def input_stride(cfg: ModelCfg) -> int:
-    """What each side of the family's input must be a multiple of: the adapter's
-    `input_stride` (1 when it declares none, or when a user's factory does not import: its
-    stage reports that itself)."""
-    try:
-        return int(getattr(adapter_for(cfg), "input_stride", 1))
-    except ConfigError:
-        return 1
 
 
 def adapter_of(ckpt: dict, path: Path, cfg: ModelCfg | None = None) -> ModelAdapter:

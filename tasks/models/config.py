@@ -39,6 +39,12 @@ class ImportedCfg(Section):
     )
 
 
+# Each input side of a built-in family must be a multiple of this (its adapter's `input_stride`
+# says the same; tests/test_rect_input.py checks they agree). Kept here, beside the config, so
+# params.yaml is checked without importing a model family (Ultralytics is heavy).
+BUILTIN_STRIDES = {"centernet": 16, "yolo": 32}
+
+
 class ModelCfg(Section):
     family: str = Field(
         "centernet",
@@ -70,6 +76,12 @@ class ModelCfg(Section):
     centernet: CenterNetCfg = CenterNetCfg()
     yolo: YoloCfg = YoloCfg()
     imported: ImportedCfg = ImportedCfg()
+
+    @property
+    def input_stride(self) -> int:
+        """What each input side must be a multiple of, for a built-in family (1 otherwise: a
+        user's factory or an imported ONNX checks its own input)."""
+        return 1 if self.factory else BUILTIN_STRIDES.get(self.family, 1)
 
     @model_validator(mode="after")
     def _files_under_path(self) -> ModelCfg:
