@@ -22,7 +22,7 @@ import numpy as np
 
 from tasks.letterbox import PAD_VALUE, Letterbox, input_wh, letterbox
 
-VERSION = f"letterbox-bilinear-pad{PAD_VALUE}-v1"
+VERSION = f"letterbox-bilinear-pad{PAD_VALUE}-v2"  # v2: the image size is kept
 
 
 def cache_dir() -> Path:
@@ -64,7 +64,7 @@ def decoded_inputs(
             transforms = []
             for i, im in enumerate(images):
                 out[i], t = letterbox(read(Path(root) / im["file_name"]), (tw, th))
-                transforms.append([t.sx, t.sy, t.pad_x, t.pad_y])
+                transforms.append([t.sx, t.sy, t.pad_x, t.pad_y, t.width, t.height])
             out.flush()
             del out
             Path(tmp).replace(data)

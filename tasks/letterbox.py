@@ -20,12 +20,15 @@ PAD_VALUE = 114  # grey, as in Ultralytics and MMDetection's YOLO pipelines
 
 @dataclass(frozen=True)
 class Letterbox:
-    """input = image * (sx, sy) + (pad_x, pad_y), per axis (sx and sy differ only by rounding)."""
+    """input = image * (sx, sy) + (pad_x, pad_y), per axis (sx and sy differ only by rounding);
+    `width` x `height` is the image (0: unknown, boxes mapped back are not clipped)."""
 
     sx: float
     sy: float
     pad_x: float
     pad_y: float
+    width: int = 0
+    height: int = 0
 
     def to_input(self, xyxy: np.ndarray) -> np.ndarray:
         """Boxes (..., 4) xyxy in image pixels -> input pixels."""
@@ -33,11 +36,17 @@ class Letterbox:
         p = np.array([self.pad_x, self.pad_y, self.pad_x, self.pad_y], np.float64)
         return (np.asarray(xyxy, np.float64) * s + p).astype(np.float32)
 
-    def to_image(self, xyxy: np.ndarray) -> np.ndarray:
-        """Boxes (..., 4) xyxy in input pixels -> image pixels (the exact inverse of to_input)."""
+    def to_image(self, xyxy: np.ndarray, clip: bool = True) -> np.ndarray:
+        """Boxes (..., 4) xyxy in input pixels -> image pixels (the exact inverse of to_input),
+        clipped to the image when its size is known and `clip` (a prediction reaching into the
+        padding ends at the image border, as Ultralytics clips)."""
         s = np.array([self.sx, self.sy, self.sx, self.sy], np.float64)
         p = np.array([self.pad_x, self.pad_y, self.pad_x, self.pad_y], np.float64)
-        return (np.asarray(xyxy, np.float64) - p) / s
+        back = (np.asarray(xyxy, np.float64) - p) / s
+        if clip and self.width and self.height:
+            wh = np.array([self.width, self.height, self.width, self.height], np.float64)
+            back = np.clip(back, 0.0, wh)
+        return back
 
 
 def input_wh(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -60,7 +69,7 @@ def fit(width: int, height: int, size: int | tuple[int, int] | list[int]) -> Let
     tw, th = input_wh(size)
     r = min(tw / width, th / height)
     nw, nh = min(tw, max(1, round(width * r))), min(th, max(1, round(height * r)))
-    return Letterbox(nw / width, nh / height, (tw - nw) // 2, (th - nh) // 2)
+    return Letterbox(nw / width, nh / height, (tw - nw) // 2, (th - nh) // 2, width, height)
 
 
 def letterbox(

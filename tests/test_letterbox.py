@@ -20,8 +20,17 @@ def test_box_maps_to_the_input_and_back_exactly(w, h, size):
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 1, (20, 2)) * (w, h)
     boxes = np.concatenate([xy, xy + rng.uniform(1, 30, (20, 2))], axis=1)
-    assert np.allclose(t.to_image(t.to_input(boxes)), boxes, atol=1e-3)
+    assert np.allclose(t.to_image(t.to_input(boxes), clip=False), boxes, atol=1e-3)
     assert abs(t.sx - t.sy) <= 1 / min(w, h)  # aspect ratio kept (up to whole-pixel rounding)
+
+
+def test_a_prediction_reaching_into_the_padding_ends_at_the_image_border():
+    t = fit(640, 480, 320)  # 320 x 240 inside a 320 x 320 input: 40 px of padding above and below
+    assert (t.pad_x, t.pad_y) == (0, 40)
+    pred = np.array([[-5.0, 20.0, 100.0, 150.0], [200.0, 250.0, 330.0, 300.0]])
+    back = t.to_image(pred)
+    assert np.allclose(back, [[0, 0, 200, 220], [400, 420, 640, 480]])
+    assert np.allclose(t.to_image(t.to_input(back)), back)  # inside the image: exact
 
 
 def test_square_image_at_the_input_size_is_passed_through():
