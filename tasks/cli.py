@@ -41,7 +41,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "quantize": ("quantize", "model", "train", "distill", "export", "build_engine"),
     "build_engine": ("build_engine",),
     "evaluate": ("evaluate", "model", "train", "export", "build_engine"),
-    "variants": ("quantize", "model", "train", "export", "evaluate", "build_engine"),
+    "variants": ("variants", "quantize", "model", "train", "export", "evaluate", "build_engine"),
     "compare": ("build_engine",),
     "promote": ("promote", "project", "build_engine", "export"),
 }

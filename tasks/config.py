@@ -535,6 +535,15 @@ class EvaluateCfg(Section):
     )
 
 
+class VariantsCfg(Section):
+    peers: bool = Field(
+        True,
+        description="also the rows a user would get without Shrinkflow: NNCF's PTQ and "
+        "accuracy-controlled INT8 on OpenVINO, and for family yolo Ultralytics' own OpenVINO "
+        "INT8 export (each a few calibration and validation passes more)",
+    )
+
+
 class FlowCfg(Section):
     """How the Prefect flow (flows/compress.py) runs each stage; no stage reads this section."""
 
@@ -679,6 +688,7 @@ class Params(Section):
     quantize: QuantizeCfg = QuantizeCfg()
     build_engine: BuildEngineCfg = BuildEngineCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
+    variants: VariantsCfg = VariantsCfg()
     flow: FlowCfg = FlowCfg()
     promote: PromoteCfg = PromoteCfg()
 

@@ -27,7 +27,7 @@ from tasks.coco import DetectionSet, load_splits
 from tasks.config import DistillCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json
-from tasks.models import ModelAdapter, adapter_for, load_checkpoint
+from tasks.models import ModelAdapter, adapter_for, load_checkpoint, trains_in_torch
 from tasks.training import evaluate_model, fit, pick_device
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def main(
         for stale in ("model.pt", "metrics.json", "meta.json"):
             remove(out / stale)
         imported = adapter_for(ctx.params.model)
-        if not getattr(imported, "torch_stages", True):  # an imported ONNX: nothing to distill
+        if not trains_in_torch(imported):  # an imported ONNX: nothing to distill
             metrics = skipped.write(imported, out, config=cfg, checkpoint=student)
             ctx.log_metrics(metrics)
             log.info("distill: %s", metrics["status"])

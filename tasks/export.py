@@ -16,7 +16,7 @@ from tasks.coco import DetectionSet, read_manifest
 from tasks.config import ExportCfg
 from tasks.errors import GateFailed
 from tasks.io import meta, remove, write_json
-from tasks.models import adapter_for, load_checkpoint
+from tasks.models import adapter_for, load_checkpoint, trains_in_torch
 from tasks.models.config import ModelCfg
 from tasks.onnx_export import parity, to_onnx
 
@@ -70,7 +70,7 @@ def main(
         for stale in ("model.onnx", "metrics.json", "meta.json"):
             remove(out / stale)
         adapter = adapter_for(ctx.params.model)
-        if getattr(adapter, "torch_stages", True):
+        if trains_in_torch(adapter):
             result = run(
                 cfg,
                 checkpoint=checkpoint,

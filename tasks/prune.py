@@ -35,7 +35,7 @@ from tasks.config import BuildEngineCfg, PruneCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json, write_text
 from tasks.letterbox import input_wh
-from tasks.models import ModelAdapter, adapter_for, load_checkpoint
+from tasks.models import ModelAdapter, adapter_for, load_checkpoint, trains_in_torch
 from tasks.training import evaluate_model, fit
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def main(
         for stale in ("model.pt", "metrics.json", "meta.json", CURVE):
             remove(out / stale)
         imported = adapter_for(ctx.params.model)
-        if not getattr(imported, "torch_stages", True):  # an imported ONNX: nothing to prune
+        if not trains_in_torch(imported):  # an imported ONNX: nothing to prune
             metrics = skipped.write(
                 imported, out, config=cfg, checkpoint=checkpoint, plots={CURVE: CURVE_COLUMNS}
             )

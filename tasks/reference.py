@@ -20,7 +20,7 @@ from tasks.cli import stage_entry
 from tasks.coco import DetectionSet, read_manifest
 from tasks.config import ExportCfg
 from tasks.io import md5_file, meta, remove, write_json
-from tasks.models import adapter_for, load_checkpoint
+from tasks.models import adapter_for, load_checkpoint, trains_in_torch
 from tasks.models.config import ModelCfg
 from tasks.onnx_export import parity, to_onnx
 from tasks.reference_graph import FACTS, ONNX
@@ -48,7 +48,7 @@ def run(
     """
     adapter = adapter_for(model_cfg or ModelCfg())
     onnx_path = Path(out) / ONNX
-    if not getattr(adapter, "torch_stages", True):  # the imported graph is the reference
+    if not trains_in_torch(adapter):  # the imported graph is the reference
         facts = adapter.prepare(
             onnx_path,
             num_classes=len(manifest["splits"]["train"]["categories"]),

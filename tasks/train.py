@@ -21,7 +21,7 @@ from tasks.coco import DetectionSet, check_min_boxes, load_splits, read_manifest
 from tasks.config import TrainCfg
 from tasks.io import meta, remove, write_json, write_text
 from tasks.letterbox import build_size
-from tasks.models import ModelAdapter, adapter_for
+from tasks.models import ModelAdapter, adapter_for, trains_in_torch
 from tasks.training import evaluate_model, fit
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def main(
         for stale in ("model.pt", "metrics.json", "meta.json", "plots/curves.csv"):
             remove(out / stale)
         adapter = adapter_for(ctx.params.model)
-        if not getattr(adapter, "torch_stages", True):  # an imported ONNX: nothing to train
+        if not trains_in_torch(adapter):  # an imported ONNX: nothing to train
             metrics = skipped.write(
                 adapter, out, config=cfg, manifest=manifest, plots={"plots/curves.csv": COLUMNS}
             )

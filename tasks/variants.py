@@ -29,7 +29,7 @@ from tasks.config import Params
 from tasks.engines import engine_size_mb, get
 from tasks.io import remove, write_json, write_text
 from tasks.metrics import coco_metrics, predict
-from tasks.models import adapter_for, load_checkpoint
+from tasks.models import adapter_for, load_checkpoint, trains_in_torch
 from tasks.models.onnx_graph import macs_and_params
 from tasks.onnx_export import to_onnx
 from tasks.qdq import CALIBRATORS, calibrate, calibration_set, to_int8
@@ -55,7 +55,7 @@ def run(
     """
     cfg, engine_cfg = params.quantize, params.build_engine
     adapter = adapter_for(params.model)
-    if getattr(adapter, "torch_stages", True):
+    if trains_in_torch(adapter):
         loaded = {name: load_checkpoint(path, params.model) for name, path in checkpoints.items()}
         models = {name: model for name, (_, model, _) in loaded.items()}
         size = adapter.input_size(models["distilled"])
@@ -91,7 +91,12 @@ def run(
     skipped: dict[str, str] = {}
     peer_facts: dict[str, dict] = {}
     val = DetectionSet(manifest, "val", size)
-    for name, made in _nncf_peers(cfg, distilled, images, val, engine_cfg.threads).items():
+    peers = (
+        _nncf_peers(cfg, distilled, images, val, engine_cfg.threads)
+        if params.variants.peers
+        else {}
+    )
+    for name, made in peers.items():
         if isinstance(made, str):  # why it was not made
             skipped[name] = made
             continue
@@ -102,7 +107,7 @@ def run(
         runners[name] = get("openvino").load(folder, engine_cfg)
         sizes[name] = engine_size_mb(folder)
     quality_runners = dict(runners)
-    if params.model.family == "yolo":  # the peer: Ultralytics' own INT8 export, same process
+    if params.variants.peers and params.model.family == "yolo":  # Ultralytics' own INT8 export
         reference = _ultralytics_reference(params, checkpoints["trained"], manifest, work)
         for name, ex in reference.items():
             builds[name] = ("openvino (Ultralytics' export, host NMS)", None, None)

@@ -373,6 +373,7 @@ def deployed(prefect_server, worker, mlflow_server, tmp_path_factory):
     # The flow and the sweep are under test here, not the engines (test_pipeline builds them
     # all): one target keeps the nightly run and the sweep's recipes inside their timeouts.
     params["build_engine"]["targets"] = ["onnxruntime"]
+    params["variants"] = {"peers": False}  # NNCF's rows: test_pipeline and test_nncf_peers
     proj = copy_project(tmp / "proj", params)
     assert dvc(proj, "remote", "add", "-d", "local", str(tmp / "remote")).returncode == 0
     git = ["git", "-c", "user.email=ci@shrinkflow", "-c", "user.name=shrinkflow"]

@@ -24,6 +24,7 @@ __all__ = [
     "adapter_for",
     "adapter_of",
     "load_checkpoint",
+    "trains_in_torch",
 ]
 
 # family name -> "module:function" building its adapter from the ModelCfg (imported on use, so
@@ -64,6 +65,12 @@ def adapter_for(cfg: ModelCfg) -> ModelAdapter:
         raise ConfigError(f"params.yaml: {key}: {spec!r} returned {type(adapter).__name__}, "
                           "not a ModelAdapter (see tasks/models/base.py)")  # fmt: skip
     return adapter
+
+
+def trains_in_torch(adapter: ModelAdapter) -> bool:
+    """Whether the family has a PyTorch model that train, prune and distill work on (False for
+    an imported ONNX; an adapter that does not say is a PyTorch family)."""
+    return bool(getattr(adapter, "torch_stages", True))
 
 
 def adapter_of(ckpt: dict, path: Path, cfg: ModelCfg | None = None) -> ModelAdapter:
