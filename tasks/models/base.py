@@ -55,10 +55,10 @@ class ModelAdapter(Protocol):
     """One per model family; registered by name in `tasks.models` (or a user's factory)."""
 
     family: str
-    # Optional: False for a family with no PyTorch model (an imported ONNX): train, prune and
-    # distill then record a skip, and export starts from the file. Read it with
-    # `tasks.models.trains_in_torch(adapter)` (an adapter that omits it is a PyTorch family).
-    torch_stages: bool
+    # Optional, so not declared here (a Protocol member would be required): `torch_stages =
+    # False` for a family with no PyTorch model (an imported ONNX): train, prune and distill then
+    # record a skip, and export starts from the file. Read it with
+    # `tasks.models.trains_in_torch(adapter)`.
 
     # -- build, save, load -------------------------------------------------------------------
     def build(self, num_classes: int, input_size: int | tuple[int, int], seed: int) -> nn.Module:
