@@ -100,7 +100,7 @@ def test_distillation_lowers_the_kd_loss_and_reports_the_control(tiny, adapter, 
             return kd_loss(adapter, model(x), teacher(x), tiny.distill).item()
 
     before = kd(student)
-    cfg = tiny.distill.model_copy(update={"epochs": 3})
+    cfg = tiny.distill.model_copy(update={"epochs": 3, "control": True})  # default off
     student, metrics = distill.run(
         cfg,
         tiny.train,
