@@ -401,7 +401,7 @@ NARROWED = {  # stage -> sections it passes whole, of which dvc.yaml lists only 
     "quantize": {"distill"},  # QAT's knowledge-distillation weights
     "build_engine": {"build_engine"},  # all but `targets`: the foreach item is the target
     "evaluate": {"build_engine"},  # ditto: how its own target's engine is built
-    "variants": {"build_engine"},  # its CPU runtimes' threads, hint and precision
+    "variants": {"build_engine", "evaluate"},  # runtimes' threads/hint/precision; timing keys
 }
 
 

@@ -1,6 +1,7 @@
 """NNCF's peers on OpenVINO (tasks/nncf_peers.py) on the shared tiny model: PTQ really runs its
 convolutions in INT8 with the decode left float, accuracy control keeps val mAP@0.5 within
-`quantize.max_map_drop`, and the variants table carries both rows beside the deployed model."""
+`quantize.max_map_drop`, and without NNCF the rows say so. The rows in a real variants table:
+tests/test_pipeline.py."""
 
 import sys
 
@@ -10,7 +11,6 @@ import pytest
 from tasks import nncf_peers, quantize, variants
 from tasks.coco import DetectionSet
 from tasks.engines.openvino_cpu import conv_precisions
-from tasks.io import write_json
 from tasks.metrics import coco_metrics, predict
 
 pytest.importorskip("nncf")
@@ -112,50 +112,3 @@ def test_variants_without_nncf_marks_its_rows_skipped(monkeypatch, models, split
         "nncf_ptq": {"runtime": "openvino (NNCF)", "precision": None, "status": rows["nncf_ptq"]}
     }
     assert "| nncf_ptq | openvino (NNCF) | skipped: nncf not installed |" in variants.render(table)
-
-
-@pytest.mark.slow
-def test_variants_table_has_both_nncf_rows_beside_the_deployed_model(
-    models, splits, tiny, tiny_manifest, tmp_path
-):
-    """variants.run on the shared model (trained = pruned = distilled) and a real quantize run
-    (no sensitivity sweep, no keep-faster timing): the calibrator rows come from quantize's
-    calibrators/, the NNCF rows and deployed_openvino have every column."""
-    qdir = tmp_path / "quantize"
-    cfg = tiny.quantize.model_copy(
-        update={"accuracy_aware": False, "keep_faster": False, "activation_type": "quint8"}
-    )
-    inputs = {
-        "onnx_path": models / "fp32.onnx",
-        "train": splits["train"],
-        "val": splits["val"],
-        "threads": 1,
-        "qat_onnx": None,
-    }
-    report = quantize.run(cfg, out=qdir, **inputs)
-    report["targets"] = quantize.target_models(
-        cfg, ["onnxruntime", "openvino"], report, qdir, **inputs
-    )
-    write_json(qdir / "report.json", report)
-    files = variants.calibrator_models(report, qdir, models / "fp32.onnx", None, cfg, tmp_path)
-    assert files == {
-        f"int8_{c}": qdir / "calibrators" / f"int8_{c}.onnx" for c in quantize.CALIBRATORS
-    }
-    params = tiny.model_copy(update={"quantize": cfg})
-    work = tmp_path / "work"
-    work.mkdir()
-    table = variants.run(
-        params,
-        checkpoints={k: models / "model.pt" for k in ("trained", "pruned", "distilled")},
-        exported=models / "fp32.onnx",
-        quantized=qdir,
-        manifest=tiny_manifest,
-        work=work,
-    )
-    for name in ("deployed", "deployed_openvino", *nncf_peers.PEERS):
-        row = table[name]
-        assert 0 <= row["map50_95"] <= row["map50"] <= 1, name
-        assert row["latency_ms_p50"] > 0 and row["size_mb"] > 0 and row["macs"] > 0, name
-    assert table["nncf_accuracy_control"]["nncf"]["drop_met"] in (True, False)
-    assert table["nncf_ptq"]["runtime"] == "openvino (NNCF)"
-    assert "what NNCF gives you without Shrinkflow" in variants.render(table)
