@@ -690,15 +690,6 @@ def test_a_fanned_out_sweep_runs_each_recipe_on_its_own_worker_and_finds_the_sam
     by_recipe = {tuple(r[k] for k in recipe): r for r in rows.values()}
     assert sorted(by_recipe) == sorted(itertools.product(*SWEEP_GRID.values()))
     assert all(r["status"] == "ok" for r in rows.values()), rows
-    # the sequential sweep (the test above) ran the same recipes on the same commit: the same
-    # accuracy, whichever worker ran them
-    ours = f"sweep-{str(run.id)[:8]}"
-    for seq in mlflow.search_runs([exp.experiment_id], "tags.`shrinkflow.role` = 'sweep'"):
-        if seq.info.run_name == ours:
-            continue
-        local = mlflow.download_artifacts(seq.info.run_id, "sweep/sweep.json", str(tmp_path))
-        for r in json.loads(Path(local).read_text())["rows"]:
-            assert by_recipe[tuple(r[k] for k in recipe)]["map50"] == pytest.approx(r["map50"])
 
     # each recipe was its own flow run of the recipe deployment on the sweep pool ...
     with client(api) as c:
