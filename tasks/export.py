@@ -1,6 +1,8 @@
-"""Stage `export`: the distilled model, in eval mode, to ONNX with decoding inside the graph
-(tasks/onnx_export.py), compared against PyTorch on test images: `parity_max_abs_diff` (scores
-and boxes of the detections both report) is gated by `export.parity_tolerance`.
+"""Stage `export`: the distilled model, in eval mode, to ONNX with decoding inside the graph,
+compared against PyTorch on test images (`tasks.onnx_export.export_checkpoint`, which the
+reference stage runs too): `parity_max_abs_diff` (scores and boxes of the detections both
+report) is gated by `export.parity_tolerance`. An imported ONNX is prepared instead
+(`prepare_imported`: checked, decode + NMS appended).
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from pathlib import Path
 import typer
 
 from tasks.cli import stage_entry
-from tasks.coco import DetectionSet, read_manifest
+from tasks.coco import read_manifest
 from tasks.config import ExportCfg
 from tasks.errors import GateFailed
 from tasks.io import meta, remove, write_json
-from tasks.models import adapter_for, load_checkpoint, trains_in_torch
+from tasks.models import adapter_for, trains_in_torch
 from tasks.models.config import ModelCfg
-from tasks.onnx_export import parity, to_onnx
+from tasks.onnx_export import export_checkpoint, parity_gap, prepare_imported
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +34,15 @@ def run(
     model_cfg: ModelCfg | None = None,
 ) -> dict:
     """Export the checkpoint to `out` and check parity. Raises GateFailed past the tolerance."""
-    adapter, model, _ = load_checkpoint(checkpoint, model_cfg)
-    # The exporter warns about every torchvision op it cannot find; this model uses none.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    facts = to_onnx(adapter, model, cfg, out)
-    test = DetectionSet(manifest, "test", adapter.input_size(model))
-    images = test.batch(slice(0, cfg.parity_images))
-    result = {**facts, **parity(adapter, model, out, images, cfg)}
+    result, _, _ = export_checkpoint(checkpoint, manifest, cfg, out, model_cfg)
     log.info(
         "ONNX parity: max |diff| %.2e over %d images",
         result["parity_max_abs_diff"],
         result["parity_images"],
     )
-    if result["parity_max_abs_diff"] > cfg.parity_tolerance:
+    if gap := parity_gap(result, cfg):
         remove(out)
-        raise GateFailed(
-            f"ONNX parity: max |onnx - torch| = {result['parity_max_abs_diff']:.3g} exceeds "
-            f"export.parity_tolerance={cfg.parity_tolerance:g}"
-        )
+        raise GateFailed(gap)
     return result
 
 
@@ -79,13 +72,12 @@ def main(
                 model_cfg=ctx.params.model,
             )
         else:  # an imported ONNX: checked, its decode + NMS appended (tasks/models/onnx_import)
-            categories = read_manifest(manifest)["splits"]["train"]["categories"]
-            result = adapter.prepare(
+            result = prepare_imported(
+                adapter,
                 out / "model.onnx",
-                num_classes=len(categories),
-                input_size=ctx.params.train.input_size,
-                max_detections=cfg.max_detections,
-                score_floor=cfg.score_floor,
+                read_manifest(manifest),
+                cfg,
+                ctx.params.train.input_size,
             )
             result["parity"] = f"{adapter.skipped}: no PyTorch model to compare with"
         write_json(

@@ -3,13 +3,15 @@
 BatchNorm is folded into the convolutions first (by the family's `deployable`). Outputs
 `num_detections, boxes, scores, classes` with a dynamic batch axis; simplified with onnxsim
 (onnxslim as the alternative), checked by onnx.checker; Conv nodes are named after their
-PyTorch module paths. Used by the export stage and by every stage that builds a reference
-graph (evaluate, variants, quantize's QAT, the benchmarks).
+PyTorch module paths. `export_checkpoint` (checkpoint -> ONNX -> parity on test images) and
+`prepare_imported` (an imported ONNX, checked, decode + NMS appended) are what the export and
+reference stages run; `to_onnx` is also used by quantize's QAT, variants and the benchmarks.
 """
 
 from __future__ import annotations
 
 import ast
+import logging
 import tempfile
 from pathlib import Path
 
@@ -17,10 +19,14 @@ import numpy as np
 import onnx
 import torch
 
+from tasks.coco import DetectionSet
 from tasks.config import ExportCfg
 from tasks.errors import GateFailed
 from tasks.letterbox import input_wh
-from tasks.models import OUTPUTS, ModelAdapter
+from tasks.models import OUTPUTS, ModelAdapter, load_checkpoint
+from tasks.models.config import ModelCfg
+
+PARITY_KEYS = ("parity_max_abs_diff", "parity_count_mismatch", "parity_images")  # `parity`'s
 
 
 def _simplify(model: onnx.ModelProto, simplifier: str) -> onnx.ModelProto:
@@ -163,3 +169,56 @@ def parity(
         "parity_count_mismatch": count_mismatch,
         "parity_images": int(images.shape[0]),
     }
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    manifest: dict,
+    cfg: ExportCfg,
+    out: Path,
+    model_cfg: ModelCfg | None = None,
+) -> tuple[dict, ModelAdapter, torch.nn.Module]:
+    """Export a project checkpoint to `out` (`to_onnx`) and compare it with PyTorch on the first
+    `cfg.parity_images` test images of `manifest` (`parity`).
+
+    Returns (facts, adapter, model): `to_onnx`'s facts with `parity`'s, and the loaded model (in
+    eval mode). The caller decides what a parity gap past `cfg.parity_tolerance` means
+    (`parity_gap` says whether there is one).
+    """
+    adapter, model, _ = load_checkpoint(checkpoint, model_cfg)
+    # The exporter warns about every torchvision op it cannot find; this model uses none.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    facts = to_onnx(adapter, model, cfg, out)
+    test = DetectionSet(manifest, "test", adapter.input_size(model))
+    facts |= parity(adapter, model, out, test.batch(slice(0, cfg.parity_images)), cfg)
+    return facts, adapter, model
+
+
+def parity_gap(facts: dict, cfg: ExportCfg) -> str | None:
+    """Why `facts` (from `export_checkpoint`) fail `export.parity_tolerance`, or None."""
+    diff = facts["parity_max_abs_diff"]
+    if diff <= cfg.parity_tolerance:
+        return None
+    return (
+        f"ONNX parity: max |onnx - torch| = {diff:.3g} exceeds "
+        f"export.parity_tolerance={cfg.parity_tolerance:g}"
+    )
+
+
+def prepare_imported(
+    adapter: ModelAdapter,
+    out: Path,
+    manifest: dict,
+    cfg: ExportCfg,
+    input_size: int | tuple[int, int],
+) -> dict:
+    """An imported ONNX (`model.family: onnx`) as the pipeline deploys it, written to `out`:
+    checked, its decode + NMS appended for the manifest's classes at `input_size`
+    (tasks/models/onnx_import.py). Returns the adapter's facts (MACs, parameters, ...)."""
+    return adapter.prepare(
+        out,
+        num_classes=len(manifest["splits"]["train"]["categories"]),
+        input_size=input_size,
+        max_detections=cfg.max_detections,
+        score_floor=cfg.score_floor,
+    )

@@ -1,6 +1,7 @@
 """Stage `variants`: every step of the compression recipe on the test split, in one table.
 
-Trained, pruned and distilled FP32 models, INT8 with each calibrator (every conv INT8, on the
+Trained (the reference stage's FP32 graph, not re-exported here), pruned and distilled FP32
+models, INT8 with each calibrator (every conv INT8, on the
 distilled model), the deployed INT8 model (with the float layers that the quantize stage kept),
 FP16, and OpenVINO's bf16 precision on the distilled model; the deployed model on OpenVINO too
 (`deployed_openvino`, as build_engine@openvino builds it), and beside it what NNCF gives you
@@ -33,6 +34,7 @@ from tasks.models import adapter_for, load_checkpoint, trains_in_torch
 from tasks.models.onnx_graph import macs_and_params
 from tasks.onnx_export import to_onnx
 from tasks.qdq import CALIBRATORS, calibrate, calibration_set, to_int8
+from tasks.reference_graph import read as read_reference
 
 log = logging.getLogger(__name__)
 COLUMNS = ("map50", "map50_95", "latency_ms_p50", "size_mb", "macs")
@@ -44,6 +46,7 @@ def run(
     checkpoints: dict[str, Path],
     exported: Path,
     quantized: Path,
+    reference: Path,
     manifest: dict,
     work: Path,
 ) -> dict[str, dict]:
@@ -51,22 +54,12 @@ def run(
 
     `checkpoints` maps "trained", "pruned" and "distilled" to their model.pt; `exported` is the
     export stage's ONNX of the distilled one; `quantized` is the quantize stage's folder
-    (model.onnx, model.fp16.onnx, report.json).
+    (model.onnx, model.fp16.onnx, report.json); `reference` is the reference stage's folder
+    (the trained model's ONNX and its MACs: the `trained` row).
     """
     cfg, engine_cfg = params.quantize, params.build_engine
-    adapter = adapter_for(params.model)
-    if trains_in_torch(adapter):
-        loaded = {name: load_checkpoint(path, params.model) for name, path in checkpoints.items()}
-        models = {name: model for name, (_, model, _) in loaded.items()}
-        size = adapter.input_size(models["distilled"])
-        onnx_files = {name: work / f"{name}.onnx" for name in ("trained", "pruned")}
-        for name, path in onnx_files.items():
-            to_onnx(adapter, models[name], params.export, path)
-        macs = {name: adapter.macs_and_params(model)[0] for name, model in models.items()}
-    else:  # an imported ONNX: not trained, pruned or distilled here; its graph is the start
-        size, onnx_files = params.train.input_size, {}
-        macs = {"distilled": macs_and_params(exported)[0]}
-    onnx_files["distilled"] = distilled = exported
+    size, onnx_files, macs = fp32_graphs(params, checkpoints, exported, reference, work)
+    distilled = exported
     images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
     report = json.loads((quantized / "report.json").read_text())
     onnx_files |= calibrator_models(report, quantized, distilled, images, cfg, work)
@@ -143,6 +136,32 @@ def run(
     for name, why in skipped.items():
         table[name] = {"runtime": "openvino (NNCF)", "precision": None, "status": why}
     return table
+
+
+def fp32_graphs(
+    params: Params, checkpoints: dict[str, Path], exported: Path, reference: Path, work: Path
+) -> tuple[int | tuple[int, int], dict[str, Path], dict[str, int]]:
+    """(input size, {variant: FP32 ONNX}, {variant: MACs}) of the trained, pruned and distilled
+    models. The trained one is the reference stage's graph and MACs (`reference`, exported once
+    per `dvc repro`); the pruned one is exported here (to `work`); the distilled one is
+    `exported`. An imported ONNX has only the distilled row: its graph is the start."""
+    adapter = adapter_for(params.model)
+    if not trains_in_torch(adapter):
+        return (
+            params.train.input_size,
+            {"distilled": exported},
+            {"distilled": macs_and_params(exported)[0]},
+        )
+    ref = read_reference(reference)
+    models = {
+        name: load_checkpoint(checkpoints[name], params.model)[1]
+        for name in ("pruned", "distilled")
+    }
+    onnx_files = {"trained": ref["onnx"], "pruned": work / "pruned.onnx", "distilled": exported}
+    to_onnx(adapter, models["pruned"], params.export, onnx_files["pruned"])
+    macs = {name: adapter.macs_and_params(model)[0] for name, model in models.items()}
+    macs["trained"] = ref["macs"]
+    return adapter.input_size(models["distilled"]), onnx_files, macs
 
 
 def calibrator_models(
@@ -244,6 +263,9 @@ def main(
     distilled: Path = typer.Option(Path("artifacts/distill/model.pt")),
     exported: Path = typer.Option(Path("artifacts/export/model.onnx")),
     quantized: Path = typer.Option(Path("artifacts/quantize")),
+    reference: Path = typer.Option(
+        Path("artifacts/reference"), help="the reference stage's folder: the trained FP32 row"
+    ),
     manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
     out: Path = typer.Option(Path("artifacts/variants")),
 ) -> None:
@@ -258,6 +280,7 @@ def main(
                 checkpoints={"trained": trained, "pruned": pruned, "distilled": distilled},
                 exported=exported,
                 quantized=quantized,
+                reference=reference,
                 manifest=json.loads(manifest.read_text()),
                 work=Path(work),
             )

@@ -1,18 +1,20 @@
 """The core function of train, export, build_engine and evaluate on the tiny data."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
-from tasks import build_engine, evaluate, export, reference, train
+from tasks import build_engine, evaluate, export, reference, train, variants
 from tasks.coco import DetectionSet
 from tasks.engines import get
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, GateFailed
 from tasks.models import OUTPUTS, load_checkpoint
 from tasks.models.centernet import Detector, DetectorConfig, make_targets
-from tasks.onnx_export import parity
+from tasks.onnx_export import PARITY_KEYS, parity
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,75 @@ def test_parity_gate_fails_on_a_different_model(tiny, trained, tiny_manifest, tm
     images = DetectionSet(tiny_manifest, "test", 64).batch(slice(0, 4))
     result = parity(adapter, other, out, images, tiny.export)
     assert result["parity_max_abs_diff"] > tiny.export.parity_tolerance
+
+
+STRICT = 1e-12  # BatchNorm folding leaves float rounding above it: every parity check fails
+
+
+@pytest.fixture(scope="module")
+def strict_reference(tiny, trained, tiny_manifest, tmp_path_factory):
+    """The reference stage at `export.parity_tolerance` STRICT: (facts, folder, its warnings)."""
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("tasks.reference")
+    logger.addHandler(handler)
+    try:
+        out = tmp_path_factory.mktemp("reference")
+        strict = tiny.export.model_copy(update={"parity_tolerance": STRICT})
+        facts = reference.run(strict, checkpoint=trained[0], manifest=tiny_manifest, out=out)
+    finally:
+        logger.removeHandler(handler)
+    return facts, out, records
+
+
+def test_export_gates_and_reference_warns_on_the_same_parity_check(
+    tiny, trained, tiny_manifest, strict_reference, tmp_path
+):
+    """Both stages run one export + parity (`export_checkpoint`): on the same checkpoint they
+    report the same parity; past the tolerance reference keeps its graph and warns, export
+    fails and removes its file."""
+    path, _ = trained
+    facts, folder, warnings = strict_reference
+    assert facts["parity_max_abs_diff"] > STRICT and facts["parity_images"] > 0
+    assert (folder / "model.onnx").exists() and (folder / "reference.json").exists()
+    assert any("exceeds export.parity_tolerance=1e-12" in w for w in warnings), warnings
+    result = export.run(tiny.export, checkpoint=path, manifest=tiny_manifest, out=tmp_path / "e")
+    assert {k: result[k] for k in PARITY_KEYS} == pytest.approx({k: facts[k] for k in PARITY_KEYS})
+    strict = tiny.export.model_copy(update={"parity_tolerance": STRICT})
+    with pytest.raises(GateFailed, match="exceeds export.parity_tolerance=1e-12"):
+        export.run(strict, checkpoint=path, manifest=tiny_manifest, out=tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_variants_trained_row_is_the_reference_graph(tiny, trained, strict_reference, tmp_path):
+    """variants times the reference stage's graph as `trained` and takes its MACs from
+    reference.json: it neither loads nor exports the trained checkpoint."""
+    import shutil
+
+    path, _ = trained
+    facts, folder, _ = strict_reference
+    ref = shutil.copytree(folder, tmp_path / "reference")
+    recorded = {**facts, "macs": facts["macs"] + 1}  # a figure only the record holds
+    (ref / "reference.json").write_text(json.dumps(recorded))
+    (tmp_path / "work").mkdir()
+    size, files, macs = variants.fp32_graphs(
+        tiny,
+        {"pruned": path, "distilled": path},  # no "trained": it must not be read
+        exported=tmp_path / "distilled.onnx",
+        reference=ref,
+        work=tmp_path / "work",
+    )
+    assert files == {
+        "trained": ref / "model.onnx",
+        "pruned": tmp_path / "work" / "pruned.onnx",
+        "distilled": tmp_path / "distilled.onnx",
+    }
+    assert macs["trained"] == facts["macs"] + 1 and macs["pruned"] == facts["macs"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["pruned.onnx"]
+    assert size == (64, 64)
 
 
 def test_engine_and_evaluate_against_eager(tiny, trained, tiny_manifest, tmp_path):
