@@ -28,7 +28,7 @@ from tasks.config import DistillCfg, TrainCfg
 from tasks.errors import ConfigError
 from tasks.io import meta, remove, write_json
 from tasks.models import ModelAdapter, adapter_for, load_checkpoint, trains_in_torch
-from tasks.training import evaluate_model, fit, pick_device
+from tasks.training import evaluate_model, fit, kd_loss_fn
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +82,12 @@ def run(
 ) -> tuple[nn.Module, dict]:
     """Distill `teacher` into `student`. Returns the student and metrics (teacher, student,
     and the no-KD control on the val split)."""
-    teacher = teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     control = copy.deepcopy(student) if cfg.control else None
     features = (
         _FeatureKd(adapter, teacher, student, cfg.feature_stage) if cfg.feature_stage else None
     )
-
-    def extra(raw, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = adapter.forward_train(teacher, x)
-        loss = adapter.kd_loss(raw, target, cfg.temperature, cfg.kd_weight, cfg.reg_weight)
-        if features is not None:
-            loss = loss + cfg.feature_weight * features.loss()
-        return loss
-
-    teacher.to(pick_device(train_cfg))  # once: the loop trains the student on this device
+    feature_loss = (lambda: cfg.feature_weight * features.loss()) if features else None
+    extra = kd_loss_fn(adapter, teacher, cfg, train_cfg, feature_loss)  # teacher on fit's device
     student, history = fit(
         adapter,
         student,

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from tasks.coco import DetectionSet
 from tasks.config import DistillCfg, QuantizeCfg, TrainCfg
 from tasks.models import ModelAdapter
-from tasks.training import fit, pick_device
+from tasks.training import fit, kd_loss_fn
 
 
 class _WeightFakeQuant(nn.Module):
@@ -102,16 +102,7 @@ def finetune(
 ) -> tuple[nn.Module, list[dict]]:
     """`cfg.qat_epochs` of distillation through fake-quant. Returns the tuned float model and
     the per-epoch rows (val mAP measured with fake-quant on)."""
-    teacher = teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    teacher.to(pick_device(train_cfg))  # the device the loop trains the student on
-
-    def extra(raw, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = adapter.forward_train(teacher, x)
-        d = distill_cfg
-        return adapter.kd_loss(raw, target, d.temperature, d.kd_weight, d.reg_weight)
+    extra = kd_loss_fn(adapter, teacher, distill_cfg, train_cfg)  # teacher on fit's device
 
     convs = attach(student, cfg)
     tuned, rows = fit(

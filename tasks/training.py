@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from tasks.augment import augmenter
 from tasks.coco import DetectionSet
-from tasks.config import TrainCfg
+from tasks.config import DistillCfg, TrainCfg
 from tasks.letterbox import input_wh
 from tasks.metrics import coco_metrics, predict
 from tasks.models.base import ModelAdapter
@@ -47,6 +47,33 @@ def pick_device(cfg: TrainCfg) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+def kd_loss_fn(
+    adapter: ModelAdapter,
+    teacher: nn.Module,
+    cfg: DistillCfg,
+    train_cfg: TrainCfg,
+    extra: Callable[[], torch.Tensor] | None = None,
+) -> Callable[[object, torch.Tensor], torch.Tensor]:
+    """`fit`'s `extra_loss` for knowledge distillation from `teacher` (distill and QAT).
+
+    Freezes the teacher (eval mode, no gradients) and moves it to the device `fit` trains on
+    (`pick_device(train_cfg)`; the caller moves it back). The loss of a batch `x` whose student
+    outputs are `raw`: the family's `kd_loss` against the teacher's outputs on `x`, at
+    `cfg.temperature`, `cfg.kd_weight` and `cfg.reg_weight`, plus `extra()` when given (distill's
+    feature term, which reads the hooks this forward pass filled).
+    """
+    teacher.eval().requires_grad_(False)
+    teacher.to(pick_device(train_cfg))
+
+    def loss(raw, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = adapter.forward_train(teacher, x)
+        kd = adapter.kd_loss(raw, target, cfg.temperature, cfg.kd_weight, cfg.reg_weight)
+        return kd if extra is None else kd + extra()
+
+    return loss
 
 
 def fit(

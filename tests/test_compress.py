@@ -84,6 +84,32 @@ def test_kd_loss_is_zero_against_itself_and_follows_the_teacher(tiny, adapter):
     assert kd_loss(adapter, raw + 1, raw, tiny.distill).item() > 0.1
 
 
+def test_the_kd_loss_freezes_the_teacher_on_the_training_device(tiny, adapter):
+    """distill and QAT share one KD closure (`training.kd_loss_fn`): it freezes the teacher,
+    moves it to the device `fit` trains on, and scores the family's KD loss (+ an extra term)."""
+    from tasks.models.centernet import Detector, DetectorConfig
+    from tasks.training import kd_loss_fn, pick_device
+
+    torch.manual_seed(0)
+    teacher, student = (Detector(DetectorConfig(10, 64, 0.25, 1)) for _ in range(2))
+    teacher.train()
+    x = torch.rand(2, 3, 64, 64)
+    loss = kd_loss_fn(adapter, teacher, tiny.distill, tiny.train, lambda: torch.tensor(1.5))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert {p.device for p in teacher.parameters()} == {pick_device(tiny.train)}
+    raw = adapter.forward_train(student, x)
+    expected = kd_loss(adapter, raw, adapter.forward_train(teacher, x), tiny.distill) + 1.5
+    assert loss(raw, x).item() == pytest.approx(expected.item(), rel=1e-6)
+    on_cuda = tiny.train.model_copy(update={"device": "cuda"})
+    if torch.cuda.is_available():
+        kd_loss_fn(adapter, teacher, tiny.distill, on_cuda)
+        assert {p.device.type for p in teacher.parameters()} == {"cuda"}
+        teacher.cpu()
+    else:  # the teacher is sent to CUDA: here that fails, where a forgotten move would not
+        with pytest.raises((AssertionError, RuntimeError), match="(?i)cuda|nvidia"):
+            kd_loss_fn(adapter, teacher, tiny.distill, on_cuda)
+
+
 def test_distillation_lowers_the_kd_loss_and_reports_the_control(tiny, adapter, splits, teacher):
     student, _ = prune.run(
         tiny.prune,
