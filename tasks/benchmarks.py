@@ -249,7 +249,7 @@ def engines(
             k,
             f"{v['latency_ms_p50']:.3f}",
             f"{v['latency_ms_p95']:.3f}",
-            f"{v['latency_ms_p99']:.3f}",
+            f"{v['latency_ms_p99']:.3f}" if "latency_ms_p99" in v else "n/a (< 200 runs)",
             f"{v['throughput_ips']:.0f}",
             f"{v['speedup_vs_eager']:.2f}x",
         )

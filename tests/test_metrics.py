@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from tasks.metrics import coco_metrics
@@ -41,3 +42,21 @@ def test_precision_recall_at_operating_threshold():
 def test_no_detections_score_zero():
     m = coco_metrics(GT, [], score_threshold=0.5)
     assert m["map50"] == 0 and m["recall"] == 0
+
+
+def test_p99_is_reported_only_from_200_timed_calls():
+    """From 60 calls the 99th percentile is about the slowest one (a stall): not reported."""
+    from tasks.bench import P99_MIN_RUNS, latency_stats
+
+    rng = np.random.default_rng(0)
+    seconds = rng.uniform(1e-3, 2e-3, 300)
+    seconds[7] = 0.5  # one 500 ms stall
+    few = latency_stats(seconds[:60], 1)
+    assert "latency_ms_p99" not in few and few["latency_runs"] == 60
+    assert few["latency_ms_p50"] == pytest.approx(np.median(seconds[:60]) * 1e3)
+    assert few["throughput_ips"] == pytest.approx(1 / np.median(seconds[:60]))
+    assert "latency_ms_p99" not in latency_stats(seconds[: P99_MIN_RUNS - 1], 1)
+    assert "latency_ms_p99" in latency_stats(seconds[:P99_MIN_RUNS], 1)
+    many = latency_stats(seconds, 1)
+    assert many["latency_ms_p99"] == pytest.approx(np.percentile(seconds * 1e3, 99))
+    assert many["latency_ms_p99"] < 2.1  # the stall is one call in 300: not the p99

@@ -150,7 +150,8 @@ def test_targets_are_built_evaluated_and_compared(pipeline):
     for t in ("onnxruntime", "openvino"):
         assert table[t]["status"] == "ok" and 0 < table[t]["map50"] <= 1
         m = json.loads((proj / f"artifacts/evaluate/{t}/metrics.json").read_text())
-        assert 0 < m["parity"]["match_rate"] <= 1 and "latency_ms_p99" in m
+        assert 0 < m["parity"]["match_rate"] <= 1
+        assert ("latency_ms_p99" in m) == (m["latency_runs"] >= 200)  # the tiny profile: 10
     trt = json.loads((proj / "artifacts/build_engine/tensorrt/metrics.json").read_text())
     assert trt["status"].startswith("skipped: ") or trt["status"] == "ok"
     assert table["tensorrt"]["status"] == trt["status"]

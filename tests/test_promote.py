@@ -55,6 +55,30 @@ KPIS = {
 }
 
 
+def test_without_p99_compare_leaves_it_blank_and_a_p99_gate_says_why(tmp_path):
+    """Evaluate reports no p99 from fewer than 200 timed calls: compare's row has none and a
+    promote gate on it is a config error naming the count, not a KeyError or a guess."""
+    from tasks import compare
+    from tasks.config import AbsoluteGate
+    from tasks.promote.gates import Evidence, absolute
+
+    metrics = {k: v for k, v in KPIS.items() if k != "latency_ms_p99"}
+    metrics |= {"status": "ok", "latency_runs": 60, "parity": {"match_rate": 0.99}}
+    metrics |= {"speedup_vs_fp32_same_runtime": 1.5, "speedup_vs_eager": 20.0}
+    (tmp_path / "onnxruntime").mkdir()
+    (tmp_path / "onnxruntime" / "metrics.json").write_text(json.dumps(metrics))
+    rows, table, _ = compare.run(["onnxruntime"], tmp_path)
+    assert "latency_ms_p99" not in rows[0] and rows[0]["latency_ms_p95"] == 0.6
+    head, _, row = table.strip().splitlines()[-3:]
+    cells = dict(zip(head.split(" | "), row.split(" | "), strict=True))
+    assert cells["latency_ms_p99"] == "" and cells["latency_ms_p95"] == "0.6"
+    p99 = AbsoluteGate(kind="absolute", kpi="latency_ms_p99", op="<=", value=2.0)
+    with pytest.raises(ConfigError, match=r"latency_ms_p99 is not in .*timed 60 calls.*>= 200"):
+        absolute(p99, Evidence(metrics), "p99")
+    p95 = AbsoluteGate(kind="absolute", kpi="latency_ms_p95", op="<=", value=2.0)
+    assert absolute(p95, Evidence(metrics), "p95").passed
+
+
 # ---------------------------------------------------------------- fixtures: real models
 
 

@@ -192,6 +192,10 @@ def test_engine_and_evaluate_against_eager(tiny, trained, tiny_manifest, tmp_pat
     for k in ("map50", "map50_95", "precision", "recall"):
         assert 0 <= metrics[k] <= 1
     assert metrics["latency_ms_p95"] >= metrics["latency_ms_p50"] > 0
+    # evaluate.latency_runs 10: no p99 (it would be the slowest call), in metrics or report
+    assert metrics["latency_runs"] == 10 and "latency_ms_p99" not in metrics
+    assert "| latency_ms_p50 |" in evaluate.render_report(metrics)
+    assert "latency_ms_p99" not in evaluate.render_report(metrics)
     assert metrics["throughput_ips"] > 0 and metrics["macs"] > 0
     assert metrics["baseline"]["name"] == "pytorch_eager_fp32"
     assert metrics["fp32_same_runtime"]["map50"] == pytest.approx(metrics["map50"], abs=0.01)

@@ -15,7 +15,9 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tasks.bench import P99_MIN_RUNS
 from tasks.config import gate_name
+from tasks.errors import ConfigError
 from tasks.promote.bootstrap import paired_bootstrap
 
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -73,6 +75,14 @@ def evaluate_gates(gates: list, evidence: Evidence) -> list[Verdict]:
 
 @gate("absolute")
 def absolute(cfg, ev: Evidence, name: str) -> Verdict:
+    """Raises ConfigError when evaluate did not measure the KPI (latency_ms_p99 from fewer
+    than 200 timed calls)."""
+    if cfg.kpi not in ev.metrics:
+        raise ConfigError(
+            f"params.yaml: promote.gates: {name}: {cfg.kpi} is not in evaluate's metrics.json "
+            f"(it timed {ev.metrics.get('latency_runs', '?')} calls; p99 needs "
+            f">= {P99_MIN_RUNS}: raise evaluate.latency_runs or gate on latency_ms_p95)"
+        )
     value = float(ev.metrics[cfg.kpi])
     ok = OPS[cfg.op](value, cfg.value)
     sign = cfg.op if ok else {">=": "<", "<=": ">", ">": "<=", "<": ">="}[cfg.op]

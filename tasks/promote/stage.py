@@ -172,7 +172,7 @@ def version_tags(
         "target": params.promote.target,
         "numeric_format": fmt["numeric_format"],
         "quantize_linear_nodes": str(fmt["quantize_linear_nodes"]),
-        **{k: str(metrics[k]) for k in (*KPIS, *DELTAS)},
+        **{k: str(metrics[k]) for k in (*KPIS, *DELTAS) if k in metrics},  # p99: >= 200 runs
         "parity_max_abs_diff": str(export.get("parity_max_abs_diff")),
         "gate": "failed" if failed else "passed",
         "gate_reasons": summary,
@@ -295,7 +295,7 @@ def run(
         "quantize_linear_nodes": fmt["quantize_linear_nodes"],
         "gates": {v.name: v.as_dict() for v in verdicts},
         "reasons": [f"{v.name}: {v.reason}" for v in verdicts if not v.passed],
-        "kpis": {k: metrics[k] for k in (*KPIS, *DELTAS)},
+        "kpis": {k: metrics[k] for k in (*KPIS, *DELTAS) if k in metrics},
     }
     write_text(out / "model_card.md", text)
     write_json(out / "decision.json", decision)
