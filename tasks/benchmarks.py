@@ -3,6 +3,7 @@
     shrinkflow bench                              # every built engine beside FP32 eager
     shrinkflow bench-pipeline --profile default   # full `dvc repro` from scratch
     shrinkflow bench-sizes                        # trained vs compressed at 128 and 256 px
+    shrinkflow bench-input-cache                  # memory of 5,000 640x480 JPEGs at 320 px
 
 (`shrinkflow` is this module's console script; `python -m tasks.benchmarks ...` is the same.)
 
@@ -15,6 +16,13 @@ fixed thread count, and prints each one's ratio to eager.
 cold `dvc repro` and a second, no-op `dvc repro`, and records each stage's time (from its MLflow
 run) and the KPIs that run produced, in
 `artifacts/bench/pipeline-<profile>.json` and an MLflow run tagged `shrinkflow.role=benchmark`.
+
+`input-cache` writes N synthetic JPEGs (drawn rectangles) to a temp folder, decodes them into
+the input cache (tasks/input_cache.py) at one input size in a fresh process, makes one pass
+over every batch as training does, and records that process's peak RSS, its anonymous memory
+after the pass (what the kernel cannot drop: the cache's pages are file-backed), the cache
+file's size and the decode time, beside what the set would take in RAM at native size, in
+`artifacts/bench/input-cache.json`.
 """
 
 from __future__ import annotations
@@ -342,6 +350,115 @@ def label_qa_bench(
         flat |= {f"map50.{k}": v["map50"] for k, v in result["training"]["test"].items()}
     _log_to_mlflow("bench label_qa", flat, [path])
     log.info("label QA benchmark -> %s", path)
+
+
+def _process_memory() -> dict[str, float]:
+    """This process's peak RSS (VmHWM) and its anonymous and file-backed resident memory now,
+    in MB, from /proc/self/status (Linux)."""
+    fields = {"VmHWM": "peak_rss_mb", "RssAnon": "anon_mb", "RssFile": "file_rss_mb"}
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in fields:
+            out[fields[key]] = int(value.split()[0]) / 1024  # kB
+    return out
+
+
+def _decode_and_pass(root: str, names: list[str], size: int, cache: str, batch: int) -> dict:
+    """In a fresh process: decode the images into the input cache at `size`, then read every
+    batch as training does (float32 NCHW); time and memory of it."""
+    os.environ["SHRINKFLOW_INPUT_CACHE"] = cache
+    from tasks.coco import read_rgb
+    from tasks.input_cache import decoded_inputs
+
+    before = _process_memory()
+    t0 = time.perf_counter()
+    images, _ = decoded_inputs(Path(root), [{"file_name": n} for n in names], size, read_rgb)
+    decode_s = time.perf_counter() - t0
+    total = 0.0
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch].transpose(0, 3, 1, 2).astype("float32") / 255.0
+        total += float(x[:, :, 0, 0].sum())  # touch it, as a training step reads it
+    return {
+        "decode_s": decode_s,
+        "baseline_anon_mb": before["anon_mb"],
+        "shape": list(images.shape),
+        **_process_memory(),
+    }
+
+
+def input_cache_benchmark(
+    n: int, width: int, height: int, input_size: int, batch: int, work: Path
+) -> dict:
+    """Write `n` synthetic `width`x`height` JPEGs under `work`, then measure the input cache on
+    them at `input_size` in a fresh process (`_decode_and_pass`)."""
+    import multiprocessing
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    root, cache = work / "images", work / "cache"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(n):
+        im = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(im)
+        for _ in range(int(rng.integers(1, 6))):
+            x0, y0 = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
+            x1 = int(rng.integers(x0 + 4, width))
+            y1 = int(rng.integers(y0 + 4, height))
+            draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        names.append(f"{i:06d}.jpg")
+        im.save(root / names[-1], quality=90)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        measured = pool.apply(_decode_and_pass, (str(root), names, input_size, str(cache), batch))
+    return {
+        "images": n,
+        "image_wh": [width, height],
+        "input_size": input_size,
+        "batch": batch,
+        "jpeg_mb": sum(f.stat().st_size for f in root.iterdir()) / 2**20,
+        "cache_file_mb": sum(f.stat().st_size for f in cache.glob("*.npy")) / 2**20,
+        "native_uint8_mb": n * width * height * 3 / 2**20,  # the set held in RAM, decoded
+        **measured,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+
+
+@app.command("bench-input-cache")
+def input_cache(
+    images: int = typer.Option(5000, min=1, help="synthetic JPEGs to generate"),
+    width: int = typer.Option(640, min=16),
+    height: int = typer.Option(480, min=16),
+    input_size: int = typer.Option(320, min=16, help="the model input side they decode to"),
+    batch: int = typer.Option(32, min=1, help="images per batch in the pass over the set"),
+    mlflow: bool = typer.Option(True, help="also log the figures to an MLflow run"),
+    out: Path = typer.Option(Path("artifacts/bench"), help="folder for input-cache.json"),
+) -> None:
+    """Memory and decode time of the input cache on N synthetic WxH JPEGs at one input size."""
+    setup_logging()
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-input-cache-") as tmp:
+        result = input_cache_benchmark(images, width, height, input_size, batch, Path(tmp))
+    path = out / "input-cache.json"
+    write_json(path, result)
+    if mlflow:
+        keys = ("decode_s", "peak_rss_mb", "anon_mb", "cache_file_mb", "native_uint8_mb")
+        _log_to_mlflow("bench input cache", {k: result[k] for k in keys}, [path])
+    log.info(
+        "input cache: %d images %dx%d at %d px: decode %.1f s, cache file %.0f MB, peak RSS "
+        "%.0f MB, anonymous %.0f MB after one pass (native size in RAM: %.0f MB) -> %s",
+        images,
+        width,
+        height,
+        input_size,
+        result["decode_s"],
+        result["cache_file_mb"],
+        result["peak_rss_mb"],
+        result["anon_mb"],
+        result["native_uint8_mb"],
+        path,
+    )
 
 
 @app.command("bench-sizes")

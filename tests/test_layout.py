@@ -4,6 +4,7 @@ they hold: tasks/models, tasks/training.py, tasks/onnx_export.py, tasks/qdq.py, 
 
 import ast
 import functools
+import json
 import re
 from pathlib import Path
 from typing import get_args
@@ -88,14 +89,24 @@ def test_no_stage_imports_another_stage():
     assert not crossings(names), "\n".join(crossings(names))
 
 
-def test_the_walk_finds_a_stage_reaching_a_stage_through_shared_code(tmp_path, monkeypatch):
+def fake_tasks(tmp_path: Path, monkeypatch, files: dict[str, str]) -> Path:
+    """A `tasks` package under `tmp_path` made of `files` ({path inside it: source}; an empty
+    `__init__.py` unless given), which this file's walks then read instead of the real one."""
     fake = tmp_path / "tasks"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("")
-    (fake / "a.py").write_text("from tasks import shared\n")
-    (fake / "shared.py").write_text("def f():\n    from tasks.b import g\n")
-    (fake / "b.py").write_text("def g(): ...\n")
+    for name, text in {"__init__.py": "", **files}.items():
+        (fake / name).parent.mkdir(parents=True, exist_ok=True)
+        (fake / name).write_text(text)
     monkeypatch.setitem(globals(), "TASKS", fake)
+    return fake
+
+
+def test_the_walk_finds_a_stage_reaching_a_stage_through_shared_code(tmp_path, monkeypatch):
+    files = {
+        "a.py": "from tasks import shared\n",
+        "shared.py": "def f():\n    from tasks.b import g\n",
+        "b.py": "def g(): ...\n",
+    }
+    fake = fake_tasks(tmp_path, monkeypatch, files)
     assert crossings({"a", "b"}) == ["tasks.a -> ... tasks.shared -> tasks.b"]
     (fake / "shared.py").write_text("def f(): ...\n")
     assert crossings({"a", "b"}) == []
@@ -319,22 +330,33 @@ def test_dvc_deps_are_exactly_the_code_each_stage_runs():
     assert not problems, "\n".join(problems)
 
 
+def test_a_committed_pipeline_benchmark_ran_the_dag_as_it_is():
+    """`artifacts/bench/pipeline-<profile>.json` (`shrinkflow bench-pipeline`) is evidence of
+    the current pipeline only if it ran every stage dvc.yaml declares, and no other: a file
+    from an older DAG (an older default model) fails here until it is re-measured or removed."""
+    declared = set(stage_definitions())
+    for path in sorted((ROOT / "artifacts" / "bench").glob("pipeline-*.json")):
+        ran = {s.split("@")[0] for s in json.loads(path.read_text())["stages_run"]}
+        assert ran == declared, (
+            f"{rel(path)}: ran {', '.join(sorted(ran - declared)) or 'no extra stage'}; "
+            f"not {', '.join(sorted(declared - ran)) or 'none missing'}: re-run "
+            "`shrinkflow bench-pipeline` (an idle machine) or remove it"
+        )
+
+
 def test_the_deps_walk_follows_loaders_packages_and_function_imports(tmp_path, monkeypatch):
     """On a fake tree: a loader makes its package a folder dep, a constant from the same
     package does not; function-level imports and package __init__s count."""
-    fake = tmp_path / "tasks"
-    (fake / "plugins").mkdir(parents=True)
-    (fake / "__init__.py").write_text("")
-    (fake / "plugins" / "__init__.py").write_text(
-        "import importlib\nLIMIT = 3\n"
+    files = {
+        "plugins/__init__.py": "import importlib\nLIMIT = 3\n"
         "def load(n):\n    return importlib.import_module(f'tasks.plugins.{n}')\n"
-        "def get(n):\n    return load(n).thing\n"
-    )
-    (fake / "plugins" / "one.py").write_text("thing = 1\n")
-    (fake / "helper.py").write_text("def f():\n    from tasks.plugins import LIMIT\n")
-    (fake / "a.py").write_text("from tasks import helper\n")
-    (fake / "b.py").write_text("from tasks import plugins\nx = plugins.get('one')\n")
-    monkeypatch.setitem(globals(), "TASKS", fake)
+        "def get(n):\n    return load(n).thing\n",
+        "plugins/one.py": "thing = 1\n",
+        "helper.py": "def f():\n    from tasks.plugins import LIMIT\n",
+        "a.py": "from tasks import helper\n",
+        "b.py": "from tasks import plugins\nx = plugins.get('one')\n",
+    }
+    fake = fake_tasks(tmp_path, monkeypatch, files)
     assert loaders("tasks.plugins") == {"load", "get"}
     files, folders = stage_code(["tasks.a"])
     names = {f.relative_to(tmp_path).as_posix() for f in files}
@@ -352,17 +374,15 @@ def test_the_deps_walk_follows_loaders_packages_and_function_imports(tmp_path, m
 
 
 def test_the_deps_comparison_names_what_is_missing_and_what_is_extra(tmp_path, monkeypatch):
-    fake = tmp_path / "tasks"
-    (fake / "plugins").mkdir(parents=True)
-    (fake / "__init__.py").write_text("")
-    (fake / "plugins" / "__init__.py").write_text(
-        "import importlib\ndef get(n):\n    return importlib.import_module(f'tasks.plugins.{n}')\n"
-    )
-    (fake / "plugins" / "one.py").write_text("thing = 1\n")
-    (fake / "helper.py").write_text("")
-    (fake / "b.py").write_text("from tasks.plugins import get\n")
-    (fake / "c.py").write_text("import tasks.plugins.one\n")
-    monkeypatch.setitem(globals(), "TASKS", fake)
+    files = {
+        "plugins/__init__.py": "import importlib\n"
+        "def get(n):\n    return importlib.import_module(f'tasks.plugins.{n}')\n",
+        "plugins/one.py": "thing = 1\n",
+        "helper.py": "",
+        "b.py": "from tasks.plugins import get\n",
+        "c.py": "import tasks.plugins.one\n",
+    }
+    fake = fake_tasks(tmp_path, monkeypatch, files)
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
     b = {"cmd": "python -m tasks.b --x 1", "deps": ["tasks/b.py", "tasks/helper.py", "data"]}
     assert code_dep_mismatches("b", b) == [

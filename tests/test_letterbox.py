@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -138,3 +140,24 @@ def test_inputs_are_decoded_once_into_a_memory_map(tmp_path, monkeypatch):
     assert (changed.images[1, 64] == 255).all() and len(
         list((tmp_path / "cache").glob("*.npy"))
     ) == 2
+
+
+def test_bench_input_cache_measures_a_fresh_process_on_synthetic_jpegs(tmp_path):
+    """`shrinkflow bench-input-cache` at N=20: the cache file holds exactly the letterboxed
+    inputs, the native-size figure is the decoded set's, and the memory figures are a real
+    process's (peak RSS above its anonymous memory)."""
+    from typer.testing import CliRunner
+
+    from tasks.benchmarks import app
+
+    args = ["bench-input-cache", "--images", "20", "--width", "96", "--height", "64"]
+    args += ["--input-size", "32", "--batch", "8", "--no-mlflow", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    got = json.loads((tmp_path / "input-cache.json").read_text())
+    assert got["shape"] == [20, 32, 32, 3] and got["images"] == 20
+    inputs = 20 * 32 * 32 * 3
+    assert inputs <= got["cache_file_mb"] * 2**20 <= inputs + 4096  # + the .npy header
+    assert got["native_uint8_mb"] * 2**20 == 20 * 96 * 64 * 3
+    assert got["decode_s"] > 0 and got["jpeg_mb"] > 0
+    assert got["peak_rss_mb"] > got["anon_mb"] > 0 and got["file_rss_mb"] > 0
