@@ -869,6 +869,21 @@ def test_only_a_missing_model_or_alias_means_no_champion(tmp_path):
     assert not _no_champion(MlflowException("database is locked", error_code="INTERNAL_ERROR"))
 
 
+def test_a_registry_that_cannot_be_read_is_an_error_not_no_champion(tmp_path, monkeypatch):
+    """A tracking URI with no server behind it, or one MLflow cannot use, fails label_qa with
+    the URI named; it does not quietly score val/test with the cross-fit instead."""
+    from tasks.errors import ShrinkflowError
+    from tasks.label_qa.__main__ import champion_runner
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for uri in (down, "foo://bar"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(ShrinkflowError, match=f"MLflow registry at {uri}: cannot read m@"):
+            champion_runner("m", tmp_path)
+
+
 @pytest.mark.slow
 def test_two_stage_runs_on_clean_colour_data_are_identical_and_change_no_label(tmp_path):
     """The stage with a real cross-fit, twice, on clean coloured shapes (~1-2 min): byte-equal

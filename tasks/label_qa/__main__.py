@@ -31,7 +31,12 @@ OUTPUTS = (
 
 def champion_runner(model_name: str, work: Path) -> tuple[Runner, int, str] | None:
     """The ONNX model of `models:/<model_name>@champion` at the tracking URI, run with ONNX
-    Runtime: (runner, input size, model version), or None when no champion is registered."""
+    Runtime: (runner, input size, model version), or None when no champion is registered.
+
+    Raises:
+        ShrinkflowError: the registry could not be read (bad URI, server down, its store
+            failing): only "no such model" or "no such alias" means there is no champion.
+    """
     import mlflow
     import onnxruntime as ort
     from mlflow.exceptions import MlflowException
@@ -40,9 +45,8 @@ def champion_runner(model_name: str, work: Path) -> tuple[Runner, int, str] | No
     from tasks.tracking import tracking_uri
 
     uri = tracking_uri()
-    client = MlflowClient(uri)
-    try:
-        version = client.get_model_version_by_alias(model_name, "champion")
+    try:  # a bad URI fails in the client, a server that is down in the call: neither is "none"
+        version = MlflowClient(uri).get_model_version_by_alias(model_name, "champion")
     except MlflowException as e:
         if _no_champion(e):
             return None
