@@ -14,7 +14,7 @@ Two ways to run the recipes:
   from `dvc exp show --json`.
 
 Either way each experiment re-runs only the stages its params touch (the rest come from the
-committed baseline's cache), and the Pareto front of latency vs mAP@0.5 (tasks/pareto.py) is
+committed baseline's cache), and the Pareto front of latency vs mAP@0.5 (tasks/metrics/pareto.py) is
 written as a table and a plot, logged to MLflow (a `sweep` run) and published as a Prefect
 artifact. The best recipe under the gate (fastest with mAP@0.5 within `max_map50_drop` of the FP32
 baseline) is named.
@@ -41,10 +41,10 @@ from prefect.runtime import flow_run
 
 from flows.project import run_dvc
 from flows.recipe import KPIS, ROLE, SWEEP_TAG, git, overrides
-from tasks import pareto
-from tasks.config import Params, _format, load_params
-from tasks.errors import ConfigError, StageFailed
-from tasks.project import dvc
+from tasks.harness.config import Params, _format, load_params
+from tasks.harness.errors import ConfigError, StageFailed
+from tasks.harness.project import dvc
+from tasks.metrics import pareto
 
 DEFAULT_GRID: dict[str, list[Any]] = {
     "prune.macs_reduction": [0.3, 0.5, 0.7],
@@ -269,7 +269,7 @@ def _log_to_mlflow(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import ensure_experiment
+    from tasks.harness.tracking import ensure_experiment
 
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, params.project.mlflow_experiment)

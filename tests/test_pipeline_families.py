@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.coco import DetectionSet
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.project import copy_project, dvc
 from tasks.models import load_checkpoint
-from tasks.project import copy_project, dvc
-from tasks.training import evaluate_model
+from tasks.models.training import evaluate_model
 from tests.conftest import tiny_params
 
 pytest.importorskip("ultralytics")

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from tasks import data
-from tasks.errors import ConfigError, DataError
-from tasks.metrics import coco_metrics, predict
+from tasks.datasets import digits as data
+from tasks.harness.errors import ConfigError, DataError
+from tasks.metrics.detection import coco_metrics, predict
 from tasks.models import ultralytics_ref as ref
 from tests.conftest import small_data_cfg
 

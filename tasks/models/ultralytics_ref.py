@@ -5,8 +5,8 @@
 given, keeping the Detect head in float) and the FP32 export of the same model, offline, in a
 temp folder, and
 measures both the way the project measures its own engines: mAP on the project's letterboxed
-test split with the project's metrics (tasks/metrics.py), batch-1 latency of the compiled
-OpenVINO model timed in alternating blocks (tasks/bench.py), and the IR's file size.
+test split with the project's metrics (tasks/metrics/detection.py), batch-1 latency of the compiled
+OpenVINO model timed in alternating blocks (tasks/metrics/timing.py), and the IR's file size.
 
 `write_yolo_dataset` writes the project's manifest as the Ultralytics dataset layout that the
 export (and Ultralytics' trainer) reads; `to_ultralytics_pt` turns a project checkpoint of the
@@ -37,13 +37,13 @@ import numpy as np
 import yaml
 from pydantic import Field, field_validator
 
-from tasks.coco import DetectionSet, resolve_image
-from tasks.config_types import PosInt, Section
-from tasks.errors import ConfigError, DataError
-from tasks.io import md5_file, write_json, write_text
-from tasks.letterbox import input_wh
-from tasks.metrics import Runner
+from tasks.datasets.coco import DetectionSet, resolve_image
+from tasks.harness.errors import ConfigError, DataError
+from tasks.harness.io import md5_file, write_json, write_text
+from tasks.harness.sections import PosInt, Section
+from tasks.metrics.detection import Runner
 from tasks.models.ultralytics_offline import CONFIG_DIR_ENV, offline_ultralytics  # noqa: F401
+from tasks.preprocess.letterbox import input_wh
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,8 @@ def raw_runner(compiled):
 def ultralytics_nms(raw: np.ndarray, size: int, cfg: ReferenceCfg) -> list[np.ndarray]:
     """Ultralytics' own NMS (ultralytics.utils.nms.non_max_suppression) on raw (B, 4 + C, N):
     (num (B,), boxes (B, K, 4) xyxy input pixels, scores (B, K), classes (B, K)), K = max_det,
-    rows past num zero: the project's runner signature (tasks/metrics.py). Boxes are clipped
+    rows past num zero: the project's runner signature (tasks/metrics/detection.py). Boxes are
+    clipped
     to the `size` x `size` input, as Ultralytics' predictor and validator clip to the image."""
     import torch
     from ultralytics.utils.nms import non_max_suppression
@@ -351,7 +352,8 @@ def ultralytics_nms(raw: np.ndarray, size: int, cfg: ReferenceCfg) -> list[np.nd
 
 
 def detection_runner(compiled, cfg: ReferenceCfg):
-    """The compiled export + Ultralytics' NMS as a project runner (tasks.metrics.Runner), any
+    """The compiled export + Ultralytics' NMS as a project runner (tasks.metrics.detection.Runner),
+    any
     batch size, one image per call of the batch-1 model."""
     raw = raw_runner(compiled)
 
@@ -448,7 +450,7 @@ def ultralytics_int8_reference(
     the project's engines get), its raw output reduced by Ultralytics' NMS, and scored by the
     project's `predict` + `coco_metrics` against the test split.
 
-    Latency is batch 1, timed with `tasks.bench.time_blocks` (every runner in one call:
+    Latency is batch 1, timed with `tasks.metrics.timing.time_blocks` (every runner in one call:
     alternating shuffled blocks, so the figures compare as ratios): `latency_ms_p50` / `_p95`
     are the compiled model alone, without NMS; `latency_ms_p50_with_nms` / `_p95` add
     Ultralytics' torch NMS on the host at the deployment floor `cfg.timed_conf` (keeping
@@ -465,9 +467,9 @@ def ultralytics_int8_reference(
         latency_ms_p50, latency_ms_p95, throughput_ips}}, "config": cfg, "versions": {...},
         "test_images": n}.
     """
-    from tasks.bench import latency_stats, time_blocks
-    from tasks.io import versions
-    from tasks.metrics import coco_metrics, predict
+    from tasks.harness.io import versions
+    from tasks.metrics.detection import coco_metrics, predict
+    from tasks.metrics.timing import latency_stats, time_blocks
 
     others = others or {}
     if clash := sorted(set(others) & {n + s for n in VARIANTS for s in ("", "+nms")}):
@@ -540,7 +542,7 @@ def bench_reference(
     """
     import torch
 
-    from tasks.coco import read_manifest
+    from tasks.datasets.coco import read_manifest
 
     m = read_manifest(manifest)
     source = Path(weights_pt or checkpoint)

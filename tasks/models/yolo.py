@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.errors import ConfigError, DataError
-from tasks.io import md5_file
-from tasks.letterbox import input_wh
+from tasks.harness.errors import ConfigError, DataError
+from tasks.harness.io import md5_file
 from tasks.models.base import PruneSpec
 from tasks.models.config import ModelCfg
 from tasks.models.ultralytics_offline import offline_env, offline_ultralytics
+from tasks.preprocess.letterbox import input_wh
 
 log = logging.getLogger(__name__)
 

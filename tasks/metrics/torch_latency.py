@@ -3,7 +3,7 @@
 Each model is exported (BatchNorm folded, decoding in the graph: the deployed signature) with
 PyTorch's TorchScript exporter at batch 1, which takes a fraction of the dynamo exporter's time
 and yields the same convolutions, then built and loaded by the engine target as
-`build_engine` does. All models are timed in one `tasks.bench.time_blocks` call (shuffled
+`build_engine` does. All models are timed in one `tasks.metrics.timing.time_blocks` call (shuffled
 blocks with pause and re-warm), so ratios between them come from the same process and the same
 minutes of machine load.
 """
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from tasks import engines
-from tasks.bench import time_blocks
-from tasks.config import BuildEngineCfg
-from tasks.errors import ConfigError
-from tasks.letterbox import input_wh
+from tasks.harness.config import BuildEngineCfg
+from tasks.harness.errors import ConfigError
+from tasks.metrics.timing import time_blocks
 from tasks.models import OUTPUTS, ModelAdapter
+from tasks.preprocess.letterbox import input_wh
 
 log = logging.getLogger(__name__)
 

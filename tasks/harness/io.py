@@ -112,7 +112,7 @@ def check_onnx(path: Path) -> None:
     import onnx
     from google.protobuf.message import DecodeError
 
-    from tasks.errors import DataError
+    from tasks.harness.errors import DataError
 
     path = Path(path)
     if not path.is_file():

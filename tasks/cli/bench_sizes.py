@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from tasks.bench import latency_stats, time_blocks
-from tasks.coco import DetectionSet
-from tasks.config import Params
+from tasks.datasets.coco import DetectionSet
 from tasks.engines import get
 from tasks.evaluate import eager_runner
+from tasks.harness.config import Params
+from tasks.metrics.timing import latency_stats, time_blocks
 from tasks.models import ModelAdapter, load_checkpoint
-from tasks.onnx_export import to_onnx
-from tasks.qdq import calibrate, calibration_set, to_fp16, to_int8
+from tasks.models.onnx_export import to_onnx
+from tasks.quantization.qdq import calibrate, calibration_set, to_fp16, to_int8
 
 CPU_TARGETS = ("onnxruntime", "openvino")
 

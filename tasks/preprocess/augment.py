@@ -14,7 +14,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from tasks.config import (
+from tasks.harness.config import (
     AugmentStep,
     ChannelShuffleAug,
     HFlipAug,

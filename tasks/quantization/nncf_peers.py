@@ -2,19 +2,20 @@
 rows beside the project's own quantizer (variants; quantize's `method: nncf | best`).
 
 Two models from the same FP32 ONNX and the same calibration images as the quantize stage
-(`tasks.qdq.calibration_set`: same seed and count):
+(`tasks.quantization.qdq.calibration_set`: same seed and count):
 
 - `ptq`: `nncf.quantize`, NNCF's default post-training quantization (min/max ranges, fast bias
   correction, performance preset) for the CPU.
 - `accuracy_control`: `nncf.quantize_with_accuracy_control` with `max_drop` =
   `quantize.max_map_drop` (absolute), validated with the project's own val mAP@0.5
-  (`tasks.metrics`): NNCF ranks the quantized operations by their effect on the metric and
+  (`tasks.metrics.detection`): NNCF ranks the quantized operations by their effect on the metric and
   reverts the worst to float until the drop is within the bound (or reports that it is not).
 
 The graph's own decode (sigmoid, peak pooling, top-K, NMS, box arithmetic) is left out of
 quantization with an `IgnoredScope` naming every operation below the last convolutions, and so
 are integral convs (a box distribution's fixed bin centres): the same split the ONNX Runtime
-quantizer makes (tasks/qdq.py). NNCF's default would also quantize the decode's elementwise
+quantizer makes (tasks/quantization/qdq.py). NNCF's default would also quantize the decode's
+elementwise
 arithmetic (box offsets times stride, for instance), which moves boxes by a quantization step.
 Both runs are deterministic: the calibration images are fixed, `subset_size` is their count,
 and ranking runs in one worker.
@@ -29,15 +30,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tasks.coco import DetectionSet
-from tasks.config import QuantizeCfg
-from tasks.metrics import coco_metrics, to_rows
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.config import QuantizeCfg
+from tasks.metrics.detection import coco_metrics, to_rows
 from tasks.models.onnx_decode import integral_convs
 
 log = logging.getLogger(__name__)
 PEERS = ("nncf_ptq", "nncf_accuracy_control")  # the rows they make in variants
 CONVS = ("Convolution", "GroupConvolution")
-FLOAT_SCORE = 0.3  # the score threshold of tasks.qdq.val_map (mAP@0.5 does not depend on it)
+FLOAT_SCORE = (
+    0.3  # the score threshold of tasks.quantization.qdq.val_map (mAP@0.5 does not depend on it)
+)
 
 
 def unavailable() -> str | None:
@@ -104,7 +107,8 @@ def _validation(val: DetectionSet):
 
 
 def subset_map(compiled, val: DetectionSet, indices: Iterable[int], batch_size: int = 32) -> float:
-    """Val mAP@0.5 (tasks.metrics) of an OpenVINO compiled model on the val images `indices`."""
+    """Val mAP@0.5 (tasks.metrics.detection) of an OpenVINO compiled model on the val images
+    `indices`."""
     idx = list(indices)
     rows: list[dict] = []
     for start in range(0, len(idx), batch_size):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.letterbox import PAD_VALUE, Letterbox, input_wh, letterbox
+from tasks.preprocess.letterbox import PAD_VALUE, Letterbox, input_wh, letterbox
 
 VERSION = f"letterbox-bilinear-pad{PAD_VALUE}-v2"  # v2: the image size is kept
 

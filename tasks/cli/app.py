@@ -4,7 +4,7 @@
     shrinkflow bench-pipeline --profile default   # full `dvc repro` from scratch
     shrinkflow bench-sizes                        # trained vs compressed at 128 and 256 px
 
-(`shrinkflow` is this module's console script; `python -m tasks.benchmarks ...` is the same.)
+(`shrinkflow` is this module's console script; `python -m tasks.cli.app ...` is the same.)
 
 `bench` loads every engine that `build_engine` built (skipped targets are listed with their
 reason), FP32 PyTorch eager of the trained model and its ONNX from the reference stage on each
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import setup_logging
-from tasks.errors import ShrinkflowError
-from tasks.io import write_json
-from tasks.project import PROFILES, copy_project, dvc, profile_params
-from tasks.review import register as register_review
+from tasks.cli.review import register as register_review
+from tasks.harness.errors import ShrinkflowError
+from tasks.harness.io import write_json
+from tasks.harness.project import PROFILES, copy_project, dvc, profile_params
+from tasks.harness.stage import setup_logging
 
 log = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -140,8 +140,8 @@ def _log_to_mlflow(name: str, metrics: dict, files: list[Path]) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.config import load_params
-    from tasks.tracking import ensure_experiment, tracking_uri
+    from tasks.harness.config import load_params
+    from tasks.harness.tracking import ensure_experiment, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment = ensure_experiment(MlflowClient(), load_params().project.mlflow_experiment)
@@ -176,11 +176,11 @@ def engines(
     from rich.console import Console
     from rich.table import Table
 
-    from tasks.bench import latency_stats, time_blocks
-    from tasks.coco import DetectionSet
-    from tasks.config import load_params
+    from tasks.datasets.coco import DetectionSet
     from tasks.engines import get
     from tasks.evaluate import BASELINE, eager_runner
+    from tasks.harness.config import load_params
+    from tasks.metrics.timing import latency_stats, time_blocks
     from tasks.models import load_checkpoint
 
     setup_logging()
@@ -197,7 +197,7 @@ def engines(
     runners[BASELINE] = eager_runner(adapter, model, cfg.export)
     work = tempfile.TemporaryDirectory(prefix="shrinkflow-bench-")
     if uncompressed:  # what a user gets with no pipeline, on each CPU runtime
-        from tasks.reference_graph import read as read_reference
+        from tasks.models.reference_graph import read as read_reference
 
         fp32 = read_reference(reference)["onnx"]  # exported once, by the reference stage
         variants = {
@@ -281,8 +281,8 @@ def ultralytics_reference(
 ) -> None:
     """Ultralytics' own OpenVINO FP32 / INT8 export of the trained YOLO (family yolo), timed
     in one process beside the pipeline's built CPU engines, on the same letterboxed test split."""
-    from tasks.config import load_params
     from tasks.engines import get
+    from tasks.harness.config import load_params
     from tasks.models.ultralytics_ref import bench_reference, reference_cfg
 
     setup_logging()
@@ -311,7 +311,7 @@ def label_qa_bench(
     """Label QA against injected noise: recall/precision per kind, stage cost, mAP recovery."""
     if dataset not in ("digits", "shapes"):
         raise typer.BadParameter(f"unsupported dataset {dataset!r}; choose one of digits, shapes")
-    from tasks.config import load_params
+    from tasks.harness.config import load_params
     from tasks.label_qa.bench import run_benchmark
 
     setup_logging()
@@ -360,8 +360,8 @@ def sizes(
     from rich.console import Console
     from rich.table import Table
 
-    from tasks import bench_sizes
-    from tasks.config import load_params
+    from tasks.cli import bench_sizes
+    from tasks.harness.config import load_params
 
     setup_logging()
     result = bench_sizes.run(

@@ -11,8 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tasks.coco import read_manifest
-from tasks.io import md5_file, meta, write_json, write_text
+from tasks.datasets.coco import read_manifest
+from tasks.harness.io import md5_file, meta, write_json, write_text
 from tasks.models.checkpoint import read_checkpoint, write_checkpoint
 
 

@@ -34,3 +34,7 @@ SafePath = Annotated[str, AfterValidator(_safe_path)]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Side = Annotated[int, Field(ge=32, le=1024)]  # one side of the model input, px
+Rate = Annotated[float, Field(ge=0, le=1)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tasks.io import md5_file, versions, write_json
+from tasks.harness.io import md5_file, versions, write_json
 
 KEEP_RECORDS = 16  # decisions kept in the record file (newest last)
 
@@ -72,7 +72,7 @@ def faster(candidate: np.ndarray, reference: np.ndarray, rounds: int, margin: fl
 
     Args:
         candidate, reference: seconds per call, pooled over `rounds` equal timing rounds (as
-            `tasks.bench.time_blocks` returns them).
+            `tasks.metrics.timing.time_blocks` returns them).
         rounds: number of rounds the samples were taken in.
         margin: required relative gain (0.05 = 5%).
     Returns:

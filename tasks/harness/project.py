@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROFILES = {"default": None, "tiny": ROOT / "tests" / "profiles" / "tiny.yaml"}
 PIPELINE_FILES = (
     "dvc.yaml",

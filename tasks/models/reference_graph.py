@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.errors import DataError
+from tasks.harness.errors import DataError
 
 ONNX = "model.onnx"
 FACTS = "reference.json"

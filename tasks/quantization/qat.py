@@ -24,10 +24,10 @@ from torch.ao.quantization import (
 )
 from torch.nn.utils import parametrize
 
-from tasks.coco import DetectionSet
-from tasks.config import DistillCfg, QuantizeCfg, TrainCfg
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.config import DistillCfg, QuantizeCfg, TrainCfg
 from tasks.models import ModelAdapter
-from tasks.training import fit, pick_device
+from tasks.models.training import fit, pick_device
 
 
 class _WeightFakeQuant(nn.Module):

@@ -21,9 +21,9 @@ from pathlib import Path
 from pydantic import BaseModel
 from rich.logging import RichHandler
 
-from tasks.config import Params, load_params
-from tasks.errors import ShrinkflowError
-from tasks.io import md5_file
+from tasks.harness.config import Params, load_params
+from tasks.harness.errors import ShrinkflowError
+from tasks.harness.io import md5_file
 
 log = logging.getLogger("shrinkflow")
 
@@ -50,7 +50,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 @dataclass
 class StageContext:
     params: Params
-    tracker: object  # tasks.tracking.Tracker (imported lazily: mlflow is slow to import)
+    tracker: object  # tasks.harness.tracking.Tracker (imported lazily: mlflow is slow to import)
 
     def log_params(self, cfg: BaseModel | dict) -> None:
         self.tracker.log_params(cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg)
@@ -86,7 +86,7 @@ def setup_logging() -> None:
 
 def lineage_tags(params: Params, params_path: Path) -> dict[str, str]:
     """The pipeline-run lineage: git commit, dvc.lock, params and data hashes."""
-    from tasks.tracking import git_commit
+    from tasks.harness.tracking import git_commit
 
     data = Path("artifacts/ingest/manifest.json")  # MD5 of every image and label (ingest)
     lock = Path("dvc.lock")
@@ -120,7 +120,7 @@ def stage_entry(stage: str, params_path: Path) -> Iterator[StageContext]:
         params = load_params(params_path, required_sections(stage))
     except ShrinkflowError as e:
         fail(e)
-    from tasks.tracking import Tracker, tracking_uri
+    from tasks.harness.tracking import Tracker, tracking_uri
 
     try:
         tracker = Tracker(stage, params.project.mlflow_experiment)

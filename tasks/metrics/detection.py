@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tasks.letterbox import Letterbox
-
-# A runner maps float32 (B, 3, S_h, S_w) in [0, 1] to (num, boxes xyxy, scores, classes) arrays.
-Runner = Callable[[np.ndarray], Sequence[np.ndarray]]
+from tasks.harness.signature import Runner
+from tasks.preprocess.letterbox import Letterbox
 
 
 def predict(runner: Runner, dataset, batch_size: int = 32) -> list[dict]:

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 import torch
 
-from tasks.config import ExportCfg
-from tasks.errors import GateFailed
-from tasks.letterbox import input_wh
+from tasks.harness.config import ExportCfg
+from tasks.harness.errors import GateFailed
 from tasks.models import OUTPUTS, ModelAdapter
+from tasks.preprocess.letterbox import input_wh
 
 
 def _simplify(model: onnx.ModelProto, simplifier: str) -> onnx.ModelProto:

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import DataError
-from tasks.input_cache import decoded_inputs
-from tasks.letterbox import Letterbox, letterbox
+from tasks.harness.errors import DataError
+from tasks.preprocess.input_cache import decoded_inputs
+from tasks.preprocess.letterbox import Letterbox, letterbox
 
 
 class _Entry(BaseModel):
@@ -124,14 +124,14 @@ def read_rgb(path: Path) -> np.ndarray:
 def to_input(rgb: np.ndarray, input_size: int | tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
     """Letterbox uint8 (H, W, 3) into the model input: uint8 (S_h, S_w, 3) and the transform
     whose `to_image` maps input pixels back to the image. DetectionSet and the served model share
-    this (see tasks/letterbox.py)."""
+    this (see tasks/preprocess/letterbox.py)."""
     return letterbox(rgb, input_size)
 
 
 class DetectionSet:
     """One split of a manifest, decoded once and letterboxed to the model input.
 
-    images: uint8 (N, S_h, S_w, 3), a read-only memory map (tasks/input_cache.py);
+    images: uint8 (N, S_h, S_w, 3), a read-only memory map (tasks/preprocess/input_cache.py);
     boxes[i]: float32 (M, 4) xyxy in input pixels; labels[i]: int64 (M,) contiguous class
     indices; `letterboxes[i]` maps input pixels back to image i. `iscrowd` annotations (COCO
     crowds, VOC `difficult`) are not training targets: they are left out of boxes/labels and stay

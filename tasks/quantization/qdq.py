@@ -25,10 +25,10 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from tasks.coco import DetectionSet
-from tasks.config import QuantizeCfg
-from tasks.errors import ConfigError
-from tasks.metrics import coco_metrics, predict
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.config import QuantizeCfg
+from tasks.harness.errors import ConfigError
+from tasks.metrics.detection import coco_metrics, predict
 from tasks.models.onnx_decode import integral_convs
 
 log = logging.getLogger(__name__)

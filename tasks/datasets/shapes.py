@@ -4,7 +4,7 @@ Each class is a colour ("red", "green", "blue", ...); the shape of an object (ci
 triangle, blob) is drawn at random and carries no class information, so a model (or a label
 checker) that ignores colour cannot tell the classes apart. Canvases are non-square (160x120 by
 default) with a textured background, grey clutter, and grey distractors of the same shapes that
-are not labelled. Output, in the same COCO layout as the digits (`tasks/data.py`):
+are not labelled. Output, in the same COCO layout as the digits (`tasks/datasets/digits.py`):
 `<out>/{train,val,test}.json`, `<out>/images/<split>/*.png`, `<out>/meta.json` and, with
 `noise` rates above 0, the injected label noise's ground truth in `<out>/noise.json`.
 
@@ -20,10 +20,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pydantic import Field, model_validator
 
-from tasks.config import LabelNoiseCfg, PosInt, Section
-from tasks.data import NOISE_FILE, NOISE_KINDS, SPLITS
-from tasks.io import atomic_dir, meta, write_json
-from tasks.label_noise import inject
+from tasks.datasets.digits import NOISE_FILE, NOISE_KINDS, SPLITS
+from tasks.datasets.label_noise import inject
+from tasks.harness.config import LabelNoiseCfg, PosInt, Section
+from tasks.harness.io import atomic_dir, meta, write_json
 
 log = logging.getLogger(__name__)
 # RGB in [0, 1] of every colour a class may be named after (jittered per object)

@@ -2,7 +2,8 @@
 QA's cross-fit), for any model family: the family's adapter supplies forward pass and loss.
 
 Mixed precision (bf16 autocast on CPU, fp16 + GradScaler on CUDA), seeded, AdamW with a one-cycle
-schedule, box-aware augmentation (tasks/augment.py). Each epoch ends with val mAP computed on the
+schedule, box-aware augmentation (tasks/preprocess/augment.py). Each epoch ends with val mAP
+computed on the
 deployable graph's decode (`evaluate_model`).
 """
 
@@ -16,12 +17,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tasks.augment import augmenter
-from tasks.coco import DetectionSet
-from tasks.config import TrainCfg
-from tasks.letterbox import input_wh
-from tasks.metrics import coco_metrics, predict
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.config import TrainCfg
+from tasks.metrics.detection import coco_metrics, predict
 from tasks.models.base import ModelAdapter
+from tasks.preprocess.augment import augmenter
+from tasks.preprocess.letterbox import input_wh
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import fail, setup_logging
-from tasks.errors import ShrinkflowError
+from tasks.harness.errors import ShrinkflowError
+from tasks.harness.stage import fail, setup_logging
 
 log = logging.getLogger(__name__)
 KPI_COLUMNS = ("map50", "map50_95", "latency_ms_p50", "size_mb")
@@ -72,9 +72,9 @@ def _ledger(params: Path | None):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    from tasks.config import load_params
+    from tasks.harness.config import load_params
+    from tasks.harness.tracking import check_reachable
     from tasks.promote.registry import AliasLedger
-    from tasks.tracking import check_reachable
 
     params = project_params(params)
     cfg = load_params(params)
@@ -121,7 +121,7 @@ def _guard(fn):
     def wrapper(*args, **kwargs):
         from mlflow.exceptions import MlflowException
 
-        from tasks.tracking import tracking_uri
+        from tasks.harness.tracking import tracking_uri
 
         setup_logging()
         try:

@@ -1,4 +1,4 @@
-"""Known label noise for any COCO split: `tasks.data.inject_noise` on images of any size.
+"""Known label noise for any COCO split: `tasks.datasets.digits.inject_noise` on images of any size.
 
 `inject_noise` (the digits generator's) clips corrupted boxes to a square canvas; `inject` runs it
 with the largest image side and clips every corrupted box to its own image, in the annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.config import LabelNoiseCfg
-from tasks.data import inject_noise
+from tasks.datasets.digits import inject_noise
+from tasks.harness.config import LabelNoiseCfg
 
 
 def _clip(bbox: list[float], w: int, h: int) -> list[float]:
@@ -22,7 +22,7 @@ def _clip(bbox: list[float], w: int, h: int) -> list[float]:
 
 
 def inject(coco: dict, cfg: LabelNoiseCfg, rng: np.random.Generator, split: str) -> list[dict]:
-    """Corrupt `coco["annotations"]` in place (see `tasks.data.inject_noise`: exactly
+    """Corrupt `coco["annotations"]` in place (see `tasks.datasets.digits.inject_noise`: exactly
     round(rate * boxes) boxes per kind, none twice) and return the ground truth records
     {split, kind, image_id, annotation_id, original, noisy}."""
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from tasks.config import DataCfg, LabelNoiseCfg
-from tasks.io import atomic_dir, meta, write_json
+from tasks.harness.config import DataCfg, LabelNoiseCfg
+from tasks.harness.io import atomic_dir, meta, write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
