@@ -21,8 +21,8 @@ from onnx import TensorProto, helper
 
 from tasks.harness.config import ExportCfg, QuantizeCfg
 from tasks.harness.errors import DataError
+from tasks.harness.signature import OUTPUTS
 from tasks.models import onnx_import as oi
-from tasks.models.base import OUTPUTS
 from tasks.models.config import ModelCfg
 
 SIZE, CLASSES, K, FLOOR, IOU = 64, 3, 30, 0.05, 0.6

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto
 
 from tasks.harness.errors import ConfigError, DataError
-from tasks.models.base import OUTPUTS
+from tasks.harness.signature import OUTPUTS
 from tasks.models.config import ModelCfg
 from tasks.models.onnx_decode import (
     DECODE_PREFIX,
