@@ -12,7 +12,7 @@ import pytest
 from tasks.datasets import digits as data
 from tasks.harness.config import DataCfg
 from tasks.harness.project import copy_project, dvc
-from tasks.models.ultralytics_ref import SPLITS, write_yolo_dataset
+from tasks.models.ultralytics_io import SPLITS, write_yolo_dataset
 from tests.conftest import tiny_params
 
 pytestmark = pytest.mark.slow
