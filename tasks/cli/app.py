@@ -30,9 +30,10 @@ from pathlib import Path
 
 import typer
 
+from tasks.cli import measured
 from tasks.cli.review import register as register_review
 from tasks.harness.errors import ShrinkflowError
-from tasks.harness.io import write_json
+from tasks.harness.io import write_json, write_text
 from tasks.harness.project import PROFILES, copy_project, dvc, profile_params
 from tasks.harness.stage import setup_logging
 
@@ -115,6 +116,7 @@ def pipeline(
         result = pipeline_benchmark(profile, Path(tmp))
     path = out / f"pipeline-{profile}.json"
     write_json(path, result)
+    refresh_readme()
     _log_to_mlflow(
         f"bench pipeline ({profile})",
         {
@@ -258,6 +260,7 @@ def engines(
     Console().print(table)
     path = out / f"engines-b{batch}.json"
     write_json(path, result)
+    refresh_readme()
     _log_to_mlflow(
         f"bench engines (batch {batch})",
         {
@@ -331,6 +334,7 @@ def label_qa_bench(
         )
     result["machine"] = machine
     write_json(path, result)
+    refresh_readme()
     flat = {
         f"recall.{k}": v["recall"]
         for k, v in result["detection"]["kinds"].items()
@@ -388,6 +392,7 @@ def sizes(
     Console().print(table)
     path = out / "sizes-b1.json"
     write_json(path, result)
+    refresh_readme()
     _log_to_mlflow(
         "bench sizes (batch 1)",
         {
@@ -400,6 +405,39 @@ def sizes(
         },
         [path],
     )
+
+
+README = Path("README.md")
+
+
+def refresh_readme(readme: Path = README) -> bool:
+    """Re-render the README's measured tables from artifacts/ (tasks/cli/measured.py); every
+    benchmark command calls it after writing its file, so the README never quotes a stale one.
+    Returns whether the README changed; False without a README (run outside the project)."""
+    if not readme.is_file():
+        return False
+    old = readme.read_text(encoding="utf-8")
+    new = measured.render(old, readme.resolve().parent)
+    if new != old:
+        write_text(readme, new)
+    return new != old
+
+
+@app.command("readme")
+def readme_tables(
+    check: bool = typer.Option(False, help="exit 1 if the README and artifacts/ disagree"),
+    readme: Path = typer.Option(README, help="the README to render"),
+) -> None:
+    """Render the README's measured tables from artifacts/ (between `<!-- measured:NAME -->`
+    markers); `--check` changes nothing and fails when they are stale."""
+    setup_logging()
+    if check:
+        old = readme.read_text(encoding="utf-8")
+        if measured.render(old, readme.resolve().parent) != old:
+            log.error("%s: measured tables differ from artifacts/: run `shrinkflow readme`", readme)
+            raise typer.Exit(1)
+        return
+    log.info("%s: %s", readme, "re-rendered" if refresh_readme(readme) else "already current")
 
 
 if __name__ == "__main__":
