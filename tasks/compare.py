@@ -16,8 +16,8 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import stage_entry
-from tasks.io import remove, write_json, write_text
+from tasks.harness.io import remove, write_json, write_text
+from tasks.harness.stage import stage_entry
 
 log = logging.getLogger(__name__)
 COLUMNS = [
@@ -39,7 +39,9 @@ def run(targets: list[str], evaluations: Path) -> tuple[list[dict], str, str]:
     for target in targets:
         m = json.loads((evaluations / target / "metrics.json").read_text())
         row = {"target": target, "status": m["status"]}
-        if m["status"] == "ok":  # p99: only where evaluate timed >= 200 calls (tasks/bench.py)
+        if (
+            m["status"] == "ok"
+        ):  # p99: only where evaluate timed >= 200 calls (tasks/metrics/timing.py)
             row |= {k: m[k] for k in COLUMNS if k in m}
             row["parity_match_rate"] = m["parity"]["match_rate"]
         rows.append(row)

@@ -1,5 +1,5 @@
 """Stage `export`: the distilled model, in eval mode, to ONNX with decoding inside the graph,
-compared against PyTorch on test images (`tasks.onnx_export.export_checkpoint`, which the
+compared against PyTorch on test images (`tasks.models.onnx_export.export_checkpoint`, which the
 reference stage runs too): `parity_max_abs_diff` (scores and boxes of the detections both
 report) is gated by `export.parity_tolerance`. An imported ONNX is prepared instead
 (`prepare_imported`: checked, decode + NMS appended).
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import stage_entry
-from tasks.coco import read_manifest
-from tasks.config import ExportCfg
-from tasks.errors import GateFailed
-from tasks.io import meta, remove, write_json
+from tasks.datasets.coco import read_manifest
+from tasks.harness.config import ExportCfg
+from tasks.harness.errors import GateFailed
+from tasks.harness.io import meta, remove, write_json
+from tasks.harness.stage import stage_entry
 from tasks.models import adapter_for, trains_in_torch
 from tasks.models.config import ModelCfg
-from tasks.onnx_export import export_checkpoint, parity_gap, prepare_imported
+from tasks.models.onnx_export import export_checkpoint, parity_gap, prepare_imported
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 `artifacts/reference/model.onnx` is what a user gets with no pipeline: the trained model
 (`artifacts/train/model.pt`) exported with the same decode as the deployed graph and compared
-with PyTorch (`tasks.onnx_export.export_checkpoint`, as the export stage runs it; a parity gap
-is a warning here, the export stage's gate), or, for an imported ONNX (`model.family: onnx`),
-the imported graph prepared as the export stage prepares it (`prepare_imported`: checked,
-decode + NMS appended). `evaluate@<target>` builds it for its own runtime as the
+with PyTorch (`tasks.models.onnx_export.export_checkpoint`, as the export stage runs it; a
+parity gap is a warning here, the export stage's gate), or, for an imported ONNX (`model.family:
+onnx`), the imported graph prepared as the export stage prepares it (`prepare_imported`:
+checked, decode + NMS appended). `evaluate@<target>` builds it for its own runtime as the
 `fp32_uncompressed` row and `variants` times it as its `trained` row; `reference.json` records
 what evaluate reports for it (MACs, parameters, the uncompressed file's size) so no later stage
 re-exports or re-counts the trained model.
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import stage_entry
-from tasks.coco import read_manifest
-from tasks.config import ExportCfg
-from tasks.io import md5_file, meta, remove, write_json
+from tasks.datasets.coco import read_manifest
+from tasks.harness.config import ExportCfg
+from tasks.harness.io import md5_file, meta, remove, write_json
+from tasks.harness.stage import stage_entry
 from tasks.models import adapter_for, trains_in_torch
 from tasks.models.config import ModelCfg
-from tasks.onnx_export import PARITY_KEYS, export_checkpoint, parity_gap, prepare_imported
-from tasks.reference_graph import FACTS, ONNX
+from tasks.models.onnx_export import PARITY_KEYS, export_checkpoint, parity_gap, prepare_imported
+from tasks.models.reference_graph import FACTS, ONNX
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tasks.metrics import coco_metrics
+from tasks.metrics.detection import coco_metrics
 
 GT = {
     "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
@@ -46,7 +46,7 @@ def test_no_detections_score_zero():
 
 def test_p99_is_reported_only_from_200_timed_calls():
     """From 60 calls the 99th percentile is about the slowest one (a stall): not reported."""
-    from tasks.bench import P99_MIN_RUNS, latency_stats
+    from tasks.metrics.timing import P99_MIN_RUNS, latency_stats
 
     rng = np.random.default_rng(0)
     seconds = rng.uniform(1e-3, 2e-3, 300)
