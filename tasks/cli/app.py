@@ -38,11 +38,12 @@ from pathlib import Path
 
 import typer
 
+from tasks.cli import measured
 from tasks.cli.review import register as register_review
 from tasks.harness.errors import ShrinkflowError
 from tasks.harness.io import write_json, write_text
 from tasks.harness.project import PROFILES, copy_project, dvc, profile_params
-from tasks.harness.stage import measured, setup_logging
+from tasks.harness.stage import setup_logging
 
 log = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -355,47 +356,14 @@ def label_qa_bench(
     log.info("label QA benchmark -> %s", path)
 
 
-def _process_memory() -> dict[str, float]:
-    """This process's peak RSS (VmHWM) and its anonymous and file-backed resident memory now,
-    in MB, from /proc/self/status (Linux)."""
-    fields = {"VmHWM": "peak_rss_mb", "RssAnon": "anon_mb", "RssFile": "file_rss_mb"}
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in fields:
-            out[fields[key]] = int(value.split()[0]) / 1024  # kB
-    return out
-
-
-def _decode_and_pass(root: str, names: list[str], size: int, cache: str, batch: int) -> dict:
-    """In a fresh process: decode the images into the input cache at `size`, then read every
-    batch as training does (float32 NCHW); time and memory of it."""
-    os.environ["SHRINKFLOW_INPUT_CACHE"] = cache
-    from tasks.datasets.coco import read_rgb
-    from tasks.preprocess.input_cache import decoded_inputs
-
-    before = _process_memory()
-    t0 = time.perf_counter()
-    images, _ = decoded_inputs(Path(root), [{"file_name": n} for n in names], size, read_rgb)
-    decode_s = time.perf_counter() - t0
-    total = 0.0
-    for i in range(0, len(images), batch):
-        x = images[i : i + batch].transpose(0, 3, 1, 2).astype("float32") / 255.0
-        total += float(x[:, :, 0, 0].sum())  # touch it, as a training step reads it
-    return {
-        "decode_s": decode_s,
-        "baseline_anon_mb": before["anon_mb"],
-        "shape": list(images.shape),
-        **_process_memory(),
-    }
-
-
 def input_cache_benchmark(
     n: int, width: int, height: int, input_size: int, batch: int, work: Path
 ) -> dict:
     """Write `n` synthetic `width`x`height` JPEGs under `work`, then measure the input cache on
-    them at `input_size` in a fresh process (`_decode_and_pass`)."""
-    import multiprocessing
+    them at `input_size` in a fresh process (tasks/cli/input_cache_probe.py, which imports only
+    the cache and the decoder, so its memory is the cache's)."""
+    import subprocess
+    import sys
 
     import numpy as np
     from PIL import Image, ImageDraw
@@ -414,8 +382,20 @@ def input_cache_benchmark(
             draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
         names.append(f"{i:06d}.jpg")
         im.save(root / names[-1], quality=90)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        measured = pool.apply(_decode_and_pass, (str(root), names, input_size, str(cache), batch))
+    probe = [sys.executable, "-m", "tasks.cli.input_cache_probe"]
+    here = str(Path(__file__).resolve().parents[2])  # this checkout's `tasks`, not another's
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [*probe, str(root), str(input_size), str(cache), str(batch)],
+        input="\n".join(names),
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ShrinkflowError(f"bench-input-cache: the probe process failed:\n{done.stderr}")
+    probed = json.loads(done.stdout.strip().splitlines()[-1])
     return {
         "images": n,
         "image_wh": [width, height],
@@ -424,7 +404,7 @@ def input_cache_benchmark(
         "jpeg_mb": sum(f.stat().st_size for f in root.iterdir()) / 2**20,
         "cache_file_mb": sum(f.stat().st_size for f in cache.glob("*.npy")) / 2**20,
         "native_uint8_mb": n * width * height * 3 / 2**20,  # the set held in RAM, decoded
-        **measured,
+        **probed,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
 
@@ -480,8 +460,8 @@ def sizes(
     from rich.console import Console
     from rich.table import Table
 
+    from tasks.cli import bench_sizes
     from tasks.harness.config import load_params
-    from tasks.harness.stage import bench_sizes
 
     setup_logging()
     result = bench_sizes.run(

@@ -224,6 +224,35 @@ def label_qa(root: Path) -> str:
     return _table(["run", "injected kind", "injected", "recall", "precision of the rule"], rows)
 
 
+def input_cache(root: Path) -> str:
+    """`shrinkflow bench-input-cache`: memory and decode time of a large set through the input
+    cache (one fresh process: decode, then one pass over every batch)."""
+    rel = "artifacts/bench/input-cache.json"
+    m = _load(root, rel)
+    if m is None:
+        return _missing(rel, "shrinkflow bench-input-cache")
+    w, h = m["image_wh"]
+    row = [
+        f"{m['images']:,} × {w}×{h} JPEG",
+        f"{m['input_size']} px",
+        f"{m['decode_s']:.0f}",
+        f"{m['cache_file_mb'] / 1024:.2f}",
+        f"{m['peak_rss_mb'] / 1024:.2f}",
+        f"{m['anon_mb']:.0f}",
+        f"{m['native_uint8_mb'] / 1024:.2f}",
+    ]
+    header = [
+        "images",
+        "input",
+        "decode (s)",
+        "cache file (GiB)",
+        "peak RSS (GiB)",
+        "anonymous memory after a pass (MiB)",
+        "the set decoded in RAM (GiB)",
+    ]
+    return _table(header, [row])
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "pipeline": pipeline,
     "variants": variants,
@@ -231,6 +260,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "sizes": sizes,
     "pipeline-time": pipeline_time,
     "label-qa": label_qa,
+    "input-cache": input_cache,
 }
 
 
