@@ -118,8 +118,7 @@ def test_engine_and_evaluate_against_eager(tiny, trained, tiny_manifest, tmp_pat
     )
     assert metrics["status"] == "ok"
     assert abs(metrics["delta_map50"]) < 0.01  # same FP32 graph, another runtime
-    for k in ("map50", "map50_95", "precision", "recall"):
-        assert 0 <= metrics[k] <= 1
+    assert 0 < metrics["map50_95"] <= metrics["map50"]  # the stricter IoUs score lower
     assert metrics["latency_ms_p95"] >= metrics["latency_ms_p50"] > 0
     assert metrics["throughput_ips"] > 0 and metrics["macs"] > 0
     assert metrics["baseline"]["name"] == "pytorch_eager_fp32"
