@@ -16,8 +16,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from flows.project import read_dag
 from flows.fanout import share_baseline
+from flows.project import read_dag
 from tasks.harness.errors import ConfigError
 from tasks.harness.project import copy_project, dvc, venv_env
 from tasks.metrics.pareto import pareto_front

@@ -189,8 +189,7 @@ def test_engine_and_evaluate_against_eager(tiny, trained, tiny_manifest, tmp_pat
     )
     assert metrics["status"] == "ok"
     assert abs(metrics["delta_map50"]) < 0.01  # same FP32 graph, another runtime
-    for k in ("map50", "map50_95", "precision", "recall"):
-        assert 0 <= metrics[k] <= 1
+    assert 0 < metrics["map50_95"] <= metrics["map50"]  # the stricter IoUs score lower
     assert metrics["latency_ms_p95"] >= metrics["latency_ms_p50"] > 0
     # evaluate.latency_runs 10: no p99 (it would be the slowest call), in metrics or report
     assert metrics["latency_runs"] == 10 and "latency_ms_p99" not in metrics
