@@ -14,6 +14,11 @@ evidence in `keep_faster.json` under a key of their inputs: the same inputs on t
 reuse them, so a re-run on a loaded CPU builds the same engine. The report's `precision` is read
 from the deployed graph (QuantizeLinear nodes), never from the config.
 
+`method` (per target) swaps in NNCF's INT8 (NNCF's ONNX backend, a QDQ ONNX every QDQ engine
+builds: tasks/nncf_peers.py) for ONNX Runtime and OpenVINO targets (`nncf`), or keeps whichever
+of the two scores the higher val mAP@0.5 on the target's own engine, ties going to the faster
+there (`best`); the report's targets table records the choice and both candidates' figures.
+
 Temporary files (calibration copies, ONNX Runtime's own temp folders) live in `<out>/.tmp-work`,
 which each run removes first: a killed run leaves nothing in the system temp folder.
 """
