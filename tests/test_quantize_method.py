@@ -23,12 +23,13 @@ def splits(tiny_manifest):
 
 @pytest.fixture(scope="module")
 def bad_int8(models, splits, tiny, tmp_path_factory):
-    """ONNX Runtime's INT8 of the tiny model calibrated on images dimmed 50x: every activation
-    range too narrow, so the convolutions clip (a deliberately bad calibration)."""
+    """ONNX Runtime's INT8 of the tiny model calibrated on images 20x too bright: every
+    activation range 20x too wide, so the steps are too coarse (a deliberately bad
+    calibration; dimmed images cost this ReLU net nothing)."""
     out = tmp_path_factory.mktemp("bad-calibration")
     cfg = tiny.quantize
     images, _, _ = quantize.calibration_set(cfg, splits["train"])
-    quantize.calibrate(models / "fp32.onnx", images * 0.02, cfg, "minmax", out / "ranges.json")
+    quantize.calibrate(models / "fp32.onnx", images * 20, cfg, "minmax", out / "ranges.json")
     quantize.to_int8(models / "fp32.onnx", out / "bad.onnx", out / "ranges.json", cfg, "minmax")
     return out / "bad.onnx"
 
@@ -100,7 +101,7 @@ def test_best_keeps_the_higher_val_map_whichever_side_it_is(
 ):
     val, good = splits["val"], models / "int8.onnx"
     good_map, bad_map = (quantize.val_map(p, val, 1) for p in (good, bad_int8))
-    assert bad_map < good_map - 0.1  # the case is what it claims to be
+    assert bad_map < good_map - 0.05  # the case is what it claims to be
     fp32 = quantize.val_map(models / "fp32.onnx", val, 1)
     cfg = tiny.quantize.model_copy(update={"keep_faster_rounds": 2, "max_map_drop": 1.0})
     for i, (ort_side, nncf_side, want) in enumerate(
