@@ -15,9 +15,10 @@ reuse them, so a re-run on a loaded CPU builds the same engine. The report's `pr
 from the deployed graph (QuantizeLinear nodes), never from the config.
 
 `method` (per target) swaps in NNCF's INT8 (NNCF's ONNX backend, a QDQ ONNX every QDQ engine
-builds: tasks/nncf_peers.py) for ONNX Runtime and OpenVINO targets (`nncf`), or keeps whichever
-of the two scores the higher val mAP@0.5 on the target's own engine, ties going to the faster
-there (`best`); the report's targets table records the choice and both candidates' figures.
+builds: tasks/quantization/nncf_peers.py) for ONNX Runtime and OpenVINO targets (`nncf`), or
+keeps whichever of the two scores the higher val mAP@0.5 on the target's own engine, ties going
+to the faster there (`best`); the report's targets table records the choice and both
+candidates' figures.
 
 Temporary files (calibration copies, ONNX Runtime's own temp folders) live in `<out>/.tmp-work`,
 which each run removes first: a killed run leaves nothing in the system temp folder.
@@ -36,8 +37,8 @@ import typer
 
 from tasks.datasets.coco import DetectionSet, load_splits
 from tasks.engines.int8 import qdq_types
-from tasks.harness.errors import ConfigError
 from tasks.harness.config import Params, QuantizeCfg
+from tasks.harness.errors import ConfigError
 from tasks.harness.io import atomic_dir, check_onnx, copy_file, meta, remove, write_json, write_text
 from tasks.harness.stage import stage_entry
 from tasks.metrics.detection import coco_metrics, predict
@@ -520,7 +521,7 @@ def target_models(
     `quantize.method` (see `target_methods`) swaps in NNCF's QDQ model (`nncf`), or the better
     of the two on the target's engine (`best`, built with `build_cfg`: build_engine's)."""
     from tasks.engines.int8 import LITERT, qdq_types, requirement
-    from tasks.nncf_peers import onnx_int8
+    from tasks.quantization.nncf_peers import onnx_int8
 
     methods = target_methods(cfg, targets)
     types = qdq_types(cfg.activation_type, targets)

@@ -1,8 +1,8 @@
-"""`quantize.method: ort | nncf | best` (tasks/quantize.py, tasks/nncf_peers.py) on the shared
-tiny model: `nncf` gives a target NNCF's QDQ graph (NNCF's ONNX backend) that builds and runs
-INT8 on the target's engine; `best` keeps the candidate with the higher val mAP@0.5 whichever
-side it is on (one side deliberately mis-calibrated); NNCF on a target it cannot serve is a
-ConfigError naming the field."""
+"""`quantize.method: ort | nncf | best` (tasks/quantize.py, tasks/quantization/nncf_peers.py)
+on the shared tiny model: `nncf` gives a target NNCF's QDQ graph (NNCF's ONNX backend) that
+builds and runs INT8 on the target's engine; `best` keeps the candidate with the higher val
+mAP@0.5 whichever side it is on (one side deliberately mis-calibrated); NNCF on a target it
+cannot serve is a ConfigError naming the field."""
 
 import shutil
 
@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from tasks import build_engine, quantize
-from tasks.coco import DetectionSet
-from tasks.errors import ConfigError
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.errors import ConfigError
 
 pytest.importorskip("nncf")
 
@@ -165,7 +165,7 @@ def test_a_method_nncf_cannot_serve_is_a_config_error(tiny, update, targets, say
 def test_an_unknown_method_is_rejected_by_the_schema(tiny):
     from pydantic import ValidationError
 
-    from tasks.config import QuantizeCfg
+    from tasks.harness.config import QuantizeCfg
 
     with pytest.raises(ValidationError, match="method"):
         QuantizeCfg.model_validate({**tiny.quantize.model_dump(), "method": "tensorrt"})

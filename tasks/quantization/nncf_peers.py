@@ -107,7 +107,8 @@ def _validation(val: DetectionSet):
 
 
 def subset_map(compiled, val: DetectionSet, indices: Iterable[int], batch_size: int = 32) -> float:
-    """Val mAP@0.5 (tasks.metrics.detection) of an OpenVINO compiled model on the val images `indices`."""
+    """Val mAP@0.5 (tasks.metrics.detection) of an OpenVINO compiled model on the val images
+    `indices`."""
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         result = compiled(x)
@@ -117,7 +118,8 @@ def subset_map(compiled, val: DetectionSet, indices: Iterable[int], batch_size: 
 
 
 def runner_map(run, val: DetectionSet, indices: Iterable[int], batch_size: int = 32) -> float:
-    """Val mAP@0.5 (tasks.metrics.detection) of `run` (batch -> outputs) on the val images `indices`."""
+    """Val mAP@0.5 (tasks.metrics.detection) of `run` (batch -> outputs) on the val images
+    `indices`."""
     idx = list(indices)
     rows: list[dict] = []
     for start in range(0, len(idx), batch_size):
