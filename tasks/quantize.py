@@ -14,6 +14,12 @@ evidence in `keep_faster.json` under a key of their inputs: the same inputs on t
 reuse them, so a re-run on a loaded CPU builds the same engine. The report's `precision` is read
 from the deployed graph (QuantizeLinear nodes), never from the config.
 
+`method` (per target) swaps in NNCF's INT8 (NNCF's ONNX backend, a QDQ ONNX every QDQ engine
+builds: tasks/quantization/nncf_peers.py) for ONNX Runtime and OpenVINO targets (`nncf`), or
+keeps whichever of the two scores the higher val mAP@0.5 on the target's own engine, ties going
+to the faster there (`best`); the report's targets table records the choice and both
+candidates' figures.
+
 Temporary files (calibration copies, ONNX Runtime's own temp folders) live in `<out>/.tmp-work`,
 which each run removes first: a killed run leaves nothing in the system temp folder.
 """
@@ -32,6 +38,7 @@ import typer
 from tasks.datasets.coco import DetectionSet, load_splits
 from tasks.engines.int8 import qdq_types
 from tasks.harness.config import Params, QuantizeCfg
+from tasks.harness.errors import ConfigError
 from tasks.harness.io import atomic_dir, check_onnx, copy_file, meta, remove, write_json, write_text
 from tasks.harness.stage import stage_entry
 from tasks.metrics.detection import coco_metrics, predict
@@ -413,18 +420,131 @@ def litert_model(
     return result
 
 
+def target_methods(cfg: QuantizeCfg, targets: list[str]) -> dict[str, str]:
+    """`quantize.method` per target ({target: ort | nncf | best}; a target a mapping leaves out
+    gets ort). Raises ConfigError where NNCF cannot make a target's model: NNCF's QDQ has uint8
+    activations, so it serves only targets built from a quint8 QDQ model (ONNX Runtime,
+    OpenVINO), and only when the engines are INT8."""
+    from tasks.engines.int8 import requirement
+
+    given = cfg.method
+    methods = {t: given for t in targets} if isinstance(given, str) else dict(given)
+    if unknown := sorted(set(methods) - set(targets)):
+        raise ConfigError(
+            f"params.yaml: quantize.method: names {', '.join(unknown)}, which "
+            f"build_engine.targets ({', '.join(targets)}) does not build"
+        )
+    methods = {t: methods.get(t, "ort") for t in targets}
+    asked = [t for t, m in methods.items() if m != "ort"]
+    if asked and cfg.precision != "int8":
+        raise ConfigError(
+            f"params.yaml: quantize.method: {methods[asked[0]]} for {asked[0]} makes an INT8 "
+            f"model, but quantize.precision is {cfg.precision}: expected ort"
+        )
+    for target in [t for t, m in methods.items() if m == "nncf"]:
+        if (need := requirement(target, cfg.activation_type)) != "quint8":
+            raise ConfigError(
+                f"params.yaml: quantize.method: nncf cannot make {target}'s model (it needs "
+                f"{'a full-integer .tflite' if need == 'litert' else f'{need} QDQ activations'}; "
+                "NNCF's QDQ has uint8 activations): expected ort or best for it, e.g. "
+                "method: {openvino: nncf}"
+            )
+    return methods
+
+
+def _on_target(target: str, model: Path, folder: Path, build_cfg) -> tuple[dict, object]:
+    """Build `model` on `target`'s engine into `folder`: (build facts, loaded runner)."""
+    from tasks.engines import get
+
+    engine = get(target)
+    folder.mkdir(parents=True)
+    facts = engine.build(model, folder, build_cfg)
+    return facts, engine.load(folder, build_cfg) if facts["status"] == "ok" else None
+
+
+def pick_best(
+    cfg: QuantizeCfg,
+    target: str,
+    candidates: dict[str, Path],
+    val: DetectionSet,
+    fp32_map: float,
+    build_cfg,
+    work: Path,
+) -> dict:
+    """`method: best` for one target: build each candidate ({method: QDQ ONNX}) on the
+    target's engine, score it on the val split (mAP@0.5) and time it at batch 1 (in-process,
+    shuffled alternating blocks, `keep_faster_rounds` rounds). Keeps the higher val mAP among
+    the candidates within `max_map_drop` of FP32 (all, when none is); a difference up to
+    `best_map_tie` is a tie, won by the lower median latency. Returns the choice, both
+    candidates' figures and the reason."""
+    runners, scored = {}, {}
+    for name, path in candidates.items():
+        facts, run_ = _on_target(target, path, work / f"{target}-{name}", build_cfg)
+        if run_ is None:
+            return {"chosen": "ort", "reason": f"{target} engine: {facts['status']}"}
+        runners[name] = run_
+        scored[name] = {"val_map50": coco_metrics(val.coco, predict(run_, val), 0.3)["map50"]}
+    rounds = cfg.keep_faster_rounds
+    times = time_blocks(runners, val.batch(slice(0, 1)), warmup=10, runs=30 * rounds, rounds=rounds)
+    for name, t in times.items():
+        scored[name]["latency_ms_p50"] = float(np.median(t) * 1e3)
+    within = [n for n in scored if fp32_map - scored[n]["val_map50"] <= cfg.max_map_drop + 1e-9]
+    pool = within or list(scored)
+    top = max(scored[n]["val_map50"] for n in pool)
+    tied = [n for n in pool if top - scored[n]["val_map50"] <= cfg.best_map_tie + 1e-12]
+    chosen = min(tied, key=lambda n: scored[n]["latency_ms_p50"])
+    other = [n for n in scored if n != chosen]
+    figures = ", ".join(
+        f"{n} {scored[n]['val_map50']:.4f} / {scored[n]['latency_ms_p50']:.3f} ms" for n in scored
+    )
+    if not within:
+        why = f"neither within max_map_drop {cfg.max_map_drop} of fp32 {fp32_map:.4f}: higher mAP"
+    elif len(tied) > 1:
+        why = f"val mAP tied (within best_map_tie {cfg.best_map_tie}): faster on {target}"
+    elif other and other[0] not in within:
+        why = f"{other[0]} loses more than max_map_drop {cfg.max_map_drop}"
+    else:
+        why = "higher val mAP@0.5"
+    return {
+        "chosen": chosen,
+        "candidates": scored,
+        "reason": f"best on {target} (val mAP@0.5 / batch-1 ms: {figures}): {chosen}, {why}",
+    }
+
+
 def target_models(
-    cfg: QuantizeCfg, targets: list[str], report: dict, out: Path, **inputs
+    cfg: QuantizeCfg, targets: list[str], report: dict, out: Path, build_cfg=None, **inputs
 ) -> dict[str, dict]:
     """Write `out/targets/<target>/` for each target: `model.onnx` (the model made for its INT8
     need; LiteRT: the float source) and, for LiteRT, `model.tflite`. Returns per-target facts.
-    `report` is run()'s for the deployable model.onnx (in `out`); `inputs` are run()'s inputs."""
+    `report` is run()'s for the deployable model.onnx (in `out`); `inputs` are run()'s inputs.
+    `quantize.method` (see `target_methods`) swaps in NNCF's QDQ model (`nncf`), or the better
+    of the two on the target's engine (`best`, built with `build_cfg`: build_engine's)."""
     from tasks.engines.int8 import LITERT, qdq_types, requirement
+    from tasks.quantization.nncf_peers import onnx_int8
 
+    methods = target_methods(cfg, targets)
     types = qdq_types(cfg.activation_type, targets)
     made = {types[0]: out / "model.onnx"}
     facts: dict[str, dict] = {}
+    nncf_need = {
+        t
+        for t, m in methods.items()
+        if m != "ort" and requirement(t, cfg.activation_type) == "quint8"
+    }
     with atomic_dir(out / "targets") as tmp:
+        if nncf_need:
+            src = inputs["qat_onnx"] or inputs["onnx_path"]
+            images, _, _ = calibration_set(cfg, inputs["train"])
+            made["nncf"] = tmp / "model.nncf.onnx"
+            facts["nncf"] = onnx_int8(
+                src, images, inputs["val"], cfg, inputs["threads"], made["nncf"]
+            )
+            facts["nncf"] |= {
+                "precision": graph_precision(made["nncf"])["precision"],
+                "val_map50_int8": facts["nncf"]["val_map50"],
+                "int8_map_drop": facts["nncf"]["val_map50_drop"],
+            }
         for target in targets:
             need = requirement(target, cfg.activation_type)
             folder = tmp / target
@@ -444,15 +564,47 @@ def target_models(
             if need not in made and cfg.precision == "int8":
                 made[need] = tmp / f"model.{need}.onnx"
                 facts[f"qdq_{need}"] = qdq_model(cfg, need, made[need], **inputs)
-            copy_file(made.get(need, made[types[0]]), folder / "model.onnx")
+            ours = made.get(need, made[types[0]])
             own = facts.get(f"qdq_{need}", report)  # the run that made this target's model
             facts[target] = {
                 "model": f"qdq_{need}",
                 "activation_type": need,
                 "precision": own["precision"],
+                "method": "ort",
+                "reason": "quantize.method: ort",
             }
+            if target in nncf_need and methods[target] == "nncf":
+                facts[target] |= {
+                    "model": "nncf",
+                    "precision": facts["nncf"]["precision"],
+                    "method": "nncf",
+                    "reason": "quantize.method: nncf",
+                }
+            elif target in nncf_need:  # best
+                best = pick_best(
+                    cfg,
+                    target,
+                    {"ort": ours, "nncf": made["nncf"]},
+                    inputs["val"],
+                    report["val_map50"]["fp32"],
+                    build_cfg,
+                    tmp / ".best",
+                )
+                facts[target]["best"] = best
+                facts[target]["reason"] = best["reason"]
+                if best["chosen"] == "nncf":
+                    facts[target] |= {
+                        "model": "nncf",
+                        "precision": facts["nncf"]["precision"],
+                        "method": "nncf",
+                    }
+            elif methods[target] == "best":
+                facts[target]["reason"] = f"best: NNCF makes no {need} model: ort"
+            copy_file(made["nncf"] if facts[target]["method"] == "nncf" else ours,
+                      folder / "model.onnx")  # fmt: skip
         for extra in tmp.glob("model.*.onnx"):
             extra.unlink()
+        remove(tmp / ".best")
     return facts
 
 
@@ -460,21 +612,44 @@ def target_metrics(targets: dict[str, dict]) -> dict:
     """Flat metrics of the per-target models: `<model>.val_map50_int8`, `<target>.precision`."""
     metrics = {}
     for name, facts in targets.items():
-        for key in ("precision", "val_map50_int8", "int8_map_drop", "status"):
+        for key in ("precision", "val_map50_int8", "int8_map_drop", "status", "method"):
             if key in facts:
                 metrics[f"{name}.{key}"] = facts[key]
+        for cand, figures in facts.get("best", {}).get("candidates", {}).items():
+            for key, value in figures.items():
+                metrics[f"{name}.best.{cand}.{key}"] = value
     return metrics
 
 
 def render_targets(targets: dict[str, dict]) -> list[str]:
-    """Markdown lines: the model each target is built from."""
+    """Markdown lines: the model each target is built from (and, for `method: best`, both
+    candidates as measured on the target's engine)."""
     lines = ["", "| target / model | made as | precision | val mAP@0.5 INT8 | note |"]
     lines.append("| --- | --- | --- | --- | --- |")
     for name, f in targets.items():
         int8 = f"{f['val_map50_int8']:.4f}" if "val_map50_int8" in f else ""
         made = f.get("model", "full-integer .tflite" if name == "litert" else "")
+        if name == "nncf":
+            made = f["made_by"]
         note = f.get("reason", f.get("status", ""))
         lines.append(f"| {name} | {made} | {f.get('precision', '')} | {int8} | {note} |")
+    best = {t: f["best"] for t, f in targets.items() if "candidates" in f.get("best", {})}
+    if best:
+        lines += [
+            "",
+            "`quantize.method: best`: each candidate built on the target's engine, val mAP@0.5 "
+            "and batch-1 latency (median over alternating blocks) measured there.",
+            "",
+            "| target | candidate | val mAP@0.5 | batch-1 ms | kept |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for t, b in best.items():
+            for cand, fig in b["candidates"].items():
+                kept = "yes" if cand == b["chosen"] else ""
+                lines.append(
+                    f"| {t} | {cand} | {fig['val_map50']:.4f} | {fig['latency_ms_p50']:.3f} "
+                    f"| {kept} |"
+                )
     return lines
 
 
@@ -525,9 +700,12 @@ def main(
                 "qat_onnx": qat_onnx,
             }
             targets = ctx.params.build_engine.targets
+            target_methods(cfg, targets)  # a bad quantize.method fails before any work
             first = qdq_types(cfg.activation_type, targets)[0]  # the deployable model.onnx's
             report = run(cfg.model_copy(update={"activation_type": first}), out=out, **inputs)
-            report["targets"] = target_models(cfg, targets, report, out, **inputs)
+            report["targets"] = target_models(
+                cfg, targets, report, out, ctx.params.build_engine, **inputs
+            )
         if qat_report:
             report["qat"] = qat_report
         write_json(out / "report.json", report)

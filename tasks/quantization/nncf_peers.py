@@ -109,12 +109,22 @@ def _validation(val: DetectionSet):
 def subset_map(compiled, val: DetectionSet, indices: Iterable[int], batch_size: int = 32) -> float:
     """Val mAP@0.5 (tasks.metrics.detection) of an OpenVINO compiled model on the val images
     `indices`."""
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        result = compiled(x)
+        return [result[o] for o in compiled.outputs]
+
+    return runner_map(run, val, indices, batch_size)
+
+
+def runner_map(run, val: DetectionSet, indices: Iterable[int], batch_size: int = 32) -> float:
+    """Val mAP@0.5 (tasks.metrics.detection) of `run` (batch -> outputs) on the val images
+    `indices`."""
     idx = list(indices)
     rows: list[dict] = []
     for start in range(0, len(idx), batch_size):
         part = idx[start : start + batch_size]
-        result = compiled(val.batch(np.asarray(part)))
-        outputs = [result[o] for o in compiled.outputs]
+        outputs = run(val.batch(np.asarray(part)))
         rows += to_rows(
             outputs,
             [val.ids[i] for i in part],
@@ -229,3 +239,125 @@ def save(model, folder: Path, xml: str = "model.xml") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(folder / xml), compress_to_fp16=False)
     return folder / xml
+
+
+# NNCF's ONNX backend: the same quantization as a QDQ ONNX (quantize's `method: nncf | best`).
+# Every QDQ engine target builds it (ONNX Runtime, OpenVINO), unlike the OpenVINO IR above.
+# Its activations are uint8 (zero point 0 after ReLU), which TensorRT's explicit quantization
+# does not take; LiteRT takes no QDQ model at all.
+
+
+def onnx_decode_scope(model: onnx.ModelProto):
+    """`decode_scope` on the ONNX graph itself: an `nncf.IgnoredScope` naming every node with
+    no (non-integral) convolution below it, and the integral convs. None when there are none."""
+    import nncf
+
+    fixed = set(integral_convs(model))
+    convs = {n.name for n in model.graph.node if n.op_type == "Conv" and n.name not in fixed}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    conv_below: dict[str, bool] = {}
+    for node in reversed(model.graph.node):  # ONNX nodes are topologically sorted
+        conv_below[node.name] = any(
+            c.name in convs or conv_below.get(c.name, False)
+            for out in node.output
+            for c in consumers.get(out, [])
+        )
+    names = [
+        n.name
+        for n in model.graph.node
+        if n.name not in convs and (not conv_below[n.name] or n.name in fixed)
+    ]
+    return nncf.IgnoredScope(names=names, validate=False) if names else None
+
+
+def _ort_run(model: onnx.ModelProto | bytes, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})
+
+
+def onnx_int8(
+    src: Path, images: np.ndarray, val: DetectionSet, cfg: QuantizeCfg, threads: int, dst: Path
+) -> dict:
+    """NNCF's INT8 of the FP32 ONNX `src` as a QDQ ONNX at `dst`, by NNCF's ONNX backend:
+    `nncf.quantize`, then, when `quantize.accuracy_aware` and it loses more than
+    `quantize.max_map_drop`, `nncf.quantize_with_accuracy_control` (that max drop, absolute,
+    the project's val mAP@0.5 on ONNX Runtime); CPU target, the decode ignored
+    (`onnx_decode_scope`), `images` as calibration. Returns its facts: how it was made, val
+    mAP@0.5 of FP32 and INT8 (ONNX Runtime), QDQ counts."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    _quiet()
+    fp32 = onnx.load(str(src))
+    name = fp32.graph.input[0].name
+    scope = onnx_decode_scope(fp32)
+    calibration = nncf.Dataset(list(images), lambda x: {name: x[None]})
+    common = {
+        "subset_size": len(images),
+        "target_device": nncf.TargetDevice.CPU,
+        "ignored_scope": scope,
+    }
+    everything = range(len(val))
+    fp32_map = runner_map(_ort_run(fp32, threads), val, everything)
+    model = nncf.quantize(fp32, calibration, **common)
+    int8_map = runner_map(_ort_run(model, threads), val, everything)
+    how = "NNCF ONNX backend, nncf.quantize (default PTQ, CPU)"
+    if cfg.accuracy_aware and fp32_map - int8_map > cfg.max_map_drop:
+        # accuracy control starts from this same PTQ and returns it when it is within the
+        # drop: run only when there is something to revert (its ranking validates image by
+        # image, minutes on a detector's val split)
+        sessions: list = []  # (serialized model, runner) of the last model validated
+
+        def validate(model: onnx.ModelProto, items) -> tuple[float, None]:
+            data = model.SerializeToString()  # one session per distinct model
+            if not sessions or sessions[0][0] != data:
+                sessions[:] = [(data, _ort_run(data, threads))]
+            return runner_map(sessions[0][1], val, items), None
+
+        model = nncf.quantize_with_accuracy_control(
+            onnx.load(str(src)),  # a fresh copy: the PTQ run may have touched `fp32`
+            calibration,
+            nncf.Dataset(list(everything), lambda i: {name: val.batch(slice(i, i + 1))}),
+            validate,
+            max_drop=cfg.max_map_drop,
+            drop_type=nncf.DropType.ABSOLUTE,
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                num_ranking_workers=1
+            ),
+            **common,
+        )
+        int8_map = runner_map(_ort_run(model, threads), val, everything)
+        how = (
+            "NNCF ONNX backend, nncf.quantize_with_accuracy_control "
+            f"(max_drop {cfg.max_map_drop}, absolute)"
+        )
+    elif cfg.accuracy_aware:
+        how += f", within max_drop {cfg.max_map_drop}: accuracy control keeps it as is"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    ops = [n.op_type for n in model.graph.node]
+    quantized = [n for n in model.graph.node if n.op_type == "Conv"]
+    produced = {o: n.op_type for n in model.graph.node for o in n.output}
+    fed = sum(produced.get(n.input[0]) == "DequantizeLinear" for n in quantized)
+    facts = {
+        "made_by": how,
+        "val_map50_fp32": fp32_map,
+        "val_map50": int8_map,
+        "val_map50_drop": fp32_map - int8_map,
+        "quantize_linear": ops.count("QuantizeLinear"),
+        "convs_int8": fed,
+        "convs": len(quantized),
+        "ignored_ops": len(scope.names) if scope else 0,
+    }
+    log.info("NNCF ONNX INT8: val mAP@0.5 %.4f (fp32 %.4f), %d/%d convs INT8", int8_map,
+             fp32_map, fed, len(quantized))  # fmt: skip
+    return facts

@@ -22,6 +22,10 @@ class ExportCfg(Section):
     )
 
 
+QuantizeMethod = Literal["ort", "nncf", "best"]
+EngineTarget = Literal["onnxruntime", "openvino", "tensorrt", "litert"]
+
+
 class QuantizeCfg(Section):
     """Post-training quantization of the exported ONNX with ONNX Runtime's tools (QDQ)."""
 
@@ -66,6 +70,20 @@ class QuantizeCfg(Section):
         0, description="quantization-aware fine-tuning epochs before INT8 export (0 = PTQ only)"
     )
     qat_lr: float = Field(1e-4, gt=0, description="learning rate of the QAT fine-tune")
+    method: QuantizeMethod | dict[EngineTarget, QuantizeMethod] = Field(
+        "ort",
+        description="who makes each target's INT8 model: ort = ONNX Runtime's QDQ (above), "
+        "nncf = NNCF's accuracy-controlled QDQ (ONNX Runtime and OpenVINO targets only), best = "
+        "both, keeping the better val mAP@0.5 (ties: faster on that target); one value for "
+        "every target or {target: method} (unnamed targets: ort)",
+    )
+    best_map_tie: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="method best: val mAP@0.5 differences up to this count as a tie, which the "
+        "candidate measured faster on the target wins",
+    )
 
 
 class BuildEngineCfg(Section):
