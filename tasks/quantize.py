@@ -38,16 +38,17 @@ import typer
 from tasks.datasets.coco import DetectionSet, load_splits
 from tasks.engines.int8 import qdq_types
 from tasks.harness.config import Params, QuantizeCfg
-from tasks.harness.errors import ConfigError
 from tasks.harness.io import atomic_dir, check_onnx, copy_file, meta, remove, write_json, write_text
 from tasks.harness.stage import stage_entry
 from tasks.metrics.detection import coco_metrics, predict
 from tasks.metrics.timing import time_blocks
+from tasks.quantization.method import pick_best, target_methods
 from tasks.quantization.precision import (
     conv_precision,
     decision_key,
     faster,
     graph_precision,
+    keep_faster_types,
     record,
     recorded,
 )
@@ -65,59 +66,12 @@ from tasks.quantization.qdq import (  # noqa: F401  (re-exported: the stage's pr
     to_int8,
     val_map,
 )
+from tasks.quantization.report import render, target_metrics
 
 log = logging.getLogger(__name__)
 DECISIONS = "keep_faster.json"  # recorded keep-faster decisions, beside the outputs
 WORK = ".tmp-work"  # temp work folder inside the output folder
 CALIBRATOR_MODELS = "calibrators"  # every-conv INT8 per calibrator (compare_calibrators)
-
-
-def keep_faster_types(
-    src: Path,
-    int8: Path,
-    cache: Path,
-    cfg: QuantizeCfg,
-    excluded: list[str],
-    x,
-    threads: int,
-    known: dict | None = None,
-) -> dict[str, dict]:
-    """Time the INT8 model against copies with one layer type at a time left in float (INT8
-    can be slower than float, e.g. for depthwise convolutions on some CPUs). Returns, per type,
-    its layers, the timing evidence (see `tasks.quantization.precision.faster`) and the precision
-    to keep.
-    `known` (a recorded decision for the same inputs: {type: precision}) skips the timing."""
-    types = {
-        kind: [n for n in names if n not in excluded] for kind, names in layer_types(src).items()
-    }
-    types = {kind: names for kind, names in types.items() if names}
-    if known is not None and set(known) == set(types):
-        return {
-            kind: {"layers": names, "precision": known[kind], "reused": True}
-            for kind, names in types.items()
-        }
-    variants = {"int8": int8}
-    for i, names in enumerate(types.values()):
-        variants[f"type{i}"] = int8.with_name(f"type{i}.onnx")
-        to_int8(src, variants[f"type{i}"], cache, cfg, cfg.calibrator, exclude=excluded + names)
-    runners = {k: runner(session(p, threads)) for k, p in variants.items()}
-    rounds = cfg.keep_faster_rounds
-    times = time_blocks(runners, x, warmup=10, runs=30 * rounds, rounds=rounds)
-    out = {}
-    for i, (kind, names) in enumerate(types.items()):
-        ev = faster(times[f"type{i}"], times["int8"], rounds, cfg.keep_faster_margin)
-        out[kind] = {
-            "layers": names,
-            "int8_ms": ev["reference_ms"],
-            "float_ms": ev["candidate_ms"],
-            "rounds": {
-                "int8_ms": ev["rounds"]["reference_ms"],
-                "float_ms": ev["rounds"]["candidate_ms"],
-            },
-            "precision": "fp32" if ev["faster"] else "int8",
-            "reused": False,
-        }
-    return out
 
 
 @contextlib.contextmanager
@@ -277,56 +231,6 @@ def run(
     return report
 
 
-def render(report: dict) -> str:
-    lines = [
-        "# Quantization report",
-        "",
-        f"Deployed precision: **{report['precision']}** ({report['precision_reason']}). "
-        f"Calibrator: {report['calibrator']}, {report['calibration']['count']} train images "
-        f"(ids md5 {report['calibration']['md5']}).",
-        "",
-        *(
-            [
-                f"Quantization-aware fine-tune: {report['qat']['epochs']} epochs (lr "
-                f"{report['qat']['lr']}) before calibration; `int8_without_qat` is the same "
-                "calibrator on the model before it.",
-                "",
-            ]
-            if "qat" in report
-            else []
-        ),
-        "| model | val mAP@0.5 | batch-1 latency (ms, ONNX Runtime) |",
-        "| --- | --- | --- |",
-    ]
-    lat = report["latency_ms_p50_batch1"]
-    for k, v in report["val_map50"].items():
-        lines.append(f"| {k} | {v:.4f} | {lat[k]:.3f} |" if k in lat else f"| {k} | {v:.4f} | |")
-    if "sensitivity" in report:
-        lines += [
-            "",
-            "| layer | mAP@0.5 drop with only this layer INT8 | precision |",
-            "| --- | --- | --- |",
-        ]
-        for k, v in report["sensitivity"].items():
-            lines.append(f"| {k} | {v:+.4f} | {report['layer_precision'][k]} |")
-    if "layer_types" in report:
-        lines += [
-            "",
-            "Per layer type, batch-1 latency with that type in INT8 and in float (the rest as "
-            "chosen above, medians over rounds); a type stays float only when float is faster "
-            "by the `keep_faster_margin` in the median and in every round.",
-            "",
-            "| layer type | layers | INT8 (ms) | float (ms) | kept |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for kind, t in report["layer_types"].items():
-            timed = f"{t['int8_ms']:.3f} | {t['float_ms']:.3f}" if "int8_ms" in t else "recorded | "
-            lines.append(f"| {kind} | {len(t['layers'])} | {timed} | {t['precision']} |")
-    if "targets" in report:
-        lines += render_targets(report["targets"])
-    return "\n".join(lines) + "\n"
-
-
 def _qat(
     params: Params, student: Path, teacher: Path, train: DetectionSet, val: DetectionSet, dst: Path
 ) -> dict:
@@ -418,98 +322,6 @@ def litert_model(
             )
     write_json(dst.with_suffix(".json"), {**facts, **result})
     return result
-
-
-def target_methods(cfg: QuantizeCfg, targets: list[str]) -> dict[str, str]:
-    """`quantize.method` per target ({target: ort | nncf | best}; a target a mapping leaves out
-    gets ort). Raises ConfigError where NNCF cannot make a target's model: NNCF's QDQ has uint8
-    activations, so it serves only targets built from a quint8 QDQ model (ONNX Runtime,
-    OpenVINO), and only when the engines are INT8."""
-    from tasks.engines.int8 import requirement
-
-    given = cfg.method
-    methods = {t: given for t in targets} if isinstance(given, str) else dict(given)
-    if unknown := sorted(set(methods) - set(targets)):
-        raise ConfigError(
-            f"params.yaml: quantize.method: names {', '.join(unknown)}, which "
-            f"build_engine.targets ({', '.join(targets)}) does not build"
-        )
-    methods = {t: methods.get(t, "ort") for t in targets}
-    asked = [t for t, m in methods.items() if m != "ort"]
-    if asked and cfg.precision != "int8":
-        raise ConfigError(
-            f"params.yaml: quantize.method: {methods[asked[0]]} for {asked[0]} makes an INT8 "
-            f"model, but quantize.precision is {cfg.precision}: expected ort"
-        )
-    for target in [t for t, m in methods.items() if m == "nncf"]:
-        if (need := requirement(target, cfg.activation_type)) != "quint8":
-            raise ConfigError(
-                f"params.yaml: quantize.method: nncf cannot make {target}'s model (it needs "
-                f"{'a full-integer .tflite' if need == 'litert' else f'{need} QDQ activations'}; "
-                "NNCF's QDQ has uint8 activations): expected ort or best for it, e.g. "
-                "method: {openvino: nncf}"
-            )
-    return methods
-
-
-def _on_target(target: str, model: Path, folder: Path, build_cfg) -> tuple[dict, object]:
-    """Build `model` on `target`'s engine into `folder`: (build facts, loaded runner)."""
-    from tasks.engines import get
-
-    engine = get(target)
-    folder.mkdir(parents=True)
-    facts = engine.build(model, folder, build_cfg)
-    return facts, engine.load(folder, build_cfg) if facts["status"] == "ok" else None
-
-
-def pick_best(
-    cfg: QuantizeCfg,
-    target: str,
-    candidates: dict[str, Path],
-    val: DetectionSet,
-    fp32_map: float,
-    build_cfg,
-    work: Path,
-) -> dict:
-    """`method: best` for one target: build each candidate ({method: QDQ ONNX}) on the
-    target's engine, score it on the val split (mAP@0.5) and time it at batch 1 (in-process,
-    shuffled alternating blocks, `keep_faster_rounds` rounds). Keeps the higher val mAP among
-    the candidates within `max_map_drop` of FP32 (all, when none is); a difference up to
-    `best_map_tie` is a tie, won by the lower median latency. Returns the choice, both
-    candidates' figures and the reason."""
-    runners, scored = {}, {}
-    for name, path in candidates.items():
-        facts, run_ = _on_target(target, path, work / f"{target}-{name}", build_cfg)
-        if run_ is None:
-            return {"chosen": "ort", "reason": f"{target} engine: {facts['status']}"}
-        runners[name] = run_
-        scored[name] = {"val_map50": coco_metrics(val.coco, predict(run_, val), 0.3)["map50"]}
-    rounds = cfg.keep_faster_rounds
-    times = time_blocks(runners, val.batch(slice(0, 1)), warmup=10, runs=30 * rounds, rounds=rounds)
-    for name, t in times.items():
-        scored[name]["latency_ms_p50"] = float(np.median(t) * 1e3)
-    within = [n for n in scored if fp32_map - scored[n]["val_map50"] <= cfg.max_map_drop + 1e-9]
-    pool = within or list(scored)
-    top = max(scored[n]["val_map50"] for n in pool)
-    tied = [n for n in pool if top - scored[n]["val_map50"] <= cfg.best_map_tie + 1e-12]
-    chosen = min(tied, key=lambda n: scored[n]["latency_ms_p50"])
-    other = [n for n in scored if n != chosen]
-    figures = ", ".join(
-        f"{n} {scored[n]['val_map50']:.4f} / {scored[n]['latency_ms_p50']:.3f} ms" for n in scored
-    )
-    if not within:
-        why = f"neither within max_map_drop {cfg.max_map_drop} of fp32 {fp32_map:.4f}: higher mAP"
-    elif len(tied) > 1:
-        why = f"val mAP tied (within best_map_tie {cfg.best_map_tie}): faster on {target}"
-    elif other and other[0] not in within:
-        why = f"{other[0]} loses more than max_map_drop {cfg.max_map_drop}"
-    else:
-        why = "higher val mAP@0.5"
-    return {
-        "chosen": chosen,
-        "candidates": scored,
-        "reason": f"best on {target} (val mAP@0.5 / batch-1 ms: {figures}): {chosen}, {why}",
-    }
 
 
 def target_models(
@@ -606,51 +418,6 @@ def target_models(
             extra.unlink()
         remove(tmp / ".best")
     return facts
-
-
-def target_metrics(targets: dict[str, dict]) -> dict:
-    """Flat metrics of the per-target models: `<model>.val_map50_int8`, `<target>.precision`."""
-    metrics = {}
-    for name, facts in targets.items():
-        for key in ("precision", "val_map50_int8", "int8_map_drop", "status", "method"):
-            if key in facts:
-                metrics[f"{name}.{key}"] = facts[key]
-        for cand, figures in facts.get("best", {}).get("candidates", {}).items():
-            for key, value in figures.items():
-                metrics[f"{name}.best.{cand}.{key}"] = value
-    return metrics
-
-
-def render_targets(targets: dict[str, dict]) -> list[str]:
-    """Markdown lines: the model each target is built from (and, for `method: best`, both
-    candidates as measured on the target's engine)."""
-    lines = ["", "| target / model | made as | precision | val mAP@0.5 INT8 | note |"]
-    lines.append("| --- | --- | --- | --- | --- |")
-    for name, f in targets.items():
-        int8 = f"{f['val_map50_int8']:.4f}" if "val_map50_int8" in f else ""
-        made = f.get("model", "full-integer .tflite" if name == "litert" else "")
-        if name == "nncf":
-            made = f["made_by"]
-        note = f.get("reason", f.get("status", ""))
-        lines.append(f"| {name} | {made} | {f.get('precision', '')} | {int8} | {note} |")
-    best = {t: f["best"] for t, f in targets.items() if "candidates" in f.get("best", {})}
-    if best:
-        lines += [
-            "",
-            "`quantize.method: best`: each candidate built on the target's engine, val mAP@0.5 "
-            "and batch-1 latency (median over alternating blocks) measured there.",
-            "",
-            "| target | candidate | val mAP@0.5 | batch-1 ms | kept |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for t, b in best.items():
-            for cand, fig in b["candidates"].items():
-                kept = "yes" if cand == b["chosen"] else ""
-                lines.append(
-                    f"| {t} | {cand} | {fig['val_map50']:.4f} | {fig['latency_ms_p50']:.3f} "
-                    f"| {kept} |"
-                )
-    return lines
 
 
 app = typer.Typer(add_completion=False)

@@ -12,6 +12,8 @@ import pytest
 from tasks import build_engine, quantize
 from tasks.datasets.coco import DetectionSet
 from tasks.harness.errors import ConfigError
+from tasks.quantization import method as qmethod
+from tasks.quantization import report as qreport
 
 pytest.importorskip("nncf")
 
@@ -107,7 +109,7 @@ def test_best_keeps_the_higher_val_map_whichever_side_it_is(
     for i, (ort_side, nncf_side, want) in enumerate(
         [(bad_int8, good, "nncf"), (good, bad_int8, "ort")]
     ):
-        best = quantize.pick_best(
+        best = qmethod.pick_best(
             cfg, "onnxruntime", {"ort": ort_side, "nncf": nncf_side}, val, fp32,
             tiny.build_engine, tmp_path / str(i),
         )  # fmt: skip
@@ -115,7 +117,7 @@ def test_best_keeps_the_higher_val_map_whichever_side_it_is(
         assert best["candidates"][want]["val_map50"] == pytest.approx(good_map)
         assert all(c["latency_ms_p50"] > 0 for c in best["candidates"].values())
     # a tie (every difference within best_map_tie) goes to the one measured faster
-    tie = quantize.pick_best(
+    tie = qmethod.pick_best(
         cfg.model_copy(update={"best_map_tie": 1.0}), "onnxruntime",
         {"ort": bad_int8, "nncf": good}, val, fp32, tiny.build_engine, tmp_path / "tie",
     )  # fmt: skip
@@ -138,11 +140,11 @@ def test_best_in_the_stage_swaps_in_nncf_where_ours_is_worse(
     assert _nncf_named(kept) > 0
     cands = made["onnxruntime"]["best"]["candidates"]
     assert cands["nncf"]["val_map50"] > cands["ort"]["val_map50"]
-    metrics = quantize.target_metrics(made)
+    metrics = qreport.target_metrics(made)
     assert metrics["onnxruntime.method"] == "nncf"
     assert "onnxruntime.best.ort.latency_ms_p50" in metrics
-    assert "| onnxruntime | nncf |" in "\n".join(quantize.render_targets(made))
-    assert quantize.target_methods(cfg, ["onnxruntime", "litert"])["litert"] == "best"
+    assert "| onnxruntime | nncf |" in "\n".join(qreport.render_targets(made))
+    assert qmethod.target_methods(cfg, ["onnxruntime", "litert"])["litert"] == "best"
 
 
 @pytest.mark.parametrize(
@@ -158,7 +160,7 @@ def test_best_in_the_stage_swaps_in_nncf_where_ours_is_worse(
 def test_a_method_nncf_cannot_serve_is_a_config_error(tiny, update, targets, says):
     cfg = tiny.quantize.model_copy(update=update)
     with pytest.raises(ConfigError, match="^params.yaml: quantize.method: ") as e:
-        quantize.target_methods(cfg, targets)
+        qmethod.target_methods(cfg, targets)
     assert says in str(e.value)
 
 

@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from tasks.harness.config import QuantizeCfg
 from tasks.harness.io import md5_file, versions, write_json
+from tasks.metrics.timing import time_blocks
+from tasks.quantization.qdq import layer_types, runner, session, to_int8
 
 KEEP_RECORDS = 16  # decisions kept in the record file (newest last)
 
@@ -130,3 +133,51 @@ def record(path: Path, key: str, decision: dict) -> None:
     records.pop(key, None)
     records[key] = decision
     write_json(path, dict(list(records.items())[-KEEP_RECORDS:]))
+
+
+def keep_faster_types(
+    src: Path,
+    int8: Path,
+    cache: Path,
+    cfg: QuantizeCfg,
+    excluded: list[str],
+    x,
+    threads: int,
+    known: dict | None = None,
+) -> dict[str, dict]:
+    """Time the INT8 model against copies with one layer type at a time left in float (INT8
+    can be slower than float, e.g. for depthwise convolutions on some CPUs). Returns, per type,
+    its layers, the timing evidence (see `tasks.quantization.precision.faster`) and the precision
+    to keep.
+    `known` (a recorded decision for the same inputs: {type: precision}) skips the timing."""
+    types = {
+        kind: [n for n in names if n not in excluded] for kind, names in layer_types(src).items()
+    }
+    types = {kind: names for kind, names in types.items() if names}
+    if known is not None and set(known) == set(types):
+        return {
+            kind: {"layers": names, "precision": known[kind], "reused": True}
+            for kind, names in types.items()
+        }
+    variants = {"int8": int8}
+    for i, names in enumerate(types.values()):
+        variants[f"type{i}"] = int8.with_name(f"type{i}.onnx")
+        to_int8(src, variants[f"type{i}"], cache, cfg, cfg.calibrator, exclude=excluded + names)
+    runners = {k: runner(session(p, threads)) for k, p in variants.items()}
+    rounds = cfg.keep_faster_rounds
+    times = time_blocks(runners, x, warmup=10, runs=30 * rounds, rounds=rounds)
+    out = {}
+    for i, (kind, names) in enumerate(types.items()):
+        ev = faster(times[f"type{i}"], times["int8"], rounds, cfg.keep_faster_margin)
+        out[kind] = {
+            "layers": names,
+            "int8_ms": ev["reference_ms"],
+            "float_ms": ev["candidate_ms"],
+            "rounds": {
+                "int8_ms": ev["rounds"]["reference_ms"],
+                "float_ms": ev["rounds"]["candidate_ms"],
+            },
+            "precision": "fp32" if ev["faster"] else "int8",
+            "reused": False,
+        }
+    return out
