@@ -6,13 +6,15 @@ applied, so it is no noisier than the data as the rule would leave it, and known
 the rule's kind are injected into the usable boxes pass 0 left alone, at `label_qa.probe_rate`
 of the usable boxes: class swaps (`label_wrong_class`), shifted and scaled boxes
 (`box_badly_placed`), dropped boxes (`box_missing`); the noise is `tasks.data.inject_noise`'s,
-through `tasks.label_noise.inject`. The rule runs on its copy with the same out-of-sample
-detector predictions (the cross-fit's: no detector is retrained; the box classifier is
-re-fitted on the copy's labels with the run's feature set). Without pass 0's changes applied
-the copy would hold the data's own errors beside the injected ones (15% swaps where the data
-has 5%): the re-fitted box classifier is weaker there, injections landing on an own error make
-the wrong label the "truth", and the measured precision falls below what the rule achieves on
-the data (on the noisy digits: 0.87 measured vs 0.96 real). From the copy:
+through `tasks.label_noise.inject`. The rule runs on its copy with the run's out-of-sample
+evidence: the cross-fit detector's predictions and the box classifier's out-of-fold
+probabilities, neither re-fitted (a box's out-of-sample evidence does not read its own label,
+so an injected error is judged by the same evidence, learnt from the same labels, as an error of
+the data's own would be). The first design injected into the split as given and re-fitted the
+box classifier there: the copy held the data's own errors beside the injected ones (15% swaps
+where the data has 5%), the classifier learnt from both, injections landing on an own error
+made the wrong label the "truth", and on the noisy digits the measured precision was 0.87
+where the rule's real precision is 0.96. From the copy:
 
 - recall: the share of the injected errors of the rule's kinds that it flags;
 - right on injected: of the label changes it makes on injected boxes, those that undo the
@@ -26,9 +28,11 @@ and no measurement can split them box by box: a model that misreads k% of the bo
 with k% wrong labels read by a right model give the same findings on the split and on every
 corrupted copy of it. So they are credited as right only up to two upper bounds on how many
 can be the data's own errors:
-    - prior bound: at most `label_qa.max_own_error_rate` of the usable boxes carry an error
-      of each of the rule's kinds (box_badly_placed has two: shift, scale), and the rule finds
-      them at its measured recall; base changes beyond recall x that many are false alarms.
+    - prior bound: the labels are wrong at most at `label_qa.max_own_error_rate` per error
+      kind of the rule (box_badly_placed has two: shift, scale), so at most that share of the
+      usable boxes, plus two binomial standard errors (a split is a finite draw), carry one,
+      and the rule finds them at its measured recall; base changes beyond recall x that many
+      are false alarms.
       Curated datasets are reported with a few % wrong labels (Northcutt et al., "Pervasive
       Label Errors in Test Sets", 2021: 3.4% on average over ten benchmarks); a rule that
       rewrites far more than that on its own is not believed.
@@ -39,6 +43,9 @@ can be the data's own errors:
       and upper quartile, with two binomial standard errors of slack for small samples,
       bounds that share. False alarms that score unlike real errors (clutter read as an
       object, weak evidence) are not credited.
+The credited changes are then scaled by the share of the rule's changes on injected errors that
+were right (an own error found is fixed as well as an injected one: an added box of the wrong
+class, a move onto the wrong object, is still wrong).
 precision = (right on injected + credited base) / (changes on the copy + base changes). Beside
 it the report keeps `precision_injected` (base changes left out) and `precision_conservative`
 (every base change wrong). On data with no errors of its own every base change is a false
@@ -194,6 +201,13 @@ def _base_changes(policy: str, base: list) -> tuple[dict, dict]:
     return on_ann, adds
 
 
+def own_errors_at_most(rate: float, boxes: int) -> float:
+    """How many of `boxes` can carry the data's own errors when its labels are wrong at most at
+    `rate`: the expected count plus two binomial standard errors (the rate is the labelling
+    process's; a split is a finite draw of it, so its count can sit above rate x boxes)."""
+    return rate * boxes + 2 * np.sqrt(boxes * rate * (1 - rate))
+
+
 def error_like_share(base_scores: list[float], injected_scores: list[float]) -> float:
     """An upper bound on the share of the base changes that are real errors, from their scores
     (lower = more surely wrong): min over u at the injected scores' QUANTILES of
@@ -213,6 +227,22 @@ def error_like_share(base_scores: list[float], injected_scores: list[float]) -> 
         se = np.sqrt(max(f_base * (1 - f_base), 0.25 / len(b)) / len(b))
         ratios.append((f_base + 2 * se) / f_inj)
     return float(min(1.0, *ratios))
+
+
+def _box_oof(ctx: QaContext) -> dict[int, np.ndarray] | None:
+    """The run's out-of-fold box-classifier probabilities per train annotation id (None when
+    pass 0 has not scored train). Like the detector's predictions they are reused on the copy:
+    a box's out-of-fold probabilities do not read its own label, and a classifier re-fitted on
+    the copy would learn from the injected errors too (a noisier teacher than the data's)."""
+    imgs = ctx.model_scores.get("train")
+    if not imgs:
+        return None
+    return {
+        a["id"]: p
+        for img in imgs
+        for a, p in zip(img["anns"], img["box_probs"], strict=True)
+        if p is not None
+    }
 
 
 def _measure_rule(
@@ -237,6 +267,7 @@ def _measure_rule(
         seed=ctx.seed,
         box_features=ctx.box_features,
         box_trusted=ctx.box_trusted,
+        box_oof=_box_oof(ctx),
     )
     kinds = tuple(shares)
     by_ann = {r["annotation_id"]: r for r in truth if r["kind"] != "drop"}
@@ -271,8 +302,9 @@ def _measure_rule(
     share = error_like_share(base_scores, injected_scores)
     n_base = len(base_scores)
     own_rate = ctx.cfg.max_own_error_rate * len(shares)  # per kind: badly placed is shift + scale
-    own_found = recall * own_rate * usable
-    credited = int(np.floor(min(share * n_base, own_found, n_base)))
+    own_found = recall * own_errors_at_most(own_rate, usable)
+    fix_right = right / on_injected if on_injected else 0.0  # own errors are fixed as well
+    credited = int(np.floor(min(share * n_base, own_found, n_base) * fix_right))
     changes = on_injected + collateral + n_base
 
     def ratio(a: float, b: int) -> float | None:
