@@ -2,19 +2,19 @@
 
 Two passes per rule. Pass 0 is the rule's own run on the (interim) train split as given: the
 changes its policy would make there (`base`). Then a copy of the split gets pass 0's changes
-applied, so it is no noisier than the data as the rule would leave it, and known errors of
-the rule's kind are injected into the usable boxes pass 0 left alone, at `label_qa.probe_rate`
-of the usable boxes: class swaps (`label_wrong_class`), shifted and scaled boxes
-(`box_badly_placed`), dropped boxes (`box_missing`); the noise is `tasks.data.inject_noise`'s,
-through `tasks.label_noise.inject`. The rule runs on its copy with the run's out-of-sample
-evidence: the cross-fit detector's predictions and the box classifier's out-of-fold
-probabilities, neither re-fitted (a box's out-of-sample evidence does not read its own label,
-so an injected error is judged by the same evidence, learnt from the same labels, as an error of
-the data's own would be). The first design injected into the split as given and re-fitted the
-box classifier there: the copy held the data's own errors beside the injected ones (15% swaps
-where the data has 5%), the classifier learnt from both, injections landing on an own error
-made the wrong label the "truth", and on the noisy digits the measured precision was 0.87
-where the rule's real precision is 0.96. From the copy:
+applied, so it is no noisier than the data as the rule would leave it, and known errors of the
+rule's kind are injected into the usable boxes pass 0 left alone, at `label_qa.probe_rate` of
+the usable boxes: class swaps (`label_wrong_class`), shifted and scaled boxes
+(`box_badly_placed`), dropped boxes (`box_missing`); the noise is
+`tasks.datasets.digits.inject_noise`'s, through `tasks.datasets.label_noise.inject`. The rule
+runs on its copy with the run's out-of-sample evidence: the cross-fit detector's predictions and
+the box classifier's out-of-fold probabilities, neither re-fitted (a box's out-of-sample
+evidence does not read its own label, so an injected error is judged by the same evidence,
+learnt from the same labels, as an error of the data's own would be). The first design injected
+into the split as given and re-fitted the box classifier there: the copy held the data's own
+errors beside the injected ones (15% swaps where the data has 5%), the classifier learnt from
+both, injections landing on an own error made the wrong label the "truth", and on the noisy
+digits the measured precision was 0.87 where the rule's real precision is 0.96. From the copy:
 
 - recall: the share of the injected errors of the rule's kinds that it flags;
 - right on injected: of the label changes it makes on injected boxes, those that undo the
@@ -63,8 +63,8 @@ import logging
 
 import numpy as np
 
-from tasks.config import LabelNoiseCfg
-from tasks.label_noise import inject
+from tasks.datasets.label_noise import inject
+from tasks.harness.config import LabelNoiseCfg
 from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.registry import RULES, Hit, QaContext, Rule
 
