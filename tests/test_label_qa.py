@@ -774,6 +774,41 @@ def test_error_like_share_bounds_how_many_base_changes_look_like_injected_errors
     assert error_like_share(injected, []) == 0.0  # no injected error changed: no credit
 
 
+def test_the_probe_copy_holds_pass_0s_changes_and_injects_only_elsewhere(tmp_path):
+    """The copy is the split as the rule would leave it (relabel, move, drop and add applied),
+    and the known errors go only into boxes pass 0 left alone."""
+    from tasks.harness.config import LabelNoiseCfg
+    from tasks.label_qa.probe import _base_changes, corrupted_copy, own_errors_at_most
+
+    ctx, _ = _shapes_ctx(tmp_path, train_images=20)
+    anns = ctx.interim["train"]["annotations"]
+    a, b, c = anns[0], anns[1], anns[2]
+    other = next(k.id for k in ctx.splits["train"].coco.categories if k.id != a["category_id"])
+    moved = [b["bbox"][0] + 3, b["bbox"][1], b["bbox"][2], b["bbox"][3]]
+    added = {"category_id": other, "bbox": [1.0, 1.0, 5.0, 5.0]}
+    base = [
+        core.Finding(
+            "train", a["image_id"], a["id"], "r", "warning", 0.1, "", {"category_id": other}, "fix"
+        ),
+        core.Finding(
+            "train", b["image_id"], b["id"], "r", "warning", 0.1, "", {"bbox": moved}, "fix"
+        ),
+        core.Finding("train", c["image_id"], None, "r", "warning", 0.1, "", {"add": added}, "fix"),
+    ]
+    copy, truth = corrupted_copy(ctx, LabelNoiseCfg(class_swap=0.3), 0, _base_changes("fix", base))
+    by_id = {x["id"]: x for x in copy["annotations"]}
+    assert by_id[a["id"]]["category_id"] == other and by_id[b["id"]]["bbox"] == moved
+    assert [x for x in copy["annotations"] if x["bbox"] == added["bbox"]], "the add is applied"
+    assert len(copy["annotations"]) == len(anns) + 1
+    assert truth and not {r["annotation_id"] for r in truth} & {a["id"], b["id"]}
+    assert anns[0]["category_id"] == a["category_id"]  # the split itself is untouched
+    copy, _ = corrupted_copy(ctx, LabelNoiseCfg(), 0, _base_changes("drop", base[:1]))
+    assert a["id"] not in {x["id"] for x in copy["annotations"]}  # policy drop: removed
+    # the prior on the data's own errors is a rate: a split of 2500 boxes at 5% may hold 147
+    assert own_errors_at_most(0.05, 2500) == pytest.approx(125 + 2 * np.sqrt(2500 * 0.0475))
+    assert own_errors_at_most(0.0, 2500) == 0.0
+
+
 @pytest.mark.slow
 def test_decisions_round_trip_reject_keeps_the_label(tmp_path):
     """Two stage runs (~35 s): the policy clips a box; a reviewer rejects that; the label stays."""

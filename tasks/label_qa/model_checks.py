@@ -324,12 +324,18 @@ def _train_box_evidence(ctx: QaContext) -> dict | None:
     fold = {i: k for k, f in enumerate(ctx.crossfit_folds) for i in f}
     fold_of = np.array([fold.get(a["image_id"], a["image_id"] % ctx.cfg.model.folds) for a in anns])
     paths = ctx.splits["train"].paths
-    if ctx.box_features is None:  # chosen once per run, on the train labels as given
+    if ctx.box_oof is not None:  # the probe: the run's out-of-fold probabilities, per box
+        keep = [n for n, a in enumerate(anns) if a["id"] in ctx.box_oof]
+        if not keep:
+            return None
+        anns, y = [anns[n] for n in keep], y[keep]
+        x, probs = None, np.stack([ctx.box_oof[a["id"]] for a in anns])
+    elif ctx.box_features is None:  # chosen once per run, on the train labels as given
         chosen, x, probs, ctx.box_feature_accuracy = box_classifier.select_features(
             anns, paths, y, fold_of, len(cats), ctx.seed
         )
         ctx.box_features = chosen.name
-    else:  # the probe (probe.py) reuses the run's choice
+    else:  # a probe without the run's probabilities re-fits with the run's choice
         x = box_classifier.box_features(anns, paths, box_classifier.FEATURE_SETS[ctx.box_features])
         probs = box_classifier.out_of_fold_probs(x, y, fold_of, len(cats), ctx.seed)
     ctx.box_accuracy = float((probs.argmax(1) == y).mean())

@@ -101,6 +101,9 @@ class QaContext:
     box_features: str | None = None  # the box classifier's feature set, chosen out of fold
     box_trusted: bool | None = None  # its out-of-fold accuracy reached min_box_accuracy
     box_feature_accuracy: dict[str, float] = field(default_factory=dict)  # per candidate set
+    # the probe (probe.py): train annotation id -> the run's out-of-fold box-classifier
+    # probabilities, reused on its copy instead of re-fitting (they do not read the label)
+    box_oof: dict[int, np.ndarray] | None = None
     # model rule -> its precision / recall measured on injected errors (probe.py)
     fix_evidence: dict[str, dict] = field(default_factory=dict)
 

@@ -122,14 +122,15 @@ def _evidence(metrics: dict, cfg: LabelQaCfg) -> list[str]:
         "",
         "## Model-based rules: measured on errors injected into a copy of train",
         "",
-        f"Each run injects {cfg.probe_rate:.0%} of the train boxes per rule as known errors and "
+        "Each run applies a rule's own changes (base: its run on train as given) to a copy of "
+        f"train, injects {cfg.probe_rate:.0%} of the boxes it left alone as known errors and "
         "scores them with the same out-of-sample predictions. A rule changes labels only when "
         f"its precision is at least label_qa.min_fix_precision ({cfg.min_fix_precision}). "
-        "A change on an uncorrupted box that the rule also makes on the data as given (base) "
-        "is the data's own error or a false alarm: it is credited as right only up to the "
+        "A base change is the data's own error or a false alarm: it is credited as right only "
+        "up to the "
         f"rule's recall x label_qa.max_own_error_rate ({cfg.max_own_error_rate:.0%} per kind) "
         "of the boxes, and only as far as its scores look like the injected errors' "
-        "(`tasks/label_qa/probe.py`); any other change on an uncorrupted box is wrong. "
+        "(`tasks/label_qa/probe.py`); any other change on the copy (collateral) is wrong. "
         f"Decisions in `{cfg.decisions}` override this.",
         "",
         "| rule | injected | found (recall) | right on injected | base credited | collateral "
