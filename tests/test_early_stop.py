@@ -1,0 +1,108 @@
+"""Early stopping on val mAP@0.5 in the shared training loop (tasks/training.py)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tasks.coco import DetectionSet
+from tasks.config import DistillCfg, PruneCfg, TrainCfg
+from tasks.errors import ConfigError
+from tasks.letterbox import build_size
+from tasks.training import EarlyStop, early_stop_for, fit
+
+# epoch:  1     2     3     4      5     6     7     8
+CURVE = [0.10, 0.50, 0.60, 0.605, 0.59, 0.61, 0.58, 0.70]
+
+
+def _walk(stop: EarlyStop, curve: list[float], model: nn.Module | None = None) -> int:
+    """Feed `curve` epoch by epoch (the model's weight set to the epoch number, so the kept
+    weights say which epoch they are); returns the epoch after which it stopped (0: never)."""
+    for epoch, value in enumerate(curve, start=1):
+        if model is not None:
+            model.weight.data.fill_(epoch)
+        if stop.update(epoch, value, model):
+            return epoch
+    return 0
+
+
+def test_stops_after_patience_epochs_without_a_gain_over_min_delta_and_keeps_the_best():
+    # 0.605 and 0.61 gain no more than 0.01 over epoch 3's 0.60: epochs 4, 5, 6 wait
+    model = nn.Linear(1, 1, bias=False)
+    stop = EarlyStop(patience=3, min_delta=0.01)
+    assert _walk(stop, CURVE, model) == 6
+    stop.restore(model)
+    assert model.weight.item() == 3
+    s = stop.summary(epochs=len(CURVE))
+    assert (s["stopped_epoch"], s["best_epoch"], s["best_val_map50"]) == (6, 3, 0.60)
+    assert s["epochs_planned"] == 8 and s["stop_reason"].startswith("patience")
+
+
+def test_without_min_delta_small_gains_count_and_a_late_gain_resets_the_wait():
+    stop = EarlyStop(patience=3)
+    assert _walk(stop, CURVE) == 0  # 0.605 (4), 0.61 (6) and 0.70 (8) each improve
+    assert stop.best_epoch == 8 and not stop.stopped
+    assert stop.summary(8)["stop_reason"] == "epochs: ran all 8"
+    assert _walk(EarlyStop(patience=1), CURVE) == 5  # the first epoch without a gain
+
+
+def test_off_unless_patience_is_set_and_the_params_are_typed():
+    assert early_stop_for(None, 0.01) is None
+    assert isinstance(early_stop_for(2, 0.0), EarlyStop)
+    with pytest.raises(ValueError):
+        EarlyStop(patience=0)
+    for cfg in (TrainCfg, PruneCfg, DistillCfg):
+        assert cfg().patience is None
+        assert cfg(patience=4, min_delta=0.002).min_delta == 0.002
+        with pytest.raises(ValueError):
+            cfg(patience=0)
+        with pytest.raises(ValueError):
+            cfg(min_delta=-0.1)
+
+
+def _first(manifest: dict, split: str, n: int) -> dict:
+    """The manifest with only the first `n` images of `split` (and their annotations)."""
+    coco = manifest["splits"][split]
+    images = coco["images"][:n]
+    keep = {im["id"] for im in images}
+    anns = [a for a in coco["annotations"] if a["image_id"] in keep]
+    sub = {**coco, "images": images, "annotations": anns}
+    return {**manifest, "splits": {split: sub}}
+
+
+def test_the_loop_stops_and_hands_back_the_best_epochs_weights(tiny, adapter, tiny_manifest):
+    """No epoch can gain more than 1.0 mAP over the first: the loop (patience 1) ends after
+    epoch 2 with epoch 1's weights, though epoch 2 trained them further."""
+    cfg = tiny.train.model_copy(update={"batch_size": 16})
+    size = cfg.input_size
+    train = DetectionSet(_first(tiny_manifest, "train", 64), "train", size)
+    val = DetectionSet(_first(tiny_manifest, "val", 16), "val", size)
+    model = adapter.build(len(train.categories), build_size(size), cfg.seed)
+    seen = []
+    stop = EarlyStop(patience=1, min_delta=1.0)
+    out, history = fit(
+        adapter,
+        model,
+        cfg,
+        train=train,
+        val=val,
+        epochs=5,
+        lr=cfg.lr,
+        on_epoch=lambda row: seen.append(copy.deepcopy(model.state_dict())),
+        early_stop=stop,
+    )
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert stop.summary(5)["best_epoch"] == 1
+    state = out.state_dict()
+    assert all(torch.equal(state[k], seen[0][k].cpu()) for k in state)
+    assert not all(torch.equal(state[k], seen[1][k].cpu()) for k in state)
+
+
+def test_params_yaml_patience_must_be_a_positive_epoch_count(tmp_path):
+    from tasks.config import load_params
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  patience: 0\n")
+    with pytest.raises(ConfigError, match="train.patience"):
+        load_params(bad)
