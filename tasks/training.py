@@ -49,11 +49,12 @@ class EarlyStop:
     """Early stopping on val mAP@0.5 (the `patience` / `min_delta` params of train, distill and
     prune's fine-tune).
 
-    An epoch improves when its val mAP@0.5 exceeds the best so far by more than `min_delta`
-    (the first epoch always does); the best epoch's weights are kept. After `patience` epochs
-    in a row without improvement the loop stops, and at the end the best epoch's weights are
-    loaded back whether it stopped or ran every epoch. The one-cycle schedule is planned for
-    the full `epochs`, so a stop ends it early.
+    An epoch counts as progress when its val mAP@0.5 exceeds the last progress epoch's by more
+    than `min_delta` (the first epoch always does); after `patience` epochs in a row without
+    progress the loop stops. The weights kept are those of the highest val mAP@0.5 seen (a tie
+    goes to the later, further-annealed epoch), whether or not it counted as progress, and are
+    loaded back at the end whether the loop stopped or ran every epoch. The one-cycle schedule
+    is planned for the full `epochs`, so a stop ends it early.
     """
 
     def __init__(self, patience: int, min_delta: float = 0.0) -> None:
@@ -65,15 +66,18 @@ class EarlyStop:
         self.last_epoch = 0
         self.waited = 0
         self.stopped = False
+        self._progress: float | None = None
         self._best_state: dict | None = None
 
     def update(self, epoch: int, value: float, model: nn.Module | None = None) -> bool:
         """Record epoch `epoch`'s val mAP@0.5; True when the loop should stop after it."""
         self.last_epoch = epoch
-        if self.best is None or value > self.best + self.min_delta:
-            self.best, self.best_epoch, self.waited = value, epoch, 0
+        if self.best is None or value >= self.best:
+            self.best, self.best_epoch = value, epoch
             if model is not None:
                 self._best_state = copy.deepcopy(model.state_dict())
+        if self._progress is None or value > self._progress + self.min_delta:
+            self._progress, self.waited = value, 0
             return False
         self.waited += 1
         self.stopped = self.waited >= self.patience
@@ -90,7 +94,7 @@ class EarlyStop:
         if self.stopped:
             reason = (
                 f"patience: no val mAP@0.5 gain > {self.min_delta:g} in {self.patience} "
-                f"epochs after epoch {self.best_epoch}"
+                f"epochs after epoch {self.last_epoch - self.patience}"
             )
         else:
             reason = f"epochs: ran all {epochs}"

@@ -28,15 +28,25 @@ def _walk(stop: EarlyStop, curve: list[float], model: nn.Module | None = None) -
 
 
 def test_stops_after_patience_epochs_without_a_gain_over_min_delta_and_keeps_the_best():
-    # 0.605 and 0.608 gain less than 0.01 over epoch 3's 0.60: epochs 4, 5 and 6 wait
+    # 0.605 and 0.608 gain less than 0.01 over epoch 3's 0.60: epochs 4, 5 and 6 wait, yet
+    # epoch 6 is the highest seen, so its weights are the ones kept
     model = nn.Linear(1, 1, bias=False)
     stop = EarlyStop(patience=3, min_delta=0.01)
     assert _walk(stop, CURVE, model) == 6
     stop.restore(model)
-    assert model.weight.item() == 3
+    assert model.weight.item() == 6
     s = stop.summary(epochs=len(CURVE))
-    assert (s["stopped_epoch"], s["best_epoch"], s["best_val_map50"]) == (6, 3, 0.60)
-    assert s["epochs_planned"] == 8 and s["stop_reason"].startswith("patience")
+    assert (s["stopped_epoch"], s["best_epoch"], s["best_val_map50"]) == (6, 6, 0.608)
+    assert s["epochs_planned"] == 8 and s["stop_reason"].endswith("after epoch 3")
+
+
+def test_the_kept_epoch_is_the_highest_and_a_tie_goes_to_the_later_epoch():
+    # epochs 3-5 gain less than 0.05 over epoch 2; epoch 5 ties epoch 3's 0.72 and is kept
+    model = nn.Linear(1, 1, bias=False)
+    stop = EarlyStop(patience=3, min_delta=0.05)
+    assert _walk(stop, [0.5, 0.7, 0.72, 0.7, 0.72, 0.9], model) == 5
+    stop.restore(model)
+    assert (stop.best_epoch, model.weight.item()) == (5, 5)
 
 
 def test_without_min_delta_small_gains_count_and_a_late_gain_resets_the_wait():
