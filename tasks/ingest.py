@@ -1,7 +1,8 @@
 """Stage `ingest`: any supported dataset -> the internal COCO manifest that label QA reads.
 
 `dataset.format` picks the source: `builtin` composes the digits (section `data`, see
-tasks/data.py) under `<out>/builtin`; `coco`, `yolo` and `voc` read the folder `dataset.path`
+tasks/datasets/digits.py) under `<out>/builtin`; `coco`, `yolo` and `voc` read the folder
+`dataset.path`
 (see tasks/datasets/), which is never written to. A dataset without its own train/val/test is
 split by `dataset.split`, near-duplicates kept together. Output: `<out>/manifest.json` =
 {format, root, categories, splits: {split: COCO dict}}, each image with the MD5 of its file, so
@@ -17,14 +18,14 @@ from pathlib import Path
 
 import typer
 
-from tasks import data as digits
-from tasks.cli import stage_entry
-from tasks.config import DataCfg, DatasetCfg
-from tasks.datasets import POOL, read
-from tasks.datasets.common import SPLITS
+from tasks.datasets import digits
+from tasks.datasets.common import POOL, SPLITS
+from tasks.datasets.readers import read
 from tasks.datasets.split import split_pool
-from tasks.errors import ConfigError
-from tasks.io import md5_file, remove, write_json
+from tasks.harness.config import DataCfg, DatasetCfg
+from tasks.harness.errors import ConfigError
+from tasks.harness.io import md5_file, remove, write_json
+from tasks.harness.stage import stage_entry
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin"  # the composed digits, under the stage's out folder

@@ -1,4 +1,4 @@
-"""Early stopping on val mAP@0.5 in the shared training loop (tasks/training.py)."""
+"""Early stopping on val mAP@0.5 in the shared training loop (tasks/models/training.py)."""
 
 import copy
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.coco import DetectionSet
-from tasks.config import DistillCfg, PruneCfg, TrainCfg
-from tasks.errors import ConfigError
-from tasks.letterbox import build_size
-from tasks.training import EarlyStop, early_stop_for, fit
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.config import DistillCfg, PruneCfg, TrainCfg
+from tasks.harness.errors import ConfigError
+from tasks.models.training import EarlyStop, early_stop_for, fit
+from tasks.preprocess.letterbox import build_size
 
 # epoch:  1     2     3     4      5     6     7     8
 CURVE = [0.10, 0.50, 0.60, 0.605, 0.59, 0.608, 0.58, 0.70]
@@ -110,7 +110,7 @@ def test_the_loop_stops_and_hands_back_the_best_epochs_weights(tiny, adapter, ti
 
 
 def test_params_yaml_patience_must_be_a_positive_epoch_count(tmp_path):
-    from tasks.config import load_params
+    from tasks.harness.config import load_params
 
     bad = tmp_path / "params.yaml"
     bad.write_text("train:\n  patience: 0\n")

@@ -15,8 +15,8 @@ import yaml
 from PIL import Image
 
 from tasks import ingest, label_qa
-from tasks.config import DataCfg, DatasetCfg, LabelQaCfg, SplitCfg
-from tasks.errors import ConfigError, DataError
+from tasks.harness.config import DataCfg, DatasetCfg, LabelQaCfg, SplitCfg
+from tasks.harness.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["square", "bar", "dot"]

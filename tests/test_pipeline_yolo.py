@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import data
-from tasks.config import DataCfg
-from tasks.models.ultralytics_ref import SPLITS, write_yolo_dataset
-from tasks.project import copy_project, dvc
+from tasks.datasets import digits as data
+from tasks.harness.config import DataCfg
+from tasks.harness.project import copy_project, dvc
+from tasks.models.ultralytics_io import SPLITS, write_yolo_dataset
 from tests.conftest import tiny_params
 
 pytestmark = pytest.mark.slow
