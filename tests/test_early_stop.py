@@ -82,31 +82,38 @@ def _first(manifest: dict, split: str, n: int) -> dict:
 
 
 def test_the_loop_stops_and_hands_back_the_best_epochs_weights(tiny, adapter, tiny_manifest):
-    """No epoch can gain more than 1.0 mAP over the first: the loop (patience 1) ends after
-    epoch 2 with epoch 1's weights, though epoch 2 trained them further."""
+    """The real loop on a constructed val curve (each epoch's row is rewritten by `on_epoch`
+    before the stop reads it): 0.5, 0.9, 0.6, 0.7 with patience 2 stops after epoch 4 and
+    hands back epoch 2's weights, though epochs 3 and 4 trained them further."""
+    curve = [0.5, 0.9, 0.6, 0.7, 0.95]
     cfg = tiny.train.model_copy(update={"batch_size": 16})
     size = cfg.input_size
-    train = DetectionSet(_first(tiny_manifest, "train", 64), "train", size)
-    val = DetectionSet(_first(tiny_manifest, "val", 16), "val", size)
+    train = DetectionSet(_first(tiny_manifest, "train", 32), "train", size)
+    val = DetectionSet(_first(tiny_manifest, "val", 8), "val", size)
     model = adapter.build(len(train.categories), build_size(size), cfg.seed)
     seen = []
-    stop = EarlyStop(patience=1, min_delta=1.0)
+
+    def constructed(row: dict) -> None:
+        row["val_map50"] = curve[row["epoch"] - 1]
+        seen.append(copy.deepcopy(model.state_dict()))
+
+    stop = EarlyStop(patience=2)
     out, history = fit(
         adapter,
         model,
         cfg,
         train=train,
         val=val,
-        epochs=5,
+        epochs=len(curve),
         lr=cfg.lr,
-        on_epoch=lambda row: seen.append(copy.deepcopy(model.state_dict())),
+        on_epoch=constructed,
         early_stop=stop,
     )
-    assert [r["epoch"] for r in history] == [1, 2]
-    assert stop.summary(5)["best_epoch"] == 1
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert stop.summary(len(curve))["best_epoch"] == 2
     state = out.state_dict()
-    assert all(torch.equal(state[k], seen[0][k].cpu()) for k in state)
-    assert not all(torch.equal(state[k], seen[1][k].cpu()) for k in state)
+    assert all(torch.equal(state[k], seen[1][k].cpu()) for k in state)
+    assert not all(torch.equal(state[k], seen[3][k].cpu()) for k in state)
 
 
 def test_params_yaml_patience_must_be_a_positive_epoch_count(tmp_path):
