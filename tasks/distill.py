@@ -8,6 +8,8 @@ Optionally `feature_weight` * MSE between the teacher's features at block `featu
 the student's, mapped to the teacher's width by a 1x1 conv adapter trained with the student
 (FitNets, Romero et al., 2015) and dropped afterwards. With `control: true` the pruned model
 is also fine-tuned for the same epochs without KD, so the value of KD is measured, not assumed.
+With `patience` each run stops early on val mAP@0.5 and keeps its best epoch (metrics say where
+and why).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tasks.harness.errors import ConfigError
 from tasks.harness.io import meta, remove, write_json
 from tasks.harness.stage import stage_entry
 from tasks.models import ModelAdapter, adapter_for, load_checkpoint, trains_in_torch
-from tasks.models.training import evaluate_model, fit, kd_loss_fn
+from tasks.models.training import early_stop_for, evaluate_model, fit, kd_loss_fn
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ def run(
     )
     feature_loss = (lambda: cfg.feature_weight * features.loss()) if features else None
     extra = kd_loss_fn(adapter, teacher, cfg, train_cfg, feature_loss)  # teacher on fit's device
+    stop = early_stop_for(cfg.patience, cfg.min_delta)
     student, history = fit(
         adapter,
         student,
@@ -99,6 +102,7 @@ def run(
         extra_loss=extra,
         on_epoch=on_epoch,
         desc="distill",
+        early_stop=stop,
     )
     if features is not None:
         features.remove(student)
@@ -106,8 +110,7 @@ def run(
     metrics = {
         "teacher_val_map50": teacher_map["map50"],
         "teacher_val_map50_95": teacher_map["map50_95"],
-        "student_val_map50": history[-1]["val_map50"],
-        "student_val_map50_95": history[-1]["val_map50_95"],
+        **_kept(history, stop, cfg.epochs, "student"),
     }
     if control is not None:
         control, rows = fit(
@@ -119,11 +122,24 @@ def run(
             epochs=cfg.epochs,
             lr=cfg.lr,
             desc="control (no KD)",
+            early_stop=(control_stop := early_stop_for(cfg.patience, cfg.min_delta)),
         )
-        metrics["no_kd_val_map50"] = rows[-1]["val_map50"]
-        metrics["no_kd_val_map50_95"] = rows[-1]["val_map50_95"]
+        metrics |= _kept(rows, control_stop, cfg.epochs, "no_kd")
         metrics["kd_gain_map50"] = metrics["student_val_map50"] - metrics["no_kd_val_map50"]
     return student, metrics
+
+
+def _kept(history: list[dict], stop, epochs: int, name: str) -> dict:
+    """Val mAP of the weights a run hands back (its best epoch with early stopping, else its
+    last), and where it stopped and why, keys prefixed with `name`."""
+    row = history[stop.best_epoch - 1] if stop else history[-1]
+    out = {f"{name}_val_map50": row["val_map50"], f"{name}_val_map50_95": row["val_map50_95"]}
+    if stop:
+        out |= {f"{name}_{k}": v for k, v in stop.summary(epochs).items()}
+    else:
+        out[f"{name}_stopped_epoch"] = len(history)
+        out[f"{name}_stop_reason"] = "epochs: early stopping off"
+    return out
 
 
 app = typer.Typer(add_completion=False)

@@ -37,7 +37,7 @@ from tasks.harness.io import meta, remove, write_json, write_text
 from tasks.harness.stage import stage_entry
 from tasks.metrics import torch_latency as latency
 from tasks.models import ModelAdapter, adapter_for, load_checkpoint, trains_in_torch
-from tasks.models.training import evaluate_model, fit
+from tasks.models.training import early_stop_for, evaluate_model, fit
 from tasks.preprocess.letterbox import input_wh
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,10 @@ def run(
             step, macs / 1e6, 100 * macs / base_macs, cfg.engine, point["latency_ms"],
             point["speedup"], pruned_map["map50"],
         )  # fmt: skip
+        point["val_map50_after_prune"] = pruned_map["map50"]
+        point["val_map50_after_finetune"] = pruned_map["map50"]
         if cfg.finetune_epochs:
+            stop = early_stop_for(cfg.patience, cfg.min_delta)
             model, rows = fit(
                 adapter,
                 model,
@@ -211,9 +214,12 @@ def run(
                 epochs=cfg.finetune_epochs,
                 lr=cfg.lr,
                 desc=f"prune step {step} fine-tune",
+                early_stop=stop,
             )
-        point["val_map50_after_prune"] = pruned_map["map50"]
-        point["val_map50_after_finetune"] = evaluate_model(adapter, model, val)["map50"]
+            # the loop scored the weights it hands back: its last epoch, or the best kept
+            point["val_map50_after_finetune"] = stop.best if stop else rows[-1]["val_map50"]
+            if stop:
+                point["finetune_stop"] = stop.summary(cfg.finetune_epochs)
         history.append(point)
         drop = base_map["map50"] - point["val_map50_after_finetune"]
         if cfg.max_map_drop is not None and drop > cfg.max_map_drop + 1e-12:

@@ -1,7 +1,9 @@
 """Stage `train`: the FP32 model of the family `params.yaml: model` names, trained on the
 cleaned manifest by the shared loop (tasks/models/training.py) with the family's own loss.
 
-Per epoch: train loss and val mAP to MLflow and to the DVC plot `plots/curves.csv`. The
+Per epoch: train loss and val mAP to MLflow and to the DVC plot `plots/curves.csv`. With
+`train.patience` training stops early on val mAP@0.5 and keeps the best epoch (metrics say
+which epoch it stopped at and why). The
 checkpoint holds the family, model config, weights and categories (loadable with
 weights_only=True).
 """
@@ -21,7 +23,7 @@ from tasks.harness.config import TrainCfg
 from tasks.harness.io import meta, remove, write_json, write_text
 from tasks.harness.stage import stage_entry
 from tasks.models import ModelAdapter, adapter_for, trains_in_torch
-from tasks.models.training import evaluate_model, fit
+from tasks.models.training import EarlyStop, early_stop_for, evaluate_model, fit
 from tasks.preprocess.letterbox import build_size
 
 log = logging.getLogger(__name__)
@@ -29,14 +31,43 @@ COLUMNS = ("epoch", "train_loss", "val_map50", "val_map50_95")  # plots/curves.c
 
 
 def run(
-    adapter: ModelAdapter, cfg: TrainCfg, *, train: DetectionSet, val: DetectionSet, on_epoch=None
+    adapter: ModelAdapter,
+    cfg: TrainCfg,
+    *,
+    train: DetectionSet,
+    val: DetectionSet,
+    on_epoch=None,
+    early_stop: EarlyStop | None = None,
 ):
     """Train the family's model on `train` (from scratch, or from the user's `model.weights`).
+    Early stopping: `early_stop`, else the one `cfg.patience` / `cfg.min_delta` ask for.
     Returns (model on CPU, per-epoch history rows)."""
     model = adapter.build(len(train.categories), build_size(cfg.input_size), cfg.seed)
     return fit(
-        adapter, model, cfg, train=train, val=val, epochs=cfg.epochs, lr=cfg.lr, on_epoch=on_epoch
+        adapter,
+        model,
+        cfg,
+        train=train,
+        val=val,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        on_epoch=on_epoch,
+        early_stop=early_stop or early_stop_for(cfg.patience, cfg.min_delta),
     )
+
+
+def stop_summary(stop: EarlyStop | None, history: list[dict], epochs: int) -> dict:
+    """The stop fields metrics record: the epoch training stopped at, the epoch whose weights
+    the model holds, and why (without early stopping: every epoch, the last epoch's)."""
+    if stop is not None:
+        return stop.summary(epochs)
+    return {
+        "epochs_planned": epochs,
+        "stopped_epoch": len(history),
+        "best_epoch": len(history),
+        "best_val_map50": history[-1]["val_map50"] if history else None,
+        "stop_reason": "epochs: early stopping off",
+    }
 
 
 app = typer.Typer(add_completion=False)
@@ -66,15 +97,20 @@ def main(
         check_min_boxes(m, manifest, "train", cfg.min_boxes, "train.min_boxes")
         m, train, val = load_splits(manifest, cfg.input_size)
         log.info("train: %d images, val: %d images", len(train), len(val))
-        model, history = run(adapter, cfg, train=train, val=val, on_epoch=ctx.log_epoch)
+        early_stop = early_stop_for(cfg.patience, cfg.min_delta)
+        model, history = run(
+            adapter, cfg, train=train, val=val, on_epoch=ctx.log_epoch, early_stop=early_stop
+        )
+        stop = stop_summary(early_stop, history, cfg.epochs)
         macs, n_params = adapter.macs_and_params(model)
         final = evaluate_model(adapter, model, val, ctx.params.evaluate.score_threshold)
         metrics = {
             "val_map50": final["map50"],
             "val_map50_95": final["map50_95"],
-            "train_loss": history[-1]["train_loss"],
+            "train_loss": history[stop["best_epoch"] - 1]["train_loss"],
             "macs": macs,
             "params": n_params,
+            **stop,
         }
         adapter.save(
             out / "model.pt",
@@ -89,7 +125,7 @@ def main(
         write_text(out / "plots" / "curves.csv", buf.getvalue())
         write_json(out / "meta.json", meta(cfg, {"manifest": manifest}, ("pycocotools",)))
         write_json(out / "metrics.json", metrics)
-        ctx.log_metrics({"macs": macs, "params": n_params})  # the rest is the last epoch's
+        ctx.log_metrics({"macs": macs, "params": n_params, **stop})  # the rest is per epoch
         ctx.log_artifact(out / "plots" / "curves.csv", "plots")
 
 

@@ -3,12 +3,13 @@ QA's cross-fit), for any model family: the family's adapter supplies forward pas
 
 Mixed precision (bf16 autocast on CPU, fp16 + GradScaler on CUDA), seeded, AdamW with a one-cycle
 schedule, box-aware augmentation (tasks/preprocess/augment.py). Each epoch ends with val mAP
-computed on the
-deployable graph's decode (`evaluate_model`).
+computed on the deployable graph's decode (`evaluate_model`); with an `EarlyStop` the loop
+ends once val mAP@0.5 stops improving and hands back the best epoch's weights.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -42,6 +43,68 @@ def evaluate_model(
     result = coco_metrics(data.coco, predict(runner, data), score_threshold)
     model.train(was_training)
     return result
+
+
+class EarlyStop:
+    """Early stopping on val mAP@0.5 (the `patience` / `min_delta` params of train, distill and
+    prune's fine-tune).
+
+    An epoch counts as progress when its val mAP@0.5 exceeds the last progress epoch's by more
+    than `min_delta` (the first epoch always does); after `patience` epochs in a row without
+    progress the loop stops. The weights kept are those of the highest val mAP@0.5 seen (a tie
+    goes to the later, further-annealed epoch), whether or not it counted as progress, and are
+    loaded back at the end whether the loop stopped or ran every epoch. The one-cycle schedule
+    is planned for the full `epochs`, so a stop ends it early.
+    """
+
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be at least 1, found {patience}")
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.last_epoch = 0
+        self.waited = 0
+        self.stopped = False
+        self._progress: float | None = None
+        self._best_state: dict | None = None
+
+    def update(self, epoch: int, value: float, model: nn.Module | None = None) -> bool:
+        """Record epoch `epoch`'s val mAP@0.5; True when the loop should stop after it."""
+        self.last_epoch = epoch
+        if self.best is None or value >= self.best:
+            self.best, self.best_epoch = value, epoch
+            if model is not None:
+                self._best_state = copy.deepcopy(model.state_dict())
+        if self._progress is None or value > self._progress + self.min_delta:
+            self._progress, self.waited = value, 0
+            return False
+        self.waited += 1
+        self.stopped = self.waited >= self.patience
+        return self.stopped
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best epoch's weights into `model` (nothing recorded: unchanged)."""
+        if self._best_state is not None:
+            model.load_state_dict(self._best_state)
+
+    def summary(self, epochs: int) -> dict:
+        """What the stop records in metrics: the epoch it stopped at, the best epoch (whose
+        weights the model holds) and why it ended, out of the `epochs` planned."""
+        if self.stopped:
+            reason = (
+                f"patience: no val mAP@0.5 gain > {self.min_delta:g} in {self.patience} "
+                f"epochs after epoch {self.last_epoch - self.patience}"
+            )
+        else:
+            reason = f"epochs: ran all {epochs}"
+        return {
+            "epochs_planned": epochs,
+            "stopped_epoch": self.last_epoch,
+            "best_epoch": self.best_epoch,
+            "best_val_map50": self.best,
+            "stop_reason": reason,
+        }
 
 
 def pick_device(cfg: TrainCfg) -> torch.device:
@@ -89,14 +152,17 @@ def fit(
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     desc: str = "epoch",
+    early_stop: EarlyStop | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """The training loop shared by train, prune (fine-tune) and distill.
 
     `cfg` supplies batch size, weight decay, augmentation, AMP, device, threads and seed; the
     family's `adapter` supplies the forward pass and the loss. `extra_loss(raw, x)` is added to
     the detection loss (distillation uses it). After each epoch
-    `on_epoch(row)` gets {epoch, train_loss, val_map50, val_map50_95}. Returns the model on the
-    CPU in eval mode and the per-epoch rows.
+    `on_epoch(row)` gets {epoch, train_loss, val_map50, val_map50_95}. With `early_stop` the
+    loop may end before `epochs` and the model gets the best epoch's weights (see `EarlyStop`;
+    its `summary` says where and why). Returns the model on the CPU in eval mode and the
+    per-epoch rows (one per epoch run).
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -157,4 +223,15 @@ def fit(
         history.append(row)
         if on_epoch:
             on_epoch(row)
-    return model.cpu().eval(), history
+        if early_stop is not None and early_stop.update(epoch, row["val_map50"], model):
+            log.info("%s: %s", desc, early_stop.summary(epochs)["stop_reason"])
+            break
+    model.cpu()
+    if early_stop is not None:
+        early_stop.restore(model)
+    return model.eval(), history
+
+
+def early_stop_for(patience: int | None, min_delta: float) -> EarlyStop | None:
+    """The `EarlyStop` a stage's `patience` / `min_delta` params ask for (None: off)."""
+    return EarlyStop(patience, min_delta) if patience else None

@@ -70,6 +70,15 @@ AugmentStep = Annotated[
 class TrainCfg(Section):
     seed: int = Field(0, description="torch / numpy seed")
     epochs: PosInt = Field(30, description="training epochs")
+    patience: PosInt | None = Field(
+        None,
+        description="early stopping: end training after this many epochs in a row without a "
+        "val mAP@0.5 gain over `min_delta`, and keep the highest val mAP@0.5 epoch's weights "
+        "(also when it runs every epoch); null = off (every epoch, the last epoch's weights)",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="early stopping: the smallest val mAP@0.5 gain that counts"
+    )
     batch_size: PosInt = Field(32)
     lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW, one-cycle)")
     weight_decay: float = Field(1e-4, ge=0)
@@ -121,6 +130,14 @@ class PruneCfg(Section):
     global_pruning: bool = Field(False, description="rank channels across layers, not per layer")
     steps: PosInt = Field(2, description="iterative pruning steps, each followed by a fine-tune")
     finetune_epochs: int = Field(2, ge=0, description="fine-tune epochs after each step")
+    patience: PosInt | None = Field(
+        None,
+        description="early stopping in each fine-tune (as train.patience: epochs without a val "
+        "mAP@0.5 gain over `min_delta`; the best epoch's weights kept); null = off",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="early stopping: the smallest val mAP@0.5 gain that counts"
+    )
     lr: float = Field(1e-3, gt=0, description="fine-tune peak learning rate")
     round_to: int = Field(8, ge=1, description="keep channel counts multiples of this (SIMD)")
     ignore: list[str] = Field(
@@ -171,6 +188,15 @@ class DistillCfg(Section):
     """Knowledge distillation: teacher = trained model, student = pruned model."""
 
     epochs: PosInt = Field(8, description="student training epochs")
+    patience: PosInt | None = Field(
+        None,
+        description="early stopping of the student (and the no-KD control), as "
+        "train.patience: epochs without a val mAP@0.5 gain over `min_delta`; the best epoch's "
+        "weights kept; null = off",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="early stopping: the smallest val mAP@0.5 gain that counts"
+    )
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     temperature: float = Field(2.0, gt=0, description="softens both heatmaps (Hinton et al.)")
     kd_weight: float = Field(1.0, ge=0, description="weight of the per-pixel heatmap KD loss")
