@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    BeforeValidator,
     Field,
     ValidationError,
     field_validator,
@@ -23,6 +24,33 @@ from tasks.errors import ConfigError
 from tasks.models.config import ModelCfg
 
 Side = Annotated[int, Field(ge=32, le=1024)]  # one side of the model input, px
+
+
+def _side_or_rectangle(v):
+    """`128` is the square (128, 128); `[320, 256]` is (width, height)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (list, tuple)) and len(v) != 2:
+        raise ValueError(f"expected one side or [width, height], found {list(v)}")
+    return v
+
+
+# a model input, px: one side (a square) or [width, height]; read as (width, height)
+InputSize = Annotated[tuple[Side, Side], BeforeValidator(_side_or_rectangle)]
+
+
+def stride_problem(key: str, size: tuple[int, int], stride: int, family: str) -> str | None:
+    """Why the input `size` (width, height) at params key `key` does not fit a model family
+    whose input sides must be multiples of `stride`; None when it fits."""
+    w, h = size
+    if not (w % stride or h % stride):
+        return None
+    near = [max(stride, round(d / stride) * stride) for d in (w, h)]
+    example = near[0] if near[0] == near[1] else near
+    return (
+        f"{key}: [{w}, {h}] (width, height) is not a multiple of {stride}, the stride of model "
+        f"family {family!r}; use multiples of {stride}, e.g. {example}"
+    )
 
 
 class ProjectCfg(Section):
@@ -107,9 +135,63 @@ class LabelNoiseCfg(Section):
         return self
 
 
-class DataCfg(Section):
-    """Knobs of the built-in default data (composed from scikit-learn's handwritten digits)."""
+# the colours a coloured-shapes class may be named after (their RGB: tasks/shapes.py PALETTE)
+SHAPE_COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange")
 
+
+class ShapesCfg(Section):
+    """Knobs of the coloured-shapes set (class = colour; shape random and not tied to class)."""
+
+    seed: int = Field(0, description="seed of every random choice (same seed, same bytes)")
+    train_images: PosInt = Field(300, description="training canvases")
+    val_images: PosInt = Field(60, description="validation canvases")
+    test_images: PosInt = Field(100, description="test canvases")
+    width: int = Field(160, ge=32, le=2048, description="canvas width in pixels")
+    height: int = Field(120, ge=32, le=2048, description="canvas height in pixels")
+    objects_per_image: tuple[PosInt, PosInt] = Field((1, 4), description="min, max objects")
+    object_size: tuple[PosInt, PosInt] = Field((10, 24), description="min, max object side, px")
+    classes: list[str] = Field(
+        ["red", "green", "blue"],
+        min_length=2,
+        description=f"class names, each a colour of: {', '.join(SHAPE_COLOURS)}",
+    )
+    colour_jitter: float = Field(
+        0.08, ge=0, le=0.3, description="per-channel uniform jitter of an object's colour"
+    )
+    distractors: int = Field(2, ge=0, description="unlabelled grey shapes per canvas")
+    clutter: int = Field(5, ge=0, description="grey strokes and rings per canvas")
+    noise: LabelNoiseCfg = Field(
+        default_factory=lambda: LabelNoiseCfg(),
+        description="label noise injected on purpose (ground truth in noise.json); off by default",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ShapesCfg:
+        unknown = [c for c in self.classes if c not in SHAPE_COLOURS]
+        if unknown:
+            raise ValueError(
+                f"unknown colour {unknown[0]!r}; choose from {', '.join(SHAPE_COLOURS)}"
+            )
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct")
+        lo, hi = self.object_size
+        if lo > hi or hi > min(self.width, self.height) // 2:
+            raise ValueError("object_size must be (min <= max <= min(width, height)/2)")
+        if self.objects_per_image[0] > self.objects_per_image[1]:
+            raise ValueError("objects_per_image must be (min <= max)")
+        return self
+
+
+class DataCfg(Section):
+    """Knobs of the built-in data (`dataset.format: builtin`): the digits (composed from
+    scikit-learn's handwritten digits; the knobs here) or the coloured shapes (`data.shapes`)."""
+
+    kind: Literal["digits", "shapes"] = Field(
+        "digits",
+        description="digits: handwritten digits on square canvases (the knobs below); shapes: "
+        "small coloured shapes whose class is their colour, on non-square canvases (its own "
+        "knobs, counts and seed in data.shapes; the digit knobs are then unused)",
+    )
     seed: int = Field(0, description="seed for splitting the digits and composing canvases")
     train_images: PosInt = Field(1200, description="composed training canvases")
     val_images: PosInt = Field(200, description="composed validation canvases")
@@ -124,6 +206,9 @@ class DataCfg(Section):
     noise: LabelNoiseCfg = Field(
         default_factory=lambda: LabelNoiseCfg(),
         description="label noise injected on purpose (to measure label QA); off by default",
+    )
+    shapes: ShapesCfg = Field(
+        default_factory=lambda: ShapesCfg(), description="the coloured shapes (kind: shapes)"
     )
 
     @model_validator(mode="after")
@@ -149,7 +234,9 @@ class LabelQaModelCfg(Section):
     )
     folds: int = Field(3, ge=2, le=10, description="K of the K-fold cross-fit on train")
     epochs: PosInt = Field(40, description="training epochs per fold")
-    input_size: int = Field(128, ge=32, le=1024, description="fold model input side, px")
+    input_size: InputSize = Field(
+        (128, 128), description="fold model input, px: one side or [width, height] (as train's)"
+    )
     width: float = Field(
         0.5,
         gt=0,
@@ -326,7 +413,7 @@ class TrainCfg(Section):
     batch_size: PosInt = Field(32)
     lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW, one-cycle)")
     weight_decay: float = Field(1e-4, ge=0)
-    input_size: tuple[Side, Side] = Field(
+    input_size: InputSize = Field(
         (128, 128),
         description="model input, px: one side (a square, e.g. 128) or [width, height] (e.g. "
         "[320, 256]); each side a multiple of the model family's stride (centernet 16, yolo "
@@ -344,16 +431,6 @@ class TrainCfg(Section):
         "with its probability `p`: shift, hflip, vflip, scale_jitter, hsv, channel_shuffle, "
         "mosaic; [] = none",
     )
-
-    @field_validator("input_size", mode="before")
-    @classmethod
-    def _side_or_rectangle(cls, v):
-        """`128` is the square (128, 128); `[320, 256]` is (width, height)."""
-        if isinstance(v, int) and not isinstance(v, bool):
-            return (v, v)
-        if isinstance(v, (list, tuple)) and len(v) != 2:
-            raise ValueError(f"expected one side or [width, height], found {list(v)}")
-        return v
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -714,15 +791,13 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _input_fits_the_family(self) -> Params:
-        stride = self.model.input_stride
-        w, h = self.train.input_size
-        if w % stride or h % stride:
-            near = [max(stride, round(d / stride) * stride) for d in (w, h)]
-            raise ValueError(
-                f"train.input_size: [{w}, {h}] (width, height) is not a multiple of "
-                f"{stride}, the stride of model family {self.model.family!r}; use multiples "
-                f"of {stride}, e.g. {near[0] if near[0] == near[1] else near}"
-            )
+        stride, family = self.model.input_stride, self.model.family
+        for key, size in (
+            ("train.input_size", self.train.input_size),
+            ("label_qa.model.input_size", self.label_qa.model.input_size),
+        ):
+            if problem := stride_problem(key, size, stride, family):
+                raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
