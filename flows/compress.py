@@ -27,8 +27,8 @@ from prefect.states import Completed, State
 
 from flows import report
 from flows.project import Dag, Outcome, apply_overrides, outcome, read_dag, run_dvc
-from tasks.config import FlowCfg, Params, load_params
-from tasks.errors import ConfigError, StageFailed
+from tasks.harness.config import FlowCfg, Params, load_params
+from tasks.harness.errors import ConfigError, StageFailed
 
 APPROVAL_STAGE = "promote"
 
@@ -86,11 +86,12 @@ def _mlflow_uri(root: Path, given: str | None) -> str:
 
 
 def _pipeline_run(uri: str, params: Params, execution_id: str) -> tuple[str, str]:
-    """(experiment id, parent run id) of this execution in MLflow (tasks.tracking's convention)."""
+    """(experiment id, parent run id) of this execution in MLflow (tasks.harness.tracking's
+    convention)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import ensure_experiment, pipeline_run
+    from tasks.harness.tracking import ensure_experiment, pipeline_run
 
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, params.project.mlflow_experiment)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from tasks.io import write_text
-from tasks.project import venv_env
+from tasks.harness.io import write_text
+from tasks.harness.project import venv_env
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.project import run_dvc
-from tasks.config import load_params
-from tasks.errors import StageFailed
+from tasks.harness.config import load_params
+from tasks.harness.errors import StageFailed
 
 ROLE = "sweep-recipe"  # MLflow tag `shrinkflow.role` of a recipe's KPI run
 SWEEP_TAG = "shrinkflow.sweep"
@@ -104,7 +104,7 @@ def log_kpis(uri: str, experiment: str, sweep_id: str, name: str, recipe: dict, 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import ensure_experiment
+    from tasks.harness.tracking import ensure_experiment
 
     client = MlflowClient(uri)
     tags = {

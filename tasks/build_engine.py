@@ -12,10 +12,10 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import stage_entry
-from tasks.config import BuildEngineCfg
 from tasks.engines import engine_size_mb, get
-from tasks.io import atomic_dir, check_onnx, meta, remove, write_json
+from tasks.harness.config import BuildEngineCfg
+from tasks.harness.io import atomic_dir, check_onnx, meta, remove, write_json
+from tasks.harness.stage import stage_entry
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import STAGE_SECTIONS, fail, setup_logging
-from tasks.config import load_params
-from tasks.errors import ShrinkflowError
+from tasks.harness.config import load_params
+from tasks.harness.errors import ShrinkflowError
+from tasks.harness.stage import STAGE_SECTIONS, fail, setup_logging
 
 app = typer.Typer(add_completion=False)
 

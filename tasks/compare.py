@@ -15,8 +15,8 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import stage_entry
-from tasks.io import remove, write_json, write_text
+from tasks.harness.io import remove, write_json, write_text
+from tasks.harness.stage import stage_entry
 
 log = logging.getLogger(__name__)
 COLUMNS = [

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 import typer
 from torch import nn
 
-from tasks import skipped
-from tasks.cli import stage_entry
-from tasks.coco import DetectionSet, load_splits
-from tasks.config import DistillCfg, TrainCfg
-from tasks.errors import ConfigError
-from tasks.io import meta, remove, write_json
+from tasks.datasets.coco import DetectionSet, load_splits
+from tasks.harness import skipped
+from tasks.harness.config import DistillCfg, TrainCfg
+from tasks.harness.errors import ConfigError
+from tasks.harness.io import meta, remove, write_json
+from tasks.harness.stage import stage_entry
 from tasks.models import ModelAdapter, adapter_for, load_checkpoint, trains_in_torch
-from tasks.training import evaluate_model, fit, pick_device
+from tasks.models.training import evaluate_model, fit, pick_device
 
 log = logging.getLogger(__name__)
 

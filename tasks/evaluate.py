@@ -4,7 +4,7 @@ The deployed engine, the uncompressed FP32 model built for the same runtime, and
 eager are measured in the same process: COCO mAP (pycocotools), precision/recall at
 `evaluate.score_threshold`, per-class AP, latency p50/p95/p99 at batch 1 and throughput at
 each of `throughput_batches`
-(alternating timed blocks, see tasks/bench.py), file size, params, MACs. KPI keys follow
+(alternating timed blocks, see tasks/metrics/timing.py), file size, params, MACs. KPI keys follow
 DESIGN.md; `delta_*` is the target minus the FP32 baseline; `parity` matches the target's
 detections to FP32 PyTorch's by class and IoU.
 """
@@ -23,16 +23,16 @@ import numpy as np
 import torch
 import typer
 
-from tasks.bench import latency_stats, time_blocks
-from tasks.cli import stage_entry
-from tasks.coco import DetectionSet, check_min_boxes, read_manifest
-from tasks.config import BuildEngineCfg, EvaluateCfg, ExportCfg, Kpi
+from tasks.datasets.coco import DetectionSet, check_min_boxes, read_manifest
 from tasks.engines import Runner, engine_size_mb, get
-from tasks.io import meta, remove, write_json, write_text
-from tasks.metrics import coco_metrics, detection_parity, predict
+from tasks.harness.config import BuildEngineCfg, EvaluateCfg, ExportCfg, Kpi
+from tasks.harness.io import meta, remove, write_json, write_text
+from tasks.harness.stage import stage_entry
+from tasks.metrics.detection import coco_metrics, detection_parity, predict
+from tasks.metrics.timing import latency_stats, time_blocks
 from tasks.models import ModelAdapter, load_checkpoint
 from tasks.models.config import ModelCfg
-from tasks.reference_graph import read as read_reference
+from tasks.models.reference_graph import read as read_reference
 
 log = logging.getLogger(__name__)
 BASELINE = "pytorch_eager_fp32"

@@ -1,5 +1,6 @@
 """Stage `export`: the distilled model, in eval mode, to ONNX with decoding inside the graph
-(tasks/onnx_export.py), compared against PyTorch on test images: `parity_max_abs_diff` (scores
+(tasks/models/onnx_export.py), compared against PyTorch on test images: `parity_max_abs_diff`
+(scores
 and boxes of the detections both report) is gated by `export.parity_tolerance`.
 """
 
@@ -11,14 +12,14 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import stage_entry
-from tasks.coco import DetectionSet, read_manifest
-from tasks.config import ExportCfg
-from tasks.errors import GateFailed
-from tasks.io import meta, remove, write_json
+from tasks.datasets.coco import DetectionSet, read_manifest
+from tasks.harness.config import ExportCfg
+from tasks.harness.errors import GateFailed
+from tasks.harness.io import meta, remove, write_json
+from tasks.harness.stage import stage_entry
 from tasks.models import adapter_for, load_checkpoint, trains_in_torch
 from tasks.models.config import ModelCfg
-from tasks.onnx_export import parity, to_onnx
+from tasks.models.onnx_export import parity, to_onnx
 
 log = logging.getLogger(__name__)
 

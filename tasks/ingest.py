@@ -1,13 +1,13 @@
 """Stage `ingest`: any supported dataset -> the internal COCO manifest that label QA reads.
 
 `dataset.format` picks the source: `builtin` composes the built-in data under `<out>/builtin`:
-the digits (`data.kind: digits`, section `data`, see tasks/data.py) or the coloured shapes
-(`data.kind: shapes`, `data.shapes`, see tasks/shapes.py); `coco`, `yolo` and `voc` read the
-folder `dataset.path` (see tasks/datasets/), which is never written to. A dataset without its own
-train/val/test is split by `dataset.split`, near-duplicates kept together. Output:
-`<out>/manifest.json` = {format, root, categories, splits: {split: COCO dict}}, each image with
-the MD5 of its file, so the manifest changes whenever a label or an image does; metrics: format,
-file count, content hash.
+the digits (`data.kind: digits`, section `data`, see tasks/datasets/digits.py) or the coloured
+shapes (`data.kind: shapes`, `data.shapes`, see tasks/datasets/shapes.py); `coco`, `yolo` and
+`voc` read the folder `dataset.path` (see tasks/datasets/), which is never written to. A dataset
+without its own train/val/test is split by `dataset.split`, near-duplicates kept together.
+Output: `<out>/manifest.json` = {format, root, categories, splits: {split: COCO dict}}, each
+image with the MD5 of its file, so the manifest changes whenever a label or an image does;
+metrics: format, file count, content hash.
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ from pathlib import Path
 
 import typer
 
-from tasks import data as digits
-from tasks import shapes
-from tasks.cli import stage_entry
-from tasks.config import DataCfg, DatasetCfg
-from tasks.datasets import POOL, read
-from tasks.datasets.common import SPLITS
+from tasks.datasets import digits, shapes
+from tasks.datasets.common import POOL, SPLITS
+from tasks.datasets.readers import read
 from tasks.datasets.split import split_pool
-from tasks.errors import ConfigError
-from tasks.io import md5_file, remove, write_json
+from tasks.harness.config import DataCfg, DatasetCfg
+from tasks.harness.errors import ConfigError
+from tasks.harness.io import md5_file, remove, write_json
+from tasks.harness.stage import stage_entry
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin"  # the composed built-in data, under the stage's out folder

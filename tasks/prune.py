@@ -5,7 +5,8 @@ together (the neck's additions tie lat3/lat2 and smooth2/lat1), so the pruned mo
 Pruning proceeds in steps, each followed by a short fine-tune, until the first bound stops it:
 `prune.target` is a MACs share (`steps` equal steps), or a batch-1 latency (`latency_ms`) or a
 speedup over the unpruned model measured on an engine target after every `search_step` of MACs
-(exported, built and timed in-process: tasks/latency.py); `prune.max_map_drop` undoes the step
+(exported, built and timed in-process: tasks/metrics/torch_latency.py); `prune.max_map_drop` undoes
+the step
 whose fine-tuned val mAP@0.5 falls too far. Every step's MACs and measured latency are written
 to `plots/latency.csv`, and the metrics name the bound that stopped (`stopped_by`). The pruned
 widths go into the checkpoint config, so export rebuilds the model without
@@ -28,15 +29,16 @@ import torch_pruning as tp
 import typer
 from torch import nn
 
-from tasks import latency, skipped
-from tasks.cli import stage_entry
-from tasks.coco import DetectionSet, load_splits
-from tasks.config import BuildEngineCfg, PruneCfg, TrainCfg
-from tasks.errors import ConfigError
-from tasks.io import meta, remove, write_json, write_text
-from tasks.letterbox import input_wh
+from tasks.datasets.coco import DetectionSet, load_splits
+from tasks.harness import skipped
+from tasks.harness.config import BuildEngineCfg, PruneCfg, TrainCfg
+from tasks.harness.errors import ConfigError
+from tasks.harness.io import meta, remove, write_json, write_text
+from tasks.harness.stage import stage_entry
+from tasks.metrics import torch_latency as latency
 from tasks.models import ModelAdapter, adapter_for, load_checkpoint, trains_in_torch
-from tasks.training import evaluate_model, fit
+from tasks.models.training import evaluate_model, fit
+from tasks.preprocess.letterbox import input_wh
 
 log = logging.getLogger(__name__)
 

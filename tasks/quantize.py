@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from tasks.bench import time_blocks
-from tasks.cli import stage_entry
-from tasks.coco import DetectionSet, load_splits
-from tasks.config import Params, QuantizeCfg
+from tasks.datasets.coco import DetectionSet, load_splits
 from tasks.engines.int8 import qdq_types
-from tasks.io import atomic_dir, check_onnx, copy_file, meta, remove, write_json, write_text
-from tasks.metrics import coco_metrics, predict
-from tasks.precision import (
+from tasks.harness.config import Params, QuantizeCfg
+from tasks.harness.io import atomic_dir, check_onnx, copy_file, meta, remove, write_json, write_text
+from tasks.harness.stage import stage_entry
+from tasks.metrics.detection import coco_metrics, predict
+from tasks.metrics.timing import time_blocks
+from tasks.quantization.precision import (
     conv_precision,
     decision_key,
     faster,
@@ -44,7 +44,7 @@ from tasks.precision import (
     record,
     recorded,
 )
-from tasks.qdq import (  # noqa: F401  (re-exported: the stage's primitives)
+from tasks.quantization.qdq import (  # noqa: F401  (re-exported: the stage's primitives)
     CALIBRATORS,
     NUM_QUANTIZED_BINS,
     QUANTIZED_OPS,
@@ -77,7 +77,8 @@ def keep_faster_types(
 ) -> dict[str, dict]:
     """Time the INT8 model against copies with one layer type at a time left in float (INT8
     can be slower than float, e.g. for depthwise convolutions on some CPUs). Returns, per type,
-    its layers, the timing evidence (see `tasks.precision.faster`) and the precision to keep.
+    its layers, the timing evidence (see `tasks.quantization.precision.faster`) and the precision
+    to keep.
     `known` (a recorded decision for the same inputs: {type: precision}) skips the timing."""
     types = {
         kind: [n for n in names if n not in excluded] for kind, names in layer_types(src).items()
@@ -140,7 +141,8 @@ def run(
     """Write model.int8.onnx, model.fp16.onnx and the deployable model.onnx into `out`.
 
     `qat_onnx`, when given, is the same model after quantization-aware fine-tuning
-    (tasks/qat.py): the INT8 models are built from it, `onnx_path` stays the float reference.
+    (tasks/quantization/qat.py): the INT8 models are built from it, `onnx_path` stays the float
+    reference.
     Returns the report: calibration ids and hash, per-calibrator val mAP, sensitivity table,
     per-layer precision, latencies and the precision chosen.
     """
@@ -323,8 +325,8 @@ def _qat(
 ) -> dict:
     """Quantization-aware fine-tune of the exported model's checkpoint, exported to `dst`."""
     from tasks.models import load_checkpoint
-    from tasks.onnx_export import to_onnx
-    from tasks.qat import finetune
+    from tasks.models.onnx_export import to_onnx
+    from tasks.quantization.qat import finetune
 
     adapter, model, _ = load_checkpoint(student, params.model)
     tuned, rows = finetune(

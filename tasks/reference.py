@@ -2,7 +2,7 @@
 
 `artifacts/reference/model.onnx` is what a user gets with no pipeline: the trained model
 (`artifacts/train/model.pt`) exported with the same decode as the deployed graph
-(tasks/onnx_export.py), or, for an imported ONNX (`model.family: onnx`), the imported graph
+(tasks/models/onnx_export.py), or, for an imported ONNX (`model.family: onnx`), the imported graph
 prepared as the export stage prepares it (checked, decode + NMS appended). `evaluate@<target>`
 builds it for its own runtime as the `fp32_uncompressed` row; `reference.json` records what
 evaluate reports for it (MACs, parameters, the uncompressed file's size) so no later stage
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import typer
 
-from tasks.cli import stage_entry
-from tasks.coco import DetectionSet, read_manifest
-from tasks.config import ExportCfg
-from tasks.io import md5_file, meta, remove, write_json
+from tasks.datasets.coco import DetectionSet, read_manifest
+from tasks.harness.config import ExportCfg
+from tasks.harness.io import md5_file, meta, remove, write_json
+from tasks.harness.stage import stage_entry
 from tasks.models import adapter_for, load_checkpoint, trains_in_torch
 from tasks.models.config import ModelCfg
-from tasks.onnx_export import parity, to_onnx
-from tasks.reference_graph import FACTS, ONNX
+from tasks.models.onnx_export import parity, to_onnx
+from tasks.models.reference_graph import FACTS, ONNX
 
 log = logging.getLogger(__name__)
 

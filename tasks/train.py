@@ -1,5 +1,5 @@
 """Stage `train`: the FP32 model of the family `params.yaml: model` names, trained on the
-cleaned manifest by the shared loop (tasks/training.py) with the family's own loss.
+cleaned manifest by the shared loop (tasks/models/training.py) with the family's own loss.
 
 Per epoch: train loss and val mAP to MLflow and to the DVC plot `plots/curves.csv`. The
 checkpoint holds the family, model config, weights and categories (loadable with
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import typer
 
-from tasks import skipped
-from tasks.cli import stage_entry
-from tasks.coco import DetectionSet, check_min_boxes, load_splits, read_manifest
-from tasks.config import TrainCfg
-from tasks.io import meta, remove, write_json, write_text
-from tasks.letterbox import build_size
+from tasks.datasets.coco import DetectionSet, check_min_boxes, load_splits, read_manifest
+from tasks.harness import skipped
+from tasks.harness.config import TrainCfg
+from tasks.harness.io import meta, remove, write_json, write_text
+from tasks.harness.stage import stage_entry
 from tasks.models import ModelAdapter, adapter_for, trains_in_torch
-from tasks.training import evaluate_model, fit
+from tasks.models.training import evaluate_model, fit
+from tasks.preprocess.letterbox import build_size
 
 log = logging.getLogger(__name__)
 COLUMNS = ("epoch", "train_loss", "val_map50", "val_map50_95")  # plots/curves.csv

@@ -5,9 +5,10 @@ distilled model), the deployed INT8 model (with the float layers that the quanti
 FP16, and OpenVINO's bf16 precision on the distilled model; the deployed model on OpenVINO too
 (`deployed_openvino`, as build_engine@openvino builds it), and beside it what NNCF gives you
 without Shrinkflow: NNCF's PTQ and accuracy-controlled INT8 of the distilled model on OpenVINO
-(tasks/nncf_peers.py; `skipped: nncf not installed` rows without NNCF). For each: mAP@0.5,
+(tasks/quantization/nncf_peers.py; `skipped: nncf not installed` rows without NNCF). For each:
+mAP@0.5,
 mAP@0.5:0.95, batch-1 latency p50, file size and MACs. ONNX Runtime runs the rest; all
-variants are timed in one process, in alternating blocks (tasks/bench.py), so the latency
+variants are timed in one process, in alternating blocks (tasks/metrics/timing.py), so the latency
 column compares as ratios. The INT8-per-calibrator models are the quantize stage's own
 (`calibrators/`) when it compared calibrators on the exported model, made here otherwise.
 """
@@ -21,18 +22,18 @@ from pathlib import Path
 
 import typer
 
-from tasks import nncf_peers
-from tasks.bench import latency_stats, time_blocks
-from tasks.cli import stage_entry
-from tasks.coco import DetectionSet
-from tasks.config import Params
+from tasks.datasets.coco import DetectionSet
 from tasks.engines import engine_size_mb, get
-from tasks.io import remove, write_json, write_text
-from tasks.metrics import coco_metrics, predict
+from tasks.harness.config import Params
+from tasks.harness.io import remove, write_json, write_text
+from tasks.harness.stage import stage_entry
+from tasks.metrics.detection import coco_metrics, predict
+from tasks.metrics.timing import latency_stats, time_blocks
 from tasks.models import adapter_for, load_checkpoint, trains_in_torch
+from tasks.models.onnx_export import to_onnx
 from tasks.models.onnx_graph import macs_and_params
-from tasks.onnx_export import to_onnx
-from tasks.qdq import CALIBRATORS, calibrate, calibration_set, to_int8
+from tasks.quantization import nncf_peers
+from tasks.quantization.qdq import CALIBRATORS, calibrate, calibration_set, to_int8
 
 log = logging.getLogger(__name__)
 COLUMNS = ("map50", "map50_95", "latency_ms_p50", "size_mb", "macs")
@@ -164,7 +165,8 @@ def calibrator_models(
 
 def _nncf_peers(cfg, distilled: Path, images, val: DetectionSet, threads: int) -> dict:
     """{peer: (OpenVINO model, facts) or why it was skipped}: NNCF's PTQ and accuracy-controlled
-    INT8 of the distilled model (tasks/nncf_peers.py), what NNCF gives without Shrinkflow."""
+    INT8 of the distilled model (tasks/quantization/nncf_peers.py), what NNCF gives without
+    Shrinkflow."""
     if why := nncf_peers.unavailable():
         log.warning("variants: no NNCF rows: %s", why)
         return {name: "skipped: nncf not installed" for name in nncf_peers.PEERS}
@@ -177,14 +179,15 @@ ULTRALYTICS_INT8 = "ultralytics_openvino_int8"  # the unpruned model, as Ultraly
 def _ultralytics_reference(params: Params, trained: Path, manifest: dict, work: Path) -> dict:
     """{name: export} of Ultralytics' own OpenVINO INT8 export (NNCF) of the trained, unpruned
     model: what a YOLO user gets without the pipeline (tasks/models/ultralytics_ref.py)."""
+    from tasks.models import ultralytics_io as ulio
     from tasks.models import ultralytics_ref as ulref
     from tasks.models.checkpoint import read_checkpoint
 
     if why := ulref.skip_reason():
         log.warning("variants: no Ultralytics reference row: %s", why)
         return {}
-    pt = ulref.to_ultralytics_pt(read_checkpoint(trained), work / "ulref" / "trained.pt", trained)
-    data_yaml = ulref.write_yolo_dataset(manifest, work / "ulref" / "data")
+    pt = ulio.to_ultralytics_pt(read_checkpoint(trained), work / "ulref" / "trained.pt", trained)
+    data_yaml = ulio.write_yolo_dataset(manifest, work / "ulref" / "data")
     exports = ulref.ultralytics_exports(
         pt, data_yaml, ulref.reference_cfg(params), work / "ulref" / "ir", names=[ULTRALYTICS_INT8]
     )
@@ -201,7 +204,7 @@ def render(table: dict[str, dict]) -> str:
         "`deployed_openvino`: the same deployed choice as build_engine@openvino builds it. "
         "`nncf_ptq`, `nncf_accuracy_control`: what NNCF gives you without Shrinkflow (its "
         "default PTQ and its accuracy-controlled INT8 with max drop `quantize.max_map_drop` on "
-        "val mAP@0.5, of the distilled model, on OpenVINO; tasks/nncf_peers.py).",
+        "val mAP@0.5, of the distilled model, on OpenVINO; tasks/quantization/nncf_peers.py).",
         "",
         "| variant | runtime | mAP@0.5 | mAP@0.5:0.95 | latency p50 (ms) | size (MB) | MACs (M) |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DataCfg, Params
-from tasks.project import profile_params
+from tasks.harness.config import DataCfg, Params
+from tasks.harness.project import profile_params
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -41,7 +41,7 @@ def adapter(tiny):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny) -> Path:
     """The default data composed with the tiny profile (train 320, val 32, test 32, 64 px)."""
-    from tasks import data
+    from tasks.datasets import digits as data
 
     out = tmp_path_factory.mktemp("dataset") / "default"
     data.run(tiny.data, out_dir=out)
@@ -61,7 +61,7 @@ def models(tiny, adapter, tiny_manifest, tmp_path_factory) -> Path:
     """A folder with a briefly trained checkpoint (model.pt), its FP32 ONNX (fp32.onnx) and an
     INT8 QDQ ONNX (int8.onnx, minmax): the engine and NNCF-peer tests share it."""
     from tasks import export, quantize, train
-    from tasks.coco import DetectionSet
+    from tasks.datasets.coco import DetectionSet
 
     tmp = tmp_path_factory.mktemp("engines")
     tr, va = (DetectionSet(tiny_manifest, s, 64) for s in ("train", "val"))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tasks.augment import Augmenter
-from tasks.config import TrainCfg
+from tasks.harness.config import TrainCfg
+from tasks.preprocess.augment import Augmenter
 
 
 def _batch(n=4, w=96, h=64):

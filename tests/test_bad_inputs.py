@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.project import profile_params
+from tasks.harness.project import profile_params
 from tests.conftest import small_data_cfg
 
 
@@ -27,11 +27,12 @@ from tests.conftest import small_data_cfg
 def ws(tmp_path_factory) -> Path:
     """A workspace: tiny params, a small dataset, its manifest, a truncated ONNX, a garbage
     checkpoint."""
-    from tasks import data, label_qa
-    from tasks.config import Params
+    from tasks import label_qa
+    from tasks.datasets import digits as data
+    from tasks.harness.config import Params
     from tasks.models.centernet import CenterNetAdapter, Detector, DetectorConfig
     from tasks.models.config import CenterNetCfg
-    from tasks.onnx_export import to_onnx
+    from tasks.models.onnx_export import to_onnx
 
     ws = tmp_path_factory.mktemp("bad-inputs")
     params = profile_params("tiny")

@@ -10,13 +10,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tasks import distill, export, prune, qat, quantize, train
-from tasks.coco import DetectionSet
-from tasks.errors import ConfigError
-from tasks.io import md5_file
+from tasks import distill, export, prune, quantize, train
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.errors import ConfigError
+from tasks.harness.io import md5_file
 from tasks.models import load_checkpoint
-from tasks.onnx_export import to_onnx
-from tasks.precision import faster
+from tasks.models.onnx_export import to_onnx
+from tasks.quantization import qat
+from tasks.quantization.precision import faster
 from tasks.quantize import calibration_set
 
 
@@ -377,7 +378,7 @@ def test_quantize_twice_gives_the_same_engine_and_labels_come_from_the_graph(
 def test_the_decision_key_ignores_the_order_ort_writes_the_ranges_in(tmp_path):
     # ONNX Runtime writes the calibration ranges in an order that changes between processes
     # (string hashing): the same ranges must give the same key, or no run ever reuses one.
-    from tasks.precision import decision_key
+    from tasks.quantization.precision import decision_key
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"data": {"x": [1.0], "y": [2.0]}}))

@@ -4,9 +4,9 @@ import sys
 import pytest
 import yaml
 
-from tasks.config import load_params
-from tasks.errors import ConfigError
-from tasks.project import ROOT
+from tasks.harness.config import load_params
+from tasks.harness.errors import ConfigError
+from tasks.harness.project import ROOT
 
 
 def write(tmp_path, mutate):
@@ -92,7 +92,7 @@ def test_typo_in_params_exits_2_before_any_work(tmp_path):
 
 @pytest.fixture
 def project(tmp_path):
-    from tasks.project import copy_project, profile_params
+    from tasks.harness.project import copy_project, profile_params
 
     return copy_project(tmp_path / "proj", profile_params("tiny"))
 
@@ -104,7 +104,7 @@ def set_params(proj, mutate):
 
 
 def test_a_misspelt_section_fails_dvc_repro_even_when_all_is_up_to_date(project):
-    from tasks.project import dvc
+    from tasks.harness.project import dvc
 
     first = dvc(project, "repro", "check_params")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -119,7 +119,7 @@ def test_a_misspelt_section_fails_dvc_repro_even_when_all_is_up_to_date(project)
 
 @pytest.mark.parametrize("value", ["data/d$(touch pwned)", "data/d'; touch pwned; echo '"])
 def test_a_shell_command_in_a_path_param_never_runs(project, value):
-    from tasks.project import dvc
+    from tasks.harness.project import dvc
 
     set_params(project, lambda p: p["dataset"].update(path=value))
     out = dvc(project, "repro")

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tasks import data
+from tasks.datasets import digits as data
 from tests.conftest import small_data_cfg
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from tasks import build_engine, evaluate, quantize
-from tasks.coco import DetectionSet
-from tasks.config import BuildEngineCfg
+from tasks.datasets.coco import DetectionSet
 from tasks.engines import check_int8, get, litert
 from tasks.engines.tensorrt_gpu import unavailable
-from tasks.errors import GateFailed
-from tasks.metrics import coco_metrics, predict
+from tasks.harness.config import BuildEngineCfg
+from tasks.harness.errors import GateFailed
+from tasks.metrics.detection import coco_metrics, predict
 from tasks.models import load_checkpoint
 
 CPU_TARGETS = ["onnxruntime", "openvino"]
@@ -128,7 +128,7 @@ def test_engine_cfg_rejects_an_unknown_target():
 def test_bench_sizes_times_every_variant_at_every_size(tiny, tiny_manifest, models, tmp_path):
     """The size benchmark rebuilds the same weights at each size and times every variant
     (no timing is asserted: only that each variant ran and the ratios are derived from it)."""
-    from tasks import bench_sizes
+    from tasks.cli import bench_sizes
 
     loaded = load_checkpoint(models / "model.pt")
     model = loaded[1]

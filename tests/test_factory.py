@@ -12,9 +12,9 @@ import sys
 import yaml
 
 from tasks import build_engine, evaluate, export, reference, train
-from tasks.coco import DetectionSet
+from tasks.datasets.coco import DetectionSet
 from tasks.models import load_checkpoint
-from tasks.training import evaluate_model
+from tasks.models.training import evaluate_model
 from tests.conftest import tiny_params
 
 FACTORY = "tests.fixtures.my_detector:build"

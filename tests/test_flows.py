@@ -17,10 +17,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.project import read_dag
-from flows.sweep import share_baseline
-from tasks.errors import ConfigError
-from tasks.pareto import pareto_front
-from tasks.project import copy_project, dvc, venv_env
+from flows.fanout import share_baseline
+from tasks.harness.errors import ConfigError
+from tasks.harness.project import copy_project, dvc, venv_env
+from tasks.metrics.pareto import pareto_front
 from tests.conftest import free_port, running_server, stop_group, tiny_params
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -467,7 +467,7 @@ def wait_until_paused(api: str, project: Path, proc: subprocess.Popen, timeout_s
 def test_promote_waits_for_a_reviewer_and_the_decision_is_recorded_in_mlflow(
     prefect_server, mlflow_server, tmp_path, decision
 ):
-    from tasks.config import Params
+    from tasks.harness.config import Params
 
     if "promote" not in Params.model_fields:
         pytest.skip("params.yaml has no `promote` section yet (the promote stage's issue)")
@@ -554,7 +554,7 @@ SWEEP_GRID = {
 def test_a_sweep_yields_an_experiment_per_recipe_and_a_pareto_front(
     deployed, prefect_server, mlflow_server, tmp_path
 ):
-    from tasks.pareto import dominates
+    from tasks.metrics.pareto import dominates
 
     api, _ = prefect_server
     proj, _, _ = deployed

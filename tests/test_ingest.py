@@ -16,8 +16,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from tasks import ingest, label_qa
-from tasks.config import DataCfg, DatasetCfg, LabelQaCfg, SplitCfg
-from tasks.errors import ConfigError, DataError
+from tasks.harness.config import DataCfg, DatasetCfg, LabelQaCfg, SplitCfg
+from tasks.harness.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["square", "bar", "dot"]
@@ -203,8 +203,8 @@ def test_builtin_source_composes_the_digits_under_the_stage_outputs(tmp_path):
 def test_builtin_shapes_are_a_params_change_and_give_the_colour_categories(tmp_path):
     """`data.kind: shapes` composes the coloured shapes (class = colour, non-square canvases)
     instead of the digits; the digit knobs are not read."""
-    from tasks.config import SHAPE_COLOURS, Params
-    from tasks.shapes import PALETTE
+    from tasks.datasets.shapes import PALETTE
+    from tasks.harness.config import SHAPE_COLOURS, Params
 
     assert tuple(PALETTE) == SHAPE_COLOURS  # every colour the params accept has its RGB
     params = Params.model_validate(

@@ -13,11 +13,11 @@ import yaml
 from PIL import Image
 
 from tasks import label_qa
-from tasks.config import LabelQaCfg
-from tasks.errors import ConfigError, DataError
+from tasks.harness.config import LabelQaCfg
+from tasks.harness.errors import ConfigError, DataError
+from tasks.harness.project import ROOT
 from tasks.label_qa import core
 from tasks.label_qa.report import write_reports
-from tasks.project import ROOT
 
 CATS = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
 # No model checks (no model to train on 4 images); both classes occur in every split.
@@ -442,7 +442,7 @@ def test_gate_passes_under_the_threshold_and_writes_every_output(tmp_path):
 def test_cross_fit_on_a_tiny_noisy_set_finds_injected_errors(tmp_path, tiny):
     """The whole model path: inject noise, cross-fit a real tiny detector (K=2), score with
     cleanlab, and check the findings against the injected ground truth."""
-    from tasks import data
+    from tasks.datasets import digits as data
     from tasks.label_qa.bench import score_findings
 
     noise = {"class_swap": 0.08, "shift": 0.08, "drop": 0.08}
@@ -503,11 +503,11 @@ def test_champion_onnx_is_downloaded_from_the_registry_and_run(
 ):
     from mlflow.tracking import MlflowClient
 
-    from tasks.config import ExportCfg
+    from tasks.harness.config import ExportCfg
     from tasks.label_qa.__main__ import champion_runner
     from tasks.models.centernet import CenterNetAdapter, Detector, DetectorConfig
     from tasks.models.config import CenterNetCfg
-    from tasks.onnx_export import to_onnx
+    from tasks.models.onnx_export import to_onnx
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = "label-qa-champion-test"
@@ -534,7 +534,7 @@ def test_champion_onnx_is_downloaded_from_the_registry_and_run(
 
 
 def test_injected_noise_matches_its_ground_truth(tmp_path):
-    from tasks import data
+    from tasks.datasets import digits as data
     from tests.conftest import small_data_cfg
 
     rates = {"class_swap": 0.1, "shift": 0.1, "scale": 0.1, "drop": 0.1, "duplicate": 0.1}
@@ -598,7 +598,7 @@ def test_calibration_maps_detector_scores_to_hit_rates():
 def test_model_checks_are_skipped_when_the_fold_models_cannot_detect(tmp_path):
     """Four 32-px noise images cannot teach a detector anything: its held-out mAP is under
     label_qa.model.min_map50, so it judges nothing (no false findings, no tripped gate)."""
-    from tasks.config import TrainCfg
+    from tasks.harness.config import TrainCfg
 
     cfg = CFG.model_copy(
         update={
@@ -620,7 +620,7 @@ def test_box_classifier_finds_swapped_classes_no_detection_disputes(tmp_path):
     """Real digits with 8% of the train classes swapped and a detector that sees nothing (so
     ObjectLab has no evidence): the out-of-fold box classifier + confident learning finds the
     swaps and suggests the original class; switched off, it finds none."""
-    from tasks import data
+    from tasks.datasets import digits as data
     from tests.conftest import small_data_cfg
 
     cfg = small_data_cfg(train_images=400, clutter=0)
@@ -654,7 +654,7 @@ def test_box_classifier_finds_swapped_classes_no_detection_disputes(tmp_path):
 
 def _shapes_ctx(tmp_path, noise=None, train_images=200, **model):
     """Coloured shapes (class = colour) with a label-QA context ready for the model rules."""
-    from tasks.shapes import ShapesCfg, generate
+    from tasks.datasets.shapes import ShapesCfg, generate
 
     root = tmp_path / "shapes"
     generate(
@@ -874,7 +874,7 @@ def test_two_stage_runs_on_clean_colour_data_are_identical_and_change_no_label(t
     """The stage with a real cross-fit, twice, on clean coloured shapes (~1-2 min): byte-equal
     report.json and manifest (seeded folds and training, deterministic kernels, fixed
     threads), and the default policy changes no train label."""
-    from tasks.shapes import ShapesCfg, generate
+    from tasks.datasets.shapes import ShapesCfg, generate
     from tests.conftest import tiny_params
 
     dataset = tmp_path / "shapes"

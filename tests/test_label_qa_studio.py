@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks import label_qa
-from tasks.errors import DataError
+from tasks.harness.errors import DataError
 from tasks.label_qa import core, review
 from tests.test_label_qa import CFG, _oracle_predictions, make_dataset
 

@@ -1,6 +1,7 @@
 """The layout's rule: a stage module only orchestrates its stage. No stage imports another stage,
 directly or through the shared modules it imports (shared code lives in modules named for what
-they hold: tasks/models, tasks/training.py, tasks/onnx_export.py, tasks/qdq.py, ...)."""
+they hold: tasks/models, tasks/models/training.py, tasks/models/onnx_export.py,
+tasks/quantization/qdq.py, ...)."""
 
 import ast
 import functools
@@ -10,7 +11,7 @@ from typing import get_args
 
 import yaml
 
-from tasks.project import ROOT
+from tasks.harness.project import ROOT
 
 TASKS = ROOT / "tasks"
 PROJECT = ("tasks", "flows")  # the project's own packages (the rest is third-party)
@@ -107,7 +108,7 @@ def test_the_walk_finds_a_stage_reaching_a_stage_through_shared_code(tmp_path, m
 # __main__), every project module (tasks.*, flows.*) it imports at any depth, at the top or
 # inside a function (the walk cannot tell which functions run, so it counts all), and the
 # __init__ of every package on the way (Python runs them). The harness every stage imports
-# (tasks/cli.py, config.py, config_types.py, errors.py, io.py, tracking.py, and what they
+# (tasks/harness/: stage.py, config/, errors.py, io.py, tracking.py, and what they
 # import) is no exception: a change to the config loader can change what any stage does.
 #
 # Modules loaded by name: `tasks.engines.get(target)` and `tasks.models.adapter_for(cfg)` import
@@ -240,8 +241,8 @@ def narrowed(stage: str) -> dict[str, set[str]]:
     """{package: the modules a stage's config lets it load by name}, where its config fixes them."""
     if stage != "prune":
         return {}
-    from tasks.config import PruneCfg
     from tasks.engines import MODULES
+    from tasks.harness.config import PruneCfg
 
     names = get_args(PruneCfg.model_fields["engine"].annotation)
     return {"tasks.engines": {f"tasks.engines.{MODULES[n]}" for n in names}}
@@ -392,7 +393,8 @@ def test_the_deps_comparison_names_what_is_missing_and_what_is_extra(tmp_path, m
 # such a section whole, or narrows it to the keys the callee reads; each narrowing is a claim
 # made by hand, listed in NARROWED so that a new one (or a section newly passed whole) fails
 # here until someone checks it. Not a DVC param on purpose: `project.mlflow_experiment`, which
-# the harness (tasks/cli.py) reads to choose where the MLflow run is logged, not what the stage
+# the harness (tasks/harness/stage.py) reads to choose where the MLflow run is logged, not what the
+# stage
 # computes. check_params depends on the whole file (`params.yaml:`), reading every section.
 
 NARROWED = {  # stage -> sections it passes whole, of which dvc.yaml lists only some keys
@@ -407,12 +409,13 @@ NARROWED = {  # stage -> sections it passes whole, of which dvc.yaml lists only 
 
 def params_read(files: set[Path]) -> tuple[set[str], set[str]]:
     """(sections read whole, `section.key`s read directly) through `Params` in `files`."""
-    from tasks.config import Params
+    from tasks.harness.config import Params
 
     sections = Params.model_fields
     whole, keys = set(), set()
     for path in files:
-        if path == TASKS / "cli.py":  # the harness: project.mlflow_experiment (see above)
+        # the harness: project.mlflow_experiment (see above)
+        if path == TASKS / "harness" / "stage.py":
             continue
         tree = parse(path.read_text())
         holders = {"params"}
@@ -443,8 +446,8 @@ def params_read(files: set[Path]) -> tuple[set[str], set[str]]:
 
 def param_mismatches(name: str, stage: dict) -> list[str]:
     """Where `stage`'s dvc.yaml params and the params its code reads disagree."""
-    from tasks.cli import required_sections
-    from tasks.config import Params
+    from tasks.harness.config import Params
+    from tasks.harness.stage import required_sections
 
     modules = entry_modules(stage["cmd"])
     declared = stage.get("params", [])
@@ -477,7 +480,8 @@ def param_mismatches(name: str, stage: dict) -> list[str]:
         )
     if set(required_sections(name)) != read:
         problems.append(
-            f"{name}: tasks/cli.py STAGE_SECTIONS requires {sorted(required_sections(name))}, "
+            f"{name}: tasks/harness/stage.py STAGE_SECTIONS requires "
+            f"{sorted(required_sections(name))}, "
             f"the code reads {sorted(read)}"
         )
     return problems
@@ -499,3 +503,33 @@ def test_the_params_walk_tells_a_whole_section_from_a_key(tmp_path):
     )
     (tmp_path / "m.py").write_text(code.replace("'Params'", "Params"))
     assert params_read({tmp_path / "m.py"}) == ({"train"}, {"export.opset", "model.family"})
+
+
+# --- the README's map of the code matches the tree ------------------------------------------
+
+
+def readme_layout() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```", 2)[1]
+
+
+def test_the_readme_layout_names_every_package_and_stage_module_and_nothing_else():
+    block = readme_layout()
+    tasks_dir = ROOT / "tasks"
+    packages = {p.name for p in tasks_dir.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.name for p in tasks_dir.glob("*.py") if p.name != "__init__.py"}
+    named = set(re.findall(r"\b(\w+)/", block)) - {
+        "flows",
+        "tasks",
+        "tests",
+        "artifacts",
+        "profiles",
+    }
+    assert named - {"config"} == packages, (
+        f"packages in the tree {sorted(packages)}, README {named}"
+    )
+    for module in modules:
+        assert re.search(rf"\b{re.escape(module)}\b", block), f"README layout misses tasks/{module}"
+    for name in re.findall(r"\b(\w+\.py)\b", block):  # every module it names exists
+        assert any(tasks_dir.rglob(name)), f"README layout names {name}, which is not in tasks/"

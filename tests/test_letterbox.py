@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.coco import DetectionSet
-from tasks.letterbox import PAD_VALUE, fit, letterbox
-from tasks.metrics import coco_metrics, predict
+from tasks.datasets.coco import DetectionSet
+from tasks.metrics.detection import coco_metrics, predict
+from tasks.preprocess.letterbox import PAD_VALUE, fit, letterbox
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_crowds_are_not_training_targets_and_are_ignored_in_evaluation(tmp_path)
 
 
 def test_inputs_are_decoded_once_into_a_memory_map(tmp_path, monkeypatch):
-    from tasks import input_cache
+    from tasks.preprocess import input_cache
 
     monkeypatch.setenv("SHRINKFLOW_INPUT_CACHE", str(tmp_path / "cache"))
     manifest = _manifest(tmp_path, (256, 160), [(40, 30, 100, 60)])

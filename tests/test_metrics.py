@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.metrics import coco_metrics
+from tasks.metrics.detection import coco_metrics
 
 GT = {
     "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],

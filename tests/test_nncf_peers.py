@@ -1,4 +1,5 @@
-"""NNCF's peers on OpenVINO (tasks/nncf_peers.py) on the shared tiny model: PTQ really runs its
+"""NNCF's peers on OpenVINO (tasks/quantization/nncf_peers.py) on the shared tiny model: PTQ really
+runs its
 convolutions in INT8 with the decode left float, accuracy control keeps val mAP@0.5 within
 `quantize.max_map_drop`, and without NNCF the rows say so. The rows in a real variants table:
 tests/test_pipeline.py."""
@@ -8,10 +9,11 @@ import sys
 import openvino as ov
 import pytest
 
-from tasks import nncf_peers, quantize, variants
-from tasks.coco import DetectionSet
+from tasks import quantize, variants
+from tasks.datasets.coco import DetectionSet
 from tasks.engines.openvino_cpu import conv_precisions
-from tasks.metrics import coco_metrics, predict
+from tasks.metrics.detection import coco_metrics, predict
+from tasks.quantization import nncf_peers
 
 pytest.importorskip("nncf")
 

@@ -3,7 +3,7 @@ decode + NMS in ONNX Runtime and OpenVINO, MACs from the graph, INT8 leaving the
 
 The imported models are real exports made here: a tiny Ultralytics YOLOv8n (3 classes, 64 px,
 built from yaml offline, exported by Ultralytics' own ONNX exporter with a dynamic batch) and the
-built-in detector exported by `tasks.onnx_export.to_onnx`.
+built-in detector exported by `tasks.models.onnx_export.to_onnx`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from tasks.config import ExportCfg, QuantizeCfg
-from tasks.errors import DataError
+from tasks.harness.config import ExportCfg, QuantizeCfg
+from tasks.harness.errors import DataError
+from tasks.harness.signature import OUTPUTS
 from tasks.models import onnx_import as oi
-from tasks.models.base import OUTPUTS
 from tasks.models.config import ModelCfg
 
 SIZE, CLASSES, K, FLOOR, IOU = 64, 3, 30, 0.05, 0.6
@@ -215,7 +215,7 @@ def builtin(tmp_path_factory):
     """The built-in detector (random weights) and its export with decode (`OUTPUTS`)."""
     from tasks.models.centernet import CenterNetAdapter, Detector, DetectorConfig
     from tasks.models.config import CenterNetCfg
-    from tasks.onnx_export import to_onnx
+    from tasks.models.onnx_export import to_onnx
 
     torch.manual_seed(0)
     model = Detector(DetectorConfig(num_classes=CLASSES, input_size=SIZE)).eval()
@@ -256,7 +256,7 @@ def test_macs_from_graph_match_torch_pruning(builtin, yolo_onnx, appended):
 
 
 def test_int8_quantizes_the_detector_and_leaves_the_decode_float(appended, images, tmp_path):
-    from tasks.qdq import calibrate, to_int8
+    from tasks.quantization.qdq import calibrate, to_int8
 
     src, dst, cache = tmp_path / "fp32.onnx", tmp_path / "int8.onnx", tmp_path / "ranges"
     onnx.save(appended, str(src))
@@ -284,7 +284,7 @@ def test_int8_quantizes_the_detector_and_leaves_the_decode_float(appended, image
 
 
 def test_adapter_marks_torch_stages_unsupported(yolo_onnx, tmp_path):
-    from tasks.errors import ConfigError
+    from tasks.harness.errors import ConfigError
     from tasks.models import ModelAdapter, adapter_for
 
     cfg = ModelCfg(
@@ -307,7 +307,7 @@ def test_the_reference_of_an_imported_onnx_is_its_prepared_graph(yolo_onnx, tmp_
     """The reference stage on family onnx: no checkpoint is read; the reference graph is the
     imported file prepared at the pipeline's size, its facts what evaluate reports for it."""
     from tasks import reference
-    from tasks.reference_graph import read
+    from tasks.models.reference_graph import read
 
     cfg = ModelCfg(
         family="onnx", path=str(yolo_onnx.parent), onnx=str(yolo_onnx), outputs="yolo_raw"

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from flows.sweep import best_recipe, recipes
-from tasks.pareto import dominates, pareto_front
+from tasks.metrics.pareto import dominates, pareto_front
 
 
 def random_points(rng: random.Random, n: int) -> list[dict]:

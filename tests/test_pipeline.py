@@ -17,13 +17,13 @@ import yaml
 from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
 
-from tasks import data
-from tasks.coco import DetectionSet
-from tasks.config import DataCfg
+from tasks.datasets import digits as data
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.config import DataCfg
+from tasks.harness.project import copy_project, dvc
 from tasks.models import load_checkpoint
-from tasks.models.ultralytics_ref import SPLITS, write_yolo_dataset
-from tasks.project import copy_project, dvc
-from tasks.training import evaluate_model
+from tasks.models.training import evaluate_model
+from tasks.models.ultralytics_io import SPLITS, write_yolo_dataset
 from tests.conftest import running_mlflow_server, tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -165,10 +165,10 @@ def test_variants_table_covers_every_step_of_the_recipe(pipeline):
         "bf16",
         "deployed_openvino",
         *litert,
-        "nncf_ptq",  # what NNCF gives without Shrinkflow (tasks/nncf_peers.py)
+        "nncf_ptq",  # what NNCF gives without Shrinkflow (tasks/quantization/nncf_peers.py)
         "nncf_accuracy_control",
     ]
-    from tasks.nncf_peers import unavailable as no_nncf
+    from tasks.quantization.nncf_peers import unavailable as no_nncf
 
     for name, r in table.items():
         if name.startswith("nncf_") and no_nncf():

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.coco import DetectionSet
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.project import copy_project, dvc
 from tasks.models import load_checkpoint
-from tasks.project import copy_project, dvc
-from tasks.training import evaluate_model
+from tasks.models.training import evaluate_model
 from tests.conftest import tiny_params
 
 pytest.importorskip("ultralytics")
@@ -82,12 +82,12 @@ def test_yolo_runs_every_stage_and_its_engines_keep_its_fp32_accuracy(yolo_proje
 def onnx_project(yolo_project, tmp_path_factory, mlflow_server):
     """The tiny YOLO (trained, unpruned) exported by Ultralytics itself to ONNX (raw (B, 4 + C,
     N) predictions, dynamic batch), imported by a second project as `family: onnx`."""
-    from tasks.models import ultralytics_ref
+    from tasks.models import ultralytics_io, ultralytics_ref
     from tasks.models.checkpoint import read_checkpoint
 
     work = tmp_path_factory.mktemp("onnx-source")
     trained = yolo_project / "artifacts/train/model.pt"
-    pt = ultralytics_ref.to_ultralytics_pt(read_checkpoint(trained), work / "best.pt", trained)
+    pt = ultralytics_io.to_ultralytics_pt(read_checkpoint(trained), work / "best.pt", trained)
     yolo = ultralytics_ref.offline_ultralytics().YOLO(str(pt))
     exported = Path(yolo.export(format="onnx", imgsz=64, dynamic=True, simplify=False))
     params = family_params(family="onnx", onnx="data/models/yolo.onnx", outputs="yolo_raw")

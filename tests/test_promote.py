@@ -27,17 +27,17 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from tasks import build_engine, train
-from tasks.coco import DetectionSet
-from tasks.config import Params, load_params
+from tasks.datasets.coco import DetectionSet
 from tasks.engines import get
-from tasks.errors import ConfigError
-from tasks.metrics import coco_metrics, predict
-from tasks.onnx_export import to_onnx
-from tasks.project import venv_env
+from tasks.harness.config import Params, load_params
+from tasks.harness.errors import ConfigError
+from tasks.harness.project import venv_env
+from tasks.harness.tracking import ensure_experiment
+from tasks.metrics.detection import coco_metrics, predict
+from tasks.models.onnx_export import to_onnx
 from tasks.promote import bootstrap, stage
 from tasks.promote.numeric import numeric_format
 from tasks.promote.registry import AliasLedger, ChampionMoved
-from tasks.tracking import ensure_experiment
 from tests.conftest import free_port, running_mlflow_server, tiny_params
 
 KPIS = {
@@ -509,7 +509,7 @@ def test_writers_that_start_a_ledger_at_once_share_one_run(mlflow_server):
 
 @pytest.mark.server
 def test_review_cli_promotes_rejects_and_rolls_back(mlflow_server, candidates, tmp_path):
-    from tasks.benchmarks import app
+    from tasks.cli.app import app
 
     name = "review"
     params = params_for(name, GATES[:1])
@@ -573,7 +573,7 @@ def test_review_cli_promotes_rejects_and_rolls_back(mlflow_server, candidates, t
 def test_review_finds_the_project_or_refuses_and_never_creates_a_store(
     mlflow_server, candidates, tmp_path, monkeypatch
 ):
-    from tasks.benchmarks import app
+    from tasks.cli.app import app
 
     name = "where"
     params = params_for(name, GATES[:1])

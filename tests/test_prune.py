@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tasks import prune
-from tasks.config import Params, load_params
-from tasks.errors import ConfigError
+from tasks.harness.config import Params, load_params
+from tasks.harness.errors import ConfigError
 from tests.conftest import tiny_params
 from tests.test_compress import splits, teacher  # noqa: F401  (fixtures: tiny data, trained model)
 

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from tasks import build_engine, export, train
-from tasks.coco import DetectionSet
-from tasks.config import Params, load_params
+from tasks.datasets.coco import DetectionSet
 from tasks.engines import get, litert
 from tasks.engines.tensorrt_gpu import trtexec_command
-from tasks.errors import ConfigError, DataError
-from tasks.metrics import coco_metrics, predict
+from tasks.harness.config import Params, load_params
+from tasks.harness.errors import ConfigError, DataError
+from tasks.metrics.detection import coco_metrics, predict
 from tasks.models import adapter_for
 from tasks.models import onnx_import as oi
 from tasks.models.centernet import decode, make_targets
@@ -65,7 +65,7 @@ def test_the_label_qa_fold_input_takes_a_side_or_width_height_with_the_same_stri
 def test_bench_sizes_reads_sides_and_rectangles_and_rebuilds_the_weights_at_a_rectangle(
     tmp_path, tiny, adapter
 ):
-    from tasks import bench_sizes
+    from tasks.cli import bench_sizes
     from tasks.models import load_checkpoint
 
     sizes = bench_sizes.input_sizes(["128", "96x64", "96,64", [W, H], 64], tiny)
@@ -264,7 +264,7 @@ def test_yolo_builds_trains_and_deploys_at_a_rectangle(tiny, tmp_path):
     whose ONNX (N, 3, 64, 96) matches PyTorch with boxes inside the wide input."""
     pytest.importorskip("ultralytics")
     from tasks.models.config import ModelCfg
-    from tasks.onnx_export import parity, to_onnx
+    from tasks.models.onnx_export import parity, to_onnx
 
     yw, yh = 96, 64
     adapter = adapter_for(ModelCfg(family="yolo"))

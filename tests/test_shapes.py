@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from tasks.coco import load_coco, read_rgb
-from tasks.data import NOISE_FILE
-from tasks.shapes import PALETTE, ShapesCfg, generate
+from tasks.datasets.coco import load_coco, read_rgb
+from tasks.datasets.digits import NOISE_FILE
+from tasks.datasets.shapes import PALETTE, ShapesCfg, generate
 
 SMALL = {"train_images": 30, "val_images": 5, "test_images": 5}
 

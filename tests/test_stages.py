@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from tasks import build_engine, evaluate, export, reference, train
-from tasks.coco import DetectionSet
+from tasks.datasets.coco import DetectionSet
 from tasks.engines import get
-from tasks.errors import ConfigError
+from tasks.harness.errors import ConfigError
 from tasks.models import OUTPUTS, load_checkpoint
 from tasks.models.centernet import Detector, DetectorConfig, make_targets
-from tasks.onnx_export import parity
+from tasks.models.onnx_export import parity
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ import pytest
 import torch
 import yaml
 
-from tasks import data
-from tasks.errors import ConfigError, DataError
-from tasks.metrics import coco_metrics, predict
+from tasks.datasets import digits as data
+from tasks.harness.errors import ConfigError, DataError
+from tasks.metrics.detection import coco_metrics, predict
+from tasks.models import ultralytics_io as ulio
 from tasks.models import ultralytics_ref as ref
 from tests.conftest import small_data_cfg
 
@@ -48,10 +49,10 @@ def dataset(tmp_path_factory, network_attempts):
     """(manifest, data.yaml) of a small digits dataset: train 32, val 8, test 8, 64 px."""
     work = tmp_path_factory.mktemp("ulref")
     data.run(small_data_cfg(train_images=32, val_images=8, test_images=8), out_dir=work / "coco")
-    splits = {s: json.loads((work / "coco" / f"{s}.json").read_text()) for s in ref.SPLITS}
+    splits = {s: json.loads((work / "coco" / f"{s}.json").read_text()) for s in ulio.SPLITS}
     manifest = {"root": str(work / "coco"), "splits": splits}
     (work / "manifest.json").write_text(json.dumps(manifest))
-    return manifest, ref.write_yolo_dataset(manifest, work / "yolo")
+    return manifest, ulio.write_yolo_dataset(manifest, work / "yolo")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_yolo_dataset_matches_the_manifest(dataset):
     cats = sorted(manifest["splits"]["train"]["categories"], key=lambda c: c["id"])
     assert spec["names"] == [c["name"] for c in cats]
     root = data_yaml.parent
-    for split in ref.SPLITS:
+    for split in ulio.SPLITS:
         coco = manifest["splits"][split]
         images = sorted((root / "images" / split).iterdir())
         assert len(images) == len(coco["images"]) and all(p.is_file() for p in images)
@@ -145,7 +146,7 @@ def test_ultralytics_reads_every_box_of_the_written_dataset(dataset):
 
     manifest, data_yaml = dataset
     spec = check_det_dataset(str(data_yaml))
-    for split in ref.SPLITS:
+    for split in ulio.SPLITS:
         ds = YOLODataset(img_path=spec[split], data=spec, augment=False, imgsz=64, prefix=split)
         coco = manifest["splits"][split]
         assert len(ds.labels) == len(coco["images"])
@@ -207,7 +208,7 @@ def test_a_path_escaping_the_root_is_a_data_error(tmp_path, dataset):
     manifest = json.loads(json.dumps(dataset[0]))
     manifest["splits"]["val"]["images"][0]["file_name"] = "../../etc/passwd"
     with pytest.raises(DataError, match=r"splits\.val\.images\[0\].*escapes"):
-        ref.write_yolo_dataset(manifest, tmp_path / "out")
+        ulio.write_yolo_dataset(manifest, tmp_path / "out")
 
 
 @pytest.mark.slow  # two Ultralytics exports + NNCF: ~30 s on the loaded 2-core machine
@@ -296,7 +297,7 @@ def test_project_checkpoint_becomes_an_ultralytics_pt(tmp_path, best_pt, dataset
     categories = sorted(dataset[0]["splits"]["train"]["categories"], key=lambda c: c["id"])
     model, saved = project_checkpoint(best_pt, categories, tmp_path / "model.pt")
     ckpt = torch.load(saved, weights_only=True)
-    pt = ref.to_ultralytics_pt(ckpt, tmp_path / "u.pt")
+    pt = ulio.to_ultralytics_pt(ckpt, tmp_path / "u.pt")
     rebuilt = YOLO(str(pt)).model
     assert rebuilt.names == {i: c["name"] for i, c in enumerate(categories)}
     theirs, ours = model.state_dict(), rebuilt.state_dict()
@@ -307,6 +308,6 @@ def test_project_checkpoint_becomes_an_ultralytics_pt(tmp_path, best_pt, dataset
     key = "model.0.conv.weight"
     pruned["state_dict"][key] = pruned["state_dict"][key][:8]
     with pytest.raises(DataError, match=r"c\.pt: weights do not fit .*pruned"):
-        ref.to_ultralytics_pt(pruned, tmp_path / "y.pt", source=Path("c.pt"))
+        ulio.to_ultralytics_pt(pruned, tmp_path / "y.pt", source=Path("c.pt"))
     with pytest.raises(DataError, match=r"c\.pt: expected a yolo-family checkpoint"):
-        ref.to_ultralytics_pt({"family": "centernet"}, tmp_path / "x.pt", source=Path("c.pt"))
+        ulio.to_ultralytics_pt({"family": "centernet"}, tmp_path / "x.pt", source=Path("c.pt"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.errors import ConfigError, DataError
+from tasks.harness.errors import ConfigError, DataError
 from tasks.models import OUTPUTS, ModelAdapter, adapter_for, adapter_of
 from tasks.models.config import ModelCfg
 from tasks.models.yolo import weights_md5  # sets Ultralytics' offline switches before its import
@@ -30,8 +30,9 @@ def yolo(yaml: str = "yolov8n.yaml", **kw) -> ModelAdapter:
 
 
 def shapes_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, list[np.ndarray], list[np.ndarray]]:
-    """`n` coloured-shapes canvases (tasks.shapes) at 64 px: images in [0, 1], xyxy, labels."""
-    from tasks.shapes import ShapesCfg, compose_canvas
+    """`n` coloured-shapes canvases (tasks.datasets.shapes) at 64 px: images in [0, 1], xyxy,
+    labels."""
+    from tasks.datasets.shapes import ShapesCfg, compose_canvas
 
     cfg = ShapesCfg(
         width=SIZE,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.coco import CocoFile, load_coco, resolve_image
-from tasks.config import DatasetCfg
+from tasks.datasets.coco import CocoFile, load_coco, resolve_image
 from tasks.datasets.common import POOL, SPLITS, Source, mismatch
-from tasks.errors import DataError
+from tasks.harness.config import DatasetCfg
+from tasks.harness.errors import DataError
 
 
 def _split(root: Path, coco: CocoFile, source: Path) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from tasks.errors import DataError
+from tasks.harness.errors import DataError
 
 SPLITS = ("train", "val", "test")
 POOL = "all"  # the one split of a dataset that has no train/val/test of its own

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.config import DatasetCfg
 from tasks.datasets.coco_format import read_coco
 from tasks.datasets.common import Source
 from tasks.datasets.voc import read_voc
 from tasks.datasets.yolo import read_yolo
-from tasks.errors import DataError
+from tasks.harness.config import DatasetCfg
+from tasks.harness.errors import DataError
 
 READERS: dict[str, Callable[[Path, DatasetCfg], Source]] = {
     "coco": read_coco,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.coco import read_rgb
-from tasks.config import SplitCfg
+from tasks.datasets.coco import read_rgb
 from tasks.datasets.common import SPLITS
-from tasks.imagehash import near_duplicate_groups, phash
+from tasks.datasets.imagehash import near_duplicate_groups, phash
+from tasks.harness.config import SplitCfg
 
 
 def split_pool(pool: dict, root: Path, cfg: SplitCfg, max_bits: int) -> dict[str, dict]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from tasks.config import DatasetCfg
 from tasks.datasets.common import POOL, SPLITS, Source, box_entry, image_size, mismatch, relative
-from tasks.errors import DataError
+from tasks.harness.config import DatasetCfg
+from tasks.harness.errors import DataError
 
 
 def _number(node: ET.Element, tag: str, rel: str, where: str) -> float:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import DatasetCfg
 from tasks.datasets.common import (
     IMAGE_SUFFIXES,
     POOL,
@@ -25,7 +24,8 @@ from tasks.datasets.common import (
     mismatch,
     relative,
 )
-from tasks.errors import DataError
+from tasks.harness.config import DatasetCfg
+from tasks.harness.errors import DataError
 
 log = logging.getLogger(__name__)
 

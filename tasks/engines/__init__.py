@@ -8,17 +8,15 @@ A target that cannot run here (runtime not installed, no device) returns `status
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import onnx
 
-from tasks.config import BuildEngineCfg
-from tasks.errors import ConfigError, GateFailed
+from tasks.harness.config import BuildEngineCfg
+from tasks.harness.errors import ConfigError, GateFailed
+from tasks.harness.signature import Runner
 
-Runner = Callable[[np.ndarray], Sequence[np.ndarray]]
 MODULES = {
     "onnxruntime": "onnx_runtime",
     "openvino": "openvino_cpu",

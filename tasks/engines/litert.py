@@ -39,12 +39,12 @@ import numpy as np
 import onnx
 from onnx.utils import Extractor
 
-from tasks.config import BuildEngineCfg
 from tasks.engines import Runner, register
-from tasks.errors import GateFailed, ShrinkflowError
+from tasks.harness.config import BuildEngineCfg
+from tasks.harness.errors import GateFailed, ShrinkflowError
+from tasks.harness.signature import OUTPUTS
 
 log = logging.getLogger(__name__)
-OUTPUTS = ["num_detections", "boxes", "scores", "classes"]
 REQUIRED = ("ai_edge_litert", "onnx2tf", "tensorflow")  # the `litert` extra
 PRECISIONS = ("float32", "float16", "int8")
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # onnx2tf's name

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tasks.config import BuildEngineCfg
 from tasks.engines import Runner, check_int8, register
+from tasks.harness.config import BuildEngineCfg
+from tasks.harness.signature import OUTPUTS
 
-OUTPUTS = ["num_detections", "boxes", "scores", "classes"]
 INT8_CONV_KERNELS = {"QLinearConv", "ConvInteger"}
 CONV_KERNELS = INT8_CONV_KERNELS | {"Conv", "FusedConv", "NchwcConv"}
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from tasks.config import BuildEngineCfg
 from tasks.engines import Runner, check_int8, register
+from tasks.harness.config import BuildEngineCfg
 
 
 def _config(cfg: BuildEngineCfg) -> dict:

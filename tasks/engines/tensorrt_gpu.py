@@ -16,8 +16,9 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from tasks.config import BuildEngineCfg
 from tasks.engines import Runner, is_quantized, register
+from tasks.harness.config import BuildEngineCfg
+from tasks.harness.signature import OUTPUTS
 
 TIMING_CACHE = Path(".cache/tensorrt/timing.cache")  # shared by builds on this machine
 
@@ -132,7 +133,7 @@ class TensorRtGpu:
                 context.set_tensor_address(name, bufs[name].data_ptr())
             context.execute_async_v3(stream.cuda_stream)
             stream.synchronize()
-            return [bufs[n].cpu().numpy() for n in ("num_detections", "boxes", "scores", "classes")]
+            return [bufs[n].cpu().numpy() for n in OUTPUTS]
 
         return run
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from tasks.cli import stage_entry
-from tasks.errors import DataQualityError, ShrinkflowError
-from tasks.io import meta, remove, write_json
+from tasks.harness.errors import DataQualityError, ShrinkflowError
+from tasks.harness.io import meta, remove, write_json
+from tasks.harness.stage import stage_entry
 from tasks.label_qa import review
 from tasks.label_qa.core import run
 from tasks.label_qa.report import write_reports
-from tasks.metrics import Runner
+from tasks.metrics.detection import Runner
 
 log = logging.getLogger("tasks.label_qa")
 OUTPUTS = (
@@ -37,7 +37,7 @@ def champion_runner(model_name: str, work: Path) -> tuple[Runner, int, str] | No
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import tracking_uri
+    from tasks.harness.tracking import tracking_uri
 
     uri = tracking_uri()
     client = MlflowClient(uri)

@@ -8,7 +8,8 @@ what the policy costs where the labels were right).
     shrinkflow bench-label-qa --rate 0.05            # -> artifacts/bench/label-qa-default.json
     shrinkflow bench-label-qa --dataset shapes       # -> artifacts/bench/label-qa-shapes.json
 
-`--dataset shapes` runs the same on the coloured-shapes set (`tasks/shapes.py`: class = colour),
+`--dataset shapes` runs the same on the coloured-shapes set (`tasks/datasets/shapes.py`: class =
+colour),
 the harder one where a colour-blind checker rewrites correct labels.
 """
 
@@ -22,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import LabelNoiseCfg, Params
-from tasks.data import NOISE_FILE, NOISE_KINDS
-from tasks.data import run as make_data
+from tasks.datasets.digits import NOISE_FILE, NOISE_KINDS
+from tasks.datasets.digits import run as make_data
+from tasks.datasets.shapes import ShapesCfg, generate
+from tasks.harness.config import LabelNoiseCfg, Params
 from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.core import QaResult, action_for, apply_policy
 from tasks.label_qa.core import run as run_qa
 from tasks.label_qa.registry import RULES, SPLITS, Finding
-from tasks.shapes import ShapesCfg, generate
 
 log = logging.getLogger(__name__)
 # which rule is meant to catch which injected kind (precision is per rule)
@@ -141,10 +142,10 @@ def train_and_test(params: Params, manifest: dict, test_manifest: dict, epochs: 
     """Train the project's detector on `manifest`'s train split (params.train, `epochs`) and
     return its metrics on the test split of `test_manifest` (the clean labels: every variant is
     judged against the same ground truth, whatever a policy did to its own test split)."""
-    from tasks.coco import DetectionSet
-    from tasks.letterbox import build_size
+    from tasks.datasets.coco import DetectionSet
     from tasks.models import adapter_for
-    from tasks.training import evaluate_model, fit
+    from tasks.models.training import evaluate_model, fit
+    from tasks.preprocess.letterbox import build_size
 
     cfg = params.train.model_copy(update={"epochs": epochs})
     t0 = time.perf_counter()

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.coco import read_rgb
+from tasks.datasets.coco import read_rgb
 
 log = logging.getLogger(__name__)
 CROP_PX = 16  # default grey crop side: 256 features per box (the default digits are 14-36 px)

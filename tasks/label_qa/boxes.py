@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tasks.coco import CocoAnnotation
+from tasks.datasets.coco import CocoAnnotation
 from tasks.label_qa.registry import Hit, Issue, QaContext, SplitData, annotation_rule, dataset_rule
 
 EDGE_TOLERANCE = 0.5  # px: sub-pixel rounding in exporters is not an error

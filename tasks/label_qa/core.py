@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tasks.coco import load_coco, load_manifest_split, read_rgb, resolve_image
-from tasks.config import LabelQaCfg, TrainCfg
-from tasks.errors import ConfigError
+from tasks.datasets.coco import load_coco, load_manifest_split, read_rgb, resolve_image
+from tasks.harness.config import LabelQaCfg, TrainCfg
+from tasks.harness.errors import ConfigError
 from tasks.label_qa import (  # noqa: F401  (register rules)
     balance,
     boxes,
@@ -35,7 +35,7 @@ from tasks.label_qa import (  # noqa: F401  (register rules)
 from tasks.label_qa.balance import class_counts
 from tasks.label_qa.images import phash
 from tasks.label_qa.registry import RULES, SPLITS, Finding, Hit, QaContext, Rule, SplitData
-from tasks.metrics import Runner
+from tasks.metrics.detection import Runner
 from tasks.models.config import ModelCfg
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tasks.coco import CocoImage
-from tasks.imagehash import HASH_SIDE, near_pairs, phash  # noqa: F401  (re-exported: core, bench, tests)
+from tasks.datasets.coco import CocoImage
+from tasks.datasets.imagehash import HASH_SIDE, near_pairs, phash  # noqa: F401  (re-exported: core, bench, tests)
 from tasks.label_qa.registry import (
     SPLITS,
     Hit,

@@ -39,8 +39,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import DataError
-from tasks.io import write_json, write_text
+from tasks.harness.errors import DataError
+from tasks.harness.io import write_json, write_text
 from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.registry import Finding, QaContext
 from tasks.label_qa.review import Decision, Fix

@@ -37,14 +37,14 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from tasks.coco import DetectionSet
-from tasks.config import TrainCfg
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.config import TrainCfg
 from tasks.label_qa import box_classifier
 from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.registry import Hit, QaContext, dataset_rule
-from tasks.letterbox import build_size
-from tasks.metrics import Runner, coco_metrics, predict
+from tasks.metrics.detection import Runner, coco_metrics, predict
 from tasks.models.config import ModelCfg
+from tasks.preprocess.letterbox import build_size
 
 log = logging.getLogger(__name__)
 SCORE_FLOOR = 0.05  # predictions below this confidence are not passed to cleanlab
@@ -115,7 +115,7 @@ def crossfit(
     The fold models are the project's family (`model_cfg`; the built-in detector at
     `label_qa.model.width`). Folds and training are seeded from `train.seed`."""
     from tasks.models import adapter_for
-    from tasks.training import fit
+    from tasks.models.training import fit
 
     m = ctx.cfg.model
     narrow = model_cfg.centernet.model_copy(update={"width": m.width})

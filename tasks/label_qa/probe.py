@@ -3,7 +3,8 @@
 For each rule, a copy of the (interim) train split gets known errors of that rule's kind, at
 `label_qa.probe_rate` of its usable boxes: class swaps (`label_wrong_class`), shifted and scaled
 boxes (`box_badly_placed`), dropped boxes (`box_missing`); the noise is
-`tasks.data.inject_noise`'s, through `tasks.label_noise.inject`. The rule then runs on its copy
+`tasks.datasets.digits.inject_noise`'s, through `tasks.datasets.label_noise.inject`. The rule then
+runs on its copy
 with the same out-of-sample detector predictions (the cross-fit's: no detector is retrained; the
 box classifier is re-fitted on the copy's labels with the run's feature set). From the result:
 
@@ -49,8 +50,8 @@ import logging
 
 import numpy as np
 
-from tasks.config import LabelNoiseCfg
-from tasks.label_noise import inject
+from tasks.datasets.label_noise import inject
+from tasks.harness.config import LabelNoiseCfg
 from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.registry import RULES, Hit, QaContext, Rule
 

@@ -14,8 +14,8 @@ from typing import Literal
 
 import numpy as np
 
-from tasks.coco import CocoAnnotation, CocoFile, CocoImage
-from tasks.config import LabelQaCfg
+from tasks.datasets.coco import CocoAnnotation, CocoFile, CocoImage
+from tasks.harness.config import LabelQaCfg
 
 Severity = Literal["error", "warning"]
 Policy = Literal["drop", "fix", "keep"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tasks.coco import read_rgb
-from tasks.config import LabelQaCfg
-from tasks.io import atomic_dir, write_json, write_text
+from tasks.datasets.coco import read_rgb
+from tasks.harness.config import LabelQaCfg
+from tasks.harness.io import atomic_dir, write_json, write_text
 from tasks.label_qa.registry import RULES, Finding
 
 LABEL_COLOUR = (230, 40, 40)  # the box as labelled

@@ -36,8 +36,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import DataError
-from tasks.io import write_json, write_text
+from tasks.harness.errors import DataError
+from tasks.harness.io import write_json, write_text
 from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.registry import RULES, SPLITS, Finding, QaContext
 from tasks.label_qa.report import finding_row

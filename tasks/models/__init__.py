@@ -12,8 +12,9 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.errors import ConfigError, DataError
-from tasks.models.base import OUTPUTS, ModelAdapter, PruneSpec
+from tasks.harness.errors import ConfigError, DataError
+from tasks.harness.signature import OUTPUTS
+from tasks.models.base import ModelAdapter, PruneSpec
 from tasks.models.config import ModelCfg
 
 __all__ = [

@@ -4,7 +4,7 @@ A stage never imports a model module: it asks `tasks.models.adapter_for(...)` fo
 the family named in `params.yaml: model` (or recorded in a checkpoint) and calls it. An adapter
 is a small stateless object; the model it builds is a plain `torch.nn.Module`.
 
-The shared training loop (`tasks.training`) treats the model's raw output as opaque: it calls
+The shared training loop (`tasks.models.training`) treats the model's raw output as opaque: it calls
 `adapter.forward_train(model, x)` and hands the result to `adapter.loss` (and, when distilling,
 `adapter.kd_loss` with the teacher's `forward_train` output on the same batch). Every deployable
 graph ends in the project's fixed signature (`OUTPUTS`): num_detections (B,) int32, boxes
@@ -16,7 +16,8 @@ Images reach a model as float32 (B, 3, H, W) in [0, 1], letterboxed to `input_si
 Sizes are (width, height) everywhere in the project (params' `train.input_size: [w, h]`, PIL,
 the letterbox); arrays and tensors are (H, W) / NCHW. An adapter may declare `input_stride`
 (an int, default 1): each side of the input must be a multiple of it (params validation says so).
-Callers read `input_size` through `tasks.letterbox.input_wh`, so an older adapter returning one
+Callers read `input_size` through `tasks.preprocess.letterbox.input_wh`, so an older adapter
+returning one
 side (a square) still works.
 """
 
@@ -29,8 +30,6 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import nn
-
-OUTPUTS = ["num_detections", "boxes", "scores", "classes"]
 
 
 @dataclass
@@ -64,7 +63,7 @@ class ModelAdapter(Protocol):
     def build(self, num_classes: int, input_size: int | tuple[int, int], seed: int) -> nn.Module:
         """A fresh model for inputs of `input_size`, or the user's `model.weights` re-headed if
         needed, in train mode. The stages pass one side for a square (as before rectangles) and
-        (width, height) for a rectangle (`tasks.letterbox.build_size`)."""
+        (width, height) for a rectangle (`tasks.preprocess.letterbox.build_size`)."""
 
     def save(self, path: Path, model: nn.Module, categories: list[dict], extra: dict) -> None:
         """Write the project's checkpoint atomically: {family, config, state_dict, categories,

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.errors import DataError
-from tasks.letterbox import input_wh
+from tasks.harness.errors import DataError
 from tasks.models.base import PruneSpec
 from tasks.models.checkpoint import write_checkpoint
 from tasks.models.config import CenterNetCfg, ModelCfg
+from tasks.preprocess.letterbox import input_wh
 
 BASE_CHANNELS = (16, 32, 64, 128)  # stem, stride 4, 8, 16
 BASE_NECK = 64

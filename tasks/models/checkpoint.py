@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.errors import DataError
+from tasks.harness.errors import DataError
 
 
 def write_checkpoint(path: Path, ckpt: dict) -> None:

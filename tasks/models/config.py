@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import SafePath, Section
+from tasks.harness.sections import SafePath, Section
 
 
 class CenterNetCfg(Section):

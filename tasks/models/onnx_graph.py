@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tasks.errors import DataError
-from tasks.letterbox import input_wh
+from tasks.harness.errors import DataError
+from tasks.preprocess.letterbox import input_wh
 
 DECODE_PREFIX = "decode/"  # names of the appended decode's nodes (tasks/models/onnx_decode.py)
 
@@ -42,7 +42,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def load(path: Path) -> onnx.ModelProto:
-    from tasks.io import check_onnx
+    from tasks.harness.io import check_onnx
 
     check_onnx(path)
     return onnx.load(str(path))

@@ -29,9 +29,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from tasks.errors import ConfigError, DataError
-from tasks.letterbox import input_wh
-from tasks.models.base import OUTPUTS
+from tasks.harness.errors import ConfigError, DataError
+from tasks.harness.signature import OUTPUTS
 from tasks.models.config import ModelCfg
 from tasks.models.onnx_decode import (
     DECODE_PREFIX,
@@ -49,6 +48,7 @@ from tasks.models.onnx_graph import load as _load
 from tasks.models.onnx_graph import macs_and_params
 from tasks.models.onnx_graph import opset as _opset
 from tasks.models.onnx_graph import run_shapes as _run_shapes
+from tasks.preprocess.letterbox import input_wh
 
 __all__ = [
     "SKIPPED", "Imported", "ImportedOnnxAdapter", "adapter", "decode_nodes", "detector_end",
@@ -404,7 +404,7 @@ def prepare(
         DataError: the file or its outputs do not match `cfg.outputs`, its class count or
             input size differs from the pipeline's, or its batch axis is fixed.
     """
-    from tasks.io import md5_file
+    from tasks.harness.io import md5_file
 
     src = Path(cfg.onnx)
     found = inspect(src, cfg.outputs, num_classes, input_size)

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from tasks.io import copy_file
+from tasks.harness.io import copy_file
 
 log = logging.getLogger(__name__)
 

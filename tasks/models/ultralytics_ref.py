@@ -5,12 +5,10 @@
 given, keeping the Detect head in float) and the FP32 export of the same model, offline, in a
 temp folder, and
 measures both the way the project measures its own engines: mAP on the project's letterboxed
-test split with the project's metrics (tasks/metrics.py), batch-1 latency of the compiled
-OpenVINO model timed in alternating blocks (tasks/bench.py), and the IR's file size.
+test split with the project's metrics (tasks/metrics/detection.py), batch-1 latency of the compiled
+OpenVINO model timed in alternating blocks (tasks/metrics/timing.py), and the IR's file size.
 
-`write_yolo_dataset` writes the project's manifest as the Ultralytics dataset layout that the
-export (and Ultralytics' trainer) reads; `to_ultralytics_pt` turns a project checkpoint of the
-`yolo` family (state_dict + model yaml) into a temporary Ultralytics `.pt`.
+The dataset and the `.pt` the export reads are written by tasks/models/ultralytics_io.py.
 
 Ultralytics is imported only through `offline_ultralytics()`, which first switches off every
 path to the network: `YOLO_OFFLINE` (its online check answers False, so no telemetry, no
@@ -22,10 +20,7 @@ rewritten), a private settings folder, and matplotlib's DejaVu Sans registered a
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -34,169 +29,20 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import yaml
 from pydantic import Field, field_validator
 
-from tasks.coco import DetectionSet, resolve_image
-from tasks.config_types import PosInt, Section
-from tasks.errors import ConfigError, DataError
-from tasks.io import md5_file, write_json, write_text
-from tasks.letterbox import input_wh
-from tasks.metrics import Runner
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.errors import ConfigError, DataError
+from tasks.harness.io import md5_file, write_json
+from tasks.harness.sections import PosInt, Section
+from tasks.metrics.detection import Runner
+from tasks.models.ultralytics_io import to_ultralytics_pt, write_yolo_dataset
 from tasks.models.ultralytics_offline import CONFIG_DIR_ENV, offline_ultralytics  # noqa: F401
+from tasks.preprocess.letterbox import input_wh
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 VARIANTS = {"ultralytics_openvino_fp32": False, "ultralytics_openvino_int8": True}
-
-
-# -- the dataset ------------------------------------------------------------------------------
-def yolo_label_lines(coco: dict) -> dict[int, list[str]]:
-    """{image id: label lines `class cx cy w h`} of a COCO split, normalised by each image's
-    size; classes numbered in category-id order; crowd annotations left out (Ultralytics has
-    no ignore regions); images without boxes get no lines (negatives)."""
-    cats = sorted(coco["categories"], key=lambda c: c["id"])
-    index = {c["id"]: k for k, c in enumerate(cats)}
-    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
-    lines: dict[int, list[str]] = {im["id"]: [] for im in coco["images"]}
-    for a in coco["annotations"]:
-        if a.get("iscrowd", 0):
-            continue
-        w, h = sizes[a["image_id"]]
-        x, y, bw, bh = a["bbox"]
-        lines[a["image_id"]].append(
-            f"{index[a['category_id']]} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} "
-            f"{bw / w:.6f} {bh / h:.6f}"
-        )
-    return lines
-
-
-def write_yolo_dataset(
-    manifest: dict, out: Path, splits: Iterable[str] = SPLITS, *, link: bool = True
-) -> Path:
-    """Write the project's manifest ({root, splits: {split: COCO}}) in the Ultralytics layout.
-
-    `out/images/<split>/` holds each image (a symlink to the manifest's file, or a copy when
-    `link` is False or the file system refuses links), `out/labels/<split>/<stem>.txt` its
-    boxes (see `yolo_label_lines`), `out/data.yaml` the absolute path, the splits and `names`
-    in category-id order. A file name is prefixed with its image id, so images of the same
-    name in different folders stay apart. Returns the data.yaml path.
-
-    Raises:
-        DataError: an image path escapes the manifest's root, or a split is missing.
-    """
-    out = Path(out)
-    root = Path(manifest["root"])
-    splits = list(splits)
-    names = None
-    for split in splits:
-        coco = manifest["splits"].get(split)
-        if coco is None:
-            raise DataError(
-                f"manifest: splits.{split}: missing (found {sorted(manifest['splits'])})"
-            )
-        cats = sorted(coco["categories"], key=lambda c: c["id"])
-        names = names or [c["name"] for c in cats]
-        images, labels = out / "images" / split, out / "labels" / split
-        images.mkdir(parents=True, exist_ok=True)
-        labels.mkdir(parents=True, exist_ok=True)
-        lines = yolo_label_lines(coco)
-        for i, im in enumerate(coco["images"]):
-            src = resolve_image(root, im["file_name"], root, f"splits.{split}.images[{i}]")
-            dst = images / f"{im['id']}_{Path(im['file_name']).name}"
-            dst.unlink(missing_ok=True)
-            try:
-                if not link:
-                    raise OSError("copy asked for")
-                dst.symlink_to(src)
-            except OSError:
-                shutil.copyfile(src, dst)
-            write_text(labels / f"{dst.stem}.txt", "\n".join(lines[im["id"]]))
-    spec = {"path": str(out.resolve()), **{s: f"images/{s}" for s in splits}, "names": names}
-    if "val" not in spec:  # Ultralytics requires train and val keys
-        spec["val"] = spec[splits[0]]
-    write_text(out / "data.yaml", yaml.safe_dump(spec, sort_keys=False))
-    return out / "data.yaml"
-
-
-# -- a project checkpoint as an Ultralytics .pt -----------------------------------------------
-def unsplit_c2f(state_dict: dict) -> dict:
-    """The state dict of tasks.models.yolo's model (each C2f / C3k2 layer `k` rewritten as
-    `C2fSplit`: `model.k.cv0` and `model.k.cv1` each make one half of the original `cv1`) as
-    the state dict of Ultralytics' own DetectionModel: the two halves concatenated back into
-    `model.k.cv1` (conv weight and BatchNorm rows; num_batches_tracked from `cv0`). A state
-    dict without `cv0` layers (a plain DetectionModel's) comes back as it is."""
-    import torch
-
-    split = {key.split(".")[1] for key in state_dict if re.match(r"model\.\d+\.cv0\.", key)}
-    out = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if parts[0] == "model" and parts[1] in split and parts[2] in ("cv0", "cv1"):
-            if parts[2] == "cv1":
-                continue  # merged with its cv0 half below
-            rest = ".".join(parts[3:])
-            second = state_dict[".".join(["model", parts[1], "cv1", rest])]
-            merged = value if rest.endswith("num_batches_tracked") else torch.cat([value, second])
-            out[".".join(["model", parts[1], "cv1", rest])] = merged
-        else:
-            out[key] = value
-    return out
-
-
-def to_ultralytics_pt(ckpt: dict, out: Path, source: Path | None = None) -> Path:
-    """Write a project checkpoint of the `yolo` family as an Ultralytics `.pt` at `out`.
-
-    The checkpoint (read with `torch.load(weights_only=True)`; tasks/models/yolo.py's
-    `save`) holds `state_dict`, `categories` ([{id, name}], in class order) and `config.yaml`:
-    the model yaml as a dict (Ultralytics' `DetectionModel.yaml`) or the name of a yaml shipped
-    with Ultralytics. The model is rebuilt as Ultralytics' own DetectionModel (C2f layers as
-    Ultralytics has them: `unsplit_c2f`), the weights loaded strictly, and saved the way
-    Ultralytics' trainer saves (`{"model": module, "train_args": ...}`, a pickle Ultralytics
-    loads itself). Only an unpruned model fits its yaml: the reference is Ultralytics' export
-    of the trained model. `source` (the checkpoint's path) names the file in errors.
-
-    Raises:
-        DataError: the checkpoint is not of the `yolo` family, lacks a field, or its weights do
-            not fit the model its yaml describes (e.g. a pruned checkpoint).
-    """
-    import torch
-
-    offline_ultralytics()
-    from ultralytics import __version__
-    from ultralytics.nn.tasks import DetectionModel
-
-    where = Path(source) if source else Path(out)
-    config = ckpt.get("config") or {}
-    if (
-        ckpt.get("family") != "yolo"
-        or "yaml" not in config
-        or not {"state_dict", "categories"} <= set(ckpt)
-    ):
-        raise DataError(
-            f"{where}: expected a yolo-family checkpoint with config.yaml, state_dict and "
-            f"categories, found family {ckpt.get('family')!r} and keys {sorted(ckpt)}"
-        )
-    names = [c["name"] for c in ckpt["categories"]]
-    model = DetectionModel(copy.deepcopy(config["yaml"]), nc=len(names), verbose=False)
-    try:
-        model.load_state_dict(unsplit_c2f(ckpt["state_dict"]), strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise DataError(
-            f"{where}: weights do not fit Ultralytics' model of its yaml (a pruned "
-            f"checkpoint? the reference exports the trained, unpruned one): {first}"
-        ) from e
-    model.names = dict(enumerate(names))
-    w, h = input_wh(config.get("input_size", 640))
-    model.args = {"imgsz": w if w == h else [h, w], "task": "detect"}  # Ultralytics: [h, w]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    torch.save({"model": model.eval(), "train_args": model.args, "version": __version__}, tmp)
-    os.replace(tmp, out)
-    return out
 
 
 # -- the reference ----------------------------------------------------------------------------
@@ -329,7 +175,8 @@ def raw_runner(compiled):
 def ultralytics_nms(raw: np.ndarray, size: int, cfg: ReferenceCfg) -> list[np.ndarray]:
     """Ultralytics' own NMS (ultralytics.utils.nms.non_max_suppression) on raw (B, 4 + C, N):
     (num (B,), boxes (B, K, 4) xyxy input pixels, scores (B, K), classes (B, K)), K = max_det,
-    rows past num zero: the project's runner signature (tasks/metrics.py). Boxes are clipped
+    rows past num zero: the project's runner signature (tasks/metrics/detection.py). Boxes are
+    clipped
     to the `size` x `size` input, as Ultralytics' predictor and validator clip to the image."""
     import torch
     from ultralytics.utils.nms import non_max_suppression
@@ -351,7 +198,8 @@ def ultralytics_nms(raw: np.ndarray, size: int, cfg: ReferenceCfg) -> list[np.nd
 
 
 def detection_runner(compiled, cfg: ReferenceCfg):
-    """The compiled export + Ultralytics' NMS as a project runner (tasks.metrics.Runner), any
+    """The compiled export + Ultralytics' NMS as a project runner (tasks.metrics.detection.Runner),
+    any
     batch size, one image per call of the batch-1 model."""
     raw = raw_runner(compiled)
 
@@ -448,7 +296,7 @@ def ultralytics_int8_reference(
     the project's engines get), its raw output reduced by Ultralytics' NMS, and scored by the
     project's `predict` + `coco_metrics` against the test split.
 
-    Latency is batch 1, timed with `tasks.bench.time_blocks` (every runner in one call:
+    Latency is batch 1, timed with `tasks.metrics.timing.time_blocks` (every runner in one call:
     alternating shuffled blocks, so the figures compare as ratios): `latency_ms_p50` / `_p95`
     are the compiled model alone, without NMS; `latency_ms_p50_with_nms` / `_p95` add
     Ultralytics' torch NMS on the host at the deployment floor `cfg.timed_conf` (keeping
@@ -465,9 +313,9 @@ def ultralytics_int8_reference(
         latency_ms_p50, latency_ms_p95, throughput_ips}}, "config": cfg, "versions": {...},
         "test_images": n}.
     """
-    from tasks.bench import latency_stats, time_blocks
-    from tasks.io import versions
-    from tasks.metrics import coco_metrics, predict
+    from tasks.harness.io import versions
+    from tasks.metrics.detection import coco_metrics, predict
+    from tasks.metrics.timing import latency_stats, time_blocks
 
     others = others or {}
     if clash := sorted(set(others) & {n + s for n in VARIANTS for s in ("", "+nms")}):
@@ -540,7 +388,7 @@ def bench_reference(
     """
     import torch
 
-    from tasks.coco import read_manifest
+    from tasks.datasets.coco import read_manifest
 
     m = read_manifest(manifest)
     source = Path(weights_pt or checkpoint)

@@ -6,7 +6,7 @@ first imported (`_ultralytics()`): no network checks, no pip auto-install, no te
 What the family owns:
 - the model: an Ultralytics `DetectionModel`, built from a model yaml (`model.yolo.yaml`) with
   `nc` = the data's classes, or unpickled from the user's `model.weights` (that path only; its MD5
-  is recorded). Every `C2f` / `C3k2` is rewritten once (`_split_c2f`) so that its first conv is two
+  is recorded). Every `C2f` / `C3k2` is rewritten once (`split_c2f`) so that its first conv is two
   convs instead of one conv + `chunk(2)`: the same function, but torch-pruning can prune the two
   halves independently and the rebuilt model needs no split sizes.
 - the checkpoint: {family, config: {yaml, nc, input_size, widths, weights_md5}, state_dict,
@@ -34,20 +34,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.errors import ConfigError, DataError
-from tasks.io import md5_file
-from tasks.letterbox import input_wh
+from tasks.harness.errors import ConfigError, DataError
+from tasks.harness.io import md5_file
 from tasks.models.base import PruneSpec
 from tasks.models.config import ModelCfg
 from tasks.models.ultralytics_offline import offline_env, offline_ultralytics
+from tasks.models.yolo_graph import (
+    YoloWithNms,
+    apply_widths,
+    check_supported,
+    conv_widths,
+    detect_head,
+    split_c2f,
+)
+from tasks.preprocess.letterbox import input_wh
 
 log = logging.getLogger(__name__)
 
 FAMILY = "yolo"
 MAX_STRIDE = 32  # P5 models: the input side must be a multiple of the largest stride
-IOU_THRESHOLD = 0.7  # Ultralytics' default NMS IoU (`iou` in its default.yaml)
-# layer types of the YOLOv8 / YOLO11 detect models this adapter prunes, saves and exports
-SUPPORTED_LAYERS = {"Conv", "C2f", "C3k2", "SPPF", "C2PSA", "Concat", "Upsample", "Detect"}
 
 offline_env()  # on import of this module, so that it precedes Ultralytics' own first import
 
@@ -63,118 +68,12 @@ def _ultralytics():
         ) from e
 
 
-class C2fSplit(nn.Module):
-    """`C2f` (and YOLO11's `C3k2`) with `cv1(x).chunk(2)` computed by two convs, `cv0` and
-    `cv1`, each making one half: the same function, traceable by torch-pruning's DepGraph and
-    rebuildable from conv widths alone. `f`, `i`, `type`, `np` are Ultralytics' layer tags."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        from ultralytics.nn.modules import Conv
-
-        conv, bn = block.cv1.conv, block.cv1.bn
-        half = conv.out_channels // 2
-        self.cv0 = Conv(conv.in_channels, half, 1, 1)
-        self.cv1 = Conv(conv.in_channels, half, 1, 1)
-        for k, part in enumerate((self.cv0, self.cv1)):
-            rows = slice(k * half, (k + 1) * half)
-            part.act = copy.deepcopy(block.cv1.act)
-            part.conv.weight.data = conv.weight.data[rows].clone()
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                getattr(part.bn, name).data = getattr(bn, name).data[rows].clone()
-            part.bn.eps, part.bn.momentum = bn.eps, bn.momentum
-            part.bn.num_batches_tracked.data = bn.num_batches_tracked.data.clone()
-        self.cv2, self.m = block.cv2, block.m
-        for tag in ("f", "i", "type", "np"):
-            if hasattr(block, tag):
-                setattr(self, tag, getattr(block, tag))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = [self.cv0(x), self.cv1(x)]
-        y.extend(m(y[-1]) for m in self.m)
-        return self.cv2(torch.cat(y, 1))
-
-
-def _split_c2f(model: nn.Module) -> None:
-    """Replace every `C2f` / `C3k2` layer of `model.model` by its `C2fSplit` (in place)."""
-    from ultralytics.nn.modules import C2f
-
-    for k, layer in enumerate(model.model):
-        if isinstance(layer, C2f):
-            model.model[k] = C2fSplit(layer)
-
-
-def _head(model: nn.Module) -> nn.Module:
-    return model.model[-1]
-
-
 def _set_hyp(model: nn.Module) -> None:
     """Give the model Ultralytics' default hyperparameters (the loss gains box 7.5, cls 0.5,
     dfl 1.5), as its trainer does; a user's checkpoint carries its training args as a dict."""
     from ultralytics.cfg import get_cfg
 
     model.args = get_cfg()
-
-
-def _check_supported(model: nn.Module, where: str) -> None:
-    """Raise DataError unless `model` is a plain YOLOv8 / YOLO11 detection model."""
-    from ultralytics.nn.modules import Detect
-    from ultralytics.nn.tasks import DetectionModel
-
-    if type(model) is not DetectionModel:
-        raise DataError(
-            f"{where}: expected an Ultralytics detection model, found "
-            f"{type(model).__name__} (task {getattr(model, 'task', '?')!r})"
-        )
-    head = _head(model)
-    if type(head) is not Detect or getattr(head, "end2end", False):
-        raise DataError(
-            f"{where}: expected a YOLOv8 / YOLO11 Detect head, found "
-            f"{type(head).__name__}{' (end-to-end)' if type(head) is Detect else ''}"
-        )
-    found = sorted({type(m).__name__ for m in model.model} - SUPPORTED_LAYERS - {"C2fSplit"})
-    if found:
-        raise DataError(
-            f"{where}: not a YOLOv8 / YOLO11 model: layer types {found} are not "
-            f"among the supported {sorted(SUPPORTED_LAYERS)}"
-        )
-
-
-def _widths(model: nn.Module) -> dict[str, list[int]]:
-    """Every conv's [in, out, groups] and every BatchNorm's [features], by module path."""
-    out: dict[str, list[int]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            out[name] = [m.in_channels, m.out_channels, m.groups]
-        elif isinstance(m, nn.BatchNorm2d):
-            out[name] = [m.num_features]
-    return out
-
-
-def _apply_widths(model: nn.Module, widths: dict[str, list[int]]) -> None:
-    """Replace each conv / BatchNorm whose recorded width differs by a fresh one of that width
-    (the pruned model's shapes), so that its state_dict loads."""
-    modules = dict(model.named_modules())
-    for name, want in widths.items():
-        m = modules.get(name)
-        if isinstance(m, nn.Conv2d) and [m.in_channels, m.out_channels, m.groups] != want:
-            new = nn.Conv2d(
-                want[0],
-                want[1],
-                m.kernel_size,
-                m.stride,
-                m.padding,
-                m.dilation,
-                want[2],
-                m.bias is not None,
-                m.padding_mode,
-            )
-        elif isinstance(m, nn.BatchNorm2d) and [m.num_features] != want:
-            new = nn.BatchNorm2d(want[0], m.eps, m.momentum, m.affine, m.track_running_stats)
-        else:
-            continue
-        parent, _, leaf = name.rpartition(".")
-        setattr(modules[parent] if parent else model, leaf, new)
 
 
 def weights_md5(cfg: ModelCfg) -> str | None:
@@ -204,8 +103,8 @@ def _load_user_weights(path: Path, num_classes: int) -> nn.Module:
             f"{path}: expected an Ultralytics checkpoint (a dict with 'model'), "
             f"found {type(ckpt).__name__}"
         )
-    _check_supported(model, str(path))
-    found = _head(model).nc
+    check_supported(model, str(path))
+    found = detect_head(model).nc
     if found != num_classes:
         raise DataError(
             f"{path}: the model has {found} classes, the data has {num_classes}; "
@@ -258,24 +157,24 @@ class YoloAdapter:
                         f"not a usable Ultralytics model yaml ({e})"
                     ) from e
             try:
-                _check_supported(model, f"params.yaml: model.yolo.yaml {self.cfg.yolo.yaml!r}")
+                check_supported(model, f"params.yaml: model.yolo.yaml {self.cfg.yolo.yaml!r}")
             except DataError as e:  # a yaml is config, not data
                 raise ConfigError(str(e)) from None
-        _split_c2f(model)
+        split_c2f(model)
         _set_hyp(model)
         model.shrinkflow = {"input_size": _side(w, h), "weights_md5": md5}
         for p in model.parameters():
             p.requires_grad_(True)
-        _head(model).dfl.requires_grad_(False)  # DFL's conv is the fixed 0..reg_max-1 projection
+        detect_head(model).dfl.requires_grad_(False)  # DFL: the fixed 0..reg_max-1 projection
         return model.train()
 
     def save(self, path: Path, model: nn.Module, categories: list[dict], extra: dict) -> None:
         """Write the checkpoint (see the module docstring) atomically: temp file, then rename."""
         config = {
             "yaml": copy.deepcopy(model.yaml),
-            "nc": int(_head(model).nc),
+            "nc": int(detect_head(model).nc),
             "input_size": _side(*self.input_size(model)),
-            "widths": _widths(model),
+            "widths": conv_widths(model),
             "weights_md5": model.shrinkflow.get("weights_md5"),
         }
         ckpt = {
@@ -305,8 +204,8 @@ class YoloAdapter:
             raise DataError(f"{path}: not a yolo-family checkpoint (family {family!r})")
         try:
             model = DetectionModel(copy.deepcopy(config["yaml"]), nc=config["nc"], verbose=False)
-            _split_c2f(model)
-            _apply_widths(model, config["widths"])
+            split_c2f(model)
+            apply_widths(model, config["widths"])
             model.load_state_dict(ckpt["state_dict"])
         except (KeyError, TypeError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0]
@@ -316,14 +215,14 @@ class YoloAdapter:
             "input_size": _side(*input_wh(config["input_size"])),
             "weights_md5": config.get("weights_md5"),
         }
-        _head(model).dfl.requires_grad_(False)
+        detect_head(model).dfl.requires_grad_(False)
         return model.eval()
 
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         return input_wh(model.shrinkflow["input_size"])
 
     def num_classes(self, model: nn.Module) -> int:
-        return int(_head(model).nc)
+        return int(detect_head(model).nc)
 
     # -- training ----------------------------------------------------------------------------
     def forward_train(self, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
@@ -410,7 +309,7 @@ class YoloAdapter:
         `prune.ignore` modules; everything else is MetaPruner's to prune."""
         from ultralytics.nn.modules.block import C2PSA, Attention, PSABlock
 
-        head = _head(model)
+        head = detect_head(model)
         keep: list[nn.Module] = [head.dfl]
         keep += [branch[-1] for branch in (*head.cv2, *head.cv3)]
         keep += [m for m in model.modules() if isinstance(m, C2PSA | PSABlock | Attention)]
@@ -465,86 +364,6 @@ class YoloAdapter:
 def _side(w: int, h: int) -> int | list[int]:
     """The checkpoint's `input_size`: one side for a square (as before), else [w, h]."""
     return int(w) if w == h else [int(w), int(h)]
-
-
-def _raw_head(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    """Run the layers as `DetectionModel._predict_once` does, the Detect head by its
-    mode-independent `forward_head`: {"boxes", "scores", "feats"} whatever the mode."""
-    *body, head = model.model
-    saved, y = set(model.save), []
-    for m in (*body, head):
-        if m.f != -1:  # inputs from earlier layers
-            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-        if m.i == head.i:
-            return head.forward_head(x, **head.one2many)
-        x = m(x)
-        y.append(x if m.i in saved else None)
-    raise RuntimeError("yolo: model has no Detect head")
-
-
-class YoloWithNms(nn.Module):
-    """Images (B, 3, H, W) in [0, 1] -> `OUTPUTS`: num_detections (B,) int32, boxes (B, K, 4)
-    xyxy input pixels, scores (B, K) descending, classes (B, K) int32; padding rows are zeros.
-
-    Decode is Ultralytics' (DFL expectation, anchor centres, `dist2bbox`); each anchor keeps its
-    best class (Ultralytics' single-label predict). The top `pre_nms` anchors per image go
-    through one `torchvision.ops.nms` call (ONNX `NonMaxSuppression`) with boxes shifted by
-    (image, class) so no two groups overlap: class-aware NMS for a dynamic batch with static
-    shapes around it. Kept candidates are marked by a scatter and the top K taken per image.
-    """
-
-    def __init__(
-        self, model: nn.Module, size: tuple[int, int], max_detections: int, score_floor: float
-    ):
-        import torchvision  # noqa: F401  (loads torch.ops.torchvision before the ONNX exporter
-        # builds its registry: torchlib maps torchvision::nms to NonMaxSuppression only then)
-
-        super().__init__()
-        self.model, self.size = model, input_wh(size)  # (w, h)
-        self.k, self.score_floor = int(max_detections), float(score_floor)
-        self.iou = IOU_THRESHOLD
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        import torchvision
-        from ultralytics.utils.tal import dist2bbox, make_anchors
-
-        head = _head(self.model)
-        raw = _raw_head(self.model, x)
-        anchors, strides = make_anchors(raw["feats"], head.stride, 0.5)  # (A, 2), (A, 1)
-        dist = head.dfl(raw["boxes"])  # (B, 4, A) expected side distances, in strides
-        boxes = dist2bbox(dist, anchors.transpose(0, 1).unsqueeze(0), xywh=False, dim=1)
-        boxes = (boxes * strides.transpose(0, 1)).transpose(1, 2)
-        iw, ih = self.size
-        if iw == ih:
-            boxes = boxes.clamp(0.0, float(iw))
-        else:
-            limit = torch.tensor([iw, ih, iw, ih], dtype=boxes.dtype, device=boxes.device)
-            boxes = torch.minimum(boxes.clamp(min=0.0), limit)
-        conf, cls = raw["scores"].sigmoid().max(1)  # (B, A)
-        b, a = conf.shape
-        n = min(a, max(1000, 3 * self.k))  # pre-NMS candidates per image
-        top, idx = conf.topk(n, dim=1)  # (B, n), descending
-        cand = boxes.gather(1, idx.unsqueeze(-1).expand(-1, -1, 4))  # (B, n, 4)
-        cand_cls = cls.gather(1, idx)
-        group = torch.arange(b, device=x.device).unsqueeze(1) * head.nc + cand_cls
-        shifted = cand + (group.to(cand.dtype) * (max(self.size) + 1)).unsqueeze(-1)
-        keep = torchvision.ops.nms(shifted.reshape(-1, 4), top.reshape(-1), self.iou)
-        kept = torch.zeros(b * n, dtype=top.dtype, device=x.device).scatter(
-            0, keep, torch.ones_like(keep, dtype=top.dtype)
-        )
-        live = (kept.view(b, n) > 0) & (top >= self.score_floor)
-        ranked = torch.where(live, top, torch.full_like(top, -1.0))
-        if n < self.k:  # fewer anchors than K: pad the candidate list
-            ranked = F.pad(ranked, (0, self.k - n), value=-1.0)
-            cand, cand_cls = F.pad(cand, (0, 0, 0, self.k - n)), F.pad(cand_cls, (0, self.k - n))
-        scores, order = ranked.topk(self.k, dim=1)  # (B, K)
-        valid = scores >= 0
-        num = valid.sum(1).to(torch.int32)
-        scores = torch.where(valid, scores, torch.zeros_like(scores))
-        out_boxes = cand.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
-        out_boxes = torch.where(valid.unsqueeze(-1), out_boxes, torch.zeros_like(out_boxes))
-        classes = torch.where(valid, cand_cls.gather(1, order), torch.zeros_like(order))
-        return num, out_boxes, scores, classes.to(torch.int32)
 
 
 def adapter(cfg: ModelCfg) -> YoloAdapter:

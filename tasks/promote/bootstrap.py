@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.metrics import coco_eval
+from tasks.metrics.detection import coco_eval
 
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, 101)  # COCOeval's recThrs
 MAX_DETECTIONS = 100

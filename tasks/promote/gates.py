@@ -1,4 +1,4 @@
-"""Promotion gates, registered by kind: each takes its typed config (tasks/config.py) and the
+"""Promotion gates, registered by kind: each takes its typed config (tasks/harness/config/) and the
 evidence about the candidate and returns a verdict with its figures and a reason.
 
     absolute        the candidate's KPI against a fixed bound           map50 >= 0.9
@@ -6,7 +6,8 @@ evidence about the candidate and returns a verdict with its figures and a reason
     per_class       no class loses more than N points of AP@0.5 vs FP32
     non_regression  paired bootstrap vs the current champion on the same test split
 
-Adding a kind is a config class in tasks/config.py and a function here under `@gate("<kind>")`.
+Adding a kind is a config class in tasks/harness/config/ and a function here under
+`@gate("<kind>")`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tasks.config import gate_name
+from tasks.harness.config import gate_name
 from tasks.promote.bootstrap import paired_bootstrap
 
 OPS: dict[str, Callable[[float, float], bool]] = {

@@ -6,7 +6,8 @@ base64 in `dataframe_split`). Output: one row per detection, COCO-style, in the 
 pixels: `image` (row of the input), `category_id`, `category`, `score`, `x`, `y`, `width`,
 `height`. Param `score_threshold` (default: export.score_floor, i.e. every detection the engine
 returns, as evaluate scores them). Preprocessing and box scaling are the evaluate stage's own code
-(`tasks.coco.to_input`, `tasks.metrics.to_rows`), so the served detections are evaluate's.
+(`tasks.datasets.coco.to_input`, `tasks.metrics.detection.to_rows`), so the served detections are
+evaluate's.
 
 The model folder holds `model.onnx` (the deployable ONNX), `engines/<target>/` (every engine built
 with status ok), `detector.json` (target, input size, categories, engine settings) and
@@ -32,8 +33,8 @@ import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from tasks.errors import ShrinkflowError
-from tasks.io import versions
+from tasks.harness.errors import ShrinkflowError
+from tasks.harness.io import versions
 
 COLUMNS = {
     "image": "int64",
@@ -62,8 +63,8 @@ def decode(data: bytes) -> np.ndarray:
 
 def detect(runner, images: list[np.ndarray], spec: dict, score_threshold: float) -> pd.DataFrame:
     """Run `runner` on decoded images; detections in each image's pixels as a DataFrame."""
-    from tasks.coco import to_input
-    from tasks.metrics import to_rows
+    from tasks.datasets.coco import to_input
+    from tasks.metrics.detection import to_rows
 
     names = {c["id"]: c["name"] for c in spec["categories"]}
     rows: list[dict] = []
@@ -102,8 +103,8 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
 
     def load(self, spec: dict, engines: Path) -> DetectorModel:
         """Load the engine of `spec["target"]` from `engines/<target>/`."""
-        from tasks.config import BuildEngineCfg
         from tasks.engines import get
+        from tasks.harness.config import BuildEngineCfg
 
         self.spec = spec
         cfg = BuildEngineCfg(**spec["build_engine"])

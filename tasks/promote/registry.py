@@ -37,7 +37,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.errors import ShrinkflowError
+from tasks.harness.errors import ShrinkflowError
 
 log = logging.getLogger(__name__)
 ALIASES = ("champion", "previous", "challenger")

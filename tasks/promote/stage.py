@@ -29,12 +29,12 @@ import typer
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.cli import stage_entry
-from tasks.coco import DetectionSet
-from tasks.config import Kpi, Params
-from tasks.errors import ConfigError, ShrinkflowError
-from tasks.io import md5_file, remove, write_json, write_text
-from tasks.metrics import predict
+from tasks.datasets.coco import DetectionSet
+from tasks.harness.config import Kpi, Params
+from tasks.harness.errors import ConfigError, ShrinkflowError
+from tasks.harness.io import md5_file, remove, write_json, write_text
+from tasks.harness.stage import stage_entry
+from tasks.metrics.detection import predict
 from tasks.promote import card, pyfunc
 from tasks.promote.gates import Champion, Evidence, evaluate_gates
 from tasks.promote.numeric import numeric_format
@@ -379,7 +379,7 @@ def main(
     out: Path = typer.Option(Path("artifacts/promote")),
 ) -> None:
     """Gate the candidate and register it in the MLflow model registry."""
-    from tasks.cli import lineage_tags
+    from tasks.harness.stage import lineage_tags
 
     with stage_entry("promote", params) as ctx:
         ctx.log_params(ctx.params.promote)

@@ -1,0 +1,451 @@
+"""Benchmarks whose results are written to files and MLflow (never asserted by timed tests).
+
+    shrinkflow bench                              # every built engine beside FP32 eager
+    shrinkflow bench-pipeline --profile default   # full `dvc repro` from scratch
+    shrinkflow bench-sizes                        # trained vs compressed at 128 and 256 px
+
+(`shrinkflow` is this module's console script; `python -m tasks.cli.app ...` is the same.)
+
+`bench` loads every engine that `build_engine` built (skipped targets are listed with their
+reason), FP32 PyTorch eager of the trained model and its ONNX from the reference stage on each
+CPU runtime, times them at one batch size in shuffled, alternating blocks with warm-up and a
+fixed thread count, and prints each one's ratio to eager.
+
+`pipeline` copies the project into a temp folder (no DVC cache, its own MLflow store), times a
+cold `dvc repro` and a second, no-op `dvc repro`, and records each stage's time (from its MLflow
+run) and the KPIs that run produced, in
+`artifacts/bench/pipeline-<profile>.json` and an MLflow run tagged `shrinkflow.role=benchmark`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+from tasks.cli import measured
+from tasks.cli.review import register as register_review
+from tasks.harness.errors import ShrinkflowError
+from tasks.harness.io import write_json, write_text
+from tasks.harness.project import PROFILES, copy_project, dvc, profile_params
+from tasks.harness.stage import fail, setup_logging
+
+log = logging.getLogger(__name__)
+app = typer.Typer(add_completion=False, help=__doc__)
+register_review(app)  # shrinkflow review / promote / reject / rollback
+
+
+@app.callback()
+def _group() -> None:
+    """Shrinkflow benchmarks: results go to artifacts/bench/ and MLflow."""
+
+
+def _timed_repro(proj: Path, env: dict) -> tuple[float, list[str]]:
+    t0 = time.perf_counter()
+    proc = dvc(proj, "repro", env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise ShrinkflowError(f"dvc repro failed in {proj}:\n{proc.stdout[-3000:]}{proc.stderr}")
+    return wall, re.findall(r"Running stage '([^']+)'", proc.stdout)
+
+
+def stage_seconds(uri: str, experiment: str) -> dict[str, float]:
+    """{stage: wall seconds} of the stage runs in an MLflow store (its start to end time)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return {}
+    runs = client.search_runs([found.experiment_id], "tags.`shrinkflow.stage` != ''")
+    return {
+        r.data.tags["shrinkflow.stage"]: (r.info.end_time - r.info.start_time) / 1000
+        for r in sorted(runs, key=lambda r: r.info.start_time)
+        if r.info.end_time
+    }
+
+
+def pipeline_benchmark(profile: str, work: Path) -> dict:
+    """Time a cold and a no-op `dvc repro` of a fresh project copy under `work`, with each
+    stage's wall time from its MLflow run."""
+    params = profile_params(profile)
+    proj = copy_project(work / "proj", params)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    cold_s, stages = _timed_repro(proj, env)
+    noop_s, rerun = _timed_repro(proj, env)
+    per_stage = stage_seconds(uri, params["project"]["mlflow_experiment"])
+    stage_metrics = {
+        p.parent.relative_to(proj / "artifacts").as_posix(): json.loads(p.read_text())
+        for p in sorted((proj / "artifacts").rglob("metrics.json"))
+    }
+    return {
+        "profile": profile,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+        },
+        "dvc_repro_cold_s": cold_s,
+        "dvc_repro_noop_s": noop_s,
+        "stage_s": per_stage,
+        "stages_run": stages,
+        "stages_rerun_on_noop": rerun,
+        "kpis": stage_metrics,
+    }
+
+
+@app.command("bench-pipeline")
+def pipeline(
+    profile: str = typer.Option("default", help=f"one of {', '.join(PROFILES)}"),
+    out: Path = typer.Option(Path("artifacts/bench"), help="folder for the result JSON"),
+) -> None:
+    """Wall time of the whole pipeline from scratch, and of a no-op `dvc repro`."""
+    setup_logging()
+    if profile not in PROFILES:
+        choices = ", ".join(PROFILES)
+        raise typer.BadParameter(f"unknown profile {profile!r}; choose one of {choices}")
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-") as tmp:
+        result = pipeline_benchmark(profile, Path(tmp))
+    path = out / f"pipeline-{profile}.json"
+    write_json(path, result)
+    refresh_readme()
+    _log_to_mlflow(
+        f"bench pipeline ({profile})",
+        {
+            "dvc_repro_cold_s": result["dvc_repro_cold_s"],
+            "dvc_repro_noop_s": result["dvc_repro_noop_s"],
+        },
+        [path],
+    )
+    ev = result["kpis"].get("evaluate/onnxruntime", {})
+    log.info(
+        "pipeline (%s): cold %.1f s, no-op %.2f s, map50 %.4f, map50_95 %.4f -> %s",
+        profile,
+        result["dvc_repro_cold_s"],
+        result["dvc_repro_noop_s"],
+        ev.get("map50", float("nan")),
+        ev.get("map50_95", float("nan")),
+        path,
+    )
+
+
+def _log_to_mlflow(name: str, metrics: dict, files: list[Path]) -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.harness.config import load_params
+    from tasks.harness.tracking import ensure_experiment, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = ensure_experiment(MlflowClient(), load_params().project.mlflow_experiment)
+    with mlflow.start_run(
+        experiment_id=experiment, run_name=name, tags={"shrinkflow.role": "benchmark"}
+    ):
+        mlflow.log_metrics(metrics)
+        for f in files:
+            mlflow.log_artifact(str(f))
+
+
+@app.command("bench")
+def engines(
+    params: Path = typer.Option(Path("params.yaml")),
+    engines_dir: Path = typer.Option(Path("artifacts/build_engine"), "--engines"),
+    baseline: Path = typer.Option(Path("artifacts/train/model.pt")),
+    reference: Path = typer.Option(
+        Path("artifacts/reference"), help="the reference stage's folder (the trained FP32 ONNX)"
+    ),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    batch: int = typer.Option(1, min=1),
+    runs: int = typer.Option(300, min=1, help="timed calls per runtime, over all rounds"),
+    rounds: int = typer.Option(5, min=1),
+    uncompressed: bool = typer.Option(
+        True, help="also build the trained FP32 model for ONNX Runtime, OpenVINO f32 and bf16"
+    ),
+    out: Path = typer.Option(Path("artifacts/bench")),
+) -> None:
+    """Every built engine and FP32 PyTorch eager, side by side, in one process."""
+    import numpy as np
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks.datasets.coco import DetectionSet
+    from tasks.engines import get
+    from tasks.evaluate import BASELINE, eager_runner
+    from tasks.harness.config import load_params
+    from tasks.metrics.timing import latency_stats, time_blocks
+    from tasks.models import load_checkpoint
+
+    setup_logging()
+    cfg = load_params(params)
+    torch.set_num_threads(cfg.build_engine.threads)
+    runners, skipped = {}, {}
+    for target in cfg.build_engine.targets:
+        facts = json.loads((engines_dir / target / "engine" / "engine.json").read_text())
+        if facts["status"] == "ok":
+            runners[target] = get(target).load(engines_dir / target / "engine", cfg.build_engine)
+        else:
+            skipped[target] = facts["status"]
+    adapter, model, _ = load_checkpoint(baseline, cfg.model)
+    runners[BASELINE] = eager_runner(adapter, model, cfg.export)
+    work = tempfile.TemporaryDirectory(prefix="shrinkflow-bench-")
+    if uncompressed:  # what a user gets with no pipeline, on each CPU runtime
+        from tasks.models.reference_graph import read as read_reference
+
+        fp32 = read_reference(reference)["onnx"]  # exported once, by the reference stage
+        variants = {
+            "onnxruntime": cfg.build_engine,
+            "openvino": cfg.build_engine.model_copy(update={"openvino_precision": "f32"}),
+            "openvino_bf16": cfg.build_engine.model_copy(update={"openvino_precision": "bf16"}),
+        }
+        if "litert" in runners:  # its float32 conversion of the same model
+            variants["litert"] = cfg.build_engine
+        for name, engine_cfg in variants.items():
+            target = name.removesuffix("_bf16")
+            folder = Path(work.name) / name
+            folder.mkdir()
+            get(target).build(fp32, folder, engine_cfg)
+            runners[f"fp32_uncompressed_{name}"] = get(target).load(folder, engine_cfg)
+    test = DetectionSet(json.loads(manifest.read_text()), "test", model.cfg.input_size)
+    x = test.batch(np.arange(batch) % len(test))
+    times = time_blocks(runners, x, warmup=10, runs=runs, rounds=rounds)
+    stats = {k: latency_stats(v, batch) for k, v in times.items()}
+    eager = stats[BASELINE]["latency_ms_p50"]
+    result = {
+        "batch": batch,
+        "threads": cfg.build_engine.threads,
+        "runs": runs,
+        "rounds": rounds,
+        "runtimes": {
+            k: {**v, "speedup_vs_eager": eager / v["latency_ms_p50"]} for k, v in stats.items()
+        },
+        "skipped": skipped,
+    }
+    if uncompressed:
+        ort_fp32 = stats["fp32_uncompressed_onnxruntime"]["latency_ms_p50"]
+        result["openvino_f32_vs_onnxruntime_fp32"] = (
+            stats["fp32_uncompressed_openvino"]["latency_ms_p50"] / ort_fp32
+        )
+        result["openvino_bf16_vs_onnxruntime_fp32"] = (
+            stats["fp32_uncompressed_openvino_bf16"]["latency_ms_p50"] / ort_fp32
+        )
+        for target in runners.keys() & set(cfg.build_engine.targets):
+            same = stats[f"fp32_uncompressed_{target}"]["latency_ms_p50"]
+            result["runtimes"][target]["speedup_vs_fp32_same_runtime"] = (
+                same / stats[target]["latency_ms_p50"]
+            )
+    table = Table(title=f"batch {batch}, {cfg.build_engine.threads} threads")
+    for col in ("runtime", "p50 ms", "p95 ms", "p99 ms", "img/s", "vs eager"):
+        table.add_column(col, no_wrap=col == "runtime")
+    for k, v in result["runtimes"].items():
+        table.add_row(
+            k,
+            f"{v['latency_ms_p50']:.3f}",
+            f"{v['latency_ms_p95']:.3f}",
+            f"{v['latency_ms_p99']:.3f}",
+            f"{v['throughput_ips']:.0f}",
+            f"{v['speedup_vs_eager']:.2f}x",
+        )
+    for k, why in skipped.items():
+        table.add_row(k, why, "", "", "", "")
+    Console().print(table)
+    path = out / f"engines-b{batch}.json"
+    write_json(path, result)
+    refresh_readme()
+    _log_to_mlflow(
+        f"bench engines (batch {batch})",
+        {
+            f"{k}.{m}": v[m]
+            for k, v in result["runtimes"].items()
+            for m in ("latency_ms_p50", "speedup_vs_eager")
+        },
+        [path],
+    )
+
+
+@app.command("bench-ultralytics")
+def ultralytics_reference(
+    params: Path = typer.Option(Path("params.yaml")),
+    checkpoint: Path = typer.Option(Path("artifacts/train/model.pt")),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    engines_dir: Path = typer.Option(Path("artifacts/build_engine")),
+    runs: int = typer.Option(300, min=1),
+    rounds: int = typer.Option(5, min=1),
+    out: Path = typer.Option(Path("artifacts/bench/ultralytics-reference.json")),
+) -> None:
+    """Ultralytics' own OpenVINO FP32 / INT8 export of the trained YOLO (family yolo), timed
+    in one process beside the pipeline's built CPU engines, on the same letterboxed test split."""
+    from tasks.engines import get
+    from tasks.harness.config import load_params
+    from tasks.models.ultralytics_ref import bench_reference, reference_cfg
+
+    setup_logging()
+    cfg = load_params(params)
+    others = {}
+    for target in cfg.build_engine.targets:
+        folder = engines_dir / target / "engine"
+        facts = json.loads((folder / "engine.json").read_text()) if folder.exists() else {}
+        if facts.get("status") == "ok":
+            others[f"shrinkflow_{target}"] = get(target).load(folder, cfg.build_engine)
+    bench_reference(
+        checkpoint, manifest, out, reference_cfg(cfg, runs=runs, rounds=rounds), others=others
+    )
+
+
+@app.command("bench-label-qa")
+def label_qa_bench(
+    params: Path = typer.Option(Path("params.yaml")),
+    rate: float = typer.Option(0.05, min=0.0, max=0.2, help="injected share of boxes per kind"),
+    epochs: int = typer.Option(30, min=1, help="detector training epochs (clean/noisy/cleaned)"),
+    train: bool = typer.Option(True, help="also train on clean, noisy and cleaned labels"),
+    clean_check: bool = typer.Option(True, help="also run label QA on the clean data"),
+    dataset: str = typer.Option("digits", help="digits (params.data) or shapes (class = colour)"),
+    out: Path = typer.Option(Path("artifacts/bench")),
+) -> None:
+    """Label QA against injected noise: recall/precision per kind, stage cost, mAP recovery."""
+    if dataset not in ("digits", "shapes"):
+        raise typer.BadParameter(f"unsupported dataset {dataset!r}; choose one of digits, shapes")
+    from tasks.harness.config import load_params
+    from tasks.label_qa.bench import run_benchmark
+
+    setup_logging()
+    cfg = load_params(params)
+    path = out / ("label-qa-default.json" if dataset == "digits" else f"label-qa-{dataset}.json")
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-label-qa-") as tmp:
+        result = run_benchmark(
+            cfg,
+            Path(tmp),
+            rate=rate,
+            epochs=epochs,
+            train=train,
+            clean_check=clean_check,
+            on_partial=lambda r: write_json(path, {**r, "machine": machine, "partial": True}),
+            dataset=dataset,
+        )
+    result["machine"] = machine
+    write_json(path, result)
+    refresh_readme()
+    flat = {
+        f"recall.{k}": v["recall"]
+        for k, v in result["detection"]["kinds"].items()
+        if v["recall"] is not None
+    }
+    flat |= {f"precision.{k}": v["precision"] for k, v in result["detection"]["rules"].items()}
+    flat |= {f"stage_s.{k}": v for k, v in result["stage_s"].items()}
+    if "training" in result:
+        flat |= {f"map50.{k}": v["map50"] for k, v in result["training"]["test"].items()}
+    _log_to_mlflow("bench label_qa", flat, [path])
+    log.info("label QA benchmark -> %s", path)
+
+
+@app.command("bench-sizes")
+def sizes(
+    params: Path = typer.Option(Path("params.yaml")),
+    trained: Path = typer.Option(Path("artifacts/train/model.pt")),
+    compressed: Path = typer.Option(Path("artifacts/distill/model.pt")),
+    quantize_report: Path = typer.Option(Path("artifacts/quantize/report.json")),
+    manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
+    size: list[str] = typer.Option(
+        ["128", "256"],
+        help="input sizes to time, each a side (128) or WIDTHxHEIGHT (96x64), a multiple of the "
+        "model family's stride like train.input_size (repeat the option)",
+    ),
+    runs: int = typer.Option(200, min=1, help="timed calls per variant and size"),
+    rounds: int = typer.Option(5, min=1),
+    out: Path = typer.Option(Path("artifacts/bench")),
+) -> None:
+    """Batch-1 latency of the trained and the compressed model at several input sizes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks.harness.config import load_params
+    from tasks.cli import bench_sizes
+
+    setup_logging()
+    try:
+        result = bench_sizes.run(
+            load_params(params),
+            trained=trained,
+            compressed=compressed,
+            quantize_report=quantize_report,
+            manifest=manifest,
+            sizes=size,
+            runs=runs,
+            rounds=rounds,
+        )
+    except ShrinkflowError as e:  # a bad --size or params.yaml: one line, no traceback
+        fail(e)
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    table = Table(title=f"batch 1, {result['threads']} threads, p50 ms")
+    table.add_column("variant", no_wrap=True)
+    for s in result["sizes"]:
+        table.add_column(f"{s} px")
+    variants = next(iter(result["sizes"].values()))
+    for name in variants["latency"]:
+        cells = [f"{v['latency'][name]['latency_ms_p50']:.3f}" for v in result["sizes"].values()]
+        table.add_row(name, *cells)
+    for name in variants["ratios"]:
+        table.add_row(name, *[f"{v['ratios'][name]:.2f}x" for v in result["sizes"].values()])
+    Console().print(table)
+    path = out / "sizes-b1.json"
+    write_json(path, result)
+    refresh_readme()
+    _log_to_mlflow(
+        "bench sizes (batch 1)",
+        {
+            f"{s}px.{k}": v
+            for s, r in result["sizes"].items()
+            for k, v in {
+                **r["ratios"],
+                **{f"{n}.latency_ms_p50": m["latency_ms_p50"] for n, m in r["latency"].items()},
+            }.items()
+        },
+        [path],
+    )
+
+
+README = Path("README.md")
+
+
+def refresh_readme(readme: Path = README) -> bool:
+    """Re-render the README's measured tables from artifacts/ (tasks/cli/measured.py); every
+    benchmark command calls it after writing its file, so the README never quotes a stale one.
+    Returns whether the README changed; False without a README (run outside the project)."""
+    if not readme.is_file():
+        return False
+    old = readme.read_text(encoding="utf-8")
+    new = measured.render(old, readme.resolve().parent)
+    if new != old:
+        write_text(readme, new)
+    return new != old
+
+
+@app.command("readme")
+def readme_tables(
+    check: bool = typer.Option(False, help="exit 1 if the README and artifacts/ disagree"),
+    readme: Path = typer.Option(README, help="the README to render"),
+) -> None:
+    """Render the README's measured tables from artifacts/ (between `<!-- measured:NAME -->`
+    markers); `--check` changes nothing and fails when they are stale."""
+    setup_logging()
+    if check:
+        old = readme.read_text(encoding="utf-8")
+        if measured.render(old, readme.resolve().parent) != old:
+            log.error("%s: measured tables differ from artifacts/: run `shrinkflow readme`", readme)
+            raise typer.Exit(1)
+        return
+    log.info("%s: %s", readme, "re-rendered" if refresh_readme(readme) else "already current")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,196 @@
+"""Latency of the uncompressed and the compressed model at several input sizes, in one process.
+
+The pipeline measures latency at the trained input size (128 px by default). There, a batch-1
+call of the compressed model is bound by fixed per-call and per-op cost, not by its MACs, so
+pruning and INT8 buy less than their MACs suggest. This benchmark rebuilds the *same weights* at
+each size (the detector is fully convolutional), quantizes the compressed model with the
+quantize stage's own settings and calibration images, builds every CPU engine, and times:
+
+- `eager_fp32`: the trained model in PyTorch eager,
+- `<runtime>_fp32`: the trained model on each runtime (OpenVINO with the f32 hint),
+- `openvino_bf16`: the trained model with OpenVINO's default on this CPU (what a user gets with
+  no pipeline),
+- `<runtime>_compressed`: the deployed (pruned + distilled) model in the precision the quantize
+  stage chose.
+
+Only latency is measured here: accuracy at a size the model was not trained for means nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from tasks.datasets.coco import DetectionSet
+from tasks.engines import get
+from tasks.evaluate import eager_runner
+from tasks.harness.config import InputSize, Params, stride_problem
+from tasks.harness.errors import ConfigError
+from tasks.metrics.timing import latency_stats, time_blocks
+from tasks.models import ModelAdapter, load_checkpoint
+from tasks.models.onnx_export import to_onnx
+from tasks.preprocess.letterbox import build_size
+from tasks.quantization.qdq import calibrate, calibration_set, to_fp16, to_int8
+
+CPU_TARGETS = ("onnxruntime", "openvino")
+Size = int | tuple[int, int]
+
+
+def input_sizes(sizes: list, params: Params) -> list[tuple[int, int]]:
+    """Each of `sizes` (a side, [w, h], or the text `128` / `96x64`) as (width, height), checked
+    as `train.input_size` is: the same type and the model family's stride.
+
+    Raises:
+        ConfigError: a size that is not one side or two, or does not fit the family's stride.
+    """
+    out = []
+    for given in sizes:
+        try:
+            value = given
+            if isinstance(given, str):
+                parts = [int(p) for p in given.lower().replace(",", "x").split("x")]
+                value = parts[0] if len(parts) == 1 else parts
+            wh = TypeAdapter(InputSize).validate_python(value)
+        except ValidationError as e:
+            first = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"bench-sizes: --size {given}: {first}") from None
+        except ValueError:
+            raise ConfigError(
+                f"bench-sizes: --size {given}: expected a side (128) or WIDTHxHEIGHT (96x64)"
+            ) from None
+        model = params.model
+        if problem := stride_problem("--size", wh, model.input_stride, model.family):
+            raise ConfigError(f"bench-sizes: {problem}")
+        out.append(wh)
+    return out
+
+
+def size_key(size: tuple[int, int]) -> str:
+    """The result table's key of a size: `128` for a square, `96x64` (width x height) else."""
+    w, h = size
+    return str(w) if w == h else f"{w}x{h}"
+
+
+def at_size(loaded: tuple, path: Path, size: Size) -> tuple[ModelAdapter, torch.nn.Module]:
+    """The same weights rebuilt for inputs of `size` (a side, or (width, height); `loaded`:
+    load_checkpoint's result; every family keeps its input size in the checkpoint's
+    `config.input_size`: one side for a square, else [w, h])."""
+    adapter, _, ckpt = loaded
+    side = build_size(size)
+    stored = side if isinstance(side, int) else list(side)
+    resized = {**ckpt, "config": {**ckpt["config"], "input_size": stored}}
+    return adapter, adapter.load(resized, path)
+
+
+def _deployable(
+    resized: tuple, params: Params, report: dict, manifest: dict, size: Size, tmp: Path
+) -> Path:
+    """The compressed model at `size`, in the precision and with the float layers that the
+    quantize stage chose (its `report.json`)."""
+    onnx_path = tmp / "compressed.onnx"
+    to_onnx(*resized, params.export, onnx_path)
+    precision = report["precision"]
+    if precision == "fp32":
+        return onnx_path
+    out = tmp / f"compressed.{precision}.onnx"
+    if precision == "fp16":
+        to_fp16(onnx_path, out)
+        return out
+    cfg = params.quantize
+    images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
+    cache = tmp / "ranges.json"
+    calibrate(onnx_path, images, cfg, cfg.calibrator, cache)
+    float_layers = [k for k, v in report.get("layer_precision", {}).items() if v == "fp32"]
+    to_int8(onnx_path, out, cache, cfg, cfg.calibrator, exclude=float_layers or None)
+    return out
+
+
+def _runners(params: Params, trained: tuple, compressed: Path, tmp: Path) -> dict:
+    fp32 = tmp / "trained.onnx"
+    to_onnx(*trained, params.export, fp32)
+    engine_cfg = params.build_engine
+    variants = {
+        "onnxruntime_fp32": ("onnxruntime", fp32, engine_cfg),
+        "openvino_fp32": (
+            "openvino",
+            fp32,
+            engine_cfg.model_copy(update={"openvino_precision": "f32"}),
+        ),
+        "openvino_bf16": (
+            "openvino",
+            fp32,
+            engine_cfg.model_copy(update={"openvino_precision": "bf16"}),
+        ),
+        **{f"{t}_compressed": (t, compressed, engine_cfg) for t in CPU_TARGETS},
+    }
+    runners = {"eager_fp32": eager_runner(*trained, params.export)}
+    for name, (target, onnx_path, cfg) in variants.items():
+        folder = tmp / name
+        folder.mkdir()
+        get(target).build(onnx_path, folder, cfg)
+        runners[name] = get(target).load(folder, cfg)
+    return runners
+
+
+def ratios(p50: dict[str, float]) -> dict[str, float]:
+    """The budget ratios from one size's p50 latencies (higher = the compressed model wins)."""
+    out = {}
+    for t in CPU_TARGETS:
+        c = p50[f"{t}_compressed"]
+        out[f"{t}_compressed_vs_eager"] = p50["eager_fp32"] / c
+        out[f"{t}_compressed_vs_fp32_same_runtime"] = p50[f"{t}_fp32"] / c
+    out["openvino_compressed_vs_openvino_bf16"] = p50["openvino_bf16"] / p50["openvino_compressed"]
+    out["openvino_f32_vs_onnxruntime_fp32"] = p50["openvino_fp32"] / p50["onnxruntime_fp32"]
+    return out
+
+
+def run(
+    params: Params,
+    *,
+    trained: Path,
+    compressed: Path,
+    quantize_report: Path,
+    manifest: Path,
+    sizes: list,
+    runs: int,
+    rounds: int,
+) -> dict:
+    """Time every variant at every size (see module docstring); returns the result table,
+    keyed by `size_key`. `sizes`: each a side or [width, height] (see `input_sizes`).
+
+    Raises:
+        ConfigError: a size does not fit the model family (see `input_sizes`).
+    """
+    checked = input_sizes(sizes, params)
+    torch.set_num_threads(params.build_engine.threads)
+    trained_model = load_checkpoint(trained, params.model)
+    compressed_model = load_checkpoint(compressed, params.model)
+    report = json.loads(quantize_report.read_text())
+    manifest_obj = json.loads(manifest.read_text())
+    result: dict = {
+        "threads": params.build_engine.threads,
+        "batch": 1,
+        "runs": runs,
+        "rounds": rounds,
+        "precision": report["precision"],
+        "sizes": {},
+    }
+    for size in checked:
+        with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-sizes-") as tmp:
+            tmp = Path(tmp)
+            deploy = _deployable(
+                at_size(compressed_model, compressed, size), params, report, manifest_obj, size,
+                tmp,
+            )  # fmt: skip
+            runners = _runners(params, at_size(trained_model, trained, size), deploy, tmp)
+            x = DetectionSet(manifest_obj, "test", size).batch(slice(0, 1))
+            with torch.inference_mode():
+                times = time_blocks(runners, x, warmup=10, runs=runs, rounds=rounds)
+        stats = {k: latency_stats(v, 1) for k, v in times.items()}
+        p50 = {k: v["latency_ms_p50"] for k, v in stats.items()}
+        result["sizes"][size_key(size)] = {"latency": stats, "ratios": ratios(p50)}
+    return result
