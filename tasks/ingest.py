@@ -1,12 +1,13 @@
 """Stage `ingest`: any supported dataset -> the internal COCO manifest that label QA reads.
 
-`dataset.format` picks the source: `builtin` composes the digits (section `data`, see
-tasks/datasets/digits.py) under `<out>/builtin`; `coco`, `yolo` and `voc` read the folder
-`dataset.path`
-(see tasks/datasets/), which is never written to. A dataset without its own train/val/test is
-split by `dataset.split`, near-duplicates kept together. Output: `<out>/manifest.json` =
-{format, root, categories, splits: {split: COCO dict}}, each image with the MD5 of its file, so
-the manifest changes whenever a label or an image does; metrics: format, file count, content hash.
+`dataset.format` picks the source: `builtin` composes the built-in data under `<out>/builtin`:
+the digits (`data.kind: digits`, section `data`, see tasks/datasets/digits.py) or the coloured
+shapes (`data.kind: shapes`, `data.shapes`, see tasks/datasets/shapes.py); `coco`, `yolo` and
+`voc` read the folder `dataset.path` (see tasks/datasets/), which is never written to. A dataset
+without its own train/val/test is split by `dataset.split`, near-duplicates kept together.
+Output: `<out>/manifest.json` = {format, root, categories, splits: {split: COCO dict}}, each
+image with the MD5 of its file, so the manifest changes whenever a label or an image does;
+metrics: format, file count, content hash.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from tasks.datasets import digits
+from tasks.datasets import digits, shapes
 from tasks.datasets.common import POOL, SPLITS
 from tasks.datasets.readers import read
 from tasks.datasets.split import split_pool
@@ -28,7 +29,7 @@ from tasks.harness.io import md5_file, remove, write_json
 from tasks.harness.stage import stage_entry
 
 log = logging.getLogger(__name__)
-BUILTIN = "builtin"  # the composed digits, under the stage's out folder
+BUILTIN = "builtin"  # the composed built-in data, under the stage's out folder
 MANIFEST = "manifest.json"
 
 
@@ -43,9 +44,13 @@ def run(cfg: DatasetCfg, data_cfg: DataCfg, *, near_duplicate_bits: int, out_dir
     remove(out_dir / MANIFEST)
     builtin = out_dir / BUILTIN
     if cfg.format == "builtin":
-        composed = digits.run(data_cfg, out_dir=builtin)
+        if data_cfg.kind == "shapes":
+            composed = shapes.generate(data_cfg.shapes, builtin)
+        else:
+            composed = digits.run(data_cfg, out_dir=builtin)
         source = read(builtin, DatasetCfg(), "coco")
         source.format = "builtin"
+        source.notes["builtin"] = data_cfg.kind
         source.notes["noise"] = composed["noise"]
     else:
         source = read(Path(cfg.path), cfg)

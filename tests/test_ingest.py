@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from pydantic import ValidationError
 
 from tasks import ingest, label_qa
 from tasks.harness.config import DataCfg, DatasetCfg, LabelQaCfg, SplitCfg
@@ -193,8 +194,45 @@ def test_builtin_source_composes_the_digits_under_the_stage_outputs(tmp_path):
     metrics = ingest.run(DatasetCfg(), cfg, near_duplicate_bits=24, out_dir=tmp_path)
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert metrics["format"] == "builtin" and m["root"] == str(tmp_path / "builtin")
+    assert metrics["builtin"] == "digits"
     assert [len(m["splits"][s]["images"]) for s in ("train", "val", "test")] == [4, 2, 2]
     assert (tmp_path / "builtin" / m["splits"]["train"]["images"][0]["file_name"]).is_file()
+    assert [c["name"] for c in m["categories"]] == [str(d) for d in range(10)]
+
+
+def test_builtin_shapes_are_a_params_change_and_give_the_colour_categories(tmp_path):
+    """`data.kind: shapes` composes the coloured shapes (class = colour, non-square canvases)
+    instead of the digits; the digit knobs are not read."""
+    from tasks.datasets.shapes import PALETTE
+    from tasks.harness.config import SHAPE_COLOURS, Params
+
+    assert tuple(PALETTE) == SHAPE_COLOURS  # every colour the params accept has its RGB
+    params = Params.model_validate(
+        {
+            "data": {
+                "kind": "shapes",
+                "shapes": {
+                    "train_images": 4, "val_images": 2, "test_images": 2,
+                    "width": 96, "height": 64, "classes": ["orange", "cyan", "red"],
+                    "noise": {"class_swap": 0.25},
+                },
+            }
+        }
+    )  # fmt: skip
+    metrics = ingest.run(params.dataset, params.data, near_duplicate_bits=24, out_dir=tmp_path)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert metrics["format"] == "builtin" and metrics["builtin"] == "shapes"
+    assert [c["name"] for c in m["categories"]] == ["orange", "cyan", "red"]
+    assert {c["supercategory"] for c in m["categories"]} == {"colour"}
+    assert [len(m["splits"][s]["images"]) for s in ("train", "val", "test")] == [4, 2, 2]
+    first = m["splits"]["train"]["images"][0]
+    assert (first["width"], first["height"]) == (96, 64)
+    with Image.open(tmp_path / "builtin" / first["file_name"]) as im:
+        assert im.size == (96, 64)
+    assert metrics["noise"]["class_swap"] == round(0.25 * metrics["train"]["annotations"])
+    assert (tmp_path / "builtin" / "noise.json").is_file()  # label QA's measurement reads it
+    with pytest.raises(ValidationError, match="unknown colour 'purple'"):
+        Params.model_validate({"data": {"shapes": {"classes": ["red", "purple"]}}})
 
 
 def test_one_coco_file_is_split_with_near_duplicates_kept_together(tmp_path):

@@ -1,19 +1,29 @@
 """End to end: `dvc repro` of the whole DAG on the tiny profile, in a temp copy of the project,
-tracked by a real MLflow server."""
+tracked by a real MLflow server.
+
+The data is a user's own: the tiny profile's digits, written by the test in the Ultralytics
+layout under the project's `data/yolo` and read with `dataset.format: yolo` (a params change, no
+dvc.yaml edit), so every stage through promote runs on YOLO-format input. The builtin source runs
+in the default `dvc repro`, in tests/test_flows.py's projects and in tests/test_ingest.py.
+"""
 
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
 
+from tasks.datasets import digits as data
 from tasks.datasets.coco import DetectionSet
+from tasks.harness.config import DataCfg
 from tasks.harness.project import copy_project, dvc
 from tasks.models import load_checkpoint
 from tasks.models.training import evaluate_model
+from tasks.models.ultralytics_io import SPLITS, write_yolo_dataset
 from tests.conftest import running_mlflow_server, tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -36,8 +46,33 @@ STAGES = [
 ]
 
 
+YOLO = "data/yolo"  # the user's dataset folder inside the project (`dataset.path`)
+
+
 def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
+
+
+def pipeline_params() -> dict:
+    """The tiny profile, reading its data from the YOLO-format folder `YOLO`."""
+    params = tiny_params()
+    params["dataset"] = {**params["dataset"], "format": "yolo", "path": YOLO}
+    return params
+
+
+def write_yolo_copy(data_cfg: DataCfg, work: Path, dst: Path) -> None:
+    """Compose the digits of `data_cfg` as COCO under `work`, then write them in the Ultralytics
+    layout under `dst` (copies: the project reads the folder as a user's dataset)."""
+    data.run(data_cfg, out_dir=work)
+    splits = {s: json.loads((work / f"{s}.json").read_text()) for s in SPLITS}
+    write_yolo_dataset({"root": str(work), "splits": splits}, dst, link=False)
+
+
+def changed_stages(proj: Path) -> set[str]:
+    """The stages `dvc status` says have changed (their deps, outs or params)."""
+    status = dvc(proj, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    return set(json.loads(status.stdout or "{}"))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +85,10 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, mlflow_server):
-    proj = copy_project(tmp_path_factory.mktemp("e2e") / "proj", tiny_params())
+    params = pipeline_params()
+    work = tmp_path_factory.mktemp("e2e")
+    proj = copy_project(work / "proj", params)
+    write_yolo_copy(DataCfg(**params["data"]), work / "coco", proj / YOLO)
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
     t0 = time.perf_counter()
     proc = dvc(proj, "repro", env=env)
@@ -73,6 +111,19 @@ def test_every_stage_ran_and_every_declared_output_exists(pipeline):
     assert len(declared) >= 20
     missing = [str(o) for o in declared if not o.exists]
     assert not missing
+
+
+def test_ingest_read_the_yolo_folder(pipeline):
+    proj, _, _ = pipeline
+    metrics = json.loads((proj / "artifacts/ingest/metrics.json").read_text())
+    tiny = tiny_params()["data"]
+    counts = [tiny["train_images"], tiny["val_images"], tiny["test_images"]]
+    assert metrics["format"] == "yolo"
+    assert [metrics[s]["images"] for s in SPLITS] == counts
+    assert metrics["files"] >= sum(counts)  # each image (and its label file)
+    assert not list((proj / "artifacts/ingest/builtin").iterdir())  # no builtin data composed
+    manifest = json.loads((proj / "artifacts/ingest/manifest.json").read_text())
+    assert (proj / manifest["root"]).resolve() == (proj / YOLO).resolve()
 
 
 def test_kpis_are_in_range_and_beat_an_untrained_model(pipeline):
@@ -233,3 +284,25 @@ def test_repro_is_a_no_op_then_reruns_only_what_a_param_change_touches(pipeline)
     touched = ["check_params", *[f"evaluate@{t}" for t in TARGETS]]  # variants: not its key
     # ...and what reads their outputs: evaluate's metrics record parity_iou
     assert sorted(ran(changed.stdout)) == sorted([*touched, "compare", "promote"])
+
+
+def test_a_changed_label_reruns_ingest_and_what_reads_it_and_nothing_before(pipeline):
+    """One YOLO label file edited: ingest is the only stage whose deps changed; re-run up to
+    label_qa (CI time: no training), the manifests change and DVC then holds train, and nothing
+    before ingest, for changed. Runs last: it leaves the project out of date."""
+    proj, env, _ = pipeline
+    assert changed_stages(proj) == set()
+    before = json.loads((proj / "artifacts/ingest/metrics.json").read_text())
+    label = sorted((proj / YOLO / "labels/train").glob("*.txt"))[0]
+    cls, rest = label.read_text().split(" ", 1)
+    label.write_text(f"{(int(cls) + 1) % 10} {rest}")
+    assert changed_stages(proj) == {"ingest"}
+    rerun = dvc(proj, "repro", "label_qa", env=env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert ran(rerun.stdout) == ["ingest", "label_qa"]
+    after = json.loads((proj / "artifacts/ingest/metrics.json").read_text())
+    assert after["content_md5"] != before["content_md5"]
+    assert after["files"] == before["files"]
+    waiting = changed_stages(proj)
+    assert "train" in waiting
+    assert not waiting & {"check_params", "ingest", "label_qa"}

@@ -46,6 +46,47 @@ def test_params_take_a_side_or_width_height_and_check_the_family_stride(tmp_path
         load_params(bad)
 
 
+def test_the_label_qa_fold_input_takes_a_side_or_width_height_with_the_same_stride_check(tmp_path):
+    """`label_qa.model.input_size` (the cross-fit detector's input) reads as train's does."""
+    qa = Params.model_validate({"label_qa": {"model": {"input_size": 64}}}).label_qa.model
+    assert qa.input_size == (64, 64)
+    qa = Params.model_validate({"label_qa": {"model": {"input_size": [W, H]}}}).label_qa.model
+    assert qa.input_size == (W, H)
+    bad = tmp_path / "params.yaml"
+    bad.write_text("label_qa:\n  model:\n    input_size: [96, 70]\n")
+    wrong = r"params.yaml: label_qa.model.input_size: \[96, 70\] \(width, height\) is not a mul"
+    with pytest.raises(ConfigError, match=wrong + r".*'centernet'.*e.g. \[96, 64\]"):
+        load_params(bad)
+    bad.write_text("label_qa:\n  model:\n    input_size: [96, 64, 3]\n")
+    with pytest.raises(ConfigError, match=r"label_qa.model.input_size: .*one side or \[width, h"):
+        load_params(bad)
+
+
+def test_bench_sizes_reads_sides_and_rectangles_and_rebuilds_the_weights_at_a_rectangle(
+    tmp_path, tiny, adapter
+):
+    from tasks.cli import bench_sizes
+    from tasks.models import load_checkpoint
+
+    sizes = bench_sizes.input_sizes(["128", "96x64", "96,64", [W, H], 64], tiny)
+    assert sizes == [(128, 128), (W, H), (W, H), (W, H), (64, 64)]
+    assert [bench_sizes.size_key(s) for s in sizes[:2]] == ["128", "96x64"]
+    with pytest.raises(ConfigError, match=r"--size: \[96, 70\] .* multiple of 16.*\[96, 64\]"):
+        bench_sizes.input_sizes(["96x70"], tiny)
+    with pytest.raises(ConfigError, match=r"--size 96x64x3: expected one side or \[width, he"):
+        bench_sizes.input_sizes(["96x64x3"], tiny)
+    with pytest.raises(ConfigError, match=r"--size big: expected a side \(128\) or WIDTHxHEIGHT"):
+        bench_sizes.input_sizes(["big"], tiny)
+    model = adapter.build(3, 64, 0)
+    adapter.save(tmp_path / "model.pt", model, [{"id": k, "name": str(k)} for k in (1, 2, 3)], {})
+    loaded = load_checkpoint(tmp_path / "model.pt")
+    _, wide = bench_sizes.at_size(loaded, tmp_path / "model.pt", (W, H))
+    assert adapter.input_size(wide) == (W, H)
+    x = torch.rand(1, 3, H, W)
+    with torch.no_grad():  # the same weights: the square model gives the same maps on the input
+        assert torch.equal(wide.eval()(x), model.eval()(x))
+
+
 def test_targets_then_decode_give_the_boxes_back_on_a_rectangular_grid():
     """make_targets on the (H/4, W/4) grid, read back by the deployed decode: a box in the
     wide input's right part (x > H) comes back where it was, so x and y are not swapped."""

@@ -39,9 +39,10 @@ import typer
 from tasks.cli import measured
 from tasks.cli.review import register as register_review
 from tasks.cli.runs import input_cache_benchmark, pipeline_benchmark
+from tasks.harness.errors import ShrinkflowError
 from tasks.harness.io import write_json, write_text
 from tasks.harness.project import PROFILES
-from tasks.harness.stage import setup_logging
+from tasks.harness.stage import fail, setup_logging
 
 log = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -341,7 +342,11 @@ def sizes(
     compressed: Path = typer.Option(Path("artifacts/distill/model.pt")),
     quantize_report: Path = typer.Option(Path("artifacts/quantize/report.json")),
     manifest: Path = typer.Option(Path("artifacts/label_qa/manifest.json")),
-    size: list[int] = typer.Option([128, 256], help="input sides to time (repeat the option)"),
+    size: list[str] = typer.Option(
+        ["128", "256"],
+        help="input sizes to time, each a side (128) or WIDTHxHEIGHT (96x64), a multiple of the "
+        "model family's stride like train.input_size (repeat the option)",
+    ),
     runs: int = typer.Option(200, min=1, help="timed calls per variant and size"),
     rounds: int = typer.Option(5, min=1),
     out: Path = typer.Option(Path("artifacts/bench")),
@@ -354,16 +359,19 @@ def sizes(
     from tasks.harness.config import load_params
 
     setup_logging()
-    result = bench_sizes.run(
-        load_params(params),
-        trained=trained,
-        compressed=compressed,
-        quantize_report=quantize_report,
-        manifest=manifest,
-        sizes=size,
-        runs=runs,
-        rounds=rounds,
-    )
+    try:
+        result = bench_sizes.run(
+            load_params(params),
+            trained=trained,
+            compressed=compressed,
+            quantize_report=quantize_report,
+            manifest=manifest,
+            sizes=size,
+            runs=runs,
+            rounds=rounds,
+        )
+    except ShrinkflowError as e:  # a bad --size or params.yaml: one line, no traceback
+        fail(e)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     table = Table(title=f"batch 1, {result['threads']} threads, p50 ms")
     table.add_column("variant", no_wrap=True)

@@ -23,52 +23,94 @@ import tempfile
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from tasks.datasets.coco import DetectionSet
 from tasks.engines import get
 from tasks.evaluate import eager_runner
-from tasks.harness.config import Params
+from tasks.harness.config import InputSize, Params, stride_problem
+from tasks.harness.errors import ConfigError
 from tasks.metrics.timing import latency_stats, time_blocks
 from tasks.models import ModelAdapter, load_checkpoint
 from tasks.models.onnx_export import to_onnx
+from tasks.preprocess.letterbox import build_size
 from tasks.quantization.qdq import calibrate, calibration_set, to_fp16, to_int8
 
 CPU_TARGETS = ("onnxruntime", "openvino")
+Size = int | tuple[int, int]
 
 
-def at_size(loaded: tuple, path: Path, size: int) -> tuple[ModelAdapter, torch.nn.Module]:
-    """The same weights rebuilt for `size` x `size` inputs (`loaded`: load_checkpoint's
-    result; every family keeps its input side in the checkpoint's `config.input_size`)."""
+def input_sizes(sizes: list, params: Params) -> list[tuple[int, int]]:
+    """Each of `sizes` (a side, [w, h], or the text `128` / `96x64`) as (width, height), checked
+    as `train.input_size` is: the same type and the model family's stride.
+
+    Raises:
+        ConfigError: a size that is not one side or two, or does not fit the family's stride.
+    """
+    out = []
+    for given in sizes:
+        try:
+            value = given
+            if isinstance(given, str):
+                parts = [int(p) for p in given.lower().replace(",", "x").split("x")]
+                value = parts[0] if len(parts) == 1 else parts
+            wh = TypeAdapter(InputSize).validate_python(value)
+        except ValidationError as e:
+            first = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"bench-sizes: --size {given}: {first}") from None
+        except ValueError:
+            raise ConfigError(
+                f"bench-sizes: --size {given}: expected a side (128) or WIDTHxHEIGHT (96x64)"
+            ) from None
+        model = params.model
+        if problem := stride_problem("--size", wh, model.input_stride, model.family):
+            raise ConfigError(f"bench-sizes: {problem}")
+        out.append(wh)
+    return out
+
+
+def size_key(size: tuple[int, int]) -> str:
+    """The result table's key of a size: `128` for a square, `96x64` (width x height) else."""
+    w, h = size
+    return str(w) if w == h else f"{w}x{h}"
+
+
+def at_size(loaded: tuple, path: Path, size: Size) -> tuple[ModelAdapter, torch.nn.Module]:
+    """The same weights rebuilt for inputs of `size` (a side, or (width, height); `loaded`:
+    load_checkpoint's result; every family keeps its input size in the checkpoint's
+    `config.input_size`: one side for a square, else [w, h])."""
     adapter, _, ckpt = loaded
-    resized = {**ckpt, "config": {**ckpt["config"], "input_size": size}}
+    side = build_size(size)
+    stored = side if isinstance(side, int) else list(side)
+    resized = {**ckpt, "config": {**ckpt["config"], "input_size": stored}}
     return adapter, adapter.load(resized, path)
 
 
 def _deployable(
-    resized: tuple, params: Params, report: dict, manifest: dict, size: int, tmp: Path
+    resized: tuple, params: Params, report: dict, manifest: dict, size: Size, tmp: Path
 ) -> Path:
     """The compressed model at `size`, in the precision and with the float layers that the
     quantize stage chose (its `report.json`)."""
-    onnx_path = tmp / f"compressed-{size}.onnx"
+    onnx_path = tmp / "compressed.onnx"
     to_onnx(*resized, params.export, onnx_path)
     precision = report["precision"]
     if precision == "fp32":
         return onnx_path
-    out = tmp / f"compressed-{size}.{precision}.onnx"
+    out = tmp / f"compressed.{precision}.onnx"
     if precision == "fp16":
         to_fp16(onnx_path, out)
         return out
     cfg = params.quantize
     images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
-    cache = tmp / f"ranges-{size}.json"
+    cache = tmp / "ranges.json"
     calibrate(onnx_path, images, cfg, cfg.calibrator, cache)
     float_layers = [k for k, v in report.get("layer_precision", {}).items() if v == "fp32"]
     to_int8(onnx_path, out, cache, cfg, cfg.calibrator, exclude=float_layers or None)
     return out
 
 
-def _runners(params: Params, trained: tuple, compressed: Path, size: int, tmp: Path) -> dict:
-    fp32 = tmp / f"trained-{size}.onnx"
+def _runners(params: Params, trained: tuple, compressed: Path, tmp: Path) -> dict:
+    fp32 = tmp / "trained.onnx"
     to_onnx(*trained, params.export, fp32)
     engine_cfg = params.build_engine
     variants = {
@@ -87,7 +129,7 @@ def _runners(params: Params, trained: tuple, compressed: Path, size: int, tmp: P
     }
     runners = {"eager_fp32": eager_runner(*trained, params.export)}
     for name, (target, onnx_path, cfg) in variants.items():
-        folder = tmp / f"{name}-{size}"
+        folder = tmp / name
         folder.mkdir()
         get(target).build(onnx_path, folder, cfg)
         runners[name] = get(target).load(folder, cfg)
@@ -113,11 +155,17 @@ def run(
     compressed: Path,
     quantize_report: Path,
     manifest: Path,
-    sizes: list[int],
+    sizes: list,
     runs: int,
     rounds: int,
 ) -> dict:
-    """Time every variant at every size (see module docstring); returns the result table."""
+    """Time every variant at every size (see module docstring); returns the result table,
+    keyed by `size_key`. `sizes`: each a side or [width, height] (see `input_sizes`).
+
+    Raises:
+        ConfigError: a size does not fit the model family (see `input_sizes`).
+    """
+    checked = input_sizes(sizes, params)
     torch.set_num_threads(params.build_engine.threads)
     trained_model = load_checkpoint(trained, params.model)
     compressed_model = load_checkpoint(compressed, params.model)
@@ -131,18 +179,18 @@ def run(
         "precision": report["precision"],
         "sizes": {},
     }
-    for size in sizes:
+    for size in checked:
         with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-sizes-") as tmp:
             tmp = Path(tmp)
             deploy = _deployable(
                 at_size(compressed_model, compressed, size), params, report, manifest_obj, size,
                 tmp,
             )  # fmt: skip
-            runners = _runners(params, at_size(trained_model, trained, size), deploy, size, tmp)
+            runners = _runners(params, at_size(trained_model, trained, size), deploy, tmp)
             x = DetectionSet(manifest_obj, "test", size).batch(slice(0, 1))
             with torch.inference_mode():
                 times = time_blocks(runners, x, warmup=10, runs=runs, rounds=rounds)
         stats = {k: latency_stats(v, 1) for k, v in times.items()}
         p50 = {k: v["latency_ms_p50"] for k, v in stats.items()}
-        result["sizes"][str(size)] = {"latency": stats, "ratios": ratios(p50)}
+        result["sizes"][size_key(size)] = {"latency": stats, "ratios": ratios(p50)}
     return result

@@ -8,7 +8,9 @@ are not labelled. Output, in the same COCO layout as the digits (`tasks/datasets
 `<out>/{train,val,test}.json`, `<out>/images/<split>/*.png`, `<out>/meta.json` and, with
 `noise` rates above 0, the injected label noise's ground truth in `<out>/noise.json`.
 
-Used by the label-QA tests and `shrinkflow bench-label-qa --dataset shapes`; `generate` is the API.
+A builtin source of `ingest` (`dataset.format: builtin`, `data.kind: shapes`, knobs in
+`data.shapes`: `ShapesCfg`, defined in tasks/harness/config.py); also used by the label-QA tests and
+`shrinkflow bench-label-qa --dataset shapes`. `generate` is the API.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from pydantic import Field, model_validator
 
 from tasks.datasets.digits import NOISE_FILE, NOISE_KINDS, SPLITS
 from tasks.datasets.label_noise import inject
-from tasks.harness.config import LabelNoiseCfg, PosInt, Section
+from tasks.harness.config import ShapesCfg
 from tasks.harness.io import atomic_dir, meta, write_json
 
 log = logging.getLogger(__name__)
-# RGB in [0, 1] of every colour a class may be named after (jittered per object)
+# RGB in [0, 1] of every colour a class may be named after (jittered per object): the names are
+# tasks.harness.config.SHAPE_COLOURS, which ShapesCfg validates against
 PALETTE = {
     "red": (0.85, 0.12, 0.10),
     "green": (0.12, 0.70, 0.18),
@@ -37,47 +39,6 @@ PALETTE = {
     "orange": (0.95, 0.50, 0.05),
 }
 SHAPES = ("circle", "square", "triangle", "blob")
-
-
-class ShapesCfg(Section):
-    """Knobs of the coloured-shapes set (class = colour; shape random and not tied to class)."""
-
-    seed: int = Field(0, description="seed of every random choice (same seed, same bytes)")
-    train_images: PosInt = Field(300, description="training canvases")
-    val_images: PosInt = Field(60, description="validation canvases")
-    test_images: PosInt = Field(100, description="test canvases")
-    width: int = Field(160, ge=32, le=2048, description="canvas width in pixels")
-    height: int = Field(120, ge=32, le=2048, description="canvas height in pixels")
-    objects_per_image: tuple[PosInt, PosInt] = Field((1, 4), description="min, max objects")
-    object_size: tuple[PosInt, PosInt] = Field((10, 24), description="min, max object side, px")
-    classes: list[str] = Field(
-        ["red", "green", "blue"],
-        min_length=2,
-        description=f"class names, each a colour of: {', '.join(PALETTE)}",
-    )
-    colour_jitter: float = Field(
-        0.08, ge=0, le=0.3, description="per-channel uniform jitter of an object's colour"
-    )
-    distractors: int = Field(2, ge=0, description="unlabelled grey shapes per canvas")
-    clutter: int = Field(5, ge=0, description="grey strokes and rings per canvas")
-    noise: LabelNoiseCfg = Field(
-        default_factory=lambda: LabelNoiseCfg(),
-        description="label noise injected on purpose (ground truth in noise.json); off by default",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> ShapesCfg:
-        unknown = [c for c in self.classes if c not in PALETTE]
-        if unknown:
-            raise ValueError(f"unknown colour {unknown[0]!r}; choose from {', '.join(PALETTE)}")
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError("classes must be distinct")
-        lo, hi = self.object_size
-        if lo > hi or hi > min(self.width, self.height) // 2:
-            raise ValueError("object_size must be (min <= max <= min(width, height)/2)")
-        if self.objects_per_image[0] > self.objects_per_image[1]:
-            raise ValueError("objects_per_image must be (min <= max)")
-        return self
 
 
 def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:

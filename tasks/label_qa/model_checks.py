@@ -44,12 +44,15 @@ from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.registry import Hit, QaContext, dataset_rule
 from tasks.metrics.detection import Runner, coco_metrics, predict
 from tasks.models.config import ModelCfg
+from tasks.preprocess.letterbox import build_size
 
 log = logging.getLogger(__name__)
 SCORE_FLOOR = 0.05  # predictions below this confidence are not passed to cleanlab
 
 
-def _split_set(ctx: QaContext, split: str, image_ids: list[int], size: int) -> DetectionSet:
+def _split_set(
+    ctx: QaContext, split: str, image_ids: list[int], size: int | tuple[int, int]
+) -> DetectionSet:
     coco = ctx.interim[split]
     keep = set(image_ids)
     sub = {
@@ -134,7 +137,7 @@ def crossfit(
         val = _split_set(ctx, "train", held_ids, m.input_size)
         # the per-epoch curve only needs a glimpse of the held-out fold: 32 images keep it cheap
         glimpse = _split_set(ctx, "train", held_ids[:32], m.input_size)
-        model = adapter.build(len(categories), m.input_size, train_cfg.seed + k)
+        model = adapter.build(len(categories), build_size(m.input_size), train_cfg.seed + k)
         model, _ = fit(
             adapter,
             model,

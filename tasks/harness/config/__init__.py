@@ -13,11 +13,13 @@ import yaml
 from pydantic import ValidationError, model_validator
 
 from tasks.harness.config.data import (
+    SHAPE_COLOURS,
     VOC_CLASSES,
     DataCfg,
     DatasetCfg,
     LabelNoiseCfg,
     ProjectCfg,
+    ShapesCfg,
     SplitCfg,
 )
 from tasks.harness.config.deploy import (
@@ -58,7 +60,16 @@ from tasks.harness.config.training import (
     VFlipAug,
 )
 from tasks.harness.errors import ConfigError
-from tasks.harness.sections import NonNegInt, PosInt, Rate, SafePath, Section, Side
+from tasks.harness.sections import (
+    InputSize,
+    NonNegInt,
+    PosInt,
+    Rate,
+    SafePath,
+    Section,
+    Side,
+    stride_problem,
+)
 from tasks.models.config import ModelCfg
 
 __all__ = [
@@ -75,6 +86,7 @@ __all__ = [
     "Gate",
     "HFlipAug",
     "HsvAug",
+    "InputSize",
     "Kpi",
     "LabelNoiseCfg",
     "LabelQaCfg",
@@ -93,8 +105,10 @@ __all__ = [
     "QualityKpi",
     "QuantizeCfg",
     "RelativeGate",
+    "SHAPE_COLOURS",
     "SafePath",
     "ScaleJitterAug",
+    "ShapesCfg",
     "Rate",
     "Section",
     "ShiftAug",
@@ -106,6 +120,7 @@ __all__ = [
     "VariantsCfg",
     "gate_name",
     "load_params",
+    "stride_problem",
 ]
 
 
@@ -148,15 +163,13 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _input_fits_the_family(self) -> Params:
-        stride = self.model.input_stride
-        w, h = self.train.input_size
-        if w % stride or h % stride:
-            near = [max(stride, round(d / stride) * stride) for d in (w, h)]
-            raise ValueError(
-                f"train.input_size: [{w}, {h}] (width, height) is not a multiple of "
-                f"{stride}, the stride of model family {self.model.family!r}; use multiples "
-                f"of {stride}, e.g. {near[0] if near[0] == near[1] else near}"
-            )
+        stride, family = self.model.input_stride, self.model.family
+        for key, size in (
+            ("train.input_size", self.train.input_size),
+            ("label_qa.model.input_size", self.label_qa.model.input_size),
+        ):
+            if problem := stride_problem(key, size, stride, family):
+                raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

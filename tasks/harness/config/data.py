@@ -88,9 +88,63 @@ class LabelNoiseCfg(Section):
         return self
 
 
-class DataCfg(Section):
-    """Knobs of the built-in default data (composed from scikit-learn's handwritten digits)."""
+# the colours a coloured-shapes class may be named after (their RGB: tasks/datasets/shapes.py)
+SHAPE_COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange")
 
+
+class ShapesCfg(Section):
+    """Knobs of the coloured-shapes set (class = colour; shape random and not tied to class)."""
+
+    seed: int = Field(0, description="seed of every random choice (same seed, same bytes)")
+    train_images: PosInt = Field(300, description="training canvases")
+    val_images: PosInt = Field(60, description="validation canvases")
+    test_images: PosInt = Field(100, description="test canvases")
+    width: int = Field(160, ge=32, le=2048, description="canvas width in pixels")
+    height: int = Field(120, ge=32, le=2048, description="canvas height in pixels")
+    objects_per_image: tuple[PosInt, PosInt] = Field((1, 4), description="min, max objects")
+    object_size: tuple[PosInt, PosInt] = Field((10, 24), description="min, max object side, px")
+    classes: list[str] = Field(
+        ["red", "green", "blue"],
+        min_length=2,
+        description=f"class names, each a colour of: {', '.join(SHAPE_COLOURS)}",
+    )
+    colour_jitter: float = Field(
+        0.08, ge=0, le=0.3, description="per-channel uniform jitter of an object's colour"
+    )
+    distractors: int = Field(2, ge=0, description="unlabelled grey shapes per canvas")
+    clutter: int = Field(5, ge=0, description="grey strokes and rings per canvas")
+    noise: LabelNoiseCfg = Field(
+        default_factory=lambda: LabelNoiseCfg(),
+        description="label noise injected on purpose (ground truth in noise.json); off by default",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ShapesCfg:
+        unknown = [c for c in self.classes if c not in SHAPE_COLOURS]
+        if unknown:
+            raise ValueError(
+                f"unknown colour {unknown[0]!r}; choose from {', '.join(SHAPE_COLOURS)}"
+            )
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct")
+        lo, hi = self.object_size
+        if lo > hi or hi > min(self.width, self.height) // 2:
+            raise ValueError("object_size must be (min <= max <= min(width, height)/2)")
+        if self.objects_per_image[0] > self.objects_per_image[1]:
+            raise ValueError("objects_per_image must be (min <= max)")
+        return self
+
+
+class DataCfg(Section):
+    """Knobs of the built-in data (`dataset.format: builtin`): the digits (composed from
+    scikit-learn's handwritten digits; the knobs here) or the coloured shapes (`data.shapes`)."""
+
+    kind: Literal["digits", "shapes"] = Field(
+        "digits",
+        description="digits: handwritten digits on square canvases (the knobs below); shapes: "
+        "small coloured shapes whose class is their colour, on non-square canvases (its own "
+        "knobs, counts and seed in data.shapes; the digit knobs are then unused)",
+    )
     seed: int = Field(0, description="seed for splitting the digits and composing canvases")
     train_images: PosInt = Field(1200, description="composed training canvases")
     val_images: PosInt = Field(200, description="composed validation canvases")
@@ -105,6 +159,9 @@ class DataCfg(Section):
     noise: LabelNoiseCfg = Field(
         default_factory=lambda: LabelNoiseCfg(),
         description="label noise injected on purpose (to measure label QA); off by default",
+    )
+    shapes: ShapesCfg = Field(
+        default_factory=lambda: ShapesCfg(), description="the coloured shapes (kind: shapes)"
     )
 
     @model_validator(mode="after")

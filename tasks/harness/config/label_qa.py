@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.harness.sections import PosInt, Section
+from tasks.harness.sections import InputSize, PosInt, Section
 
 
 class LabelQaModelCfg(Section):
@@ -20,7 +20,9 @@ class LabelQaModelCfg(Section):
     )
     folds: int = Field(3, ge=2, le=10, description="K of the K-fold cross-fit on train")
     epochs: PosInt = Field(40, description="training epochs per fold")
-    input_size: int = Field(128, ge=32, le=1024, description="fold model input side, px")
+    input_size: InputSize = Field(
+        (128, 128), description="fold model input, px: one side or [width, height] (as train's)"
+    )
     width: float = Field(
         0.5,
         gt=0,

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tasks.harness.sections import PosInt, Rate, Section, Side
+from tasks.harness.sections import InputSize, PosInt, Rate, Section
 
 
 class _Aug(Section):
@@ -82,7 +82,7 @@ class TrainCfg(Section):
     batch_size: PosInt = Field(32)
     lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW, one-cycle)")
     weight_decay: float = Field(1e-4, ge=0)
-    input_size: tuple[Side, Side] = Field(
+    input_size: InputSize = Field(
         (128, 128),
         description="model input, px: one side (a square, e.g. 128) or [width, height] (e.g. "
         "[320, 256]); each side a multiple of the model family's stride (centernet 16, yolo "
@@ -100,16 +100,6 @@ class TrainCfg(Section):
         "with its probability `p`: shift, hflip, vflip, scale_jitter, hsv, channel_shuffle, "
         "mosaic; [] = none",
     )
-
-    @field_validator("input_size", mode="before")
-    @classmethod
-    def _side_or_rectangle(cls, v):
-        """`128` is the square (128, 128); `[320, 256]` is (width, height)."""
-        if isinstance(v, int) and not isinstance(v, bool):
-            return (v, v)
-        if isinstance(v, (list, tuple)) and len(v) != 2:
-            raise ValueError(f"expected one side or [width, height], found {list(v)}")
-        return v
 
     @field_validator("augment", mode="before")
     @classmethod
