@@ -581,7 +581,7 @@ def test_injected_noise_matches_its_ground_truth(tmp_path):
 
 
 def test_calibration_maps_detector_scores_to_hit_rates():
-    from tasks.label_qa.model_checks import calibrate
+    from tasks.label_qa.crossfit import calibrate
 
     coco = {
         "categories": [{"id": 1}],

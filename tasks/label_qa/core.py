@@ -26,6 +26,7 @@ from tasks.harness.errors import ConfigError
 from tasks.label_qa import (  # noqa: F401  (register rules)
     balance,
     boxes,
+    crossfit,
     ids,
     images,
     model_checks,
@@ -263,7 +264,7 @@ def run(
     model_s = 0.0
     if cfg.model.enabled:
         t0 = time.perf_counter()
-        model_checks.predict_splits(ctx, train_cfg or TrainCfg(), model_cfg or ModelCfg(), champion)
+        crossfit.predict_splits(ctx, train_cfg or TrainCfg(), model_cfg or ModelCfg(), champion)
         findings += model_findings(ctx)
         model_s = time.perf_counter() - t0
     if reviewed:
