@@ -58,14 +58,22 @@ def _group() -> None:
 def pipeline(
     profile: str = typer.Option("default", help=f"one of {', '.join(PROFILES)}"),
     out: Path = typer.Option(Path("artifacts/bench"), help="folder for the result JSON"),
+    keep: Path | None = typer.Option(
+        None, help="run in this new folder and keep it (its artifacts/ and dvc.lock are the run's)"
+    ),
 ) -> None:
     """Wall time of the whole pipeline from scratch, and of a no-op `dvc repro`."""
     setup_logging()
     if profile not in PROFILES:
         choices = ", ".join(PROFILES)
         raise typer.BadParameter(f"unknown profile {profile!r}; choose one of {choices}")
-    with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-") as tmp:
-        result = pipeline_benchmark(profile, Path(tmp))
+    if keep is not None:
+        if keep.exists():
+            raise typer.BadParameter(f"--keep: {keep} exists; name a new folder")
+        result = pipeline_benchmark(profile, keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-") as tmp:
+            result = pipeline_benchmark(profile, Path(tmp))
     path = out / f"pipeline-{profile}.json"
     write_json(path, result)
     refresh_readme()
