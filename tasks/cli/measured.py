@@ -253,6 +253,31 @@ def input_cache(root: Path) -> str:
     return _table(header, [row])
 
 
+VARIANTS = {
+    "clean": "clean labels",
+    "noisy": "noisy (the injected errors)",
+    "cleaned": "cleaned, default policy",
+    "cleaned_report_only": "cleaned, model rules only reporting",
+    "clean_cleaned": "clean labels, cleaned with the default policy",
+}
+
+
+def label_qa_training(root: Path) -> str:
+    """`shrinkflow bench-label-qa`: the same recipe trained on each variant of the train split,
+    tested on the untouched test split."""
+    rows = []
+    for path in sorted((root / "artifacts/bench").glob("label-qa-*.json")):
+        tests = (json.loads(path.read_text(encoding="utf-8")).get("training") or {}).get("test")
+        for key, label in VARIANTS.items():
+            if tests and key in tests:
+                t = tests[key]
+                run = path.stem.removeprefix("label-qa-")
+                rows.append([run, label, _map(t["map50"]), _map(t.get("map50_95"))])
+    if not rows:
+        return _missing("artifacts/bench/label-qa-<dataset>.json", "shrinkflow bench-label-qa")
+    return _table(["run", "train labels", "test mAP@0.5", "mAP@0.5:0.95"], rows)
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "pipeline": pipeline,
     "variants": variants,
@@ -260,6 +285,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "sizes": sizes,
     "pipeline-time": pipeline_time,
     "label-qa": label_qa,
+    "label-qa-training": label_qa_training,
     "input-cache": input_cache,
 }
 
