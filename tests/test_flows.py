@@ -551,6 +551,7 @@ SWEEP_GRID = {
 
 @pytest.mark.slow
 @pytest.mark.server
+@pytest.mark.extended  # ~4 min: the fanned-out sweep below runs the same grid in CI
 def test_a_sweep_yields_an_experiment_per_recipe_and_a_pareto_front(
     deployed, prefect_server, mlflow_server, tmp_path
 ):

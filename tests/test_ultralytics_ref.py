@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from tasks.datasets import digits as data
+from tasks.datasets.coco import resolve_image
 from tasks.harness.errors import ConfigError, DataError
 from tasks.metrics.detection import coco_metrics, predict
 from tasks.models import ultralytics_io as ulio
@@ -256,7 +257,7 @@ def test_the_export_sees_what_ultralytics_predictor_sees(reference, dataset, bes
     manifest, _ = dataset
     test = ref.DetectionSet(manifest, "test", CFG.imgsz)
     x = test.batch(slice(0, 1))
-    path = ref.resolve_image(manifest["root"], test.coco["images"][0]["file_name"], work, "test")
+    path = resolve_image(manifest["root"], test.coco["images"][0]["file_name"], work, "test")
     yolo = YOLO(str(best_pt))
     yolo.predict(str(path), imgsz=64, verbose=False)  # sets up Ultralytics' predictor
     theirs = yolo.predictor.preprocess([cv2.imread(str(path))])
