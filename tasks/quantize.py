@@ -40,8 +40,8 @@ from tasks.engines.int8 import qdq_types
 from tasks.harness.config import Params, QuantizeCfg
 from tasks.harness.io import atomic_dir, check_onnx, copy_file, meta, remove, write_json, write_text
 from tasks.harness.stage import stage_entry
-from tasks.metrics.detection import coco_metrics, predict
 from tasks.metrics.timing import time_blocks
+from tasks.quantization.litert_int8 import litert_model
 from tasks.quantization.method import pick_best, target_methods
 from tasks.quantization.precision import (
     conv_precision,
@@ -284,44 +284,6 @@ def qdq_model(cfg: QuantizeCfg, activation_type: str, dst: Path, **inputs) -> di
         "int8_map_drop": report["int8_map_drop"],
         "layers_kept_float": [k for k, v in report["layer_precision"].items() if v == "fp32"],
     }
-
-
-def litert_model(
-    cfg: QuantizeCfg, src: Path, dst: Path, train: DetectionSet, val: DetectionSet, fp32_map: float
-) -> dict:
-    """LiteRT's model for `cfg.precision` at `dst` (.tflite + its decode ONNX): full-integer
-    INT8 calibrated by the TFLite converter on `calibration_set`'s images (same ids and seed as
-    the QDQ models), float32 instead when INT8 loses more than `max_map_drop` val mAP@0.5 and
-    `accuracy_aware` is on (the converter quantizes every layer or none)."""
-    from tasks.engines import litert
-
-    if reason := litert.unavailable():
-        return {"status": reason}
-    images, _, ids_md5 = calibration_set(cfg, train)
-    precision = {"int8": "int8", "fp16": "float16", "fp32": "float32"}[cfg.precision]
-    try:
-        facts = litert.convert(src, dst, precision, images if precision == "int8" else None)
-    except litert.Unconvertible as e:  # a model structure the target does not take
-        return {"status": f"skipped: {e}"}
-    result = {"status": "ok", "precision": precision, "reason": "as configured"}
-    if precision == "int8":
-        runner = litert.runner(dst, threads=1)
-        int8_map = coco_metrics(val.coco, predict(runner, val), 0.3)["map50"]
-        result |= {
-            "calibration_md5": ids_md5,
-            "calibrator": "TFLite converter (min/max over the calibration images)",
-            "val_map50_int8": int8_map,
-            "int8_map_drop": fp32_map - int8_map,
-        }
-        if cfg.accuracy_aware and fp32_map - int8_map > cfg.max_map_drop:
-            facts = litert.convert(src, dst, "float32")
-            result["precision"] = "float32"
-            result["reason"] = (
-                f"full-integer INT8 lost {fp32_map - int8_map:.4f} val mAP@0.5 "
-                f"(> quantize.max_map_drop {cfg.max_map_drop}): kept float32"
-            )
-    write_json(dst.with_suffix(".json"), {**facts, **result})
-    return result
 
 
 def target_models(
