@@ -282,7 +282,10 @@ def _badly_placed(ctx: QaContext) -> Iterator[Hit]:
 @dataset_rule("box_missing", "warning", "fix", phase=2)
 def _missing(ctx: QaContext) -> Iterator[Hit]:
     """A confident prediction touches no labelled box (ObjectLab overlooked score under
-    `label_qa.model.overlooked_threshold`); the fix adds it as a box."""
+    `label_qa.model.overlooked_threshold`); the fix adds it as a box. The finding's score is
+    1 - the prediction's calibrated probability: ObjectLab's overlooked score is ~0 for every
+    confident unlabelled prediction, so it cannot rank a plain object above clutter read as one
+    (the probe's score bound needs that ranking, see `probe.py`)."""
     m = ctx.cfg.model
     for split, imgs in _scores(ctx).items():
         for img in imgs:
@@ -303,7 +306,7 @@ def _missing(ctx: QaContext) -> Iterator[Hit]:
                 ):
                     kept.append(j)
             for j in kept:
-                s = img["over"][j]
+                s = 1.0 - float(img["pred"][j, 4])
                 cat = img["cats"][int(img["pred_cls"][j])]
                 box = _xyxy_to_xywh(img["pred"][j])
                 msg = (
