@@ -38,11 +38,10 @@ import typer
 from tasks.datasets.coco import DetectionSet, load_splits
 from tasks.engines.int8 import qdq_types
 from tasks.harness.config import Params, QuantizeCfg
-from tasks.harness.io import atomic_dir, check_onnx, copy_file, meta, remove, write_json, write_text
+from tasks.harness.io import check_onnx, copy_file, meta, remove, write_json, write_text
 from tasks.harness.stage import stage_entry
 from tasks.metrics.timing import time_blocks
-from tasks.quantization.litert_int8 import litert_model
-from tasks.quantization.method import pick_best, target_methods
+from tasks.quantization.method import target_methods
 from tasks.quantization.precision import (
     conv_precision,
     decision_key,
@@ -66,7 +65,8 @@ from tasks.quantization.qdq import (  # noqa: F401  (re-exported: the stage's pr
     to_int8,
     val_map,
 )
-from tasks.quantization.report import render, target_metrics
+from tasks.quantization.report import render, stage_metrics
+from tasks.quantization.targets import target_models
 
 log = logging.getLogger(__name__)
 DECISIONS = "keep_faster.json"  # recorded keep-faster decisions, beside the outputs
@@ -258,130 +258,6 @@ def _qat(
     }
 
 
-# One model per distinct INT8 need of the build_engine targets (tasks/engines/int8.py): the
-# deployable model.onnx serves the targets of the first QDQ type; another QDQ type gets its own
-# accuracy-aware run; LiteRT gets its full-integer .tflite. Written to targets/<target>/.
-
-
-def qdq_model(cfg: QuantizeCfg, activation_type: str, dst: Path, **inputs) -> dict:
-    """The accuracy-aware INT8 QDQ model with `activation_type` activations, written to `dst`
-    (`inputs`: run()'s keyword arguments but `out`). keep_faster and the calibrator comparison
-    are off: they measure on ONNX Runtime CPU, which is not where this model runs."""
-    sub = cfg.model_copy(
-        update={
-            "activation_type": activation_type,
-            "keep_faster": False,
-            "compare_calibrators": False,
-        }
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        report = run(sub, out=Path(tmp), **inputs)
-        copy_file(Path(tmp) / "model.onnx", dst)
-    return {
-        "model": f"QDQ, {activation_type} activations, symmetric={activation_type == 'qint8'}",
-        "precision": report["precision"],
-        "val_map50_int8": report["val_map50"]["int8"],
-        "int8_map_drop": report["int8_map_drop"],
-        "layers_kept_float": [k for k, v in report["layer_precision"].items() if v == "fp32"],
-    }
-
-
-def target_models(
-    cfg: QuantizeCfg, targets: list[str], report: dict, out: Path, build_cfg=None, **inputs
-) -> dict[str, dict]:
-    """Write `out/targets/<target>/` for each target: `model.onnx` (the model made for its INT8
-    need; LiteRT: the float source) and, for LiteRT, `model.tflite`. Returns per-target facts.
-    `report` is run()'s for the deployable model.onnx (in `out`); `inputs` are run()'s inputs.
-    `quantize.method` (see `target_methods`) swaps in NNCF's QDQ model (`nncf`), or the better
-    of the two on the target's engine (`best`, built with `build_cfg`: build_engine's)."""
-    from tasks.engines.int8 import LITERT, qdq_types, requirement
-    from tasks.quantization.nncf_peers import onnx_int8
-
-    methods = target_methods(cfg, targets)
-    types = qdq_types(cfg.activation_type, targets)
-    made = {types[0]: out / "model.onnx"}
-    facts: dict[str, dict] = {}
-    nncf_need = {
-        t
-        for t, m in methods.items()
-        if m != "ort" and requirement(t, cfg.activation_type) == "quint8"
-    }
-    with atomic_dir(out / "targets") as tmp:
-        if nncf_need:
-            src = inputs["qat_onnx"] or inputs["onnx_path"]
-            images, _, _ = calibration_set(cfg, inputs["train"])
-            made["nncf"] = tmp / "model.nncf.onnx"
-            facts["nncf"] = onnx_int8(
-                src, images, inputs["val"], cfg, inputs["threads"], made["nncf"]
-            )
-            facts["nncf"] |= {
-                "precision": graph_precision(made["nncf"])["precision"],
-                "val_map50_int8": facts["nncf"]["val_map50"],
-                "int8_map_drop": facts["nncf"]["val_map50_drop"],
-            }
-        for target in targets:
-            need = requirement(target, cfg.activation_type)
-            folder = tmp / target
-            folder.mkdir()
-            if need == LITERT:
-                src = inputs["qat_onnx"] or inputs["onnx_path"]
-                copy_file(src, folder / "model.onnx")
-                facts[target] = litert_model(
-                    cfg,
-                    src,
-                    folder / "model.tflite",
-                    inputs["train"],
-                    inputs["val"],
-                    report["val_map50"]["fp32"],
-                )
-                continue
-            if need not in made and cfg.precision == "int8":
-                made[need] = tmp / f"model.{need}.onnx"
-                facts[f"qdq_{need}"] = qdq_model(cfg, need, made[need], **inputs)
-            ours = made.get(need, made[types[0]])
-            own = facts.get(f"qdq_{need}", report)  # the run that made this target's model
-            facts[target] = {
-                "model": f"qdq_{need}",
-                "activation_type": need,
-                "precision": own["precision"],
-                "method": "ort",
-                "reason": "quantize.method: ort",
-            }
-            if target in nncf_need and methods[target] == "nncf":
-                facts[target] |= {
-                    "model": "nncf",
-                    "precision": facts["nncf"]["precision"],
-                    "method": "nncf",
-                    "reason": "quantize.method: nncf",
-                }
-            elif target in nncf_need:  # best
-                best = pick_best(
-                    cfg,
-                    target,
-                    {"ort": ours, "nncf": made["nncf"]},
-                    inputs["val"],
-                    report["val_map50"]["fp32"],
-                    build_cfg,
-                    tmp / ".best",
-                )
-                facts[target]["best"] = best
-                facts[target]["reason"] = best["reason"]
-                if best["chosen"] == "nncf":
-                    facts[target] |= {
-                        "model": "nncf",
-                        "precision": facts["nncf"]["precision"],
-                        "method": "nncf",
-                    }
-            elif methods[target] == "best":
-                facts[target]["reason"] = f"best: NNCF makes no {need} model: ort"
-            copy_file(made["nncf"] if facts[target]["method"] == "nncf" else ours,
-                      folder / "model.onnx")  # fmt: skip
-        for extra in tmp.glob("model.*.onnx"):
-            extra.unlink()
-        remove(tmp / ".best")
-    return facts
-
-
 app = typer.Typer(add_completion=False)
 
 
@@ -433,34 +309,14 @@ def main(
             first = qdq_types(cfg.activation_type, targets)[0]  # the deployable model.onnx's
             report = run(cfg.model_copy(update={"activation_type": first}), out=out, **inputs)
             report["targets"] = target_models(
-                cfg, targets, report, out, ctx.params.build_engine, **inputs
+                cfg, targets, report, out, ctx.params.build_engine, build=run, **inputs
             )
         if qat_report:
             report["qat"] = qat_report
         write_json(out / "report.json", report)
         write_text(out / "report.md", render(report))
         write_json(out / "meta.json", meta(cfg, {"onnx": onnx_path}, ("onnxruntime", "onnx")))
-        metrics = {
-            "precision": report["precision"],
-            "calibration_md5": report["calibration"]["md5"],
-            "val_map50_fp32": report["val_map50"]["fp32"],
-            "val_map50_int8": report["val_map50"]["int8"],
-            "val_map50_fp16": report["val_map50"]["fp16"],
-            **{
-                k.replace("int8_", "val_map50_int8_"): v
-                for k, v in report["val_map50"].items()
-                if k == "int8_without_qat"
-            },
-            "int8_map_drop": report["int8_map_drop"],
-            "layers_kept_float": sum(v == "fp32" for v in report["layer_precision"].values()),
-            **{f"latency_ms_p50_{k}": v for k, v in report["latency_ms_p50_batch1"].items()},
-            **{
-                f"val_map50_int8_{k}": report["val_map50"][f"int8_{k}"]
-                for k in CALIBRATORS
-                if f"int8_{k}" in report["val_map50"]
-            },
-        }
-        metrics |= target_metrics(report["targets"])
+        metrics = stage_metrics(report)
         write_json(out / "metrics.json", metrics)
         ctx.log_metrics(metrics)
         ctx.log_artifact(out / "report.md")

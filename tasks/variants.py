@@ -197,18 +197,18 @@ ULTRALYTICS_INT8 = "ultralytics_openvino_int8"  # the unpruned model, as Ultraly
 
 def _ultralytics_reference(params: Params, trained: Path, manifest: dict, work: Path) -> dict:
     """{name: export} of Ultralytics' own OpenVINO INT8 export (NNCF) of the trained, unpruned
-    model: what a YOLO user gets without the pipeline (tasks/models/ultralytics_ref.py)."""
+    model: what a YOLO user gets without the pipeline (tasks/models/ultralytics_export.py)."""
+    from tasks.models import ultralytics_export as ulex
     from tasks.models import ultralytics_io as ulio
-    from tasks.models import ultralytics_ref as ulref
     from tasks.models.checkpoint import read_checkpoint
 
-    if why := ulref.skip_reason():
+    if why := ulex.skip_reason():
         log.warning("variants: no Ultralytics reference row: %s", why)
         return {}
     pt = ulio.to_ultralytics_pt(read_checkpoint(trained), work / "ulref" / "trained.pt", trained)
     data_yaml = ulio.write_yolo_dataset(manifest, work / "ulref" / "data")
-    exports = ulref.ultralytics_exports(
-        pt, data_yaml, ulref.reference_cfg(params), work / "ulref" / "ir", names=[ULTRALYTICS_INT8]
+    exports = ulex.ultralytics_exports(
+        pt, data_yaml, ulex.reference_cfg(params), work / "ulref" / "ir", names=[ULTRALYTICS_INT8]
     )
     return exports
 

@@ -19,6 +19,7 @@ from tasks.models.onnx_export import to_onnx
 from tasks.models.training import evaluate_model
 from tasks.quantization import qat
 from tasks.quantization.precision import faster
+from tasks.quantization.targets import target_models
 from tasks.quantize import calibration_set
 
 
@@ -447,7 +448,7 @@ def test_each_target_gets_the_int8_model_it_accepts(tiny, splits, teacher_onnx, 
     first = qdq_types(cfg.activation_type, targets)[0]
     assert cfg.activation_type == "auto" and first == "quint8"
     report = quantize.run(cfg.model_copy(update={"activation_type": first}), out=tmp_path, **inputs)
-    made = quantize.target_models(cfg, targets, report, tmp_path, **inputs)
+    made = target_models(cfg, targets, report, tmp_path, build=quantize.run, **inputs)
     folder = tmp_path / "targets"
     # ONNX Runtime and OpenVINO: the deployable u8-activation model, as before
     for target in ("onnxruntime", "openvino"):

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 from tasks.harness.config import ExportCfg, QuantizeCfg
 from tasks.harness.errors import DataError
 from tasks.harness.signature import OUTPUTS
+from tasks.models import onnx_graph, onnx_inspect
 from tasks.models import onnx_import as oi
 from tasks.models.config import ModelCfg
 
@@ -178,7 +179,7 @@ def test_wrong_outputs_name_found_versus_expected(tmp_path, yolo_onnx):
         oi.inspect(heatmap, "yolo_raw")
     msg = str(e.value)
     assert "\n" not in msg and str(heatmap) in msg
-    assert f"found output0 (1,8,{SIZE},{SIZE}) float32" in msg and oi.EXPECTED_RAW in msg
+    assert f"found output0 (1,8,{SIZE},{SIZE}) float32" in msg and onnx_inspect.EXPECTED_RAW in msg
     with pytest.raises(DataError, match=r"found output0 \(1,8,4096\) float32; expected num_det"):
         oi.inspect(_one_output_model(tmp_path / "raw.onnx", [1, 8, 4096]), "detections")
     # (B, N, 4 + C) is the transposed layout
@@ -332,7 +333,7 @@ def test_the_reference_of_an_imported_onnx_is_its_prepared_graph(yolo_onnx, tmp_
 def test_old_opset_is_converted_and_fixed_batch_refused(tmp_path):
     path = _one_output_model(tmp_path / "old.onnx", [1, 8, 4096], opset=11)  # C = 4
     model = oi.to_detections(onnx.load(str(path)), 4, K, FLOOR, IOU, path=path)
-    assert oi._opset(model) == oi.MIN_OPSET
+    assert onnx_graph.opset(model) == oi.MIN_OPSET
     num, boxes, _, _ = _ort(model)(np.random.default_rng(1).random((1, 3, SIZE, SIZE), np.float32))
     assert boxes.shape == (1, K, 4) and 0 < num[0] <= K
     cfg = ModelCfg(family="onnx", path=str(path.parent), onnx=str(path), outputs="yolo_raw")

@@ -35,9 +35,9 @@ from tasks.harness.project import venv_env
 from tasks.harness.tracking import ensure_experiment
 from tasks.metrics.detection import coco_metrics, predict
 from tasks.models.onnx_export import to_onnx
-from tasks.promote import bootstrap, stage
+from tasks.promote import bootstrap, candidate, stage
+from tasks.promote.ledger import AliasLedger, ChampionMoved
 from tasks.promote.numeric import numeric_format
-from tasks.promote.registry import AliasLedger, ChampionMoved
 from tests.conftest import free_port, running_mlflow_server, tiny_params
 
 KPIS = {
@@ -321,7 +321,7 @@ def test_numeric_format_is_read_from_the_graph(onnx_models, tmp_path):
         "integer_op_nodes": 0,
     }
     graph = onnx.load(str(onnx_models / "good.onnx")).graph
-    name, (w, h) = graph.input[0].name, stage.input_size(onnx_models / "good.onnx")
+    name, (w, h) = graph.input[0].name, candidate.input_size(onnx_models / "good.onnx")
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -14,6 +14,7 @@ from tasks.datasets.coco import DetectionSet
 from tasks.harness.errors import ConfigError
 from tasks.quantization import method as qmethod
 from tasks.quantization import report as qreport
+from tasks.quantization import targets as qtargets
 
 pytest.importorskip("nncf")
 
@@ -68,9 +69,9 @@ def test_method_nncf_gives_the_target_nncf_qdq_graph_that_builds_int8(
 ):
     cfg = tiny.quantize.model_copy(update={"method": {"openvino": "nncf"}})
     report = _stage_out(tmp_path, models / "int8.onnx", splits, models)
-    made = quantize.target_models(
+    made = qtargets.target_models(
         cfg, ["onnxruntime", "openvino"], report, tmp_path, tiny.build_engine,
-        **_inputs(models, splits),
+        build=quantize.run, **_inputs(models, splits),
     )  # fmt: skip
     ov_model, ort_model = (
         tmp_path / "targets" / t / "model.onnx" for t in ("openvino", "onnxruntime")
@@ -132,9 +133,10 @@ def test_best_in_the_stage_swaps_in_nncf_where_ours_is_worse(
     candidates' figures in the facts; LiteRT cannot take NNCF's model and keeps ort."""
     cfg = tiny.quantize.model_copy(update={"method": "best", "keep_faster_rounds": 2})
     report = _stage_out(tmp_path, bad_int8, splits, models)
-    made = quantize.target_models(
-        cfg, ["onnxruntime"], report, tmp_path, tiny.build_engine, **_inputs(models, splits)
-    )
+    made = qtargets.target_models(
+        cfg, ["onnxruntime"], report, tmp_path, tiny.build_engine, build=quantize.run,
+        **_inputs(models, splits),
+    )  # fmt: skip
     kept = tmp_path / "targets" / "onnxruntime" / "model.onnx"
     assert made["onnxruntime"]["method"] == "nncf", made["onnxruntime"]
     assert _nncf_named(kept) > 0

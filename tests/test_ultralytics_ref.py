@@ -18,6 +18,7 @@ from tasks.datasets import digits as data
 from tasks.datasets.coco import resolve_image
 from tasks.harness.errors import ConfigError, DataError
 from tasks.metrics.detection import coco_metrics, predict
+from tasks.models import ultralytics_export as ulex
 from tasks.models import ultralytics_io as ulio
 from tasks.models import ultralytics_ref as ref
 from tests.conftest import small_data_cfg
@@ -70,7 +71,7 @@ def best_pt(tmp_path_factory, dataset):
     return runs / "t" / "weights" / "best.pt"
 
 
-CFG = ref.ReferenceCfg(imgsz=64, threads=1, warmup=2, runs=20, rounds=2)
+CFG = ulex.ReferenceCfg(imgsz=64, threads=1, warmup=2, runs=20, rounds=2)
 
 
 def project_checkpoint(best_pt, categories, path):
@@ -114,7 +115,7 @@ def eager_runner(best_pt):
     def run(x):
         with torch.no_grad():
             raw = model(torch.from_numpy(x))[0].numpy()
-        return ref.ultralytics_nms(raw, x.shape[-1], CFG)
+        return ulex.ultralytics_nms(raw, x.shape[-1], CFG)
 
     return run
 
@@ -186,13 +187,13 @@ def test_no_font_download_whoever_imported_ultralytics_first(tmp_path, dataset):
 
 
 def test_the_reference_can_run_here(monkeypatch):
-    assert ref.skip_reason() is None
-    monkeypatch.setattr(ref, "REQUIRES", (*ref.REQUIRES, "no_such_package_xyz"))
-    assert ref.skip_reason() == "skipped: no_such_package_xyz not installed"
+    assert ulex.skip_reason() is None
+    monkeypatch.setattr(ulex, "REQUIRES", (*ulex.REQUIRES, "no_such_package_xyz"))
+    assert ulex.skip_reason() == "skipped: no_such_package_xyz not installed"
 
 
 def test_reference_cfg_follows_params_and_overrides(tiny):
-    cfg = ref.reference_cfg(tiny, threads=1, runs=7)
+    cfg = ulex.reference_cfg(tiny, threads=1, runs=7)
     assert (cfg.imgsz, cfg.threads, cfg.runs) == (tiny.train.input_size, 1, 7)
     assert cfg.precision == tiny.build_engine.openvino_precision
 
@@ -217,7 +218,7 @@ def test_reference_measures_fp32_and_int8(reference, dataset, network_attempts):
     result, work, out = reference
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result["variants"]
-    assert set(rows) == set(ref.VARIANTS)
+    assert set(rows) == set(ulex.VARIANTS)
     for row in rows.values():
         for key in ("map50", "map50_95", "latency_ms_p50", "latency_ms_p50_with_nms", "size_mb"):
             assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
@@ -239,7 +240,7 @@ def test_reference_map_is_the_projects_metric_on_the_test_split(reference, datas
     manifest, _ = dataset
     test = ref.DetectionSet(manifest, "test", CFG.imgsz)
     xml = next((work / "ultralytics_openvino_int8").rglob("*.xml"))
-    rows = predict(ref.detection_runner(ref.compile_ir(xml, CFG), CFG), test, batch_size=4)
+    rows = predict(ulex.detection_runner(ulex.compile_ir(xml, CFG), CFG), test, batch_size=4)
     assert rows and {r["image_id"] for r in rows} <= set(test.ids)
     metrics = coco_metrics(manifest["splits"]["test"], rows, CFG.score_threshold)
     got = result["variants"]["ultralytics_openvino_int8"]
@@ -263,7 +264,7 @@ def test_the_export_sees_what_ultralytics_predictor_sees(reference, dataset, bes
     theirs = yolo.predictor.preprocess([cv2.imread(str(path))])
     np.testing.assert_allclose(x, theirs.numpy(), atol=1e-6)
     xml = next((work / "ultralytics_openvino_fp32").rglob("*.xml"))
-    raw = ref.raw_runner(ref.compile_ir(xml, CFG))(x)
+    raw = ulex.raw_runner(ulex.compile_ir(xml, CFG))(x)
     with torch.no_grad():
         expect = yolo.model.eval()(torch.from_numpy(x))[0].numpy()
     assert raw.shape == expect.shape == (1, 4 + 10, sum((64 // s) ** 2 for s in (8, 16, 32)))
@@ -284,7 +285,7 @@ def test_ultralytics_nms_suppresses_clips_and_pads():
     raw[0, :4, 2] = [20, 21, 60, 30]
     raw[0, 4:, 2] = [0.7, 0.0]  # IoU ~0.9 with box 0, same class: suppressed
     cfg = CFG.model_copy(update={"max_det": 5})
-    num, boxes, scores, classes = ref.ultralytics_nms(raw, 64, cfg)
+    num, boxes, scores, classes = ulex.ultralytics_nms(raw, 64, cfg)
     assert num.tolist() == [2] and boxes.shape == (1, 5, 4)
     np.testing.assert_allclose(scores[0], [0.9, 0.8, 0, 0, 0], atol=1e-6)
     assert classes[0, :2].tolist() == [0, 1]

@@ -37,10 +37,11 @@ from pathlib import Path
 import typer
 
 from tasks.cli import measured
+from tasks.cli.results import README, publish, refresh_readme
 from tasks.cli.review import register as register_review
 from tasks.cli.runs import input_cache_benchmark, pipeline_benchmark
 from tasks.harness.errors import ShrinkflowError
-from tasks.harness.io import write_json, write_text
+from tasks.harness.io import write_json
 from tasks.harness.project import PROFILES
 from tasks.harness.stage import fail, setup_logging
 
@@ -75,15 +76,11 @@ def pipeline(
         with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-") as tmp:
             result = pipeline_benchmark(profile, Path(tmp))
     path = out / f"pipeline-{profile}.json"
-    write_json(path, result)
-    refresh_readme()
-    _log_to_mlflow(
+    publish(
+        path,
+        result,
         f"bench pipeline ({profile})",
-        {
-            "dvc_repro_cold_s": result["dvc_repro_cold_s"],
-            "dvc_repro_noop_s": result["dvc_repro_noop_s"],
-        },
-        [path],
+        {k: result[k] for k in ("dvc_repro_cold_s", "dvc_repro_noop_s")},
     )
     ev = result["kpis"].get("evaluate/onnxruntime", {})
     log.info(
@@ -95,24 +92,6 @@ def pipeline(
         ev.get("map50_95", float("nan")),
         path,
     )
-
-
-def _log_to_mlflow(name: str, metrics: dict, files: list[Path]) -> None:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from tasks.harness.config import load_params
-    from tasks.harness.tracking import ensure_experiment, tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment = ensure_experiment(MlflowClient(), load_params().project.mlflow_experiment)
-    with mlflow.start_run(
-        experiment_id=experiment, run_name=name, tags={"shrinkflow.role": "benchmark"}
-    ):
-        mlflow.log_metrics(metrics)
-        for f in files:
-            mlflow.log_artifact(str(f))
 
 
 @app.command("bench")
@@ -133,102 +112,31 @@ def engines(
     out: Path = typer.Option(Path("artifacts/bench")),
 ) -> None:
     """Every built engine and FP32 PyTorch eager, side by side, in one process."""
-    import numpy as np
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-    from tasks.datasets.coco import DetectionSet
-    from tasks.engines import get
-    from tasks.evaluate import BASELINE, eager_runner
+    from tasks.cli import bench_engines
     from tasks.harness.config import load_params
-    from tasks.metrics.timing import latency_stats, time_blocks
-    from tasks.models import load_checkpoint
 
     setup_logging()
-    cfg = load_params(params)
-    torch.set_num_threads(cfg.build_engine.threads)
-    runners, skipped = {}, {}
-    for target in cfg.build_engine.targets:
-        facts = json.loads((engines_dir / target / "engine" / "engine.json").read_text())
-        if facts["status"] == "ok":
-            runners[target] = get(target).load(engines_dir / target / "engine", cfg.build_engine)
-        else:
-            skipped[target] = facts["status"]
-    adapter, model, _ = load_checkpoint(baseline, cfg.model)
-    runners[BASELINE] = eager_runner(adapter, model, cfg.export)
-    work = tempfile.TemporaryDirectory(prefix="shrinkflow-bench-")
-    if uncompressed:  # what a user gets with no pipeline, on each CPU runtime
-        from tasks.models.reference_graph import read as read_reference
-
-        fp32 = read_reference(reference)["onnx"]  # exported once, by the reference stage
-        variants = {
-            "onnxruntime": cfg.build_engine,
-            "openvino": cfg.build_engine.model_copy(update={"openvino_precision": "f32"}),
-            "openvino_bf16": cfg.build_engine.model_copy(update={"openvino_precision": "bf16"}),
-        }
-        if "litert" in runners:  # its float32 conversion of the same model
-            variants["litert"] = cfg.build_engine
-        for name, engine_cfg in variants.items():
-            target = name.removesuffix("_bf16")
-            folder = Path(work.name) / name
-            folder.mkdir()
-            get(target).build(fp32, folder, engine_cfg)
-            runners[f"fp32_uncompressed_{name}"] = get(target).load(folder, engine_cfg)
-    test = DetectionSet(json.loads(manifest.read_text()), "test", model.cfg.input_size)
-    x = test.batch(np.arange(batch) % len(test))
-    times = time_blocks(runners, x, warmup=10, runs=runs, rounds=rounds)
-    stats = {k: latency_stats(v, batch) for k, v in times.items()}
-    eager = stats[BASELINE]["latency_ms_p50"]
-    result = {
-        "batch": batch,
-        "threads": cfg.build_engine.threads,
-        "runs": runs,
-        "rounds": rounds,
-        "runtimes": {
-            k: {**v, "speedup_vs_eager": eager / v["latency_ms_p50"]} for k, v in stats.items()
-        },
-        "skipped": skipped,
-    }
-    if uncompressed:
-        ort_fp32 = stats["fp32_uncompressed_onnxruntime"]["latency_ms_p50"]
-        result["openvino_f32_vs_onnxruntime_fp32"] = (
-            stats["fp32_uncompressed_openvino"]["latency_ms_p50"] / ort_fp32
-        )
-        result["openvino_bf16_vs_onnxruntime_fp32"] = (
-            stats["fp32_uncompressed_openvino_bf16"]["latency_ms_p50"] / ort_fp32
-        )
-        for target in runners.keys() & set(cfg.build_engine.targets):
-            same = stats[f"fp32_uncompressed_{target}"]["latency_ms_p50"]
-            result["runtimes"][target]["speedup_vs_fp32_same_runtime"] = (
-                same / stats[target]["latency_ms_p50"]
-            )
-    table = Table(title=f"batch {batch}, {cfg.build_engine.threads} threads")
-    for col in ("runtime", "p50 ms", "p95 ms", "p99 ms", "img/s", "vs eager"):
-        table.add_column(col, no_wrap=col == "runtime")
-    for k, v in result["runtimes"].items():
-        table.add_row(
-            k,
-            f"{v['latency_ms_p50']:.3f}",
-            f"{v['latency_ms_p95']:.3f}",
-            f"{v['latency_ms_p99']:.3f}" if "latency_ms_p99" in v else "n/a (< 200 runs)",
-            f"{v['throughput_ips']:.0f}",
-            f"{v['speedup_vs_eager']:.2f}x",
-        )
-    for k, why in skipped.items():
-        table.add_row(k, why, "", "", "", "")
-    Console().print(table)
-    path = out / f"engines-b{batch}.json"
-    write_json(path, result)
-    refresh_readme()
-    _log_to_mlflow(
+    result = bench_engines.run(
+        load_params(params),
+        engines_dir=engines_dir,
+        baseline=baseline,
+        reference=reference,
+        manifest=manifest,
+        batch=batch,
+        runs=runs,
+        rounds=rounds,
+        uncompressed=uncompressed,
+    )
+    bench_engines.show(result)
+    publish(
+        out / f"engines-b{batch}.json",
+        result,
         f"bench engines (batch {batch})",
         {
             f"{k}.{m}": v[m]
             for k, v in result["runtimes"].items()
             for m in ("latency_ms_p50", "speedup_vs_eager")
         },
-        [path],
     )
 
 
@@ -293,8 +201,6 @@ def label_qa_bench(
             dataset=dataset,
         )
     result["machine"] = machine
-    write_json(path, result)
-    refresh_readme()
     flat = {
         f"recall.{k}": v["recall"]
         for k, v in result["detection"]["kinds"].items()
@@ -304,7 +210,7 @@ def label_qa_bench(
     flat |= {f"stage_s.{k}": v for k, v in result["stage_s"].items()}
     if "training" in result:
         flat |= {f"map50.{k}": v["map50"] for k, v in result["training"]["test"].items()}
-    _log_to_mlflow("bench label_qa", flat, [path])
+    publish(path, result, "bench label_qa", flat)
     log.info("label QA benchmark -> %s", path)
 
 
@@ -323,10 +229,8 @@ def input_cache(
     with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-input-cache-") as tmp:
         result = input_cache_benchmark(images, width, height, input_size, batch, Path(tmp))
     path = out / "input-cache.json"
-    write_json(path, result)
-    if mlflow:
-        keys = ("decode_s", "peak_rss_mb", "anon_mb", "cache_file_mb", "native_uint8_mb")
-        _log_to_mlflow("bench input cache", {k: result[k] for k in keys}, [path])
+    keys = ("decode_s", "peak_rss_mb", "anon_mb", "cache_file_mb", "native_uint8_mb")
+    publish(path, result, "bench input cache", {k: result[k] for k in keys}, mlflow=mlflow)
     log.info(
         "input cache: %d images %dx%d at %d px: decode %.1f s, cache file %.0f MB, peak RSS "
         "%.0f MB, anonymous %.0f MB after one pass (native size in RAM: %.0f MB) -> %s",
@@ -360,9 +264,6 @@ def sizes(
     out: Path = typer.Option(Path("artifacts/bench")),
 ) -> None:
     """Batch-1 latency of the trained and the compressed model at several input sizes."""
-    from rich.console import Console
-    from rich.table import Table
-
     from tasks.cli import bench_sizes
     from tasks.harness.config import load_params
 
@@ -381,21 +282,10 @@ def sizes(
     except ShrinkflowError as e:  # a bad --size or params.yaml: one line, no traceback
         fail(e)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    table = Table(title=f"batch 1, {result['threads']} threads, p50 ms")
-    table.add_column("variant", no_wrap=True)
-    for s in result["sizes"]:
-        table.add_column(f"{s} px")
-    variants = next(iter(result["sizes"].values()))
-    for name in variants["latency"]:
-        cells = [f"{v['latency'][name]['latency_ms_p50']:.3f}" for v in result["sizes"].values()]
-        table.add_row(name, *cells)
-    for name in variants["ratios"]:
-        table.add_row(name, *[f"{v['ratios'][name]:.2f}x" for v in result["sizes"].values()])
-    Console().print(table)
-    path = out / "sizes-b1.json"
-    write_json(path, result)
-    refresh_readme()
-    _log_to_mlflow(
+    bench_sizes.show(result)
+    publish(
+        out / "sizes-b1.json",
+        result,
         "bench sizes (batch 1)",
         {
             f"{s}px.{k}": v
@@ -405,24 +295,7 @@ def sizes(
                 **{f"{n}.latency_ms_p50": m["latency_ms_p50"] for n, m in r["latency"].items()},
             }.items()
         },
-        [path],
     )
-
-
-README = Path("README.md")
-
-
-def refresh_readme(readme: Path = README) -> bool:
-    """Re-render the README's measured tables from artifacts/ (tasks/cli/measured.py); every
-    benchmark command calls it after writing its file, so the README never quotes a stale one.
-    Returns whether the README changed; False without a README (run outside the project)."""
-    if not readme.is_file():
-        return False
-    old = readme.read_text(encoding="utf-8")
-    new = measured.render(old, readme.resolve().parent)
-    if new != old:
-        write_text(readme, new)
-    return new != old
 
 
 @app.command("readme")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 from pydantic import TypeAdapter, ValidationError
+from rich.console import Console
+from rich.table import Table
 
 from tasks.datasets.coco import DetectionSet
 from tasks.engines import get
@@ -194,3 +196,18 @@ def run(
         p50 = {k: v["latency_ms_p50"] for k, v in stats.items()}
         result["sizes"][size_key(size)] = {"latency": stats, "ratios": ratios(p50)}
     return result
+
+
+def show(result: dict) -> None:
+    """Print `run`'s result as a table: p50 per variant and size, then the ratios."""
+    table = Table(title=f"batch 1, {result['threads']} threads, p50 ms")
+    table.add_column("variant", no_wrap=True)
+    for s in result["sizes"]:
+        table.add_column(f"{s} px")
+    variants = next(iter(result["sizes"].values()))
+    for name in variants["latency"]:
+        cells = [f"{v['latency'][name]['latency_ms_p50']:.3f}" for v in result["sizes"].values()]
+        table.add_row(name, *cells)
+    for name in variants["ratios"]:
+        table.add_row(name, *[f"{v['ratios'][name]:.2f}x" for v in result["sizes"].values()])
+    Console().print(table)

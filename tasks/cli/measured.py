@@ -13,12 +13,14 @@ below 1 ms), sizes in MB with 2, MACs in millions.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 TARGETS = ("onnxruntime", "openvino", "litert", "tensorrt")
+TableFn = Callable[[Path], str]  # a table's text from the project root
 MARK = re.compile(r"(<!-- measured:(\w[\w-]*) -->\n)(.*?)(<!-- /measured:\2 -->)", re.S)
 
 
@@ -47,6 +49,22 @@ def _load(root: Path, rel: str) -> dict | None:
 
 def _missing(rel: str, command: str) -> str:
     return f"*Not measured yet: `{rel}` is written by `{command}`.*\n"
+
+
+def from_file(rel: str, command: str) -> Callable[[Callable[[dict, Path], str]], TableFn]:
+    """A table made from one JSON file `rel` under the project root: the decorated function
+    gets the loaded file and the root; a missing file renders as the line naming it and the
+    `command` that writes it."""
+
+    def wrap(make: Callable[[dict, Path], str]) -> TableFn:
+        @functools.wraps(make)
+        def table(root: Path) -> str:
+            m = _load(root, rel)
+            return _missing(rel, command) if m is None else make(m, root)
+
+        return table
+
+    return wrap
 
 
 def pipeline(root: Path) -> str:
@@ -91,12 +109,9 @@ def pipeline(root: Path) -> str:
     )
 
 
-def variants(root: Path) -> str:
+@from_file("artifacts/variants/metrics.json", "dvc repro variants")
+def variants(m: dict, root: Path) -> str:
     """Every step of the recipe and the peers (the variants stage's metrics.json)."""
-    rel = "artifacts/variants/metrics.json"
-    m = _load(root, rel)
-    if m is None:
-        return _missing(rel, "dvc repro variants")
     rows = []
     for name, r in m.items():
         if not isinstance(r, dict):
@@ -121,12 +136,9 @@ def variants(root: Path) -> str:
     )
 
 
-def engines(root: Path) -> str:
+@from_file("artifacts/bench/engines-b1.json", "shrinkflow bench")
+def engines(m: dict, root: Path) -> str:
     """`shrinkflow bench`: every built engine beside FP32, one process, shuffled rounds."""
-    rel = "artifacts/bench/engines-b1.json"
-    m = _load(root, rel)
-    if m is None:
-        return _missing(rel, "shrinkflow bench")
     rows = [
         [
             name,
@@ -144,12 +156,9 @@ def engines(root: Path) -> str:
     return note + _table(["runtime", "p50 (ms)", "p95 (ms)", "img/s", "vs FP32 eager"], rows)
 
 
-def sizes(root: Path) -> str:
+@from_file("artifacts/bench/sizes-b1.json", "shrinkflow bench-sizes")
+def sizes(m: dict, root: Path) -> str:
     """`shrinkflow bench-sizes`: the compressed model's speedups at several input sizes."""
-    rel = "artifacts/bench/sizes-b1.json"
-    m = _load(root, rel)
-    if m is None:
-        return _missing(rel, "shrinkflow bench-sizes")
     rows = []
     for size, s in m["sizes"].items():
         r = s["ratios"]
@@ -176,12 +185,9 @@ def sizes(root: Path) -> str:
     )
 
 
-def pipeline_time(root: Path) -> str:
+@from_file("artifacts/bench/pipeline-default.json", "shrinkflow bench-pipeline --profile default")
+def pipeline_time(m: dict, root: Path) -> str:
     """`shrinkflow bench-pipeline`: wall time of a cold and a no-op `dvc repro`, per stage."""
-    rel = "artifacts/bench/pipeline-default.json"
-    m = _load(root, rel)
-    if m is None:
-        return _missing(rel, "shrinkflow bench-pipeline --profile default")
     out = (
         f"Cold `dvc repro`: **{m['dvc_repro_cold_s']:.0f} s**; no-op: "
         f"{m['dvc_repro_noop_s']:.1f} s ({m['machine'].get('cpus', '?')} CPUs).\n"
@@ -200,37 +206,36 @@ def pipeline_time(root: Path) -> str:
     return out
 
 
+LABEL_QA = ("artifacts/bench/label-qa-<dataset>.json", "shrinkflow bench-label-qa")
+
+
+def _label_qa_runs(root: Path) -> dict[str, dict]:
+    """{run (the file's `<dataset>`): its content} of every label-QA benchmark file, by name."""
+    return {
+        path.stem.removeprefix("label-qa-"): json.loads(path.read_text(encoding="utf-8"))
+        for path in sorted((root / "artifacts/bench").glob("label-qa-*.json"))
+    }
+
+
 def label_qa(root: Path) -> str:
     """`shrinkflow bench-label-qa`: recall and precision per kind of injected label error."""
     rows = []
-    for path in sorted((root / "artifacts/bench").glob("label-qa-*.json")):
-        m = json.loads(path.read_text(encoding="utf-8"))
+    for run, m in _label_qa_runs(root).items():
         det = m.get("detection") or {}
         for kind, k in (det.get("kinds") or {}).items():
             precision = ", ".join(
                 f"{rule} {p:.3f}" for rule, p in k["precision_of_rule"].items() if p is not None
             )
-            rows.append(
-                [
-                    path.stem.removeprefix("label-qa-"),
-                    kind,
-                    str(k["injected"]),
-                    f"{k['recall']:.3f}",
-                    precision,
-                ]
-            )
+            rows.append([run, kind, str(k["injected"]), f"{k['recall']:.3f}", precision])
     if not rows:
-        return _missing("artifacts/bench/label-qa-<dataset>.json", "shrinkflow bench-label-qa")
+        return _missing(*LABEL_QA)
     return _table(["run", "injected kind", "injected", "recall", "precision of the rule"], rows)
 
 
-def input_cache(root: Path) -> str:
+@from_file("artifacts/bench/input-cache.json", "shrinkflow bench-input-cache")
+def input_cache(m: dict, root: Path) -> str:
     """`shrinkflow bench-input-cache`: memory and decode time of a large set through the input
     cache (one fresh process: decode, then one pass over every batch)."""
-    rel = "artifacts/bench/input-cache.json"
-    m = _load(root, rel)
-    if m is None:
-        return _missing(rel, "shrinkflow bench-input-cache")
     w, h = m["image_wh"]
     row = [
         f"{m['images']:,} × {w}×{h} JPEG",
@@ -266,19 +271,18 @@ def label_qa_training(root: Path) -> str:
     """`shrinkflow bench-label-qa`: the same recipe trained on each variant of the train split,
     tested on the untouched test split."""
     rows = []
-    for path in sorted((root / "artifacts/bench").glob("label-qa-*.json")):
-        tests = (json.loads(path.read_text(encoding="utf-8")).get("training") or {}).get("test")
+    for run, m in _label_qa_runs(root).items():
+        tests = (m.get("training") or {}).get("test")
         for key, label in VARIANTS.items():
             if tests and key in tests:
                 t = tests[key]
-                run = path.stem.removeprefix("label-qa-")
                 rows.append([run, label, _map(t["map50"]), _map(t.get("map50_95"))])
     if not rows:
-        return _missing("artifacts/bench/label-qa-<dataset>.json", "shrinkflow bench-label-qa")
+        return _missing(*LABEL_QA)
     return _table(["run", "train labels", "test mAP@0.5", "mAP@0.5:0.95"], rows)
 
 
-TABLES: dict[str, Callable[[Path], str]] = {
+TABLES: dict[str, TableFn] = {
     "pipeline": pipeline,
     "variants": variants,
     "engines": engines,

@@ -9,7 +9,7 @@
 
 Decisions are model-version tags (`review`, `review_reason`, `reviewed_by`, `reviewed_at`; a
 forced promotion adds `review_forced` and `review_forced_gate_reasons`) and entries of the alias
-ledger (tasks/promote/registry.py, the same compare-and-set as the promote stage). A version is
+ledger (tasks/promote/ledger.py, the same compare-and-set as the promote stage). A version is
 rejected once; a rejected one is not promoted.
 
 The project is the folder of `--params`, or else the nearest folder at or above the working
@@ -74,7 +74,7 @@ def _ledger(params: Path | None):
 
     from tasks.harness.config import load_params
     from tasks.harness.tracking import check_reachable
-    from tasks.promote.registry import AliasLedger
+    from tasks.promote.ledger import AliasLedger
 
     params = project_params(params)
     cfg = load_params(params)
@@ -99,7 +99,7 @@ def _version(ledger, version: str):
 
 
 def _record(ledger, version: str, verdict: str, reason: str, **extra: str) -> None:
-    from tasks.promote.registry import actor, now_iso
+    from tasks.promote.ledger import actor, now_iso
 
     who = actor()
     tags = {

@@ -1,6 +1,8 @@
-"""The quantize stage's report: report.md and the flat per-target metrics."""
+"""The quantize stage's report: report.md and the flat metrics (per target too)."""
 
 from __future__ import annotations
+
+from tasks.quantization.qdq import CALIBRATORS
 
 
 def render(report: dict) -> str:
@@ -52,6 +54,31 @@ def render(report: dict) -> str:
     if "targets" in report:
         lines += render_targets(report["targets"])
     return "\n".join(lines) + "\n"
+
+
+def stage_metrics(report: dict) -> dict:
+    """The quantize stage's flat metrics.json from its report dict (the targets' included)."""
+    metrics = {
+        "precision": report["precision"],
+        "calibration_md5": report["calibration"]["md5"],
+        "val_map50_fp32": report["val_map50"]["fp32"],
+        "val_map50_int8": report["val_map50"]["int8"],
+        "val_map50_fp16": report["val_map50"]["fp16"],
+        **{
+            k.replace("int8_", "val_map50_int8_"): v
+            for k, v in report["val_map50"].items()
+            if k == "int8_without_qat"
+        },
+        "int8_map_drop": report["int8_map_drop"],
+        "layers_kept_float": sum(v == "fp32" for v in report["layer_precision"].values()),
+        **{f"latency_ms_p50_{k}": v for k, v in report["latency_ms_p50_batch1"].items()},
+        **{
+            f"val_map50_int8_{k}": report["val_map50"][f"int8_{k}"]
+            for k in CALIBRATORS
+            if f"int8_{k}" in report["val_map50"]
+        },
+    }
+    return metrics | target_metrics(report["targets"])
 
 
 def target_metrics(targets: dict[str, dict]) -> dict:
