@@ -361,16 +361,16 @@ def test_faster_needs_the_margin_in_the_median_and_in_every_round():
 
 def _two_type_model(path) -> None:
     """A conv net whose two layer types go opposite ways in INT8 on ONNX Runtime's CPU kernels
-    (1 thread; measured, see the test): four depthwise 3x3 convs over the 3 image channels at
-    112x112, a space-to-depth (8), then one dense 3x3 conv 192 -> 512 at 14x14.
+    (1 thread; measured, see the test): eight depthwise 3x3 convs over the 3 image channels at
+    96x96, a space-to-depth (8), then one dense 3x3 conv 192 -> 512 at 12x12.
 
     Dense 3x3 over hundreds of channels is a large u8s8 GEMM: several times faster in INT8. A
     depthwise conv over 3 channels has next to no arithmetic, and ONNX Runtime's QLinearConv
     runs it several times slower than the float kernel: there INT8 only costs time.
-    images (N, 3, 112, 112) -> (N, 3, 112, 112) x4 -> (N, 192, 14, 14) -> (N, 512, 14, 14)."""
+    images (N, 3, 96, 96) -> (N, 3, 96, 96) x8 -> (N, 192, 12, 12) -> (N, 512, 12, 12)."""
     rng = np.random.default_rng(0)
     nodes, weights, x = [], [], "images"
-    convs = [(f"dw{i}", 3, 3, 3) for i in range(4)] + [("dense", 192, 512, 1)]
+    convs = [(f"dw{i}", 3, 3, 3) for i in range(8)] + [("dense", 192, 512, 1)]
     for name, cin, cout, group in convs:
         if name == "dense":
             nodes.append(onnx.helper.make_node("SpaceToDepth", [x], ["s2d"], blocksize=8))
@@ -389,7 +389,7 @@ def _two_type_model(path) -> None:
     graph = onnx.helper.make_graph(
         nodes,
         "two_types",
-        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", 3, 96, 96])],
         [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)],
         weights,
     )
@@ -400,20 +400,20 @@ def _two_type_model(path) -> None:
 
 def test_keep_faster_keeps_float_only_the_layer_type_int8_makes_slower(tiny, tmp_path):
     # Measured on a shared 2-core machine (1 thread), against the all-INT8 model's time: with
-    # the depthwise type in float 0.40x (fastest calls) to 0.2x (keep_faster's medians under
-    # load 6), with the dense type in float 2.2x to 1.5x. Far outside the 5% margin either way.
+    # the depthwise type in float 0.29x (fastest calls) and 0.15-0.30x (keep_faster's medians,
+    # load 4-5); with the dense type in float 1.56x and 1.16-2.15x. The 5% margin is far off.
     src, int8, ranges = tmp_path / "fp32.onnx", tmp_path / "int8.onnx", tmp_path / "ranges.json"
     _two_type_model(src)
     cfg = tiny.quantize.model_copy(update={"keep_faster_rounds": 3, "calibrator": "minmax"})
-    images = np.random.default_rng(1).random((8, 3, 112, 112), dtype=np.float32)
+    images = np.random.default_rng(1).random((8, 3, 96, 96), dtype=np.float32)
     quantize.calibrate(src, images, cfg, "minmax", ranges)
     quantize.to_int8(src, int8, ranges, cfg, "minmax")
     types = keep_faster_types(src, int8, ranges, cfg, [], images[:1], threads=1)
 
     assert {k: (t["layers"], t["precision"]) for k, t in types.items()} == {
-        "depthwise 3x3": (["dw0", "dw1", "dw2", "dw3"], "fp32"),
+        "depthwise 3x3": ([f"dw{i}" for i in range(8)], "fp32"),
         "3x3": (["dense"], "int8"),
-    }
+    }, types
     assert not any(t["reused"] for t in types.values())
     # the evidence: each type against the same all-INT8 model, in every round
     dw, dense = types["depthwise 3x3"], types["3x3"]
@@ -426,8 +426,8 @@ def test_keep_faster_keeps_float_only_the_layer_type_int8_makes_slower(tiny, tmp
     assert dw["float_ms"] < dw["int8_ms"] * (1 - cfg.keep_faster_margin), dw
     rounds = zip(dw["rounds"]["float_ms"], dw["rounds"]["int8_ms"], strict=True)
     assert all(f < i for f, i in rounds), dw
-    # ...and float dense is slower than INT8
-    assert dense["float_ms"] > dense["int8_ms"], dense
+    # ...and float dense is not faster than INT8 by the margin, even in the median
+    assert dense["float_ms"] > dense["int8_ms"] * (1 - cfg.keep_faster_margin), dense
 
 
 def test_quantize_twice_gives_the_same_engine_and_labels_come_from_the_graph(
