@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.datasets import digits as data
 from tasks.harness.config import DataCfg
@@ -149,7 +150,11 @@ def write_yolo_copy(data_cfg: DataCfg, work: Path, dst: Path) -> None:
     layout under `dst` (copies: the project reads the folder as a user's dataset)."""
     data.run(data_cfg, out_dir=work)
     splits = {s: json.loads((work / f"{s}.json").read_text()) for s in SPLITS}
-    write_yolo_dataset({"root": str(work), "splits": splits}, dst, link=False)
+    spec_file = write_yolo_dataset({"root": str(work), "splits": splits}, dst, link=False)
+    # `path: .` (the folder itself), as a dataset committed with its project names it: the
+    # project is copied (tests/test_pipeline.py) and cloned (the sweep's workers)
+    spec = yaml.safe_load(spec_file.read_text())
+    spec_file.write_text(yaml.safe_dump({**spec, "path": "."}, sort_keys=False))
 
 
 def copy_of(proj: Path, dest: Path) -> Path:
