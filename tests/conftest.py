@@ -1,5 +1,6 @@
-"""Shared fixtures: the tiny profile, a tiny dataset, a project copy in a temp dir, and a real
-MLflow server on 127.0.0.1 (free port, always stopped)."""
+"""Shared fixtures: the tiny profile, a tiny dataset, a project copy in a temp dir, a real
+MLflow server on 127.0.0.1 (free port, always stopped), and (tests/deployment.py) a real Prefect
+server and worker with one nightly run of the tiny DAG."""
 
 from __future__ import annotations
 
@@ -165,3 +166,8 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields its URI."""
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
         yield uri
+
+
+# The Prefect server, its worker and the one nightly run of the tiny DAG: session fixtures that
+# tests/test_pipeline.py and tests/test_flows.py share (imported last: they use the helpers above).
+from tests.deployment import dag, dag_mlflow, prefect_server, worker  # noqa: E402, F401

@@ -1,5 +1,7 @@
 """The Prefect flows: the DAG they read, retries, bad params, the deployment on a real Prefect
-server with a real process worker (one tiny pipeline run), and the recipe sweep on that project."""
+server with a real process worker (the session's one nightly run of the tiny DAG, `dag` in
+tests/deployment.py, whose outputs tests/test_pipeline.py checks), and the recipe sweep on that
+project."""
 
 from __future__ import annotations
 
@@ -18,86 +20,25 @@ from mlflow.tracking import MlflowClient
 
 from flows.fanout import share_baseline
 from flows.project import read_dag
+from flows.recipe import yaml_value
 from tasks.harness.errors import ConfigError
-from tasks.harness.project import copy_project, dvc, venv_env
+from tasks.harness.project import dvc
 from tasks.metrics.pareto import pareto_front
-from tests.conftest import free_port, running_server, stop_group, tiny_params
-
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-POOL = "shrinkflow"  # the work pool prefect.yaml names
-SWEEP_POOL = "shrinkflow-sweep"  # the pool of prefect.yaml's `recipe` deployment
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def prefect_env(home: Path, api_url: str | None = None) -> dict:
-    env = venv_env(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="2",
-        PREFECT_WORKER_PREFETCH_SECONDS="2",
-        PREFECT_LOGGING_LEVEL="INFO",
-    )
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real `prefect server start` on 127.0.0.1 (free port, temp PREFECT_HOME); yields the
-    API URL and the environment that points a Prefect client or CLI at it."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    cmd = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with running_server(cmd, cwd=home, health_url=f"{api}/health", env=prefect_env(home)):
-        yield api, prefect_env(home, api)
-
-
-def client(api: str):
-    from prefect.client.orchestration import SyncPrefectClient
-
-    return SyncPrefectClient(api)
-
-
-def wait_for(api: str, flow_run_id, timeout_s: float = 900):
-    with client(api) as c:
-        deadline = time.time() + timeout_s
-        while True:
-            run = c.read_flow_run(flow_run_id)
-            if run.state is not None and run.state.type.value in TERMINAL:
-                return run
-            if time.time() > deadline:
-                raise TimeoutError(f"flow run {flow_run_id} still {run.state} after {timeout_s} s")
-            time.sleep(2)
-
-
-def task_runs(api: str, flow_run_id) -> list:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with client(api) as c:
-        return c.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-
-
-def artifacts(api: str, flow_run_id) -> dict:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with client(api) as c:
-        found = c.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    return {a.key: a for a in found}
-
-
-def logs(api: str, flow_run_id) -> str:
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with client(api) as c:
-        found = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(entry.message for entry in found)
+from tests.conftest import stop_group, tiny_params
+from tests.deployment import (
+    POOL,
+    PREFECT,
+    SWEEP_POOL,
+    artifacts,
+    cli,
+    client,
+    flow_runs_of,
+    logs,
+    run_deployment,
+    states_by_task,
+    task_runs,
+    wait_for,
+)
 
 
 def run_flow_here(project: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -193,19 +134,6 @@ def test_the_flow_dag_of_this_project_has_every_foreach_item():
         assert f"build_engine@{t}" in dag.upstream[f"evaluate@{t}"]
         assert f"evaluate@{t}" in dag.upstream["compare"]
     assert dag.edges() == dvc_dag_edges(root)
-
-
-def flow_runs_of(api: str, project: Path) -> list:
-    """The flow runs (newest first) whose `project` parameter is `project`."""
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with client(api) as c:
-        found = c.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=200)
-    return [r for r in found if r.parameters.get("project") == str(project)]
-
-
-def states_by_task(api: str, flow_run_id) -> dict[str, object]:
-    return {t.name: t for t in task_runs(api, flow_run_id)}
 
 
 @pytest.mark.server
@@ -326,100 +254,30 @@ def test_a_stage_past_its_timeout_is_killed_and_fails_the_flow(prefect_server, t
 # --- the deployment: a real process worker runs the nightly flow on the tiny profile ---------
 
 
-def cli(env: dict, cwd: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        [PREFECT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-3000:]}{out.stderr}"
-    return out
-
-
-@pytest.fixture(scope="module")
-def worker(prefect_server, tmp_path_factory):
-    """A process work pool (the one prefect.yaml names) and a `prefect worker start` on it."""
-    api, env = prefect_server
-    work = tmp_path_factory.mktemp("worker")
-    cli(env, work, "work-pool", "create", POOL, "--type", "process")
-    log = open(work / "worker.log", "w")  # noqa: SIM115  (closed in the finally below)
-    proc = subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
-        cwd=work,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield work / "worker.log"
-    finally:
-        stop_group(proc)
-        log.close()
-
-
-def run_deployment(api: str, name: str, parameters: dict, timeout_s: float = 900):
-    with client(api) as c:
-        deployment = c.read_deployment_by_name(name)
-        run = c.create_flow_run_from_deployment(deployment.id, parameters=parameters)
-    return wait_for(api, run.id, timeout_s)
-
-
-@pytest.fixture(scope="module")
-def deployed(prefect_server, worker, mlflow_server, tmp_path_factory):
-    """The tiny project deployed from its prefect.yaml (DVC remote configured) and one nightly
-    run of it through the worker."""
-    api, env = prefect_server
-    tmp = tmp_path_factory.mktemp("deployed")
-    params = tiny_params()
-    # The flow and the sweep are under test here, not the engines (test_pipeline builds them
-    # all): one target keeps the nightly run and the sweep's recipes inside their timeouts.
-    params["build_engine"]["targets"] = ["onnxruntime"]
-    params["variants"] = {"peers": False}  # NNCF's rows: test_pipeline and test_nncf_peers
-    proj = copy_project(tmp / "proj", params)
-    assert dvc(proj, "remote", "add", "-d", "local", str(tmp / "remote")).returncode == 0
-    git = ["git", "-c", "user.email=ci@shrinkflow", "-c", "user.name=shrinkflow"]
-    subprocess.run([*git, "commit", "-qam", "DVC remote"], cwd=proj, check=True)
-    cli(env, proj, "work-pool", "create", SWEEP_POOL, "--type", "process")
-    cli(env, proj, "--no-prompt", "deploy", "--all")
-    t0 = time.perf_counter()
-    run = run_deployment(api, "compress/nightly", {"mlflow_tracking_uri": mlflow_server})
-    wall = time.perf_counter() - t0
-    print(f"tiny profile through the deployment: {wall:.1f} s")
-    assert run.state.type.value == "COMPLETED", (
-        f"{run.state}\n{logs(api, run.id)[-5000:]}\n{worker.read_text()[-3000:]}"
-    )
-    return proj, run, tmp / "remote"
-
-
 @pytest.mark.slow
 @pytest.mark.server
-def test_the_nightly_deployment_runs_every_stage_and_publishes_kpis(
-    deployed, prefect_server, mlflow_server
-):
+def test_the_nightly_deployment_runs_every_stage_and_publishes_kpis(dag, prefect_server):
     api, _ = prefect_server
-    proj, run, remote = deployed
+    proj, run, remote, mlflow_server = dag.proj, dag.run, dag.remote, dag.mlflow
     with client(api) as c:
         deployment = c.read_deployment_by_name("compress/nightly")
     (schedule,) = deployment.schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.active
     assert deployment.work_pool_name == POOL and run.deployment_id == deployment.id
 
-    dag = read_dag(proj)
+    # every stage ran in order (tests/test_pipeline.py), and so did `dvc pull` and `dvc push`
     tasks = states_by_task(api, run.id)
-    stages = {n: t for n, t in tasks.items() if n in dag.stages}
-    assert sorted(stages) == sorted(dag.stages)
-    assert {t.state.name for t in stages.values()} <= {"Completed", "Cached"}
     assert all(t.state.type.value == "COMPLETED" for t in tasks.values())
-    order = sorted(stages, key=lambda n: stages[n].start_time)
-    for dep, stage in dag.edges():
-        assert order.index(dep) < order.index(stage)
+    assert sum(n.startswith("dvc-command") for n in tasks) == 2
 
     found = artifacts(api, run.id)
     kpis = found["kpis"].data
     table = json.loads((proj / "artifacts/compare/engines.json").read_text())
-    assert f"{table['onnxruntime']['map50']:.4g}" in kpis and "onnxruntime" in kpis
+    for target in ("onnxruntime", "openvino"):
+        assert f"{table[target]['map50']:.4g}" in kpis and target in kpis
     assert f"({mlflow_server}/#/experiments/" in found["mlflow-run"].data  # a Markdown link
 
-    # the stages logged under one MLflow parent run: the flow run's id
+    # the links name the MLflow parent run of this flow run and promote's registered version
     mlflow = MlflowClient(mlflow_server)
     exp = mlflow.get_experiment_by_name(tiny_params()["project"]["mlflow_experiment"])
     (parent,) = mlflow.search_runs(
@@ -427,14 +285,8 @@ def test_the_nightly_deployment_runs_every_stage_and_publishes_kpis(
         f"tags.`shrinkflow.execution_id` = '{run.id}' and tags.`shrinkflow.role` = 'pipeline'",
     )
     assert parent.info.run_id in found["mlflow-run"].data
-    if "promote" in dag.stages:  # the registered version, read from promote's decision.json
-        decision = json.loads((proj / "artifacts/promote/decision.json").read_text())
-        assert f"/versions/{decision['version']}" in found["model-version"].data
-    children = mlflow.search_runs(
-        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-    )
-    # check_params only validates params.yaml: it tracks nothing
-    assert sorted(r.info.run_name for r in children) == sorted(set(dag.stages) - {"check_params"})
+    decision = json.loads((proj / "artifacts/promote/decision.json").read_text())
+    assert f"/versions/{decision['version']}" in found["model-version"].data
     # `dvc push` ran at the end: the remote holds the trained model
     lock = yaml.safe_load((proj / "dvc.lock").read_text())
     md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"].endswith("model.pt"))
@@ -547,24 +399,37 @@ SWEEP_GRID = {
     "quantize.calibrator": ["minmax"],
     "quantize.precision": ["int8", "fp16"],
 }
+# One-value axes, the same in every recipe (CI time): the sweep compares recipes on its target
+# (onnxruntime), so each recipe builds only that engine and leaves out NNCF's rows (the DAG's
+# other engines and the peers are tests/test_pipeline.py's).
+CONSTANT = {"build_engine.targets": [["onnxruntime"]], "variants.peers": [False]}
+
+
+def grid_args(grid: dict) -> list[str]:
+    """`-g key=v1,v2` arguments of `python -m flows.sweep` for `grid`."""
+    return [a for k, v in grid.items() for a in ("-g", f"{k}={','.join(map(yaml_value, v))}")]
 
 
 @pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.extended  # ~4 min: the fanned-out sweep below runs the same grid in CI
 def test_a_sweep_yields_an_experiment_per_recipe_and_a_pareto_front(
-    deployed, prefect_server, mlflow_server, tmp_path
+    dag, prefect_server, mlflow_server, tmp_path
 ):
     from tasks.metrics.pareto import dominates
 
     api, _ = prefect_server
-    proj, _, _ = deployed
+    proj = dag.proj
     commit_baseline(proj)
     t0 = time.perf_counter()
     run = run_deployment(  # in sequence, in the deployment's checkout
         api,
         "sweep/sweep",
-        {"grid": SWEEP_GRID, "mlflow_tracking_uri": mlflow_server, "recipe_deployment": None},
+        {
+            "grid": SWEEP_GRID | CONSTANT,
+            "mlflow_tracking_uri": mlflow_server,
+            "recipe_deployment": None,
+        },
     )
     print(f"sweep through the deployment: {time.perf_counter() - t0:.1f} s")
     assert run.state.type.value == "COMPLETED", f"{run.state}\n{logs(api, run.id)[-5000:]}"
@@ -619,12 +484,12 @@ def test_a_fanned_out_sweep_refuses_an_uncommitted_baseline(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sweep_workers(deployed, prefect_server, tmp_path_factory):
+def sweep_workers(dag, prefect_server, tmp_path_factory):
     """Two `prefect worker start --limit 1` on the sweep pool, whose concurrency limit is 2 (the
     number of workers), for the project the nightly run reproduced (committed, its outputs in
     the local DVC remote); yields their log files."""
     _, env = prefect_server
-    proj, _, _ = deployed
+    proj = dag.proj
     commit_baseline(proj)
     assert dvc(proj, "push").returncode == 0
     work = tmp_path_factory.mktemp("sweep-workers")
@@ -656,11 +521,11 @@ def sweep_workers(deployed, prefect_server, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.server
 def test_a_fanned_out_sweep_runs_each_recipe_on_its_own_worker_and_finds_the_same_front(
-    deployed, sweep_workers, prefect_server, mlflow_server, tmp_path
+    dag, sweep_workers, prefect_server, mlflow_server, tmp_path
 ):
     api, env = prefect_server
-    proj, _, _ = deployed
-    grid = [a for k, v in SWEEP_GRID.items() for a in ("-g", f"{k}={','.join(v)}")]
+    proj = dag.proj
+    grid = grid_args(SWEEP_GRID | CONSTANT)
     t0 = time.perf_counter()
     done = subprocess.run(  # as a user starts it, against the server
         [sys.executable, "-m", "flows.sweep", "--project", str(proj), *grid]

@@ -1,120 +1,67 @@
-"""End to end: `dvc repro` of the whole DAG on the tiny profile, in a temp copy of the project,
-tracked by a real MLflow server.
+"""End to end: the whole DAG on the tiny profile, run once by the nightly Prefect deployment on a
+real process worker (tests/deployment.py's `dag`), in a temp copy of the project, tracked by its
+own real MLflow server; then `dvc repro` on copies of that project.
 
-The data is a user's own: the tiny profile's digits, written by the test in the Ultralytics
-layout under the project's `data/yolo` and read with `dataset.format: yolo` (a params change, no
-dvc.yaml edit), so every stage through promote runs on YOLO-format input. The builtin source runs
-in the default `dvc repro`, in tests/test_flows.py's projects and in tests/test_ingest.py.
+The data is a user's own: the tiny profile's digits, written in the Ultralytics layout under the
+project's `data/yolo` and read with `dataset.format: yolo` (a params change, no dvc.yaml edit), so
+every stage through promote runs on YOLO-format input. The builtin source runs in the default
+`dvc repro`, in tests/test_flows.py's small projects and in tests/test_ingest.py.
 """
 
 import json
 import re
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
 
-from tasks.datasets import digits as data
+from flows.project import read_dag
 from tasks.datasets.coco import DetectionSet
-from tasks.harness.config import DataCfg
-from tasks.harness.project import copy_project, dvc
+from tasks.harness.project import dvc
 from tasks.models import load_checkpoint
 from tasks.models.training import evaluate_model
-from tasks.models.ultralytics_io import SPLITS, write_yolo_dataset
-from tests.conftest import running_mlflow_server, tiny_params
+from tasks.models.ultralytics_io import SPLITS
+from tests.conftest import tiny_params
+from tests.deployment import STAGES, TARGETS, YOLO, copy_of, states_by_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
-TARGETS = ["onnxruntime", "openvino", "tensorrt", "litert"]
-STAGES = [
-    "check_params",  # re-runs on any params.yaml edit
-    "ingest",
-    "label_qa",
-    "train",
-    "reference",  # the trained FP32 model as ONNX, once for every evaluate@<target>
-    "prune",
-    "distill",
-    "export",
-    "quantize",
-    *[f"build_engine@{t}" for t in TARGETS],
-    *[f"evaluate@{t}" for t in TARGETS],
-    "variants",
-    "compare",
-    "promote",
-]
-
-
-YOLO = "data/yolo"  # the user's dataset folder inside the project (`dataset.path`)
 
 
 def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-def pipeline_params() -> dict:
-    """The tiny profile, reading its data from the YOLO-format folder `YOLO`."""
-    params = tiny_params()
-    params["dataset"] = {**params["dataset"], "format": "yolo", "path": YOLO}
-    return params
-
-
-def write_yolo_copy(data_cfg: DataCfg, work: Path, dst: Path) -> None:
-    """Compose the digits of `data_cfg` as COCO under `work`, then write them in the Ultralytics
-    layout under `dst` (copies: the project reads the folder as a user's dataset)."""
-    data.run(data_cfg, out_dir=work)
-    splits = {s: json.loads((work / f"{s}.json").read_text()) for s in SPLITS}
-    write_yolo_dataset({"root": str(work), "splits": splits}, dst, link=False)
-
-
-def changed_stages(proj: Path) -> set[str]:
+def changed_stages(proj) -> set[str]:
     """The stages `dvc status` says have changed (their deps, outs or params)."""
     status = dvc(proj, "status", "--json")
     assert status.returncode == 0, status.stderr
     return set(json.loads(status.stdout or "{}"))
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """This module's own server (overrides the session one): its assertions count the runs and
-    model versions one pipeline execution makes, so no other test may share its store."""
-    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-e2e")) as uri:
-        yield uri
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, mlflow_server):
-    params = pipeline_params()
-    work = tmp_path_factory.mktemp("e2e")
-    proj = copy_project(work / "proj", params)
-    write_yolo_copy(DataCfg(**params["data"]), work / "coco", proj / YOLO)
-    env = {"MLFLOW_TRACKING_URI": mlflow_server}
-    t0 = time.perf_counter()
-    proc = dvc(proj, "repro", env=env)
-    wall = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    print(f"tiny profile: dvc repro took {wall:.1f} s")
-    return proj, env, proc.stdout
-
-
-def test_every_stage_ran_and_every_declared_output_exists(pipeline):
-    proj, _, out = pipeline
-    assert sorted(ran(out)) == sorted(STAGES)
-    order = ran(out)
+def test_every_stage_ran_in_dag_order_and_every_declared_output_exists(dag, prefect_server):
+    api, _ = prefect_server
+    tasks = states_by_task(api, dag.run.id)
+    stages = {n: t for n, t in tasks.items() if not n.startswith("dvc-command")}
+    assert sorted(stages) == sorted(STAGES)
+    # a fresh project: every stage ran (none was up to date or restored from DVC's run cache)
+    assert {n: t.state.name for n, t in stages.items()} == dict.fromkeys(stages, "Completed")
+    order = sorted(stages, key=lambda n: stages[n].start_time)
     for t in TARGETS:
         assert (
             order.index(f"build_engine@{t}") < order.index(f"evaluate@{t}") < order.index("compare")
         )
-    with Repo(str(proj)) as repo:
+    for dep, stage in read_dag(dag.proj).edges():  # one at a time: a stage starts after its deps
+        assert stages[dep].end_time <= stages[stage].start_time, (dep, stage)
+    with Repo(str(dag.proj)) as repo:
         declared = [o for s in repo.index.stages for o in s.outs]
     assert len(declared) >= 20
     missing = [str(o) for o in declared if not o.exists]
     assert not missing
 
 
-def test_ingest_read_the_yolo_folder(pipeline):
-    proj, _, _ = pipeline
+def test_ingest_read_the_yolo_folder(dag):
+    proj = dag.proj
     metrics = json.loads((proj / "artifacts/ingest/metrics.json").read_text())
     tiny = tiny_params()["data"]
     counts = [tiny["train_images"], tiny["val_images"], tiny["test_images"]]
@@ -126,8 +73,8 @@ def test_ingest_read_the_yolo_folder(pipeline):
     assert (proj / manifest["root"]).resolve() == (proj / YOLO).resolve()
 
 
-def test_kpis_are_in_range_and_beat_an_untrained_model(pipeline):
-    proj, _, _ = pipeline
+def test_kpis_are_in_range_and_beat_an_untrained_model(dag):
+    proj = dag.proj
     m = json.loads((proj / "artifacts/evaluate/onnxruntime/metrics.json").read_text())
     for k in ("map50", "map50_95", "precision", "recall"):
         assert 0 <= m[k] <= 1, k
@@ -148,8 +95,8 @@ def test_kpis_are_in_range_and_beat_an_untrained_model(pipeline):
     assert m["map50"] > chance + 0.3, (m["map50"], chance)
 
 
-def test_variants_table_covers_every_step_of_the_recipe(pipeline):
-    proj, _, _ = pipeline
+def test_variants_table_covers_every_step_of_the_recipe(dag):
+    proj = dag.proj
     table = json.loads((proj / "artifacts/variants/metrics.json").read_text())
     calibrators = [f"int8_{c}" for c in ("minmax", "entropy", "percentile")]
     from tasks.engines.litert import unavailable
@@ -194,8 +141,8 @@ def test_variants_table_covers_every_step_of_the_recipe(pipeline):
     assert all(f.exists() for f in made.values())
 
 
-def test_targets_are_built_evaluated_and_compared(pipeline):
-    proj, _, _ = pipeline
+def test_targets_are_built_evaluated_and_compared(dag):
+    proj = dag.proj
     table = json.loads((proj / "artifacts/compare/engines.json").read_text())
     assert set(table) == set(TARGETS)
     for t in ("onnxruntime", "openvino"):
@@ -214,8 +161,8 @@ def test_targets_are_built_evaluated_and_compared(pipeline):
         assert table["litert"]["status"] == "ok" and 0 < table["litert"]["map50"] <= 1
 
 
-def test_metrics_and_plots_render(pipeline):
-    proj, _, _ = pipeline
+def test_metrics_and_plots_render(dag):
+    proj = dag.proj
     shown = dvc(proj, "metrics", "show", "--json")
     assert shown.returncode == 0, shown.stderr
     assert "map50" in shown.stdout and "latency_ms_p50" in shown.stdout
@@ -224,12 +171,13 @@ def test_metrics_and_plots_render(pipeline):
     assert "pr_curve.csv" in plots.stdout and "curves.csv" in plots.stdout
 
 
-def test_mlflow_has_a_parent_run_with_a_child_per_stage(pipeline, mlflow_server):
-    client = MlflowClient(mlflow_server)
+def test_mlflow_has_a_parent_run_with_a_child_per_stage(dag):
+    client = MlflowClient(dag.mlflow)
     exp = client.get_experiment_by_name(tiny_params()["project"]["mlflow_experiment"])
     parents = client.search_runs([exp.experiment_id], "tags.`shrinkflow.role` = 'pipeline'")
     assert len(parents) == 1
     parent = parents[0]
+    assert parent.data.tags["shrinkflow.execution_id"] == str(dag.run.id)  # the flow run's id
     for tag in ("git_commit", "dvc_lock_md5", "data_md5", "params_md5"):
         assert len(parent.data.tags[tag]) >= 32, tag
     children = client.search_runs(
@@ -254,14 +202,15 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(pipeline, mlflow_server)
     assert "evaluation/report.md" in reports
 
 
-def test_promote_registers_the_candidate_with_its_verdict(pipeline, mlflow_server):
-    proj, _, _ = pipeline
+def test_promote_registers_the_candidate_with_its_verdict(dag):
+    proj = dag.proj
     decision = json.loads((proj / "artifacts/promote/decision.json").read_text())
     name = tiny_params()["project"]["registered_model"]
     assert decision["registered_model"] == name and decision["version"] == 1
     assert decision["outcome"] == ("champion" if decision["passed"] else "challenger")
     assert set(decision["gates"]) >= {"absolute.map50", "per_class", "non_regression"}
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(dag.mlflow)
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
     mv = client.get_model_version(name, "1")
     assert mv.tags["gate"] == ("passed" if decision["passed"] else "failed")
     assert mv.tags["map50"] and len(mv.tags["calibration_md5"]) == 32
@@ -270,27 +219,35 @@ def test_promote_registers_the_candidate_with_its_verdict(pipeline, mlflow_serve
     assert "promote/decision.json" in shown.stdout
 
 
-def test_repro_is_a_no_op_then_reruns_only_what_a_param_change_touches(pipeline):
-    proj, env, _ = pipeline
+def test_repro_of_the_flow_output_is_a_no_op_then_reruns_only_what_a_param_change_touches(
+    dag, mlflow_server, tmp_path
+):
+    """The flow wrote what `dvc repro` expects (dvc.lock, outputs, cache): nothing to run. A
+    param only promote reads then re-runs promote (and check_params, which reads every param).
+    On a copy (the session's MLflow server: promote registers again there, not in the DAG's)."""
+    proj = copy_of(dag.proj, tmp_path / "proj")
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
     again = dvc(proj, "repro", env=env)
-    assert again.returncode == 0
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert ran(again.stdout) == []
     assert "Data and pipelines are up to date" in again.stdout
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["evaluate"]["parity_iou"] = 0.6  # read by evaluate only (CI time: not train)
+    params["promote"]["lock_timeout_s"] += 1  # read by promote only (CI time: no evaluate)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert changed_stages(proj) == {"check_params", "promote"}
     changed = dvc(proj, "repro", env=env)
     assert changed.returncode == 0, changed.stderr[-3000:]
-    touched = ["check_params", *[f"evaluate@{t}" for t in TARGETS]]  # variants: not its key
-    # ...and what reads their outputs: evaluate's metrics record parity_iou
-    assert sorted(ran(changed.stdout)) == sorted([*touched, "compare", "promote"])
+    assert sorted(ran(changed.stdout)) == ["check_params", "promote"]
 
 
-def test_a_changed_label_reruns_ingest_and_what_reads_it_and_nothing_before(pipeline):
-    """One YOLO label file edited: ingest is the only stage whose deps changed; re-run up to
-    label_qa (CI time: no training), the manifests change and DVC then holds train, and nothing
-    before ingest, for changed. Runs last: it leaves the project out of date."""
-    proj, env, _ = pipeline
+def test_a_changed_label_reruns_ingest_and_what_reads_it_and_nothing_before(
+    dag, mlflow_server, tmp_path
+):
+    """One YOLO label file edited (in a copy of the flow's project): ingest is the only stage
+    whose deps changed; re-run up to label_qa (CI time: no training), the manifests change and
+    DVC then holds train, and nothing before ingest, for changed."""
+    proj = copy_of(dag.proj, tmp_path / "proj")
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
     assert changed_stages(proj) == set()
     before = json.loads((proj / "artifacts/ingest/metrics.json").read_text())
     label = sorted((proj / YOLO / "labels/train").glob("*.txt"))[0]
