@@ -44,9 +44,8 @@ can be the data's own errors:
       bounds that share. False alarms that score unlike real errors (clutter read as an
       object, weak evidence) are not credited. The bound is only as good as the score's
       ranking: box_missing scores an added box by 1 - its prediction's calibrated probability
-      (ObjectLab's overlooked score is ~0 for every confident unlabelled prediction; with it,
-      the clean digits' clutter read as digits scored like a dropped digit and 44 of 47 such
-      additions were credited).
+      (ObjectLab's overlooked score is ~0 for every confident unlabelled prediction, so with it
+      clutter read as an object scored like a dropped object and was credited).
 The credited changes are then scaled by the share of the rule's changes on injected errors that
 were right (an own error found is fixed as well as an injected one: an added box of the wrong
 class, a move onto the wrong object, is still wrong).
