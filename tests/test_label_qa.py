@@ -17,6 +17,7 @@ from tasks.harness.config import LabelQaCfg
 from tasks.harness.errors import ConfigError, DataError
 from tasks.harness.project import ROOT
 from tasks.label_qa import core
+from tasks.label_qa.boxes import iou_matrix
 from tasks.label_qa.report import write_reports
 
 CATS = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
@@ -772,6 +773,56 @@ def test_error_like_share_bounds_how_many_base_changes_look_like_injected_errors
     assert 0.4 < error_like_share(mixed, injected) < 0.9
     assert error_like_share([], injected) == 1.0
     assert error_like_share(injected, []) == 0.0  # no injected error changed: no credit
+
+
+def _free_corner(boxes, w, h, side=6):
+    """An xywh square of `side` px in an image corner that overlaps none of `boxes`."""
+    for x, y in ((0, 0), (w - side, 0), (0, h - side), (w - side, h - side)):
+        square = np.array([[x, y, side, side]], float)
+        if not boxes or iou_matrix(square, np.array(boxes, float)).max() == 0:
+            return [float(x), float(y), float(side), float(side)]
+    return None
+
+
+@pytest.mark.parametrize("clutter_probability, acts", [(0.3, False), (0.97, True)])
+def test_box_missing_credits_an_addition_only_when_it_scores_like_a_dropped_box(
+    tmp_path, clutter_probability, acts
+):
+    """Clean colour data and a detector that sees every object (0.97) and, on 1 image in 10,
+    also a background patch: clutter read as an object. Each such patch is a base change of
+    box_missing the probe cannot check box by box. Scored by the added box's probability, a
+    weak patch (0.3) does not look like a dropped object (0.97) and is not credited, so the
+    rule only reports; a patch seen as surely as a real object is credited within the prior
+    (5%) and the rule acts. ObjectLab's overlooked score (~0 for both) could not tell them."""
+    ctx, _ = _shapes_ctx(tmp_path, box_classifier=False)
+    truth = _truth(ctx)
+    preds = _oracle_predictions(ctx, "train", truth)
+    patched = 0
+    for n, image_id in enumerate(sorted(preds)):
+        im = ctx.splits["train"].images[image_id]
+        corner = _free_corner([b for _, b in truth.get(image_id, [])], im.width, im.height)
+        if n % 10 or corner is None:
+            continue
+        x, y, w, h = corner
+        row = np.array([[x, y, x + w, y + h, clutter_probability]], np.float32)
+        preds[image_id][0] = np.concatenate([preds[image_id][0], row])
+        patched += 1
+    ctx.predictions = {"train": preds}
+    findings = [f for f in core.model_findings(ctx) if f.rule == "box_missing"]
+    evidence = ctx.fix_evidence["box_missing"]
+    assert patched >= 15 and evidence["base"] == patched, (patched, evidence)
+    assert evidence["recall"] >= 0.9 and evidence["right_on_injected"] == evidence["on_injected"]
+    on_patches = [f.score for f in findings if f.split == "train"]
+    assert len(on_patches) == patched
+    assert all(abs(v - (1 - clutter_probability)) < 1e-3 for v in on_patches), on_patches
+    assert evidence["acts"] is acts, evidence
+    if acts:
+        assert evidence["credited"] == patched
+    else:
+        assert evidence["error_like_share"] < 0.2 and evidence["credited"] <= 1, evidence
+        assert not [f for f in findings if f.action != "keep"]
+        cleaned = core.apply_policy(ctx, findings)["train"]["annotations"]
+        assert not [a for a in cleaned if a.get("qa_added_by")]  # the patches stay unlabelled
 
 
 def test_the_probe_copy_holds_pass_0s_changes_and_injects_only_elsewhere(tmp_path):

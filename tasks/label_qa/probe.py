@@ -292,7 +292,7 @@ def _measure_rule(
         if error is not None:
             on_injected += 1
             right += is_right
-            injected_scores.append(float(hit.score))
+            injected_scores.append(round(float(hit.score), 4))  # as a Finding's (base) score
         elif hit.annotation_id in by_ann:  # an injected box, changed for another reason
             on_injected += 1
         else:  # pass 0's changes are applied on the copy: anything else was caused by it
