@@ -35,7 +35,16 @@ from tasks.label_qa import (  # noqa: F401  (register rules)
 )
 from tasks.label_qa.balance import class_counts
 from tasks.label_qa.images import phash
-from tasks.label_qa.registry import RULES, SPLITS, Finding, Hit, QaContext, Rule, SplitData
+from tasks.label_qa.registry import (
+    RULES,
+    SPLITS,
+    Finding,
+    Hit,
+    QaContext,
+    Rule,
+    SplitData,
+    finding_score,
+)
 from tasks.metrics.detection import Runner
 from tasks.models.config import ModelCfg
 
@@ -185,7 +194,7 @@ def run_rules(ctx: QaContext, phase: int) -> list[Finding]:
                     h.annotation_id,
                     rule.name,
                     rule.severity,
-                    round(float(h.score), 4),
+                    finding_score(h.score),
                     h.message,
                     h.fix,
                     action,

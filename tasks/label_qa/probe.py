@@ -69,7 +69,7 @@ import numpy as np
 from tasks.datasets.label_noise import inject
 from tasks.harness.config import LabelNoiseCfg
 from tasks.label_qa.boxes import iou_matrix
-from tasks.label_qa.registry import RULES, Hit, QaContext, Rule
+from tasks.label_qa.registry import RULES, Hit, QaContext, Rule, finding_score
 
 log = logging.getLogger(__name__)
 PROBE_NOISE = {  # rule -> the injected kinds it is meant to catch, as shares of probe_rate
@@ -292,7 +292,7 @@ def _measure_rule(
         if error is not None:
             on_injected += 1
             right += is_right
-            injected_scores.append(round(float(hit.score), 4))  # as a Finding's (base) score
+            injected_scores.append(finding_score(hit.score))  # the base findings' scale
         elif hit.annotation_id in by_ann:  # an injected box, changed for another reason
             on_injected += 1
         else:  # pass 0's changes are applied on the copy: anything else was caused by it

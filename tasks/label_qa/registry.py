@@ -36,6 +36,12 @@ class Hit:
     fix: dict | None = None
 
 
+def finding_score(score: float) -> float:
+    """A hit's score as its Finding records it (4 places): the probe compares scores on this
+    scale, so a rule's findings and its hits on the probe's copy round alike."""
+    return round(float(score), 4)
+
+
 @dataclass(frozen=True)
 class Finding:
     """A hit with its rule, severity and the action the policy took (drop / fix / keep)."""
