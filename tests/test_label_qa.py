@@ -784,16 +784,10 @@ def _free_corner(boxes, w, h, side=6):
     return None
 
 
-@pytest.mark.parametrize("clutter_probability, acts", [(0.3, False), (0.97, True)])
-def test_box_missing_credits_an_addition_only_when_it_scores_like_a_dropped_box(
-    tmp_path, clutter_probability, acts
-):
-    """Clean colour data and a detector that sees every object (0.97) and, on 1 image in 10,
-    also a background patch: clutter read as an object. Each such patch is a base change of
-    box_missing the probe cannot check box by box. Scored by the added box's probability, a
-    weak patch (0.3) does not look like a dropped object (0.97) and is not credited, so the
-    rule only reports; a patch seen as surely as a real object is credited within the prior
-    (5%) and the rule acts. ObjectLab's overlooked score (~0 for both) could not tell them."""
+def _clutter_ctx(tmp_path, probability, every):
+    """Clean colour shapes, a detector that sees every object (0.97) and, on 1 train image in
+    `every`, also a background patch at `probability`: clutter read as an object. Returns the
+    context with those predictions and the number of patches."""
     ctx, _ = _shapes_ctx(tmp_path, box_classifier=False)
     truth = _truth(ctx)
     preds = _oracle_predictions(ctx, "train", truth)
@@ -801,13 +795,26 @@ def test_box_missing_credits_an_addition_only_when_it_scores_like_a_dropped_box(
     for n, image_id in enumerate(sorted(preds)):
         im = ctx.splits["train"].images[image_id]
         corner = _free_corner([b for _, b in truth.get(image_id, [])], im.width, im.height)
-        if n % 10 or corner is None:
+        if n % every or corner is None:
             continue
         x, y, w, h = corner
-        row = np.array([[x, y, x + w, y + h, clutter_probability]], np.float32)
+        row = np.array([[x, y, x + w, y + h, probability]], np.float32)
         preds[image_id][0] = np.concatenate([preds[image_id][0], row])
         patched += 1
     ctx.predictions = {"train": preds}
+    return ctx, patched
+
+
+@pytest.mark.parametrize("clutter_probability, acts", [(0.3, False), (0.97, True)])
+def test_box_missing_credits_an_addition_only_when_it_scores_like_a_dropped_box(
+    tmp_path, clutter_probability, acts
+):
+    """Each background patch is a base change of box_missing the probe cannot check box by
+    box. Scored by the added box's probability, a weak patch (0.3) does not look like a dropped
+    object (0.97) and is not credited, so the rule only reports; a patch seen as surely as a
+    real object is credited within the prior (5%) and the rule acts. ObjectLab's overlooked
+    score (~0 for both) could not tell them."""
+    ctx, patched = _clutter_ctx(tmp_path, clutter_probability, every=10)
     findings = [f for f in core.model_findings(ctx) if f.rule == "box_missing"]
     evidence = ctx.fix_evidence["box_missing"]
     assert patched >= 15 and evidence["base"] == patched, (patched, evidence)
@@ -823,6 +830,23 @@ def test_box_missing_credits_an_addition_only_when_it_scores_like_a_dropped_box(
         assert not [f for f in findings if f.action != "keep"]
         cleaned = core.apply_policy(ctx, findings)["train"]["annotations"]
         assert not [a for a in cleaned if a.get("qa_added_by")]  # the patches stay unlabelled
+
+
+def test_a_few_false_alarms_are_not_outvoted_by_the_copys_right_fixes(tmp_path):
+    """Clean labels, and a detector that reads clutter as an object on 1 image in 40: a
+    handful of base changes, every one wrong, beside dozens of right fixes of injected drops.
+    Pooled, the copy's fixes vote the rule past the floor and it would add every patch; the
+    precision that decides is that of the changes it would make on the split, so it reports."""
+    ctx, patched = _clutter_ctx(tmp_path, 0.3, every=40)
+    findings = [f for f in core.model_findings(ctx) if f.rule == "box_missing"]
+    evidence = ctx.fix_evidence["box_missing"]
+    assert 3 <= patched == evidence["base"] and evidence["on_injected"] >= 8 * patched, evidence
+    assert evidence["precision_pooled"] >= ctx.cfg.min_fix_precision, evidence  # the old rule
+    assert evidence["precision"] < 0.5 and not evidence["acts"], evidence
+    assert f"on this split's {patched} changes" in evidence["reason"], evidence["reason"]
+    assert not [f for f in findings if f.action != "keep"]
+    cleaned = core.apply_policy(ctx, findings)["train"]["annotations"]
+    assert not [a for a in cleaned if a.get("qa_added_by")]
 
 
 def test_the_probe_copy_holds_pass_0s_changes_and_injects_only_elsewhere(tmp_path):

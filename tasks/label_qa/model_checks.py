@@ -5,7 +5,10 @@ Detection Data", 2023) scores every labelled box against a detector's prediction
 (a confident prediction of another class sits on the box), a *bad location* score (the best
 same-class prediction overlaps it poorly) and, per confident prediction that touches no label, an
 *overlooked* score. Low = likely wrong. We flag scores under the thresholds in
-`label_qa.model` and suggest the prediction as the fix.
+`label_qa.model` and suggest the prediction as the fix. A finding's score is the ObjectLab score,
+except for a missing box: 1 - the added prediction's calibrated probability (the overlooked
+score is ~0 for every confident unlabelled prediction, so it cannot rank clutter against a
+dropped object; the probe needs that ranking, see probe.py).
 
 A swapped class needs a detector that is sure of the other class, which the short-trained fold
 models seldom are; `label_wrong_class` therefore also asks a classifier of each box's own pixels,

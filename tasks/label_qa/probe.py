@@ -49,10 +49,16 @@ can be the data's own errors:
 The credited changes are then scaled by the share of the rule's changes on injected errors that
 were right (an own error found is fixed as well as an injected one: an added box of the wrong
 class, a move onto the wrong object, is still wrong).
-precision = (right on injected + credited base) / (changes on the copy + base changes). Beside
-it the report keeps `precision_injected` (base changes left out) and `precision_conservative`
-(every base change wrong). On data with no errors of its own every base change is a false
-alarm, and a rule that makes many of them (more than the prior allows) stays below the floor.
+
+precision = credited / base changes: the expected share of right changes among those the rule
+would make on the user's split, the only ones it applies. With no base change it is the
+injected-error figure, right / (changes on injected + collateral): how right a change would be.
+The copy's changes are evidence, not what gets applied: pooled with the base changes
+(`precision_pooled`, the first design), hundreds of right fixes of injected errors outvoted a
+handful of false alarms, and data with no errors of its own had correct labels rewritten. Beside it the report keeps `precision_injected` and `precision_conservative` (the
+pooled figure with every base change wrong). On data with no errors of its own every base
+change is a false alarm; unless they score like injected errors and fit the prior, they are
+not credited and the rule reports only.
 
 A rule changes labels only when its measured precision is at least `label_qa.min_fix_precision`
 and at least `MIN_ERRORS` errors were injected for it and it proposed fixes on that many;
@@ -307,12 +313,14 @@ def _measure_rule(
     own_rate = ctx.cfg.max_own_error_rate * len(shares)  # per kind: badly placed is shift + scale
     own_found = recall * own_errors_at_most(own_rate, usable)
     fix_right = right / on_injected if on_injected else 0.0  # own errors are fixed as well
-    credited = int(np.floor(min(share * n_base, own_found, n_base) * fix_right))
+    expected_right = min(share * n_base, own_found, n_base) * fix_right
+    credited = int(np.floor(expected_right + 1e-9))
     changes = on_injected + collateral + n_base
 
     def ratio(a: float, b: int) -> float | None:
         return round(a / b, 4) if b else None
 
+    injected_precision = ratio(right, on_injected + collateral)
     return {
         "injected": len(truth),
         "found": len(found),
@@ -326,8 +334,10 @@ def _measure_rule(
         "collateral": collateral,
         "own_errors_found_at_most": round(own_found, 1),
         "error_like_share": round(share, 4),
-        "precision": ratio(right + credited, changes),
-        "precision_injected": ratio(right, on_injected + collateral),
+        # what the rule would apply: its changes on the split as given (see the module docstring)
+        "precision": ratio(expected_right, n_base) if n_base else injected_precision,
+        "precision_pooled": ratio(right + credited, changes),
+        "precision_injected": injected_precision,
         "precision_conservative": ratio(right, changes),
     }
 
@@ -340,10 +350,15 @@ def _verdict(row: dict, policy: str, floor: float, kinds: tuple[str, ...]) -> tu
             f"reports only: {row['injected']} errors injected (< {MIN_ERRORS}), too few boxes "
             "to measure its precision"
         )
+    on_split = (
+        f"on this split's {row['base']} changes, {row['credited']} credited as the data's own "
+        "errors"
+        if row["base"]
+        else "on injected errors: the rule changes nothing on this split"
+    )
     measured = (
-        f"{row['right_on_injected']} of {row['on_injected']} fixes right on injected errors, "
-        f"{row['credited']} of {row['base']} changes the data's own run also makes credited "
-        f"as its own errors, {row['collateral']} collateral; found {row['found']} of "
+        f"{on_split}; {row['right_on_injected']} of {row['on_injected']} fixes right on "
+        f"injected errors, {row['collateral']} collateral; found {row['found']} of "
         f"{row['injected']}"
     )
     if policy == "keep":

@@ -131,6 +131,8 @@ def _evidence(metrics: dict, cfg: LabelQaCfg) -> list[str]:
         f"rule's recall x label_qa.max_own_error_rate ({cfg.max_own_error_rate:.0%} per kind) "
         "of the boxes, and only as far as its scores look like the injected errors' "
         "(`tasks/label_qa/probe.py`); any other change on the copy (collateral) is wrong. "
+        "Precision is that of the base changes, the ones a fix applies (the injected errors' "
+        "figure when there are none). "
         f"Decisions in `{cfg.decisions}` override this.",
         "",
         "| rule | injected | found (recall) | right on injected | base credited | collateral "
@@ -139,8 +141,12 @@ def _evidence(metrics: dict, cfg: LabelQaCfg) -> list[str]:
     ]
     for rule, e in evidence.items():
         recall = "–" if e["recall"] is None else f"{e['found']} ({e['recall']:.1%})"
-        precision = "–" if e["precision"] is None else f"{e['right']} of {e['changes']}"
-        precision += "" if e["precision"] is None else f" ({e['precision']:.1%})"
+        if e["precision"] is None:
+            precision = "–"
+        elif e.get("base"):  # of the changes it would make on the split as given
+            precision = f"{e['precision']:.1%} of {e['base']} changes"
+        else:
+            precision = f"{e['precision']:.1%} (injected)"
         injected = f"{e.get('right_on_injected', '–')} of {e.get('on_injected', '–')}"
         base = f"{e.get('credited', '–')} of {e.get('base', '–')}"
         lines.append(
