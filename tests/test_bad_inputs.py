@@ -243,6 +243,12 @@ CASES = [
         ["out/eval-empty/metrics.json"],
     ),
     (
+        "shrinkflow bench with a params typo: one line like every stage's",
+        lambda ws: ["tasks.cli.app", "bench", "--params", params_with(ws, "p6.yaml", _typo)],
+        "p6.yaml: train.epoch: unknown key",
+        ["artifacts/bench"],
+    ),
+    (
         "missing manifest",
         lambda ws: ["tasks.train", "--manifest", "absent.json", "--out", "out/train-absent"],
         "absent.json: file not found",

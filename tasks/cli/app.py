@@ -268,19 +268,16 @@ def sizes(
     from tasks.harness.config import load_params
 
     setup_logging()
-    try:
-        result = bench_sizes.run(
-            load_params(params),
-            trained=trained,
-            compressed=compressed,
-            quantize_report=quantize_report,
-            manifest=manifest,
-            sizes=size,
-            runs=runs,
-            rounds=rounds,
-        )
-    except ShrinkflowError as e:  # a bad --size or params.yaml: one line, no traceback
-        fail(e)
+    result = bench_sizes.run(
+        load_params(params),
+        trained=trained,
+        compressed=compressed,
+        quantize_report=quantize_report,
+        manifest=manifest,
+        sizes=size,
+        runs=runs,
+        rounds=rounds,
+    )
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     bench_sizes.show(result)
     publish(
@@ -315,5 +312,14 @@ def readme_tables(
     log.info("%s: %s", readme, "re-rendered" if refresh_readme(readme) else "already current")
 
 
+def main() -> None:
+    """The `shrinkflow` console script: an expected error (a bad params.yaml, a missing
+    artifact) is one `error:` line and its exit status, in every command, never a traceback."""
+    try:
+        app()
+    except ShrinkflowError as e:
+        fail(e)
+
+
 if __name__ == "__main__":
-    app()
+    main()
