@@ -138,7 +138,9 @@ def test_bench_sizes_times_every_variant_at_every_size(tiny, tiny_manifest, mode
     with torch.no_grad():
         assert torch.equal(bench_sizes.at_size(loaded, models / "model.pt", 64)[1](x), model(x))
     report = tmp_path / "report.json"
-    report.write_text(json.dumps({"precision": "int8", "layer_precision": {}}))
+    # each runtime's model made as quantize made it for that runtime (quantize.method)
+    targets = {"onnxruntime": {"method": "ort"}, "openvino": {"method": "nncf"}}
+    report.write_text(json.dumps({"precision": "int8", "layer_precision": {}, "targets": targets}))
     (tmp_path / "manifest.json").write_text(json.dumps(tiny_manifest))
     result = bench_sizes.run(
         tiny,
@@ -151,6 +153,7 @@ def test_bench_sizes_times_every_variant_at_every_size(tiny, tiny_manifest, mode
         rounds=1,
     )
     assert set(result["sizes"]) == {"64", "96"}
+    assert result["methods"] == {"onnxruntime": "ort", "openvino": "nncf"}
     variants = {"eager_fp32", "onnxruntime_fp32", "openvino_fp32", "openvino_bf16"}
     variants |= {f"{t}_compressed" for t in CPU_TARGETS}
     for per_size in result["sizes"].values():

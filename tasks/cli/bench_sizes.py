@@ -10,8 +10,9 @@ quantize stage's own settings and calibration images, builds every CPU engine, a
 - `<runtime>_fp32`: the trained model on each runtime (OpenVINO with the f32 hint),
 - `openvino_bf16`: the trained model with OpenVINO's default on this CPU (what a user gets with
   no pipeline),
-- `<runtime>_compressed`: the deployed (pruned + distilled) model in the precision the quantize
-  stage chose.
+- `<runtime>_compressed`: the deployed (pruned + distilled) model in the precision and by the
+  method (ONNX Runtime's quantizer or NNCF, `quantize.method`) the quantize stage chose for
+  that runtime.
 
 Only latency is measured here: accuracy at a size the model was not trained for means nothing.
 """
@@ -36,6 +37,7 @@ from tasks.metrics.timing import latency_stats, time_blocks
 from tasks.models import ModelAdapter, load_checkpoint
 from tasks.models.onnx_export import to_onnx
 from tasks.preprocess.letterbox import build_size
+from tasks.quantization.nncf_peers import onnx_int8
 from tasks.quantization.qdq import calibrate, calibration_set, to_fp16, to_int8
 
 CPU_TARGETS = ("onnxruntime", "openvino")
@@ -90,28 +92,45 @@ def at_size(loaded: tuple, path: Path, size: Size) -> tuple[ModelAdapter, torch.
 
 def _deployable(
     resized: tuple, params: Params, report: dict, manifest: dict, size: Size, tmp: Path
-) -> Path:
-    """The compressed model at `size`, in the precision and with the float layers that the
-    quantize stage chose (its `report.json`)."""
+) -> dict[str, Path]:
+    """The compressed model at `size` per CPU target, as the quantize stage made it for that
+    target (its `report.json`): the precision, the float layers, and the method (ONNX
+    Runtime's quantizer or NNCF's PTQ, `quantize.method`)."""
     onnx_path = tmp / "compressed.onnx"
     to_onnx(*resized, params.export, onnx_path)
     precision = report["precision"]
     if precision == "fp32":
-        return onnx_path
-    out = tmp / f"compressed.{precision}.onnx"
+        return dict.fromkeys(CPU_TARGETS, onnx_path)
     if precision == "fp16":
-        to_fp16(onnx_path, out)
-        return out
+        to_fp16(onnx_path, tmp / "compressed.fp16.onnx")
+        return dict.fromkeys(CPU_TARGETS, tmp / "compressed.fp16.onnx")
     cfg = params.quantize
     images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
-    cache = tmp / "ranges.json"
-    calibrate(onnx_path, images, cfg, cfg.calibrator, cache)
-    float_layers = [k for k, v in report.get("layer_precision", {}).items() if v == "fp32"]
-    to_int8(onnx_path, out, cache, cfg, cfg.calibrator, exclude=float_layers or None)
+    made: dict[str, Path] = {}
+    out = {}
+    for target in CPU_TARGETS:
+        method = report.get("targets", {}).get(target, {}).get("method", "ort")
+        if method not in made:
+            made[method] = tmp / f"compressed.int8.{method}.onnx"
+            if method == "nncf":  # its PTQ, as deployed (accuracy control kept it at 128 px)
+                val = DetectionSet(manifest, "val", size)
+                plain = cfg.model_copy(update={"accuracy_aware": False})
+                onnx_int8(onnx_path, images, val, plain, params.build_engine.threads, made[method])
+            else:
+                cache = tmp / "ranges.json"
+                calibrate(onnx_path, images, cfg, cfg.calibrator, cache)
+                float_layers = [
+                    k for k, v in report.get("layer_precision", {}).items() if v == "fp32"
+                ]
+                to_int8(
+                    onnx_path, made[method], cache, cfg, cfg.calibrator,
+                    exclude=float_layers or None,
+                )  # fmt: skip
+        out[target] = made[method]
     return out
 
 
-def _runners(params: Params, trained: tuple, compressed: Path, tmp: Path) -> dict:
+def _runners(params: Params, trained: tuple, compressed: dict[str, Path], tmp: Path) -> dict:
     fp32 = tmp / "trained.onnx"
     to_onnx(*trained, params.export, fp32)
     engine_cfg = params.build_engine
@@ -127,7 +146,7 @@ def _runners(params: Params, trained: tuple, compressed: Path, tmp: Path) -> dic
             fp32,
             engine_cfg.model_copy(update={"openvino_precision": "bf16"}),
         ),
-        **{f"{t}_compressed": (t, compressed, engine_cfg) for t in CPU_TARGETS},
+        **{f"{t}_compressed": (t, compressed[t], engine_cfg) for t in CPU_TARGETS},
     }
     runners = {"eager_fp32": eager_runner(*trained, params.export)}
     for name, (target, onnx_path, cfg) in variants.items():
@@ -172,6 +191,7 @@ def run(
     trained_model = load_checkpoint(trained, params.model)
     compressed_model = load_checkpoint(compressed, params.model)
     report = json.loads(quantize_report.read_text())
+    methods = {t: report.get("targets", {}).get(t, {}).get("method", "ort") for t in CPU_TARGETS}
     manifest_obj = json.loads(manifest.read_text())
     result: dict = {
         "threads": params.build_engine.threads,
@@ -179,6 +199,7 @@ def run(
         "runs": runs,
         "rounds": rounds,
         "precision": report["precision"],
+        "methods": methods,
         "sizes": {},
     }
     for size in checked:

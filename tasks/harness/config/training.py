@@ -154,7 +154,11 @@ class PruneCfg(Section):
         "build_engine threads/precision settings)",
     )
     search_step: float = Field(
-        0.1, gt=0, lt=0.95, description="share of the base MACs removed per measured step"
+        0.1,
+        gt=0,
+        lt=0.95,
+        description="share of the current MACs removed per measured step (latency targets): "
+        "equal relative steps, so the speedup climbs in even steps and the last ones are fine",
     )
     max_map_drop: float | None = Field(
         None,
