@@ -17,6 +17,14 @@ from tests.conftest import tiny_params
 from tests.test_compress import splits, teacher  # noqa: F401  (fixtures: tiny data, trained model)
 
 FAST_TIMING = {"latency_warmup": 2, "latency_runs": 10, "latency_rounds": 2}
+SPEEDUP_SEARCH = {  # a 1.25x target in steps of 20% of the MACs left, no fine-tune
+    "target": "speedup",
+    "speedup": 1.25,
+    "search_step": 0.2,
+    "macs_reduction": 0.8,
+    "finetune_epochs": 0,
+    **FAST_TIMING,
+}
 
 
 def test_a_latency_target_needs_its_value_and_steps_follow_search_step(tmp_path):
@@ -39,16 +47,7 @@ def test_a_latency_target_needs_its_value_and_steps_follow_search_step(tmp_path)
 def test_a_speedup_target_stops_at_the_first_measured_step_that_meets_it(
     tiny, adapter, splits, teacher, tmp_path
 ):
-    cfg = tiny.prune.model_copy(
-        update={
-            "target": "speedup",
-            "speedup": 1.25,
-            "search_step": 0.2,
-            "macs_reduction": 0.8,
-            "finetune_epochs": 0,
-            **FAST_TIMING,
-        }
-    )
+    cfg = tiny.prune.model_copy(update=SPEEDUP_SEARCH)
     model, m = prune.run(
         cfg,
         tiny.train,
@@ -98,16 +97,7 @@ def test_a_step_that_meets_the_target_only_on_its_first_timing_is_not_the_stop(
                 "speedup_per_round": [x] * cfg.latency_rounds}  # fmt: skip
 
     monkeypatch.setattr(prune, "_time", timing)
-    cfg = tiny.prune.model_copy(
-        update={
-            "target": "speedup",
-            "speedup": 1.25,
-            "search_step": 0.2,
-            "macs_reduction": 0.8,
-            "finetune_epochs": 0,
-            **FAST_TIMING,
-        }  # fmt: skip
-    )
+    cfg = tiny.prune.model_copy(update=SPEEDUP_SEARCH)
     _, m = prune.run(
         cfg, tiny.train, adapter=adapter, model=copy.deepcopy(teacher), train=splits[0],
         val=splits[1],
