@@ -101,9 +101,15 @@ def split(onnx_path: Path, head: Path, decode: Path) -> list[str]:
     if not cut:
         raise Unconvertible(f"litert: {onnx_path}: no convolution's output reaches the decode")
     extractor = Extractor(model)
+    decode_model = extractor.extract_model(cut + read, [o.name for o in model.graph.output])
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    types = {i.name: i.type.tensor_type.elem_type for i in decode_model.graph.input}
+    if shapes := [name for name in cut if types[name] not in floats]:  # e.g. Shape -> Gather
+        raise Unconvertible(
+            f"litert: {onnx_path}: the decode reads shape values computed in the backbone "
+            f"({', '.join(shapes)}); the LiteRT target converts heads that output float maps"
+        )
     onnx.save(extractor.extract_model(inputs, cut), str(head))
-    outputs = [o.name for o in model.graph.output]
-    decode_model = extractor.extract_model(cut + read, outputs)
     onnx.save(decode_model, str(decode))
     return cut
 
@@ -273,13 +279,12 @@ def _layout(name: str, got: list[int], want: list) -> tuple[int, ...]:
 
 
 def _by_position(interpreter) -> dict[int, dict]:
-    """The model's outputs (tensor details) by their position k in onnx2tf's output list,
-    which it builds in the head ONNX's output order, read from the names it gives them: the
-    signature's `output_<k>` (TF's name for a function's k-th output; full-integer INT8 is
-    converted from onnx2tf's SavedModel) or else the tensors' `Identity`, `Identity_<k>` (the
-    float models, converted from its concrete function, have no signature). Never from the
-    interpreter's output order: the TFLite converter reorders it (YOLO's full-integer model
-    lists its outputs 1, 3, 0, 2). Raises ShrinkflowError on a name of neither form."""
+    """The model's outputs (tensor details) by their position k in onnx2tf's output list (the
+    head ONNX's output order), read from the names onnx2tf's conversion gives them: the
+    signature's `output_<k>` (full-integer INT8, converted from its SavedModel) or else the
+    tensors' `Identity`, `Identity_<k>` (float, from its concrete function: no signature).
+    Never from the interpreter's output order, which the TFLite converter shuffles (YOLO's
+    full-integer model lists 1, 3, 0, 2). Raises ShrinkflowError on a name of neither form."""
     if interpreter.get_signature_list():
         named, pattern = interpreter.get_signature_runner().get_output_details(), r"output_(\d+)"
     else:
