@@ -11,7 +11,7 @@ from tasks.datasets.coco import DetectionSet
 from tasks.engines import check_int8, get, litert
 from tasks.engines.tensorrt_gpu import unavailable
 from tasks.harness.config import BuildEngineCfg
-from tasks.harness.errors import GateFailed
+from tasks.harness.errors import GateFailed, ShrinkflowError
 from tasks.metrics.detection import coco_metrics, predict
 from tasks.models import load_checkpoint
 
@@ -241,3 +241,14 @@ def test_trtexec_line_carries_the_profile_shapes(tiny, tmp_path):
     assert f"--minShapes=images:{lo}x3x64x64" in line
     assert f"--optShapes=images:{opt}x3x64x64" in line
     assert f"--maxShapes=images:{hi}x3x64x64" in line and "--int8" in line
+
+
+def test_litert_head_outputs_go_back_to_the_layout_the_decode_reads():
+    """onnx2tf's channels-last outputs go back to the ONNX layout ((1, H, W, C) -> (B, C, H, W),
+    (1, N, C) -> (B, C, N)); one it left in the ONNX layout stays; a shape that fits neither
+    is an error naming the tensor and both shapes."""
+    assert litert._layout("p3", [1, 8, 8, 3], ["batch", 3, 8, 8]) == (0, 3, 1, 2)
+    assert litert._layout("dfl", [1, 84, 4], ["batch", 4, 84]) == (0, 2, 1)
+    assert litert._layout("dfl", [1, 4, 84], ["batch", 4, 84]) == (0, 1, 2)
+    with pytest.raises(ShrinkflowError, match=r"'p3' has shape \[1, 8, 8, 4\], which is neither"):
+        litert._layout("p3", [1, 8, 8, 4], ["batch", 3, 8, 8])

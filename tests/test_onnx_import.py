@@ -340,3 +340,14 @@ def test_old_opset_is_converted_and_fixed_batch_refused(tmp_path):
     with pytest.raises(DataError, match=rf"{path}: input images has a fixed batch of 1"):
         oi.prepare(cfg, tmp_path / "out.onnx", num_classes=4, input_size=SIZE,
                    max_detections=K, score_floor=FLOOR)  # fmt: skip
+
+
+def test_litert_skips_a_decode_that_reads_shape_values_of_the_head(appended, tmp_path):
+    """Ultralytics' own export takes the batch size and anchor count from Shape ops inside the
+    head, so its decode would read int64 scalars out of the .tflite: the LiteRT target names
+    them and is skipped (build_engine and quantize report `skipped: <this>`)."""
+    from tasks.engines import litert
+
+    onnx.save(appended, str(tmp_path / "model.onnx"))
+    with pytest.raises(litert.Unconvertible, match=r"shape values computed in the backbone \("):
+        litert.split(tmp_path / "model.onnx", tmp_path / "head.onnx", tmp_path / "decode.onnx")

@@ -1,6 +1,6 @@
 """The Ultralytics YOLO family behind the ModelAdapter seam (tasks/models/yolo.py): real YOLOv8 /
 YOLO11 detect models built from their yamls at 64 px, Ultralytics' own loss, torch-pruning's
-MetaPruner, and the deployable graph run in ONNX Runtime and OpenVINO."""
+MetaPruner, and the deployable graph run in ONNX Runtime, OpenVINO and LiteRT."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.engines import litert
 from tasks.harness.errors import ConfigError, DataError
 from tasks.models import OUTPUTS, ModelAdapter, adapter_for, adapter_of
 from tasks.models.config import ModelCfg
@@ -338,3 +339,58 @@ def test_onnx_export_runs_in_onnxruntime_and_openvino(trained, tmp_path):
             np.testing.assert_allclose(got[2], want[2], atol=1e-4, err_msg=name)
             np.testing.assert_allclose(got[1], want[1], atol=1e-4, err_msg=name)
             np.testing.assert_array_equal(got[3], want[3], err_msg=name)
+
+
+def _found(ref, got, b: int, min_score: float) -> float:
+    """Share of `ref`'s detections in image `b` scoring at least `min_score` that `got` also
+    finds (same class, IoU >= 0.5)."""
+    from torchvision.ops import box_iou
+
+    n = int((ref[2][b, : int(ref[0][b])] >= min_score).sum())
+    if n == 0:
+        return 1.0
+    iou = box_iou(torch.from_numpy(ref[1][b, :n]), torch.from_numpy(got[1][b, : int(got[0][b])]))
+    same = torch.from_numpy(ref[3][b, :n, None] == got[3][b, None, : int(got[0][b])])
+    return float(((iou >= 0.5) & same).any(1).float().mean()) if iou.numel() else 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(litert.unavailable() is not None, reason=str(litert.unavailable()))
+def test_litert_runs_the_multi_output_head_in_float32_and_int8(trained, tiny, tmp_path):
+    """YOLO's decode reads four head tensors (the three per-scale class maps, the DFL boxes):
+    onnx2tf converts the head with all of them as outputs, and each is matched to its decode
+    input by name and put back in the ONNX layout (full-integer INT8 lists them out of order).
+    float32 gives ONNX Runtime's detections to float rounding (5.7e-6 px, 8e-7 in score when
+    written); full-integer INT8 finds the same objects (boxes within 0.9 px of 64, scores
+    within 0.035: every detection scoring 0.2 or more matches one of the other side's)."""
+    import onnxruntime as ort
+
+    from tasks import build_engine
+    from tasks.engines import get
+    from tasks.models.onnx_export import to_onnx
+
+    adapter, model, _, _ = trained
+    cfg = tiny.export.model_copy(update={"max_detections": 20, "score_floor": 0.05})
+    to_onnx(adapter, model, cfg, tmp_path / "model.onnx")
+    x = shapes_batch(8)[0].numpy()  # the canvases it was trained on: the ones with detections
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref = sess.run(OUTPUTS, {"images": x})
+    assert (ref[0] > 0).sum() >= 3, ref[0]
+
+    facts = build_engine.run(
+        tiny.build_engine, target="litert", onnx_path=tmp_path / "model.onnx", out=tmp_path / "f32"
+    )
+    assert facts["status"] == "ok" and facts["precision"] == "float32", facts
+    assert len(facts["cut"]) == 4, facts["cut"]
+    got = get("litert").load(tmp_path / "f32", tiny.build_engine)(x)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[3], ref[3])
+    np.testing.assert_allclose(got[1], ref[1], atol=1e-3)  # pixels of a 64 px image
+    np.testing.assert_allclose(got[2], ref[2], atol=1e-5)
+
+    calibration = shapes_batch(16, seed=1)[0].numpy()
+    litert.convert(tmp_path / "model.onnx", tmp_path / "int8.tflite", "int8", calibration)
+    got = litert.runner(tmp_path / "int8.tflite", threads=1)(x)
+    for b in range(len(x)):
+        assert _found(ref, got, b, 0.2) == 1.0, (b, ref, got)
+        assert _found(got, ref, b, 0.2) == 1.0, (b, ref, got)

@@ -3,12 +3,15 @@
 Conversion (`convert`): the ONNX is cut in two. The backbone+head (every node up to the outputs
 of the convolutions) goes through onnx2tf (ONNX -> TensorFlow -> the TFLite converter) to
 `model.tflite`: float32, float16 (float16 weights, float compute) or full-integer INT8 (int8
-activations, per-channel int8 weights, int8 input and output; activation ranges from the TFLite
+activations, per-channel int8 weights, int8 input and outputs; activation ranges from the TFLite
 converter's calibration on the images it is given). The in-graph decode after the head (peak
-pooling, top-K, boxes) is kept as the graph's own ONNX nodes in `model.decode.onnx` and runs in
-ONNX Runtime on one thread: onnx2tf cannot convert its TopK (it calls `int()` on the
-one-element K array, which numpy 2 refuses), and full-integer quantization would put the scores
-and box arithmetic in int8.
+pooling, top-K, boxes; YOLO's anchors and NMS) is kept as the graph's own ONNX nodes in
+`model.decode.onnx` and runs in ONNX Runtime on one thread: onnx2tf cannot convert its TopK (it
+calls `int()` on the one-element K array, which numpy 2 refuses), and full-integer quantization
+would put the scores and box arithmetic in int8. The head has one output per tensor the decode
+reads (the built-in detector's one map; YOLO's three per-scale class maps and its DFL boxes):
+the runner finds each by the name onnx2tf gave it, dequantizes it with its own scale and zero
+point, and transposes it from onnx2tf's channels-last layout to the shape the decode expects.
 
 Build (`LiteRt.build`): a `.tflite` beside the ONNX with the same stem (what `quantize` made for
 this target, with its `.decode.onnx`) is taken as it is; otherwise the ONNX is converted to
@@ -30,6 +33,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -70,7 +74,10 @@ class Unconvertible(ShrinkflowError):
 
 def split(onnx_path: Path, head: Path, decode: Path) -> list[str]:
     """Cut `onnx_path` into the backbone+head (every ancestor of a Conv, and the Convs) and the
-    decode after it. Returns the tensors at the cut (the head's outputs, the decode's inputs)."""
+    decode after it. Returns the tensors at the cut in graph order: the head's outputs (one for
+    the built-in detector's map; YOLO's per-scale class maps and DFL boxes are four). The
+    decode's inputs are these, in this order, then the graph inputs it reads itself (YOLO's
+    takes the batch size from the images' shape)."""
     model = onnx.load(str(onnx_path))
     producer = {out: node for node in model.graph.node for out in node.output}
     backbone: set[int] = set()
@@ -80,23 +87,29 @@ def split(onnx_path: Path, head: Path, decode: Path) -> list[str]:
         if id(node) not in backbone:
             backbone.add(id(node))
             stack += [producer[i] for i in node.input if i in producer]
+    inputs = [i.name for i in model.graph.input]
     cut: list[str] = []
+    read: list[str] = []  # graph inputs the decode reads
     for node in model.graph.node:
         if id(node) in backbone:
             continue
         for name in node.input:
             if name in producer and id(producer[name]) in backbone and name not in cut:
                 cut.append(name)
-    if len(cut) != 1:
-        raise Unconvertible(
-            f"litert: {onnx_path}: the decode reads {len(cut)} tensors of the backbone "
-            f"({', '.join(cut)}); the LiteRT target supports one head output"
-        )
-    inputs = [i.name for i in model.graph.input]
+            elif name in inputs and name not in read:
+                read.append(name)
+    if not cut:
+        raise Unconvertible(f"litert: {onnx_path}: no convolution's output reaches the decode")
     extractor = Extractor(model)
+    decode_model = extractor.extract_model(cut + read, [o.name for o in model.graph.output])
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    types = {i.name: i.type.tensor_type.elem_type for i in decode_model.graph.input}
+    if shapes := [name for name in cut if types[name] not in floats]:  # e.g. Shape -> Gather
+        raise Unconvertible(
+            f"litert: {onnx_path}: the decode reads shape values computed in the backbone "
+            f"({', '.join(shapes)}); the LiteRT target converts heads that output float maps"
+        )
     onnx.save(extractor.extract_model(inputs, cut), str(head))
-    outputs = [o.name for o in model.graph.output]
-    decode_model = extractor.extract_model(cut, outputs)
     onnx.save(decode_model, str(decode))
     return cut
 
@@ -246,33 +259,99 @@ def check_int8(tflite: Path, interpreter, precisions: dict[str, int]) -> None:
         )
 
 
+def _layout(name: str, got: list[int], want: list) -> tuple[int, ...]:
+    """The permutation that gives the TFLite output `got` (batch 1) the decode input's shape
+    `want` (ONNX layout; its batch axis may be symbolic): onnx2tf's channels-last form put
+    back ((1, H, W, C) -> (B, C, H, W), (1, N, C) -> (B, C, N)) where it fits, which is how
+    onnx2tf writes a convolution's output even when all its axes are equal; else the tensor as
+    it is (one onnx2tf left in the ONNX layout). Raises ShrinkflowError when neither fits."""
+    rank = len(got)
+    channels_last = [(0, rank - 1, *range(1, rank - 1))] if rank >= 3 else []
+    for perm in [*channels_last, tuple(range(rank))]:
+        if len(want) == rank and all(
+            not isinstance(w, int) or w == got[p] for w, p in zip(want[1:], perm[1:], strict=True)
+        ):
+            return perm
+    raise ShrinkflowError(
+        f"litert: the head output for the decode input {name!r} has shape {got}, which is "
+        f"neither the decode's {want} nor its channels-last form"
+    )
+
+
+def _by_position(interpreter) -> dict[int, dict]:
+    """The model's outputs (tensor details) by their position k in onnx2tf's output list (the
+    head ONNX's output order), read from the names onnx2tf's conversion gives them: the
+    signature's `output_<k>` (full-integer INT8, converted from its SavedModel) or else the
+    tensors' `Identity`, `Identity_<k>` (float, from its concrete function: no signature).
+    Never from the interpreter's output order, which the TFLite converter shuffles (YOLO's
+    full-integer model lists 1, 3, 0, 2). Raises ShrinkflowError on a name of neither form."""
+    if interpreter.get_signature_list():
+        named, pattern = interpreter.get_signature_runner().get_output_details(), r"output_(\d+)"
+    else:
+        named = {d["name"]: d for d in interpreter.get_output_details()}
+        pattern = r"Identity(?:_(\d+))?"
+    found = {}
+    for name, details in named.items():
+        if (match := re.fullmatch(pattern, name)) is None:
+            raise ShrinkflowError(
+                f"litert: output {name!r} is not named as onnx2tf names its outputs "
+                f"({pattern}): cannot tell which head tensor it is"
+            )
+        found[int(match.group(1) or 0)] = details
+    return found
+
+
+def _head_outputs(interpreter, decode, tflite: Path) -> list[tuple[str, dict, tuple[int, ...]]]:
+    """Each head tensor the decode reads (its ONNX name) with the TFLite output that holds it
+    (tensor details: index, shape, scale and zero point) and the permutation back to the ONNX
+    layout. The decode's first inputs are the head's outputs in `split`'s order: the k-th is
+    onnx2tf's k-th output. Raises ShrinkflowError when the counts or shapes disagree."""
+    inputs, outputs = decode.get_inputs(), _by_position(interpreter)
+    if sorted(outputs) != list(range(len(outputs))) or len(outputs) > len(inputs):
+        raise ShrinkflowError(
+            f"litert: {tflite}: its outputs {sorted(outputs)} are not the decode's "
+            f"inputs {[i.name for i in inputs]}"
+        )
+    return [
+        (i.name, outputs[k], _layout(i.name, [int(d) for d in outputs[k]["shape"]], i.shape))
+        for k, i in enumerate(inputs[: len(outputs)])
+    ]
+
+
 def runner(tflite: Path, threads: int) -> Runner:
-    """(B, 3, H, W) float32 -> the four decode outputs; the head runs image by image."""
+    """(B, 3, H, W) float32 -> the four decode outputs; the head runs image by image, each
+    of its outputs dequantized with its own scale and zero point (full-integer INT8) and put
+    back in the decode's layout."""
     import onnxruntime as ort
 
     interpreter = _interpreter(tflite, threads)
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    inp = interpreter.get_input_details()[0]
     in_scale, in_zero = inp["quantization"]
-    out_scale, out_zero = out["quantization"]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     decode = ort.InferenceSession(
         str(decode_path(tflite)), opts, providers=["CPUExecutionProvider"]
     )
-    decode_input = decode.get_inputs()[0].name
+    outputs = _head_outputs(interpreter, decode, tflite)
+    images = [i.name for i in decode.get_inputs()[len(outputs) :]]  # read for their shape
 
     def run(x: np.ndarray):
-        heads = []
+        heads: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in outputs}
         for image in x.transpose(0, 2, 3, 1):  # NHWC, as onnx2tf converts
             if inp["dtype"] == np.int8:
                 image = np.clip(np.round(image / in_scale) + in_zero, -128, 127)
             interpreter.set_tensor(inp["index"], image[None].astype(inp["dtype"]))
             interpreter.invoke()
-            y = interpreter.get_tensor(out["index"])
-            heads.append((y.astype(np.float32) - out_zero) * out_scale if out_scale else y)
-        raw = np.concatenate(heads).transpose(0, 3, 1, 2)  # back to (B, C, H, W)
-        return decode.run(OUTPUTS, {decode_input: np.ascontiguousarray(raw, np.float32)})
+            for name, out, _ in outputs:
+                y = interpreter.get_tensor(out["index"])
+                scale, zero = out["quantization"]
+                heads[name].append((y.astype(np.float32) - zero) * scale if scale else y)
+        feeds = {
+            name: np.ascontiguousarray(np.concatenate(heads[name]).transpose(perm), np.float32)
+            for name, _, perm in outputs
+        }
+        return decode.run(OUTPUTS, feeds | dict.fromkeys(images, x))
 
     return run
 
