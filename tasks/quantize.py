@@ -228,6 +228,8 @@ def run(
         report["keep_faster"] = {"key": key, "reused": reused, **decision}
         if not reused:
             record(out / DECISIONS, key, decision)
+    elif not (out / DECISIONS).exists():  # a declared DVC out: no decisions with it off
+        write_json(out / DECISIONS, {})
     return report
 
 

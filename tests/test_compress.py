@@ -517,6 +517,8 @@ def test_each_target_gets_the_int8_model_it_accepts(tiny, splits, teacher_onnx, 
     first = qdq_types(cfg.activation_type, targets)[0]
     assert cfg.activation_type == "auto" and first == "quint8"
     report = quantize.run(cfg.model_copy(update={"activation_type": first}), out=tmp_path, **inputs)
+    # dvc.yaml declares the decisions file: written (empty) with keep_faster off too
+    assert json.loads((tmp_path / quantize.DECISIONS).read_text()) == {}
     made = target_models(cfg, targets, report, tmp_path, build=quantize.run, **inputs)
     folder = tmp_path / "targets"
     # ONNX Runtime and OpenVINO: the deployable u8-activation model, as before
