@@ -55,8 +55,9 @@ would make on the user's split, the only ones it applies. With no base change it
 injected-error figure, right / (changes on injected + collateral): how right a change would be.
 The copy's changes are evidence, not what gets applied: pooled with the base changes
 (`precision_pooled`, the first design), hundreds of right fixes of injected errors outvoted a
-handful of false alarms, and data with no errors of its own had correct labels rewritten. Beside it the report keeps `precision_injected` and `precision_conservative` (the
-pooled figure with every base change wrong). On data with no errors of its own every base
+handful of false alarms, and data with no errors of its own had correct labels rewritten.
+Beside it the report keeps `precision_injected` and `precision_conservative` (the pooled
+figure with every base change wrong). On data with no errors of its own every base
 change is a false alarm; unless they score like injected errors and fit the prior, they are
 not credited and the rule reports only.
 
