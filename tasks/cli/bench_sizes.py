@@ -90,12 +90,34 @@ def at_size(loaded: tuple, path: Path, size: Size) -> tuple[ModelAdapter, torch.
     return adapter, adapter.load(resized, path)
 
 
+def _int8(
+    method: str, src: Path, images, params: Params, report: dict, manifest: dict, size: Size,
+    dst: Path,
+) -> None:  # fmt: skip
+    """`src` to INT8 at `dst` as the quantize stage made it with `method`: NNCF's PTQ (with its
+    accuracy control where quantize's report says it ran), or ONNX Runtime's quantizer with
+    the calibrator and the float layers quantize chose."""
+    cfg = params.quantize
+    if method == "nncf":
+        made_by = report.get("targets", {}).get("nncf", {}).get("made_by", "")
+        controlled = "quantize_with_accuracy_control" in made_by
+        as_made = cfg.model_copy(update={"accuracy_aware": controlled})
+        val = DetectionSet(manifest, "val", size)
+        onnx_int8(src, images, val, as_made, params.build_engine.threads, dst)
+        return
+    cache = dst.with_suffix(".ranges.json")
+    calibrate(src, images, cfg, cfg.calibrator, cache)
+    float_layers = [k for k, v in report.get("layer_precision", {}).items() if v == "fp32"]
+    to_int8(src, dst, cache, cfg, cfg.calibrator, exclude=float_layers or None)
+
+
 def _deployable(
-    resized: tuple, params: Params, report: dict, manifest: dict, size: Size, tmp: Path
-) -> dict[str, Path]:
+    resized: tuple, params: Params, report: dict, methods: dict[str, str], manifest: dict,
+    size: Size, tmp: Path,
+) -> dict[str, Path]:  # fmt: skip
     """The compressed model at `size` per CPU target, as the quantize stage made it for that
-    target (its `report.json`): the precision, the float layers, and the method (ONNX
-    Runtime's quantizer or NNCF's PTQ, `quantize.method`)."""
+    target (its `report.json`): the precision, and for INT8 the `methods` (target -> ort |
+    nncf); one model per method."""
     onnx_path = tmp / "compressed.onnx"
     to_onnx(*resized, params.export, onnx_path)
     precision = report["precision"]
@@ -104,30 +126,11 @@ def _deployable(
     if precision == "fp16":
         to_fp16(onnx_path, tmp / "compressed.fp16.onnx")
         return dict.fromkeys(CPU_TARGETS, tmp / "compressed.fp16.onnx")
-    cfg = params.quantize
-    images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
-    made: dict[str, Path] = {}
-    out = {}
-    for target in CPU_TARGETS:
-        method = report.get("targets", {}).get(target, {}).get("method", "ort")
-        if method not in made:
-            made[method] = tmp / f"compressed.int8.{method}.onnx"
-            if method == "nncf":  # its PTQ, as deployed (accuracy control kept it at 128 px)
-                val = DetectionSet(manifest, "val", size)
-                plain = cfg.model_copy(update={"accuracy_aware": False})
-                onnx_int8(onnx_path, images, val, plain, params.build_engine.threads, made[method])
-            else:
-                cache = tmp / "ranges.json"
-                calibrate(onnx_path, images, cfg, cfg.calibrator, cache)
-                float_layers = [
-                    k for k, v in report.get("layer_precision", {}).items() if v == "fp32"
-                ]
-                to_int8(
-                    onnx_path, made[method], cache, cfg, cfg.calibrator,
-                    exclude=float_layers or None,
-                )  # fmt: skip
-        out[target] = made[method]
-    return out
+    images, _, _ = calibration_set(params.quantize, DetectionSet(manifest, "train", size))
+    made = {m: tmp / f"compressed.int8.{m}.onnx" for m in sorted(set(methods.values()))}
+    for method, dst in made.items():
+        _int8(method, onnx_path, images, params, report, manifest, size, dst)
+    return {target: made[method] for target, method in methods.items()}
 
 
 def _runners(params: Params, trained: tuple, compressed: dict[str, Path], tmp: Path) -> dict:
@@ -206,8 +209,8 @@ def run(
         with tempfile.TemporaryDirectory(prefix="shrinkflow-bench-sizes-") as tmp:
             tmp = Path(tmp)
             deploy = _deployable(
-                at_size(compressed_model, compressed, size), params, report, manifest_obj, size,
-                tmp,
+                at_size(compressed_model, compressed, size), params, report, methods,
+                manifest_obj, size, tmp,
             )  # fmt: skip
             runners = _runners(params, at_size(trained_model, trained, size), deploy, tmp)
             x = DetectionSet(manifest_obj, "test", size).batch(slice(0, 1))
