@@ -4,10 +4,12 @@ ONNX Runtime's quantization tools do the observers, calibration and QDQ insertio
 per-channel INT8 weights, per-tensor activations, calibrator chosen by name. Only convolutions
 are quantized; the in-graph decode (sigmoid, peak pooling, top-K) stays float.
 
-Accuracy-aware mode quantizes one conv at a time to measure each layer's val mAP@0.5 drop, then
-keeps the most sensitive layers in float until the whole model's drop is within
-`max_map_drop`. With `keep_faster`, each layer type (3x3, 1x1, depthwise, ...) is timed in INT8
-and in float and kept in the faster precision, and the deployable model falls back to float when
+Accuracy-aware mode, when the every-conv INT8 model drops more than `max_map_drop`, quantizes
+one conv at a time to measure each layer's val mAP@0.5 drop, then keeps the most sensitive
+layers in float until the whole model's drop is within it (a model already within it costs no
+per-layer evaluations: the report says so under `sensitivity_skipped`). With `keep_faster`,
+each layer type (3x3, 1x1, depthwise, ...) is timed in INT8 and in float and kept in the faster
+precision, and the deployable model falls back to float when
 INT8 measures slower at batch 1 (it can at small channel counts on some CPUs). Those decisions
 take repeated rounds and a noise margin (`keep_faster_margin`), and are recorded with their
 evidence in `keep_faster.json` under a key of their inputs: the same inputs on the same machine
@@ -142,7 +144,12 @@ def run(
         to_int8(src, int8, cache, cfg, cfg.calibrator)
         int8_map = val_map(int8, val, threads)
         excluded: list[str] = []
-        if cfg.accuracy_aware:
+        if cfg.accuracy_aware and fp32_map - int8_map <= cfg.max_map_drop:
+            report["sensitivity_skipped"] = (
+                f"every conv INT8 is within quantize.max_map_drop ({fp32_map - int8_map:+.4f} "
+                f"<= {cfg.max_map_drop}): no layer needs float, none measured"
+            )
+        elif cfg.accuracy_aware:
             sensitivity = {}
             for layer in layers:
                 to_int8(src, tmp / "one.onnx", cache, cfg, cfg.calibrator, only=[layer])

@@ -103,7 +103,7 @@ def main(
         )
         stop = stop_summary(early_stop, history, cfg.epochs)
         macs, n_params = adapter.macs_and_params(model)
-        final = evaluate_model(adapter, model, val, ctx.params.evaluate.score_threshold)
+        final = evaluate_model(adapter, model, val)
         metrics = {
             "val_map50": final["map50"],
             "val_map50_95": final["map50_95"],

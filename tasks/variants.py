@@ -28,7 +28,7 @@ from tasks.engines import engine_size_mb, get
 from tasks.harness.config import Params
 from tasks.harness.io import remove, write_json, write_text
 from tasks.harness.stage import stage_entry
-from tasks.metrics.detection import coco_metrics, predict
+from tasks.metrics.detection import coco_map, predict
 from tasks.metrics.timing import latency_stats, time_blocks
 from tasks.models import adapter_for, load_checkpoint, trains_in_torch
 from tasks.models.onnx_export import to_onnx
@@ -121,7 +121,7 @@ def run(
     )
     table: dict[str, dict] = {}
     for name, (target, _, _) in builds.items():
-        quality = coco_metrics(test.coco, predict(quality_runners[name], test), ev.score_threshold)
+        quality = coco_map(test.coco, predict(quality_runners[name], test))
         source = name if name in macs else "distilled"
         table[name] = {
             "runtime": target + (" (bf16 hint)" if name == "bf16" else ""),

@@ -270,7 +270,13 @@ def test_quantize_writes_int8_qdq_and_fp16_that_keep_the_accuracy(
     ops = {n.op_type for n in int8.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     layers = report["layer_precision"]
-    assert set(layers) == set(report["sensitivity"]) and "stem" in layers
+    assert "stem" in layers
+    if "sensitivity" in report:  # measured only where every-conv INT8 misses the drop
+        assert set(layers) == set(report["sensitivity"])
+    else:
+        every_conv = report["val_map50"][f"int8_{cfg.calibrator}"]
+        assert report["val_map50"]["fp32"] - every_conv <= 0.05
+        assert "sensitivity_skipped" in report
     assert report["int8_map_drop"] <= 0.05 or all(v == "fp32" for v in layers.values())
     assert abs(report["val_map50"]["fp16"] - report["val_map50"]["fp32"]) < 0.02
     # each calibrator's every-conv INT8 model is kept for the variants table (not re-made there),

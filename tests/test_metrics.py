@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tasks.metrics.detection import coco_metrics
+from tasks.metrics.detection import coco_map, coco_metrics
 
 GT = {
     "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
@@ -42,6 +42,37 @@ def test_precision_recall_at_operating_threshold():
 def test_no_detections_score_zero():
     m = coco_metrics(GT, [], score_threshold=0.5)
     assert m["map50"] == 0 and m["recall"] == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_map_equals_pycocotools_map(seed):
+    """coco_map (faster-coco-eval) ranks models in the training and quantization loops; it must
+    give pycocotools' figures: 60 non-square images with 0-6 boxes of 4 classes (one class
+    never labelled, some images empty, small to large boxes), jittered detections with
+    duplicates, wrong classes and misses."""
+    rng = np.random.default_rng(seed)
+    images, anns, dets = [], [], []
+    for i in range(1, 61):
+        w, h = int(rng.integers(80, 400)), int(rng.integers(60, 300))
+        images.append({"id": i, "width": w, "height": h})
+        for _ in range(int(rng.integers(0, 7))):
+            bw, bh = float(rng.uniform(4, w / 2)), float(rng.uniform(4, h / 2))
+            box = [float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh)), bw, bh]
+            cat = int(rng.integers(1, 4))
+            anns.append(
+                {"id": len(anns) + 1, "image_id": i, "category_id": cat, "bbox": box, "iscrowd": 0}
+            )
+            for _ in range(int(rng.integers(0, 3))):  # 0 (a miss) to 2 (a duplicate) detections
+                jitter = [v + float(rng.normal(0, 0.15 * max(bw, bh))) for v in box[:2]] + box[2:]
+                wrong = rng.random() < 0.1
+                dets.append(det(i, int(rng.integers(1, 5)) if wrong else cat, jitter, rng.random()))
+    gt = {"images": images, "annotations": anns, "categories": [{"id": c} for c in (1, 2, 3, 4)]}
+    fast = coco_map(gt, [dict(d) for d in dets])
+    full = coco_metrics(gt, [dict(d) for d in dets], score_threshold=0.3)
+    assert 0.05 < fast["map50"] < 0.95  # neither trivial nor perfect
+    assert fast["map50"] == pytest.approx(full["map50"], abs=1e-12)
+    assert fast["map50_95"] == pytest.approx(full["map50_95"], abs=1e-12)
+    assert coco_map(gt, []) == {"map50": 0.0, "map50_95": 0.0}
 
 
 def test_p99_is_reported_only_from_200_timed_calls():

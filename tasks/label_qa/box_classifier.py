@@ -13,7 +13,7 @@ labelled default boxes, in seconds).
 So every usable labelled box becomes a fixed-size feature vector (`box_features`), an RBF SVM with
 Platt-scaled probabilities is cross-fitted on the train boxes with the same image folds as the
 detector (`out_of_fold_probs`: each box scored by a classifier that never saw its image) or, for
-val/test, fitted on all train boxes (`fit_predict`), and `cleanlab.filter.find_label_issues`
+val/test, fitted once on all train boxes (`fitted`), and `cleanlab.filter.find_label_issues`
 (Northcutt et al., "Confident Learning: Estimating Uncertainty in Dataset Labels", JAIR 2021)
 flags the boxes whose given class disagrees with the out-of-sample probabilities, with per-class
 thresholds estimated from the data itself (no threshold to tune).
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,23 +136,36 @@ def _fit(x: np.ndarray, y: np.ndarray, seed: int):
         return SVC(C=5.0, probability=True, random_state=seed).fit(x, y)
 
 
-def fit_predict(
-    x_fit: np.ndarray, y_fit: np.ndarray, x: np.ndarray, num_classes: int, seed: int
-) -> np.ndarray:
-    """Fit on (x_fit, y_fit) and return (len(x), num_classes) class probabilities for x
-    (a class absent from y_fit gets probability 0)."""
+def fitted(
+    x_fit: np.ndarray, y_fit: np.ndarray, num_classes: int, seed: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit on (x_fit, y_fit) once; the returned function maps features x to
+    (len(x), num_classes) class probabilities (a class absent from y_fit gets probability 0)."""
     rng = np.random.default_rng(seed)
     if len(x_fit) > MAX_FIT_BOXES:
         keep = rng.choice(len(x_fit), MAX_FIT_BOXES, replace=False)
         x_fit, y_fit = x_fit[keep], y_fit[keep]
-    out = np.zeros((len(x), num_classes), np.float64)
     present = np.unique(y_fit)
-    if len(present) < 2 or not len(x):
-        out[:, present] = 1.0 / max(len(present), 1)
+    clf = _fit(x_fit, y_fit, seed) if len(present) >= 2 else None
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(x), num_classes), np.float64)
+        if clf is None or not len(x):
+            out[:, present] = 1.0 / max(len(present), 1)
+        else:
+            out[:, clf.classes_] = clf.predict_proba(x)
         return out
-    clf = _fit(x_fit, y_fit, seed)
-    out[:, clf.classes_] = clf.predict_proba(x)
-    return out
+
+    return predict
+
+
+def fit_predict(
+    x_fit: np.ndarray, y_fit: np.ndarray, x: np.ndarray, num_classes: int, seed: int
+) -> np.ndarray:
+    """Fit on (x_fit, y_fit) and return (len(x), num_classes) class probabilities for x."""
+    if not len(x):
+        return np.zeros((0, num_classes), np.float64)
+    return fitted(x_fit, y_fit, num_classes, seed)(x)
 
 
 def out_of_fold_probs(

@@ -164,7 +164,9 @@ def _box_evidence(
             return {}, set()
         features = box_classifier.FEATURE_SETS[ctx.box_features]
         x = box_classifier.box_features(mine, ctx.splits[split].paths, features)
-        probs = box_classifier.fit_predict(train["x"], train["y"], x, len(cats), ctx.seed)
+        if "predict" not in train:  # fitted on all train boxes once, for val and test
+            train["predict"] = box_classifier.fitted(train["x"], train["y"], len(cats), ctx.seed)
+        probs = train["predict"](x)
         y = np.array([index[a["category_id"]] for a in mine])
     flagged = box_classifier.label_issues(y, probs)
     log.info("label_qa box classifier on %s: %d of %d boxes flagged", split, flagged.sum(), len(y))

@@ -1,5 +1,8 @@
 """Detection metrics with pycocotools: mAP@0.5, mAP@0.5:0.95, precision/recall at an operating
-threshold (from COCOeval's own matching) and the PR curve at IoU 0.5."""
+threshold (from COCOeval's own matching) and the PR curve at IoU 0.5 (`coco_metrics`, the
+evaluate stage's KPIs); and the two mAPs alone by faster-coco-eval (`coco_map`: the same COCO
+protocol in C++, equal figures, ~9x faster on a 200-image split), for the loops that only rank
+models by mAP: per-epoch validation, quantize's sweeps, variants, label QA's fold scores."""
 
 from __future__ import annotations
 
@@ -58,12 +61,41 @@ def coco_eval(gt: dict, detections: list[dict]) -> COCOeval:
     """A bbox COCOeval of `detections` (non-empty) against the COCO dict `gt`, not yet run."""
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco_gt = COCO()
-        coco_gt.dataset = {k: gt[k] for k in ("images", "annotations", "categories")}
-        for a in coco_gt.dataset["annotations"]:
-            a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+        coco_gt.dataset = _gt_dataset(gt)
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(detections)
         return COCOeval(coco_gt, coco_dt, "bbox")
+
+
+def _gt_dataset(gt: dict) -> dict:
+    """The COCO dict's images, annotations (area defaulting to the box's) and categories."""
+    data = {k: gt[k] for k in ("images", "annotations", "categories")}
+    for a in data["annotations"]:
+        a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+    return data
+
+
+def coco_map(gt: dict, detections: list[dict]) -> dict:
+    """{map50, map50_95} of `detections` against the ground-truth COCO dict `gt`: COCO's bbox
+    protocol (101-point interpolated AP, area "all", 100 detections per image), computed by
+    faster-coco-eval; the same figures as `coco_metrics` (tests/test_metrics.py)."""
+    from faster_coco_eval import COCO as FastCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    if not detections or not gt["annotations"]:
+        return {"map50": 0.0, "map50_95": 0.0}
+    coco_gt = FastCOCO()
+    coco_gt.dataset = _gt_dataset(gt)
+    coco_gt.createIndex()
+    ev = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), "bbox", print_function=_silent)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return {"map50": float(ev.stats[1]), "map50_95": float(ev.stats[0])}
+
+
+def _silent(*_args) -> None:
+    """faster-coco-eval's print function: the summary table stays unprinted."""
 
 
 def coco_metrics(gt: dict, detections: list[dict], score_threshold: float) -> dict:

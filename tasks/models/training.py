@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from tasks.datasets.coco import DetectionSet
 from tasks.harness.config import DistillCfg, TrainCfg
-from tasks.metrics.detection import coco_metrics, predict
+from tasks.metrics.detection import coco_map, predict
 from tasks.models.base import ModelAdapter
 from tasks.preprocess.augment import augmenter
 from tasks.preprocess.letterbox import input_wh
@@ -28,10 +28,8 @@ from tasks.preprocess.letterbox import input_wh
 log = logging.getLogger(__name__)
 
 
-def evaluate_model(
-    adapter: ModelAdapter, model: nn.Module, data: DetectionSet, score_threshold: float = 0.3
-) -> dict:
-    """COCO metrics of the PyTorch model on a split (decode as in the exported graph)."""
+def evaluate_model(adapter: ModelAdapter, model: nn.Module, data: DetectionSet) -> dict:
+    """{map50, map50_95} of the PyTorch model on a split (decode as in the exported graph)."""
     wrapped = adapter.deployable(model, max_detections=100, score_floor=0.01, fold=False)
 
     def runner(x: np.ndarray):
@@ -40,7 +38,7 @@ def evaluate_model(
 
     was_training = model.training
     model.eval()
-    result = coco_metrics(data.coco, predict(runner, data), score_threshold)
+    result = coco_map(data.coco, predict(runner, data))
     model.train(was_training)
     return result
 
@@ -146,7 +144,7 @@ def fit(
     cfg: TrainCfg,
     *,
     train: DetectionSet,
-    val: DetectionSet,
+    val: DetectionSet | None,
     epochs: int,
     lr: float,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -159,11 +157,14 @@ def fit(
     `cfg` supplies batch size, weight decay, augmentation, AMP, device, threads and seed; the
     family's `adapter` supplies the forward pass and the loss. `extra_loss(raw, x)` is added to
     the detection loss (distillation uses it). After each epoch
-    `on_epoch(row)` gets {epoch, train_loss, val_map50, val_map50_95}. With `early_stop` the
+    `on_epoch(row)` gets {epoch, train_loss, val_map50, val_map50_95} (no val_* with `val`
+    None: no per-epoch evaluation, and then no `early_stop`). With `early_stop` the
     loop may end before `epochs` and the model gets the best epoch's weights (see `EarlyStop`;
     its `summary` says where and why). Returns the model on the CPU in eval mode and the
     per-epoch rows (one per epoch run).
     """
+    if early_stop is not None and val is None:
+        raise ValueError("fit: early stopping needs a val set")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg)
@@ -208,18 +209,18 @@ def fit(
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        model.cpu()
-        val_metrics = evaluate_model(adapter, model, val)
-        model.to(device)
-        row = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "val_map50": val_metrics["map50"],
-            "val_map50_95": val_metrics["map50_95"],
-        }
-        log.info(
-            "%s %d: loss %.4f  val mAP@0.5 %.4f", desc, epoch, row["train_loss"], row["val_map50"]
-        )
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        if val is not None:
+            model.cpu()
+            val_metrics = evaluate_model(adapter, model, val)
+            model.to(device)
+            row |= {"val_map50": val_metrics["map50"], "val_map50_95": val_metrics["map50_95"]}
+            log.info(
+                "%s %d: loss %.4f  val mAP@0.5 %.4f",
+                *(desc, epoch, row["train_loss"], row["val_map50"]),
+            )
+        else:
+            log.info("%s %d: loss %.4f", desc, epoch, row["train_loss"])
         history.append(row)
         if on_epoch:
             on_epoch(row)

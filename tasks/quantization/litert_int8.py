@@ -8,7 +8,7 @@ from pathlib import Path
 from tasks.datasets.coco import DetectionSet
 from tasks.harness.config import QuantizeCfg
 from tasks.harness.io import write_json
-from tasks.metrics.detection import coco_metrics, predict
+from tasks.metrics.detection import coco_map, predict
 from tasks.quantization.qdq import calibration_set
 
 
@@ -32,7 +32,7 @@ def litert_model(
     result = {"status": "ok", "precision": precision, "reason": "as configured"}
     if precision == "int8":
         runner = litert.runner(dst, threads=1)
-        int8_map = coco_metrics(val.coco, predict(runner, val), 0.3)["map50"]
+        int8_map = coco_map(val.coco, predict(runner, val))["map50"]
         result |= {
             "calibration_md5": ids_md5,
             "calibrator": "TFLite converter (min/max over the calibration images)",

@@ -15,7 +15,7 @@ import numpy as np
 from tasks.datasets.coco import DetectionSet
 from tasks.harness.config import QuantizeCfg
 from tasks.harness.errors import ConfigError
-from tasks.metrics.detection import coco_metrics, predict
+from tasks.metrics.detection import coco_map, predict
 from tasks.metrics.timing import time_blocks
 
 
@@ -82,7 +82,7 @@ def pick_best(
         if run_ is None:
             return {"chosen": "ort", "reason": f"{target} engine: {facts['status']}"}
         runners[name] = run_
-        scored[name] = {"val_map50": coco_metrics(val.coco, predict(run_, val), 0.3)["map50"]}
+        scored[name] = {"val_map50": coco_map(val.coco, predict(run_, val))["map50"]}
     rounds = cfg.keep_faster_rounds
     times = time_blocks(runners, val.batch(slice(0, 1)), warmup=10, runs=30 * rounds, rounds=rounds)
     for name, t in times.items():

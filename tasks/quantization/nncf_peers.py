@@ -32,15 +32,12 @@ import onnx
 
 from tasks.datasets.coco import DetectionSet
 from tasks.harness.config import QuantizeCfg
-from tasks.metrics.detection import coco_metrics, to_rows
+from tasks.metrics.detection import coco_map, to_rows
 from tasks.models.onnx_decode import integral_convs
 
 log = logging.getLogger(__name__)
 PEERS = ("nncf_ptq", "nncf_accuracy_control")  # the rows they make in variants
 CONVS = ("Convolution", "GroupConvolution")
-FLOAT_SCORE = (
-    0.3  # the score threshold of tasks.quantization.qdq.val_map (mAP@0.5 does not depend on it)
-)
 
 
 def unavailable() -> str | None:
@@ -137,7 +134,7 @@ def runner_map(run, val: DetectionSet, indices: Iterable[int], batch_size: int =
         "annotations": [a for a in val.coco["annotations"] if a["image_id"] in ids],
         "categories": val.coco["categories"],
     }
-    return coco_metrics(gt, rows, FLOAT_SCORE)["map50"]
+    return coco_map(gt, rows)["map50"]
 
 
 def _compiled(model, threads: int):

@@ -28,7 +28,7 @@ from onnxruntime.quantization import (
 from tasks.datasets.coco import DetectionSet
 from tasks.harness.config import QuantizeCfg
 from tasks.harness.errors import ConfigError
-from tasks.metrics.detection import coco_metrics, predict
+from tasks.metrics.detection import coco_map, predict
 from tasks.models.onnx_decode import integral_convs
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def runner(sess: ort.InferenceSession):
 
 
 def val_map(path: Path, val: DetectionSet, threads: int) -> float:
-    return coco_metrics(val.coco, predict(runner(session(path, threads)), val), 0.3)["map50"]
+    return coco_map(val.coco, predict(runner(session(path, threads)), val))["map50"]
 
 
 def _quantizable(model: onnx.ModelProto) -> list[onnx.NodeProto]:

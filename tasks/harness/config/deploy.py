@@ -45,7 +45,9 @@ class QuantizeCfg(Section):
         "for TensorRT); quint8/qint8 = that type for every target (an error where one refuses it)",
     )
     accuracy_aware: bool = Field(
-        True, description="measure per-layer sensitivity; keep the worst layers in float"
+        True,
+        description="where every-conv INT8 drops more than max_map_drop: measure per-layer "
+        "sensitivity and keep the worst layers in float until it does not",
     )
     max_map_drop: float = Field(
         0.01, ge=0, le=1, description="largest val mAP@0.5 loss (0.01 = 1 point) INT8 may cost"
