@@ -33,7 +33,7 @@ log = logging.getLogger("shrinkflow")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "ingest": ("dataset", "data", "label_qa"),
     "label_qa": ("label_qa", "model", "train", "project"),
-    "train": ("model", "train", "evaluate"),
+    "train": ("model", "train"),
     "reference": ("export", "model", "train"),
     "prune": ("prune", "model", "train", "build_engine"),
     "distill": ("distill", "model", "train"),

@@ -116,7 +116,7 @@ def crossfit(
             model,
             fold_cfg,
             train=train,
-            val=None,  # no per-epoch curve: the held-out fold is scored once, below (was 15%)
+            val=None,  # no per-epoch curve: the held-out fold is scored once, below
             epochs=m.epochs,
             lr=m.lr,
             desc=f"fold {k + 1}",
