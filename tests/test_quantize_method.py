@@ -11,7 +11,7 @@ import pytest
 
 from tasks import build_engine, quantize
 from tasks.datasets.coco import DetectionSet
-from tasks.harness.errors import ConfigError
+from tasks.harness.errors import ConfigError, GateFailed
 from tasks.quantization import method as qmethod
 from tasks.quantization import report as qreport
 from tasks.quantization import targets as qtargets
@@ -124,6 +124,52 @@ def test_best_keeps_the_higher_val_map_whichever_side_it_is(
     )  # fmt: skip
     lat = {k: c["latency_ms_p50"] for k, c in tie["candidates"].items()}
     assert tie["chosen"] == min(lat, key=lat.get) and "faster" in tie["reason"]
+
+
+def _qdq_on_the_input_only(src, dst) -> None:
+    """`src` with one QuantizeLinear -> DequantizeLinear pair on the image input and float
+    weights: a QDQ graph of which ONNX Runtime runs no conv in INT8 (as it ran none of NNCF's
+    QDQ YOLOv8n, where NNCF leaves the conv outputs feeding SiLU unquantized)."""
+    model = onnx.load(str(src))
+    graph, name = model.graph, model.graph.input[0].name
+    for node in graph.node:
+        node.input[:] = [f"{name}_dq" if i == name else i for i in node.input]
+    scale = onnx.helper.make_tensor("in_scale", onnx.TensorProto.FLOAT, [], [1 / 255])
+    zero = onnx.helper.make_tensor("in_zero", onnx.TensorProto.UINT8, [], [0])
+    graph.initializer.extend([scale, zero])
+    graph.node.insert(0, onnx.helper.make_node(
+        "DequantizeLinear", [f"{name}_q", "in_scale", "in_zero"], [f"{name}_dq"]
+    ))  # fmt: skip
+    graph.node.insert(0, onnx.helper.make_node(
+        "QuantizeLinear", [name, "in_scale", "in_zero"], [f"{name}_q"]
+    ))  # fmt: skip
+    onnx.save(model, str(dst))
+
+
+def test_best_leaves_out_a_candidate_the_engine_runs_in_float(models, splits, tiny, tmp_path):
+    """The YOLO case found on the default data: ONNX Runtime refuses NNCF's QDQ (no conv INT8,
+    GateFailed in the engine's build), so `best` keeps ort and records why instead of failing
+    the stage."""
+    floaty = tmp_path / "float-qdq.onnx"
+    _qdq_on_the_input_only(models / "fp32.onnx", floaty)
+    with pytest.raises(GateFailed, match="no convolution executes in INT8"):  # as claimed
+        qmethod.on_target("onnxruntime", floaty, tmp_path / "check", tiny.build_engine)
+    cfg = tiny.quantize.model_copy(update={"keep_faster_rounds": 2})
+    val = splits["val"]
+    best = qmethod.pick_best(
+        cfg, "onnxruntime", {"ort": models / "int8.onnx", "nncf": floaty}, val,
+        quantize.val_map(models / "fp32.onnx", val, 1), tiny.build_engine, tmp_path / "best",
+    )  # fmt: skip
+    assert best["chosen"] == "ort" and set(best["refused"]) == {"nncf"}, best
+    assert "nncf refused by the onnxruntime engine" in best["reason"]
+    assert best["candidates"]["ort"]["latency_ms_p50"] > 0
+    lines = "\n".join(qreport.render_targets({"onnxruntime": {"best": best}}))
+    assert "| onnxruntime | nncf | refused by the engine:" in lines
+    with pytest.raises(GateFailed):  # our own model refused is the stage's error, as before
+        qmethod.pick_best(
+            cfg, "onnxruntime", {"ort": floaty, "nncf": models / "int8.onnx"}, val, 0.9,
+            tiny.build_engine, tmp_path / "own",
+        )  # fmt: skip
 
 
 def test_best_in_the_stage_swaps_in_nncf_where_ours_is_worse(

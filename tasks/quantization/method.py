@@ -74,11 +74,21 @@ def pick_best(
     target's engine, score it on the val split (mAP@0.5) and time it at batch 1 (in-process,
     shuffled alternating blocks, `keep_faster_rounds` rounds). Keeps the higher val mAP among
     the candidates within `max_map_drop` of FP32 (all, when none is); a difference up to
-    `best_map_tie` is a tie, won by the lower median latency. Returns the choice, both
+    `best_map_tie` is a tie, won by the lower median latency. A candidate other than ort that
+    the engine refuses (GateFailed: e.g. ONNX Runtime runs none of the convs of NNCF's QDQ YOLO
+    in INT8) is left out, recorded under `refused`, and ort kept. Returns the choice, the
     candidates' figures and the reason."""
-    runners, scored = {}, {}
+    from tasks.harness.errors import GateFailed
+
+    runners, scored, refused = {}, {}, {}
     for name, path in candidates.items():
-        facts, run_ = on_target(target, path, work / f"{target}-{name}", build_cfg)
+        try:
+            facts, run_ = on_target(target, path, work / f"{target}-{name}", build_cfg)
+        except GateFailed as e:  # e.g. the engine runs no conv of NNCF's QDQ in INT8 (YOLO, ORT)
+            if name == "ort":
+                raise
+            refused[name] = str(e)
+            continue
         if run_ is None:
             return {"chosen": "ort", "reason": f"{target} engine: {facts['status']}"}
         runners[name] = run_
@@ -87,6 +97,9 @@ def pick_best(
     times = time_blocks(runners, val.batch(slice(0, 1)), warmup=10, runs=30 * rounds, rounds=rounds)
     for name, t in times.items():
         scored[name]["latency_ms_p50"] = float(np.median(t) * 1e3)
+    if refused:  # only ort is left
+        why = "; ".join(f"{n} refused by the {target} engine ({e})" for n, e in refused.items())
+        return {"chosen": "ort", "candidates": scored, "refused": refused, "reason": why}
     within = [n for n in scored if fp32_map - scored[n]["val_map50"] <= cfg.max_map_drop + 1e-9]
     pool = within or list(scored)
     top = max(scored[n]["val_map50"] for n in pool)

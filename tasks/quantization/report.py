@@ -123,4 +123,6 @@ def render_targets(targets: dict[str, dict]) -> list[str]:
                     f"| {t} | {cand} | {fig['val_map50']:.4f} | {fig['latency_ms_p50']:.3f} "
                     f"| {kept} |"
                 )
+            for cand, why in b.get("refused", {}).items():
+                lines.append(f"| {t} | {cand} | refused by the engine: {why} | | |")
     return lines
