@@ -15,7 +15,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-PROFILES = {"default": None, "tiny": ROOT / "tests" / "profiles" / "tiny.yaml"}
+PROFILES = {
+    "default": None,
+    "tiny": ROOT / "tests" / "profiles" / "tiny.yaml",
+    "yolo": ROOT / "tests" / "profiles" / "yolo.yaml",  # the default data, YOLOv8n from yaml
+}
 PIPELINE_FILES = (
     "dvc.yaml",
     "params.yaml",
