@@ -206,6 +206,54 @@ def pipeline_time(m: dict, root: Path) -> str:
     return out
 
 
+YOLO_ROWS = (
+    "trained", "distilled", "deployed", "deployed_openvino", "litert", "nncf_accuracy_control",
+    "ultralytics_openvino_int8",
+)  # fmt: skip
+
+
+@from_file("artifacts/bench/pipeline-yolo.json", "shrinkflow bench-pipeline --profile yolo")
+def pipeline_yolo(m: dict, root: Path) -> str:
+    """`shrinkflow bench-pipeline --profile yolo`: the variants of a YOLOv8n run on the default
+    data beside Ultralytics' own OpenVINO INT8 export of the same unpruned model (one process)."""
+    rows_in = (m.get("kpis") or {}).get("variants") or {}
+    ref = rows_in.get("ultralytics_openvino_int8") or {}
+    fp32 = (rows_in.get("trained") or {}).get("map50")
+    rows = []
+    for name in YOLO_ROWS:
+        r = rows_in.get(name)
+        if not isinstance(r, dict) or "map50" not in r:
+            continue
+        delta = "" if fp32 is None else f"{100 * (r['map50'] - fp32):+.2f}"
+        ratio = (
+            ref.get("latency_ms_p50", 0) / r["latency_ms_p50"] if r.get("latency_ms_p50") else None
+        )
+        rows.append(
+            [
+                name,
+                r.get("runtime", ""),
+                _map(r["map50"]),
+                delta,
+                _ms(r.get("latency_ms_p50")),
+                _x(ratio) if ref else "",
+                f"{r['macs'] / 1e6:.1f}" if r.get("macs") else "",
+            ]
+        )
+    out = f"Cold `dvc repro` of the profile: {m['dvc_repro_cold_s']:.0f} s.\n\n"
+    return out + _table(
+        [
+            "variant",
+            "runtime",
+            "test mAP@0.5",
+            "Δ vs trained FP32 (points)",
+            "p50 (ms)",
+            "speedup vs Ultralytics INT8",
+            "MACs (M)",
+        ],
+        rows,
+    )
+
+
 LABEL_QA = ("artifacts/bench/label-qa-<dataset>.json", "shrinkflow bench-label-qa")
 
 
@@ -288,6 +336,7 @@ TABLES: dict[str, TableFn] = {
     "engines": engines,
     "sizes": sizes,
     "pipeline-time": pipeline_time,
+    "pipeline-yolo": pipeline_yolo,
     "label-qa": label_qa,
     "label-qa-training": label_qa_training,
     "input-cache": input_cache,
