@@ -225,9 +225,8 @@ def pipeline_yolo(m: dict, root: Path) -> str:
         if not isinstance(r, dict) or "map50" not in r:
             continue
         delta = "" if fp32 is None else f"{100 * (r['map50'] - fp32):+.2f}"
-        ratio = (
-            ref.get("latency_ms_p50", 0) / r["latency_ms_p50"] if r.get("latency_ms_p50") else None
-        )
+        ms, ref_ms = r.get("latency_ms_p50"), ref.get("latency_ms_p50")
+        ratio = ref_ms / ms if ms and ref_ms else None
         rows.append(
             [
                 name,
@@ -235,7 +234,7 @@ def pipeline_yolo(m: dict, root: Path) -> str:
                 _map(r["map50"]),
                 delta,
                 _ms(r.get("latency_ms_p50")),
-                _x(ratio) if ref else "",
+                _x(ratio),
                 f"{r['macs'] / 1e6:.1f}" if r.get("macs") else "",
             ]
         )

@@ -14,7 +14,7 @@ import numpy as np
 
 from tasks.datasets.coco import DetectionSet
 from tasks.harness.config import QuantizeCfg
-from tasks.harness.errors import ConfigError
+from tasks.harness.errors import ConfigError, GateFailed
 from tasks.metrics.detection import coco_map, predict
 from tasks.metrics.timing import time_blocks
 
@@ -78,8 +78,6 @@ def pick_best(
     the engine refuses (GateFailed: e.g. ONNX Runtime runs none of the convs of NNCF's QDQ YOLO
     in INT8) is left out, recorded under `refused`, and ort kept. Returns the choice, the
     candidates' figures and the reason."""
-    from tasks.harness.errors import GateFailed
-
     runners, scored, refused = {}, {}, {}
     for name, path in candidates.items():
         try:
