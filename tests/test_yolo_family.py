@@ -16,6 +16,7 @@ from tasks.engines import litert
 from tasks.harness.errors import ConfigError, DataError
 from tasks.models import OUTPUTS, ModelAdapter, adapter_for, adapter_of
 from tasks.models.config import ModelCfg
+from tasks.models.nms import ONNX_TRANSLATIONS
 from tasks.models.yolo import weights_md5  # sets Ultralytics' offline switches before its import
 
 pytest.importorskip("ultralytics")
@@ -313,6 +314,7 @@ def test_onnx_export_runs_in_onnxruntime_and_openvino(trained, tmp_path):
         output_names=OUTPUTS,
         verbose=False,
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+        custom_translation_table=ONNX_TRANSLATIONS,
     )
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
@@ -339,6 +341,45 @@ def test_onnx_export_runs_in_onnxruntime_and_openvino(trained, tmp_path):
             np.testing.assert_allclose(got[2], want[2], atol=1e-4, err_msg=name)
             np.testing.assert_allclose(got[1], want[1], atol=1e-4, err_msg=name)
             np.testing.assert_array_equal(got[3], want[3], err_msg=name)
+
+
+def test_fp16_keeps_every_image_of_a_large_batch_apart(trained, tmp_path):
+    """The FP16 graph (ONNX Runtime's converter, as the quantize stage's `fp16` variant) gives
+    every image of a 48-image batch of copies the detections of the first: NMS runs per image
+    and class in the graph, so no coordinate is shifted out of the image's range. (With boxes
+    shifted by (image x classes + class) x (side + 1) for one flat NMS, image 47's offsets pass
+    9,000 px, where FP16 steps are 8 px, and NMS kept duplicates there.)"""
+    import onnxruntime as ort
+
+    from tasks.quantization.qdq import to_fp16
+
+    adapter, model, _, _ = trained
+    net = adapter.deployable(model, 20, 0.05)
+    path = tmp_path / "yolo.onnx"
+    torch.onnx.export(
+        net,
+        (torch.rand(2, 3, SIZE, SIZE),),
+        str(path),
+        dynamo=True,
+        opset_version=18,
+        input_names=["images"],
+        output_names=OUTPUTS,
+        verbose=False,
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+        custom_translation_table=ONNX_TRANSLATIONS,
+    )
+    to_fp16(path, tmp_path / "fp16.onnx")
+    x, _, _ = shapes_batch(8)
+    with torch.no_grad():
+        found = net(x)[0]
+    one = x[int(found.argmax())][None].numpy()
+    assert found.max() >= 2, found
+    sess = ort.InferenceSession(str(tmp_path / "fp16.onnx"), providers=["CPUExecutionProvider"])
+    num, boxes, scores, _ = sess.run(None, {"images": np.repeat(one, 48, axis=0)})
+    assert (num == num[0]).all(), num
+    k = int(num[0])
+    np.testing.assert_allclose(boxes[:, :k], np.repeat(boxes[:1, :k], 48, axis=0), atol=1e-3)
+    np.testing.assert_allclose(scores[:, :k], np.repeat(scores[:1, :k], 48, axis=0), atol=1e-3)
 
 
 def _found(ref, got, b: int, min_score: float) -> float:

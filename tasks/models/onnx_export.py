@@ -24,6 +24,7 @@ from tasks.harness.config import ExportCfg
 from tasks.harness.errors import GateFailed
 from tasks.models import OUTPUTS, ModelAdapter, load_checkpoint
 from tasks.models.config import ModelCfg
+from tasks.models.nms import ONNX_TRANSLATIONS
 from tasks.preprocess.letterbox import input_wh
 
 PARITY_KEYS = ("parity_max_abs_diff", "parity_count_mismatch", "parity_images")  # `parity`'s
@@ -102,6 +103,7 @@ def to_onnx(adapter: ModelAdapter, model: torch.nn.Module, cfg: ExportCfg, path:
             input_names=["images"],
             output_names=OUTPUTS,
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            custom_translation_table=ONNX_TRANSLATIONS,
             verbose=False,
         )
         raw = onnx.load(str(raw_path))

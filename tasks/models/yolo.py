@@ -15,8 +15,8 @@ What the family owns:
 - training: the raw head output is Ultralytics' dict {"boxes": (B, 4*reg_max, A) DFL logits,
   "scores": (B, C, A) class logits, "feats": per-level maps}; `loss` is Ultralytics'
   `v8DetectionLoss` with its default gains (box 7.5, cls 0.5, dfl 1.5).
-- deployment: decode (DFL + anchors, Ultralytics' functions) and class-aware NMS
-  (`torchvision.ops.nms`, exported as ONNX `NonMaxSuppression`) inside the graph, ending in the
+- deployment: decode (DFL + anchors, Ultralytics' functions) and batched class-aware NMS
+  (`tasks.models.nms`, exported as one ONNX `NonMaxSuppression`) inside the graph, ending in the
   project's `OUTPUTS`.
 """
 

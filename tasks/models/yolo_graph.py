@@ -5,8 +5,8 @@ and the deployed head (decode + NMS in the graph).
   conv + `chunk(2)` (the same function; torch-pruning can prune the halves independently and a
   pruned model is rebuilt from conv widths alone: `conv_widths` / `apply_widths`).
 - `check_supported`: a plain YOLOv8 / YOLO11 detection model, or a DataError naming the file.
-- `YoloWithNms`: images to the project's `OUTPUTS` (Ultralytics' decode, class-aware
-  `torchvision.ops.nms`, exported as ONNX `NonMaxSuppression`).
+- `YoloWithNms`: images to the project's `OUTPUTS` (Ultralytics' decode, batched class-aware
+  NMS exported as one ONNX `NonMaxSuppression`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.harness.errors import DataError
+from tasks.models.nms import batched_class_nms
 from tasks.preprocess.letterbox import input_wh
 
 IOU_THRESHOLD = 0.7  # Ultralytics' default NMS IoU (`iou` in its default.yaml)
@@ -153,24 +154,20 @@ class YoloWithNms(nn.Module):
 
     Decode is Ultralytics' (DFL expectation, anchor centres, `dist2bbox`); each anchor keeps its
     best class (Ultralytics' single-label predict). The top `pre_nms` anchors per image go
-    through one `torchvision.ops.nms` call (ONNX `NonMaxSuppression`) with boxes shifted by
-    (image, class) so no two groups overlap: class-aware NMS for a dynamic batch with static
-    shapes around it. Kept candidates are marked by a scatter and the top K taken per image.
+    through one batched, class-aware NMS (`tasks.models.nms`: ONNX `NonMaxSuppression` with
+    the batch and classes as its own axes, so no coordinate leaves the image's range and FP16
+    stays exact enough). Kept candidates are marked by a scatter and the top K taken per image.
     """
 
     def __init__(
         self, model: nn.Module, size: tuple[int, int], max_detections: int, score_floor: float
     ):
-        import torchvision  # noqa: F401  (loads torch.ops.torchvision before the ONNX exporter
-        # builds its registry: torchlib maps torchvision::nms to NonMaxSuppression only then)
-
         super().__init__()
         self.model, self.size = model, input_wh(size)  # (w, h)
         self.k, self.score_floor = int(max_detections), float(score_floor)
         self.iou = IOU_THRESHOLD
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        import torchvision
         from ultralytics.utils.tal import dist2bbox, make_anchors
 
         head = detect_head(self.model)
@@ -191,13 +188,15 @@ class YoloWithNms(nn.Module):
         top, idx = conf.topk(n, dim=1)  # (B, n), descending
         cand = boxes.gather(1, idx.unsqueeze(-1).expand(-1, -1, 4))  # (B, n, 4)
         cand_cls = cls.gather(1, idx)
-        group = torch.arange(b, device=x.device).unsqueeze(1) * head.nc + cand_cls
-        shifted = cand + (group.to(cand.dtype) * (max(self.size) + 1)).unsqueeze(-1)
-        keep = torchvision.ops.nms(shifted.reshape(-1, 4), top.reshape(-1), self.iou)
+        # each candidate scores for its own class only (Ultralytics' single-label predict)
+        class_scores = torch.zeros(b, head.nc, n, dtype=top.dtype, device=x.device)
+        class_scores = class_scores.scatter(1, cand_cls.unsqueeze(1), top.unsqueeze(1))
+        chosen = batched_class_nms(cand, class_scores, self.k, self.iou, self.score_floor)
+        flat = chosen[:, 0] * n + chosen[:, 2]  # (M,) kept candidates, over the whole batch
         kept = torch.zeros(b * n, dtype=top.dtype, device=x.device).scatter(
-            0, keep, torch.ones_like(keep, dtype=top.dtype)
+            0, flat, torch.ones_like(flat, dtype=top.dtype)
         )
-        live = (kept.view(b, n) > 0) & (top >= self.score_floor)
+        live = kept.view(b, n) > 0
         ranked = torch.where(live, top, torch.full_like(top, -1.0))
         if n < self.k:  # fewer anchors than K: pad the candidate list
             ranked = F.pad(ranked, (0, self.k - n), value=-1.0)
