@@ -294,16 +294,8 @@ def test_deployable_eager_fold_and_signature(trained):
         assert torch.allclose(boxes[b, :k], ref[1][b, :k], atol=1e-3)
 
 
-def test_onnx_export_runs_in_onnxruntime_and_openvino(trained, tmp_path):
-    """Exported exactly as the export stage does (dynamo, dynamic batch), with NMS as ONNX
-    NonMaxSuppression; ORT and OpenVINO (f32) match eager PyTorch at batch 1 and 2."""
-    import onnx
-    import onnxruntime as ort
-    import openvino as ov
-
-    adapter, model, _, _ = trained
-    net = adapter.deployable(model, 20, 0.05)
-    path = tmp_path / "yolo.onnx"
+def export(net: torch.nn.Module, path: Path) -> None:
+    """As the export stage does: dynamo, a dynamic batch, the project's NMS op as ONNX's."""
     torch.onnx.export(
         net,
         (torch.rand(2, 3, SIZE, SIZE),),
@@ -316,6 +308,19 @@ def test_onnx_export_runs_in_onnxruntime_and_openvino(trained, tmp_path):
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
         custom_translation_table=ONNX_TRANSLATIONS,
     )
+
+
+def test_onnx_export_runs_in_onnxruntime_and_openvino(trained, tmp_path):
+    """Exported exactly as the export stage does (dynamo, dynamic batch), with NMS as ONNX
+    NonMaxSuppression; ORT and OpenVINO (f32) match eager PyTorch at batch 1 and 2."""
+    import onnx
+    import onnxruntime as ort
+    import openvino as ov
+
+    adapter, model, _, _ = trained
+    net = adapter.deployable(model, 20, 0.05)
+    path = tmp_path / "yolo.onnx"
+    export(net, path)
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
     assert "NonMaxSuppression" in {n.op_type for n in graph.graph.node}
@@ -356,18 +361,7 @@ def test_fp16_keeps_every_image_of_a_large_batch_apart(trained, tmp_path):
     adapter, model, _, _ = trained
     net = adapter.deployable(model, 20, 0.05)
     path = tmp_path / "yolo.onnx"
-    torch.onnx.export(
-        net,
-        (torch.rand(2, 3, SIZE, SIZE),),
-        str(path),
-        dynamo=True,
-        opset_version=18,
-        input_names=["images"],
-        output_names=OUTPUTS,
-        verbose=False,
-        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-        custom_translation_table=ONNX_TRANSLATIONS,
-    )
+    export(net, path)
     to_fp16(path, tmp_path / "fp16.onnx")
     x, _, _ = shapes_batch(8)
     with torch.no_grad():
