@@ -11,8 +11,6 @@ import importlib
 from pathlib import Path
 from typing import Protocol
 
-import onnx
-
 from tasks.harness.config import BuildEngineCfg
 from tasks.harness.errors import ConfigError, GateFailed
 from tasks.harness.signature import Runner
@@ -59,6 +57,8 @@ def engine_size_mb(out_dir: Path) -> float:
 
 
 def is_quantized(onnx_path: Path) -> bool:
+    import onnx  # here: params validation imports this package, and onnx takes ~1 s to import
+
     return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(onnx_path)).graph.node)
 
 

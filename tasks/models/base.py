@@ -25,11 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # annotations only: a stage that reads params need not import torch
+    import torch
+    from torch import nn
 
 
 @dataclass
