@@ -12,6 +12,11 @@ mAP@0.5:0.95, batch-1 latency p50, file size and MACs. ONNX Runtime runs the res
 variants are timed in one process, in alternating blocks (tasks/metrics/timing.py), so the latency
 column compares as ratios. The INT8-per-calibrator models are the quantize stage's own
 (`calibrators/`) when it compared calibrators on the exported model, made here otherwise.
+
+Each deployed row (`OURS`) is also set against each peer row present (`PEER_ROWS`: NNCF's
+accuracy-controlled INT8, Ultralytics' INT8 export) on the same test images: the mAP@0.5
+difference with its paired bootstrap interval (tasks/metrics/bootstrap.py) and the latency
+ratio, so "equal or better mAP" is judged against the split's own noise.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from tasks.engines import engine_size_mb, get
 from tasks.harness.config import Params
 from tasks.harness.io import remove, write_json, write_text
 from tasks.harness.stage import stage_entry
+from tasks.metrics.bootstrap import paired_bootstrap
 from tasks.metrics.detection import coco_map, predict
 from tasks.metrics.timing import latency_stats, time_blocks
 from tasks.models import adapter_for, load_checkpoint, trains_in_torch
@@ -120,8 +126,10 @@ def run(
         rounds=2 * ev.rounds,
     )
     table: dict[str, dict] = {}
+    rows: dict[str, list[dict]] = {}
     for name, (target, _, _) in builds.items():
-        quality = coco_map(test.coco, predict(quality_runners[name], test))
+        rows[name] = predict(quality_runners[name], test)
+        quality = coco_map(test.coco, rows[name])
         source = name if name in macs else "distilled"
         table[name] = {
             "runtime": target + (" (bf16 hint)" if name == "bf16" else ""),
@@ -136,7 +144,36 @@ def run(
             table[name]["nncf"] = peer_facts[name]
     for name, why in skipped.items():
         table[name] = {"runtime": "openvino (NNCF)", "precision": None, "status": why}
+    for ours in OURS:
+        for peer in PEER_ROWS:
+            if ours in rows and peer in rows:
+                table[ours].setdefault("vs_peer", {})[peer] = versus(
+                    test.coco, rows[ours], rows[peer], table[ours], table[peer], params.variants
+                )
     return table
+
+
+OURS = ("deployed", "deployed_openvino", "litert")  # what the pipeline deploys, per runtime
+PEER_ROWS = ("nncf_accuracy_control", "ultralytics_openvino_int8")  # what a user gets without us
+
+
+def versus(gt: dict, ours: list[dict], peer: list[dict], mine: dict, theirs: dict, cfg) -> dict:
+    """Our deployed row against a peer's on the same test images: the mAP@0.5 difference with
+    its paired bootstrap interval (ours - peer) and the latency ratio (peer / ours; > 1: ours
+    is faster). `verdict`: `better` / `worse` when the interval excludes 0, else `equal within
+    noise` (a test split of a few hundred images cannot tell apart differences of ~1 point)."""
+    boot = paired_bootstrap(
+        gt, ours, peer, resamples=cfg.resamples, confidence=cfg.confidence, seed=0
+    )
+    lo, hi = boot["ci_low"], boot["ci_high"]
+    return {
+        "map50_diff": boot["diff"],
+        "ci_low": lo,
+        "ci_high": hi,
+        "confidence": cfg.confidence,
+        "verdict": "better" if lo > 0 else "worse" if hi < 0 else "equal within noise",
+        "speedup": theirs["latency_ms_p50"] / mine["latency_ms_p50"],
+    }
 
 
 def fp32_graphs(
@@ -237,6 +274,23 @@ def render(table: dict[str, dict]) -> str:
             f"| {label} | {r['runtime']} | {r['map50']:.4f} | {r['map50_95']:.4f} "
             f"| {r['latency_ms_p50']:.3f} | {r['size_mb']:.3f} | {r['macs'] / 1e6:.1f} |"
         )
+    versus_rows = [(n, p, v) for n, r in table.items() for p, v in r.get("vs_peer", {}).items()]
+    if versus_rows:
+        conf = versus_rows[0][2]["confidence"]
+        lines += [
+            "",
+            f"Ours against each peer on the same test images: mAP@0.5 difference (ours - peer) "
+            f"with its {conf:.0%} paired bootstrap interval over test images, and how many "
+            "times faster ours is at batch 1 (same process).",
+            "",
+            "| ours | peer | mAP@0.5 diff (points) | interval | verdict | faster |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, peer, v in versus_rows:
+            lines.append(
+                f"| {name} | {peer} | {100 * v['map50_diff']:+.2f} | [{100 * v['ci_low']:+.2f}, "
+                f"{100 * v['ci_high']:+.2f}] | {v['verdict']} | {v['speedup']:.2f}x |"
+            )
     peers = {name: r["nncf"] for name, r in table.items() if "nncf" in r}
     if peers:
         lines += [
@@ -291,6 +345,7 @@ def main(
         write_json(out / "metrics.json", table)
         ctx.log_metrics(
             {f"{name}.{k}": r[k] for name, r in table.items() if "status" not in r for k in COLUMNS}
+            | {f"{name}.vs_peer": r["vs_peer"] for name, r in table.items() if "vs_peer" in r}
         )
         ctx.log_artifact(out / "report.md")
         log.info("%s", render(table))

@@ -131,6 +131,17 @@ def test_variants_table_covers_every_step_of_the_recipe(dag):
         assert table["nncf_ptq"]["runtime"] == "openvino (NNCF)"
         assert table["nncf_ptq"]["nncf"]["convs_int8"] == table["nncf_ptq"]["nncf"]["convs"]
         assert table["nncf_accuracy_control"]["nncf"]["drop_met"] in (True, False)
+        # ours against the peer, paired over the same test images
+        for ours in ("deployed", "deployed_openvino", *litert):
+            v = table[ours]["vs_peer"]["nncf_accuracy_control"]
+            diff = table[ours]["map50"] - table["nncf_accuracy_control"]["map50"]
+            assert v["map50_diff"] == pytest.approx(diff, abs=0.02), ours  # pycocotools vs fast
+            assert v["ci_low"] <= v["map50_diff"] <= v["ci_high"], (ours, v)
+            lo, hi = v["ci_low"], v["ci_high"]
+            want = "better" if lo > 0 else "worse" if hi < 0 else "equal within noise"
+            assert v["verdict"] == want, (ours, v)
+            ratio = table["nncf_accuracy_control"]["latency_ms_p50"] / table[ours]["latency_ms_p50"]
+            assert v["speedup"] == pytest.approx(ratio)
     # the calibrator rows are the models quantize made (work done once), not made again
     from tasks.variants import calibrator_models
 

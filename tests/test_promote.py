@@ -33,9 +33,10 @@ from tasks.harness.config import Params, load_params
 from tasks.harness.errors import ConfigError
 from tasks.harness.project import venv_env
 from tasks.harness.tracking import ensure_experiment
+from tasks.metrics import bootstrap
 from tasks.metrics.detection import coco_metrics, predict
 from tasks.models.onnx_export import to_onnx
-from tasks.promote import bootstrap, candidate, stage
+from tasks.promote import candidate, stage
 from tasks.promote.ledger import AliasLedger, ChampionMoved
 from tasks.promote.numeric import numeric_format
 from tests.conftest import free_port, running_mlflow_server, tiny_params

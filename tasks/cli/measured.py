@@ -133,6 +133,36 @@ def variants(m: dict, root: Path) -> str:
     return _table(
         ["variant", "runtime", "mAP@0.5", "mAP@0.5:0.95", "p50 (ms)", "size (MB)", "MACs (M)"],
         rows,
+    ) + _versus(m)
+
+
+def _versus(rows: dict) -> str:
+    """The variants' `vs_peer` figures (ours against each peer, paired over test images) as a
+    second table, or nothing when the run has none."""
+    found = [
+        (name, peer, v)
+        for name, r in rows.items()
+        if isinstance(r, dict)
+        for peer, v in (r.get("vs_peer") or {}).items()
+    ]
+    if not found:
+        return ""
+    conf = found[0][2]["confidence"]
+    body = [
+        [
+            name,
+            peer,
+            f"{100 * v['map50_diff']:+.2f}",
+            f"[{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}]",
+            v["verdict"],
+            _x(v["speedup"]),
+        ]
+        for name, peer, v in found
+    ]
+    head = ["ours", "peer", "Δ mAP@0.5 (points)", f"{conf:.0%} interval", "verdict", "faster"]
+    return (
+        f"\nOurs against each peer on the same test images (mAP@0.5 difference, its paired "
+        f"bootstrap interval over test images):\n\n{_table(head, body)}"
     )
 
 
@@ -239,17 +269,21 @@ def pipeline_yolo(m: dict, root: Path) -> str:
             ]
         )
     out = f"Cold `dvc repro` of the profile: {m['dvc_repro_cold_s']:.0f} s.\n\n"
-    return out + _table(
-        [
-            "variant",
-            "runtime",
-            "test mAP@0.5",
-            "Δ vs trained FP32 (points)",
-            "p50 (ms)",
-            "speedup vs Ultralytics INT8",
-            "MACs (M)",
-        ],
-        rows,
+    return (
+        out
+        + _table(
+            [
+                "variant",
+                "runtime",
+                "test mAP@0.5",
+                "Δ vs trained FP32 (points)",
+                "p50 (ms)",
+                "speedup vs Ultralytics INT8",
+                "MACs (M)",
+            ],
+            rows,
+        )
+        + _versus(rows_in)
     )
 
 

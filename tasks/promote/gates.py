@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from tasks.harness.config import gate_name
 from tasks.harness.errors import ConfigError
+from tasks.metrics.bootstrap import paired_bootstrap
 from tasks.metrics.timing import P99_MIN_RUNS
-from tasks.promote.bootstrap import paired_bootstrap
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,

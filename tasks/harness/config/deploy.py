@@ -133,6 +133,14 @@ class VariantsCfg(Section):
         "accuracy-controlled INT8 on OpenVINO, and for family yolo Ultralytics' own OpenVINO "
         "INT8 export (each a few calibration and validation passes more)",
     )
+    confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1.0,
+        description="ours vs each peer: the paired bootstrap interval of the test mAP@0.5 "
+        "difference, over test images, at this confidence (tasks/metrics/bootstrap.py)",
+    )
+    resamples: int = Field(1000, ge=100, description="... with this many resamples")
 
 
 class FlowCfg(Section):
