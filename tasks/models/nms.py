@@ -20,13 +20,25 @@ from onnxscript import opset18 as op
 __all__ = ["ONNX_TRANSLATIONS", "batched_class_nms"]
 
 
-@torch.library.custom_op("shrinkflow::batched_class_nms", mutates_args=())
 def batched_class_nms(
     boxes: torch.Tensor, scores: torch.Tensor, max_per_class: int, iou: float, score_floor: float
 ) -> torch.Tensor:
     """ONNX `NonMaxSuppression` (center_point_box=0): boxes (B, N, 4) x1y1x2y2, scores (B, C, N)
     -> (M, 3) int64 [image, class, box], at most `max_per_class` per image and class, only
-    boxes scoring above `score_floor`, suppressed above IoU `iou` within a class."""
+    boxes scoring above `score_floor`, suppressed above IoU `iou` within a class.
+
+    While an exporter traces, the registered op (`torch.ops.shrinkflow.batched_class_nms`); in
+    eager PyTorch the plain function: a custom op's first eager call imports torch._dynamo,
+    which crashes a process that has loaded TensorFlow (evaluate on LiteRT) first; the eager
+    path needs torchvision imported before TensorFlow too (`YoloWithNms` does so)."""
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return _op(boxes, scores, max_per_class, iou, score_floor)
+    return _eager(boxes, scores, max_per_class, iou, score_floor)
+
+
+def _eager(
+    boxes: torch.Tensor, scores: torch.Tensor, max_per_class: int, iou: float, score_floor: float
+) -> torch.Tensor:
     import torchvision
 
     rows = []
@@ -46,7 +58,14 @@ def batched_class_nms(
     return torch.cat(rows).to(torch.int64)
 
 
-@batched_class_nms.register_fake
+@torch.library.custom_op("shrinkflow::batched_class_nms", mutates_args=())
+def _op(
+    boxes: torch.Tensor, scores: torch.Tensor, max_per_class: int, iou: float, score_floor: float
+) -> torch.Tensor:
+    return _eager(boxes, scores, max_per_class, iou, score_floor)
+
+
+@_op.register_fake
 def _(boxes, scores, max_per_class, iou, score_floor):
     m = torch.library.get_ctx().new_dynamic_size()
     return boxes.new_empty((m, 3), dtype=torch.int64)

@@ -162,6 +162,9 @@ class YoloWithNms(nn.Module):
     def __init__(
         self, model: nn.Module, size: tuple[int, int], max_detections: int, score_floor: float
     ):
+        import torchvision  # noqa: F401  (its ops import torch._dynamo, and so triton: that
+        # must happen before a stage loads TensorFlow (LiteRT), after which it segfaults)
+
         super().__init__()
         self.model, self.size = model, input_wh(size)  # (w, h)
         self.k, self.score_floor = int(max_detections), float(score_floor)
