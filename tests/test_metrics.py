@@ -91,3 +91,38 @@ def test_p99_is_reported_only_from_200_timed_calls():
     many = latency_stats(seconds, 1)
     assert many["latency_ms_p99"] == pytest.approx(np.percentile(seconds * 1e3, 99))
     assert many["latency_ms_p99"] < 2.1  # the stall is one call in 300: not the p99
+
+
+def test_ours_against_a_peer_names_noise_as_noise():
+    """variants' `versus`: the paired interval over test images decides the verdict. 120 images,
+    one box each: a model that misses 1 box is `equal within noise` of a perfect one; one that
+    misses 40 is `worse`; the perfect one against the one missing 40 is `better`."""
+    from tasks.harness.config import VariantsCfg
+    from tasks.variants import versus
+
+    n = 120
+    gt = {
+        "images": [{"id": i, "width": 64, "height": 48} for i in range(n)],
+        "annotations": [
+            {
+                "id": i + 1,
+                "image_id": i,
+                "category_id": 1 + i % 2,
+                "bbox": [8, 6, 20, 16],
+                "area": 320,
+                "iscrowd": 0,
+            }
+            for i in range(n)
+        ],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    perfect = [det(a["image_id"], a["category_id"], a["bbox"], 0.9) for a in gt["annotations"]]
+    cfg = VariantsCfg(resamples=500)
+    fast, slow = {"latency_ms_p50": 1.0}, {"latency_ms_p50": 2.0}
+    near = versus(gt, perfect[1:], perfect, fast, slow, cfg)
+    assert near["verdict"] == "equal within noise", near
+    assert near["ci_low"] < near["map50_diff"] < 0 <= near["ci_high"]
+    assert near["speedup"] == 2.0
+    worse = versus(gt, perfect[40:], perfect, slow, fast, cfg)
+    assert worse["verdict"] == "worse" and worse["ci_high"] < 0 and worse["speedup"] == 0.5
+    assert versus(gt, perfect, perfect[40:], fast, fast, cfg)["verdict"] == "better"
