@@ -33,7 +33,7 @@ from tasks.engines import engine_size_mb, get
 from tasks.harness.config import Params
 from tasks.harness.io import remove, write_json, write_text
 from tasks.harness.stage import stage_entry
-from tasks.metrics.bootstrap import paired_bootstrap
+from tasks.metrics.bootstrap import match_table, paired_tables
 from tasks.metrics.detection import coco_map, predict
 from tasks.metrics.timing import latency_stats, time_blocks
 from tasks.models import adapter_for, load_checkpoint, trains_in_torch
@@ -144,12 +144,14 @@ def run(
             table[name]["nncf"] = peer_facts[name]
     for name, why in skipped.items():
         table[name] = {"runtime": "openvino (NNCF)", "precision": None, "status": why}
+    matches = {  # each compared row's per-image matches, built once (one COCOeval each)
+        name: match_table(test.coco, rows[name]) for name in (*OURS, *PEER_ROWS) if name in rows
+    }
     for ours in OURS:
         for peer in PEER_ROWS:
-            if ours in rows and peer in rows:
-                table[ours].setdefault("vs_peer", {})[peer] = versus(
-                    test.coco, rows[ours], rows[peer], table[ours], table[peer], params.variants
-                )
+            if ours in matches and peer in matches:
+                pair = (matches[ours], matches[peer], len(test), table[ours], table[peer])
+                table[ours].setdefault("vs_peer", {})[peer] = versus(*pair, params.variants)
     return table
 
 
@@ -157,13 +159,14 @@ OURS = ("deployed", "deployed_openvino", "litert")  # what the pipeline deploys,
 PEER_ROWS = ("nncf_accuracy_control", "ultralytics_openvino_int8")  # what a user gets without us
 
 
-def versus(gt: dict, ours: list[dict], peer: list[dict], mine: dict, theirs: dict, cfg) -> dict:
-    """Our deployed row against a peer's on the same test images: the mAP@0.5 difference with
-    its paired bootstrap interval (ours - peer) and the latency ratio (peer / ours; > 1: ours
-    is faster). `verdict`: `better` / `worse` when the interval excludes 0, else `equal within
-    noise` (a test split of a few hundred images cannot tell apart differences of ~1 point)."""
-    boot = paired_bootstrap(
-        gt, ours, peer, resamples=cfg.resamples, confidence=cfg.confidence, seed=0
+def versus(ours: list, peer: list, images: int, mine: dict, theirs: dict, cfg) -> dict:
+    """Our deployed row against a peer's on the same `images` test images (their
+    `match_table`s): the mAP@0.5 difference with its paired bootstrap interval (ours - peer)
+    and the latency ratio (peer / ours; > 1: ours is faster). `verdict`: `better` / `worse`
+    when the interval excludes 0, else `equal within noise` (a test split of a few hundred
+    images cannot tell apart differences of ~1 point)."""
+    boot = paired_tables(
+        ours, peer, images, resamples=cfg.resamples, confidence=cfg.confidence, seed=0
     )
     lo, hi = boot["ci_low"], boot["ci_high"]
     return {

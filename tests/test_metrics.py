@@ -98,6 +98,7 @@ def test_ours_against_a_peer_names_noise_as_noise():
     one box each: a model that misses 1 box is `equal within noise` of a perfect one; one that
     misses 40 is `worse`; the perfect one against the one missing 40 is `better`."""
     from tasks.harness.config import VariantsCfg
+    from tasks.metrics.bootstrap import match_table
     from tasks.variants import versus
 
     n = 120
@@ -119,10 +120,14 @@ def test_ours_against_a_peer_names_noise_as_noise():
     perfect = [det(a["image_id"], a["category_id"], a["bbox"], 0.9) for a in gt["annotations"]]
     cfg = VariantsCfg(resamples=500)
     fast, slow = {"latency_ms_p50": 1.0}, {"latency_ms_p50": 2.0}
-    near = versus(gt, perfect[1:], perfect, fast, slow, cfg)
+
+    def vs(ours, peer, mine, theirs):
+        return versus(match_table(gt, ours), match_table(gt, peer), n, mine, theirs, cfg)
+
+    near = vs(perfect[1:], perfect, fast, slow)
     assert near["verdict"] == "equal within noise", near
     assert near["ci_low"] < near["map50_diff"] < 0 <= near["ci_high"]
     assert near["speedup"] == 2.0
-    worse = versus(gt, perfect[40:], perfect, slow, fast, cfg)
+    worse = vs(perfect[40:], perfect, slow, fast)
     assert worse["verdict"] == "worse" and worse["ci_high"] < 0 and worse["speedup"] == 0.5
-    assert versus(gt, perfect, perfect[40:], fast, fast, cfg)["verdict"] == "better"
+    assert vs(perfect, perfect[40:], fast, fast)["verdict"] == "better"

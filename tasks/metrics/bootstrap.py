@@ -121,8 +121,27 @@ def paired_bootstrap(
     Returns figures in mAP units (0..1): `challenger_map50`, `champion_map50`, `diff`,
     `ci_low`, `ci_high`, plus `resamples`, `confidence`, `images`.
     """
-    a, b = match_table(gt, challenger), match_table(gt, champion)
-    n = len(gt["images"])
+    return paired_tables(
+        match_table(gt, challenger),
+        match_table(gt, champion),
+        len(gt["images"]),
+        resamples=resamples,
+        confidence=confidence,
+        seed=seed,
+    )
+
+
+def paired_tables(
+    a: list[ClassMatches],
+    b: list[ClassMatches],
+    n: int,
+    *,
+    resamples: int,
+    confidence: float,
+    seed: int,
+) -> dict:
+    """`paired_bootstrap` from two `match_table`s over the same `n` test images (a caller that
+    compares one model with several builds each table once)."""
     full = np.ones((1, n))
     rng = np.random.default_rng(seed)
     diffs = []
