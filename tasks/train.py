@@ -23,7 +23,15 @@ from tasks.harness.config import TrainCfg
 from tasks.harness.io import meta, remove, write_json, write_text
 from tasks.harness.stage import stage_entry
 from tasks.models import ModelAdapter, adapter_for, trains_in_torch
-from tasks.models.training import EarlyStop, early_stop_for, evaluate_model, fit
+from tasks.models.training import (
+    EarlyStop,
+    autocast_dtype,
+    early_stop_for,
+    evaluate_model,
+    fit,
+    pick_device,
+    precision_of,
+)
 from tasks.preprocess.letterbox import build_size
 
 log = logging.getLogger(__name__)
@@ -110,6 +118,7 @@ def main(
             "train_loss": history[stop["best_epoch"] - 1]["train_loss"],
             "macs": macs,
             "params": n_params,
+            "precision": precision_of(autocast_dtype(cfg, pick_device(cfg))),
             **stop,
         }
         adapter.save(

@@ -1,7 +1,8 @@
 """The training loop every PyTorch stage shares (train, prune's fine-tune, distill, QAT, label
 QA's cross-fit), for any model family: the family's adapter supplies forward pass and loss.
 
-Mixed precision (bf16 autocast on CPU, fp16 + GradScaler on CUDA), seeded, AdamW with a one-cycle
+Mixed precision (`autocast_dtype`: fp16 + GradScaler on CUDA, bf16 autocast on a CPU with bf16
+instructions, float32 on other CPUs unless asked), seeded, AdamW with a one-cycle
 schedule, box-aware augmentation (tasks/preprocess/augment.py). Each epoch ends with val mAP
 computed on the deployable graph's decode (`evaluate_model`); with an `EarlyStop` the loop
 ends once val mAP@0.5 stops improving and hands back the best epoch's weights.
@@ -122,6 +123,31 @@ def pick_device(cfg: TrainCfg) -> torch.device:
     return torch.device(cfg.device)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AMX tiles or AVX512-BF16), as oneDNN's bf16 kernels
+    need to beat float32. torch exposes the checks only as private helpers: without them, False
+    (float32 is correct everywhere, only slower where bf16 would have paid)."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast_dtype(cfg: TrainCfg, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `fit` trains in (None: float32). `train.amp: auto` (the default) uses
+    fp16 on CUDA and bf16 on a CPU only where `cpu_has_bf16`: on a 2-core AVX2-only EPYC a
+    training step of the built-in detector took 26.5 s in bf16 against 1.44 s in float32
+    (width 2.0, batch 32, 128 px). `amp: true` forces it, `false` turns it off."""
+    if cfg.amp is False:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cfg.amp is True or cpu_has_bf16() else None
+
+
+def precision_of(dtype: torch.dtype | None) -> str:
+    """`autocast_dtype`'s answer as metrics record it: bfloat16, float16 or float32."""
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
 def kd_loss_fn(
     adapter: ModelAdapter,
     teacher: nn.Module,
@@ -187,8 +213,9 @@ def fit(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
     )
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    amp_dtype = autocast_dtype(cfg, device)
+    log.info("%s: training on %s in %s", desc, device.type, precision_of(amp_dtype))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     w, h = input_wh(adapter.input_size(model))
     aug = augmenter(cfg.augment, w, h, cfg.seed)
     history = []
@@ -207,7 +234,7 @@ def fit(
             if aug is not None:
                 images, boxes, labels = aug(images, boxes, labels, train, rng)
             x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 raw = adapter.forward_train(model, x)
                 extra = extra_loss(raw, x) if extra_loss else None
             loss = adapter.loss(model, raw, boxes, labels)

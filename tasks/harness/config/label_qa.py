@@ -19,7 +19,7 @@ class LabelQaModelCfg(Section):
         "saw them); train is always scored by the cross-fit",
     )
     folds: int = Field(3, ge=2, le=10, description="K of the K-fold cross-fit on train")
-    epochs: PosInt = Field(30, description="training epochs per fold")
+    epochs: PosInt = Field(40, description="training epochs per fold")
     input_size: InputSize = Field(
         (128, 128), description="fold model input, px: one side or [width, height] (as train's)"
     )

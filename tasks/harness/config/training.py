@@ -88,7 +88,12 @@ class TrainCfg(Section):
         "[320, 256]); each side a multiple of the model family's stride (centernet 16, yolo "
         "32). Note the order: [w, h] like PIL and the letterbox, not Ultralytics' imgsz [h, w]",
     )
-    amp: bool = Field(True, description="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    amp: bool | Literal["auto"] = Field(
+        "auto",
+        description="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU. auto: on "
+        "CUDA, and on a CPU only where it has bf16 instructions (AMX or AVX512-BF16); elsewhere "
+        "bf16 is emulated and a training step measured 8-18x slower than float32 (README)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     threads: PosInt = Field(2, description="torch intra-op threads on CPU")
     min_boxes: PosInt = Field(
