@@ -154,6 +154,25 @@ def _confirmed(
     return met
 
 
+def _micro_step(
+    pruner: tp.pruner.MetaPruner, adapter: ModelAdapter, model: nn.Module, goal: float, fine: bool
+) -> int:
+    """One pruner micro-step; returns the model's MACs after it. With `round_to` every layer of
+    one width loses its 8 channels at the same micro-step, so one step can remove far more than
+    the target asks (YOLOv8n at 128 px: 43% for 30%). A step that may cross `goal` (`fine`: the
+    MACs left above it are at most the largest drop of one step so far) prunes its groups one
+    at a time and ends at the first that reaches the goal; the groups it leaves catch up at
+    the next micro-step, whose ratios are per layer of the original widths."""
+    if not fine:
+        pruner.step()
+        return adapter.macs_and_params(model)[0]
+    for group in pruner.step(interactive=True):
+        group.prune()
+        if (macs := adapter.macs_and_params(model)[0]) <= goal:
+            return macs
+    return adapter.macs_and_params(model)[0]
+
+
 def run(
     cfg: PruneCfg,
     train_cfg: TrainCfg,
@@ -210,6 +229,7 @@ def run(
         **extra,
     )
     macs, history = base_macs, []
+    jump = 0  # the most MACs one micro-step removed so far
     kept = copy.deepcopy(unpruned)  # the last step within max_map_drop
     stopped_by = "macs_reduction"
     for step, share in enumerate(schedule(cfg), start=1):
@@ -217,8 +237,9 @@ def run(
         while macs > goal and pruner.current_step < GRANULARITY:
             if cfg.importance == "taylor":
                 _taylor_gradients(adapter, model, train)
-            pruner.step()
-            macs, _ = adapter.macs_and_params(model)
+            before = macs
+            macs = _micro_step(pruner, adapter, model, goal, fine=macs - goal <= jump)
+            jump = max(jump, before - macs)
         if history and macs == history[-1]["macs"]:
             continue  # coarse round_to: the same widths as the last step, already measured
         adapter.after_prune(model)

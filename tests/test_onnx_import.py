@@ -342,12 +342,27 @@ def test_old_opset_is_converted_and_fixed_batch_refused(tmp_path):
                    max_detections=K, score_floor=FLOOR)  # fmt: skip
 
 
-def test_litert_skips_a_decode_that_reads_shape_values_of_the_head(appended, tmp_path):
+def test_litert_folds_the_shape_arithmetic_of_ultralytics_export_and_matches_ort(
+    appended, images, tmp_path
+):
     """Ultralytics' own export takes the batch size and anchor count from Shape ops inside the
-    head, so its decode would read int64 scalars out of the .tflite: the LiteRT target names
-    them and is skipped (build_engine and quantize report `skipped: <this>`)."""
+    head: cut as it is, its decode would read int64 scalars out of the .tflite (`split` names
+    them). `convert` first fixes the graph at batch 1 and folds that arithmetic (onnxsim); the
+    float32 .tflite with its batch-1 decode, run image by image, gives ONNX Runtime's detections
+    for a batch of three."""
     from tasks.engines import litert
 
-    onnx.save(appended, str(tmp_path / "model.onnx"))
+    if reason := litert.unavailable():
+        pytest.skip(reason)
+    path = tmp_path / "model.onnx"
+    onnx.save(appended, str(path))
     with pytest.raises(litert.Unconvertible, match=r"shape values computed in the backbone \("):
-        litert.split(tmp_path / "model.onnx", tmp_path / "head.onnx", tmp_path / "decode.onnx")
+        litert.split(path, tmp_path / "head.onnx", tmp_path / "decode.onnx")
+    facts = litert.convert(path, tmp_path / "model.tflite", "float32")
+    assert facts["batch1_folded"] and facts["cut"]
+    got = litert.runner(tmp_path / "model.tflite", threads=1)(images)
+    want = _ort(appended)(images)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert want[0].min() > 0  # every image has detections to compare
+    for g, w in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-3)

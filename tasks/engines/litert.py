@@ -22,6 +22,9 @@ precision from its input tensor type. An INT8 model whose convolutions all run i
 the build.
 
 The model is converted at batch 1 (LiteRT is batch-1 first): the runner calls it image by image.
+A graph that computes shapes at run time (Ultralytics' own ONNX export takes the batch and anchor
+count from Shape ops inside the head) is first fixed at batch 1 and its shape arithmetic folded
+to constants by onnxsim (`at_batch_one`); its decode is then batch-1 too and runs per image.
 Without the `litert` extra the target reports `skipped: <reason>`.
 """
 
@@ -109,9 +112,51 @@ def split(onnx_path: Path, head: Path, decode: Path) -> list[str]:
             f"litert: {onnx_path}: the decode reads shape values computed in the backbone "
             f"({', '.join(shapes)}); the LiteRT target converts heads that output float maps"
         )
-    onnx.save(extractor.extract_model(inputs, cut), str(head))
+    onnx.save(_plain_output_names(extractor.extract_model(inputs, cut)), str(head))
     onnx.save(decode_model, str(decode))
     return cut
+
+
+def _plain_output_names(head: onnx.ModelProto) -> onnx.ModelProto:
+    """The head with its outputs renamed `head_<k>` where a name is not one TensorFlow takes
+    for an op (Ultralytics' exports name tensors `/model.22/dfl/conv/Conv_output_0`; onnx2tf
+    then fails to write its SavedModel). The runner finds outputs by position, not name."""
+    renames = {
+        o.name: f"head_{k}"
+        for k, o in enumerate(head.graph.output)
+        if not re.fullmatch(r"[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*", o.name)
+    }
+    for node in head.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    for o in (*head.graph.output, *head.graph.value_info):
+        o.name = renames.get(o.name, o.name)
+    return head
+
+
+def at_batch_one(onnx_path: Path, dst: Path) -> bool:
+    """When the graph at `onnx_path` has Shape ops, write it to `dst` with its input fixed at
+    batch 1 (its other axes as they are: the pipeline fixes the input size) and every value
+    computed from shapes folded into constants (onnxsim), and return True; else False. The
+    folded graph computes what the original computes at batch 1 (onnxsim compares them on
+    random inputs and this raises when they differ)."""
+    model = onnx.load(str(onnx_path))
+    if not any(node.op_type == "Shape" for node in model.graph.node):
+        return False
+    import onnxsim
+
+    image = model.graph.input[0]
+    dims = [d.dim_value for d in image.type.tensor_type.shape.dim]
+    if not all(dims[1:]):
+        raise Unconvertible(
+            f"litert: {onnx_path}: input {image.name} has no fixed size ({dims[1:]}); "
+            "LiteRT converts a fixed input size"
+        )
+    folded, ok = onnxsim.simplify(model, overwrite_input_shapes={image.name: [1, *dims[1:]]})
+    if not ok:
+        raise ShrinkflowError(f"litert: {onnx_path}: onnxsim's batch-1 graph does not match it")
+    onnx.save(folded, str(dst))
+    return True
 
 
 def convert(
@@ -129,8 +174,9 @@ def convert(
 
     with tempfile.TemporaryDirectory(prefix="shrinkflow-litert-") as tmp:
         tmp = Path(tmp).resolve()  # onnx2tf runs in it (chdir below): no relative paths
-        head = tmp / "head.onnx"
-        cut = split(onnx_path, head, tmp / "decode.onnx")
+        head, source = tmp / "head.onnx", tmp / "batch1.onnx"
+        folded = at_batch_one(Path(onnx_path), source)
+        cut = split(source if folded else onnx_path, head, tmp / "decode.onnx")
         shape = [
             d.dim_value for d in onnx.load(str(head)).graph.input[0].type.tensor_type.shape.dim
         ]
@@ -173,6 +219,7 @@ def convert(
         "precision": precision,
         "converter": "onnx2tf",
         "cut": cut,
+        "batch1_folded": folded,
         "calibration_images": 0 if calibration is None else int(len(calibration)),
     }
 
@@ -335,6 +382,14 @@ def runner(tflite: Path, threads: int) -> Runner:
     )
     outputs = _head_outputs(interpreter, decode, tflite)
     images = [i.name for i in decode.get_inputs()[len(outputs) :]]  # read for their shape
+    per_image = decode.get_inputs()[0].shape[0] == 1  # folded at batch 1 (`at_batch_one`)
+
+    def decoded(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not per_image:
+            return decode.run(OUTPUTS, feeds)
+        n = len(next(iter(feeds.values())))
+        parts = [decode.run(OUTPUTS, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
+        return [np.concatenate(p) for p in zip(*parts, strict=True)]
 
     def run(x: np.ndarray):
         heads: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in outputs}
@@ -351,7 +406,7 @@ def runner(tflite: Path, threads: int) -> Runner:
             name: np.ascontiguousarray(np.concatenate(heads[name]).transpose(perm), np.float32)
             for name, _, perm in outputs
         }
-        return decode.run(OUTPUTS, feeds | dict.fromkeys(images, x))
+        return decoded(feeds | dict.fromkeys(images, x))
 
     return run
 
