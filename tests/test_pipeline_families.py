@@ -62,6 +62,7 @@ def fp32_map(proj: Path, checkpoint: str) -> float:
     return evaluate_model(adapter, model, test)["map50"]
 
 
+@pytest.mark.families
 def test_yolo_runs_every_stage_and_its_engines_keep_its_fp32_accuracy(yolo_project):
     proj = yolo_project
     assert load_checkpoint(proj / "artifacts/distill/model.pt")[2]["family"] == "yolo"
