@@ -350,14 +350,14 @@ def test_litert_folds_the_shape_arithmetic_of_ultralytics_export_and_matches_ort
     them). `convert` first fixes the graph at batch 1 and folds that arithmetic (onnxsim); the
     float32 .tflite with its batch-1 decode, run image by image, gives ONNX Runtime's detections
     for a batch of three."""
-    from tasks.engines import litert
+    from tasks.engines import litert, litert_graph
 
     if reason := litert.unavailable():
         pytest.skip(reason)
     path = tmp_path / "model.onnx"
     onnx.save(appended, str(path))
     with pytest.raises(litert.Unconvertible, match=r"shape values computed in the backbone \("):
-        litert.split(path, tmp_path / "head.onnx", tmp_path / "decode.onnx")
+        litert_graph.split(path, tmp_path / "head.onnx", tmp_path / "decode.onnx")
     facts = litert.convert(path, tmp_path / "model.tflite", "float32")
     assert facts["batch1_folded"] and facts["cut"]
     got = litert.runner(tmp_path / "model.tflite", threads=1)(images)
