@@ -174,8 +174,16 @@ litert_missing = pytest.mark.skipif(
 
 @litert_missing
 def test_litert_fp32_and_int8_run_on_xnnpack_and_keep_pytorch_accuracy(
-    tiny, tiny_manifest, models, tmp_path
+    tiny, tiny_manifest, models, tmp_path, monkeypatch
 ):
+    """Both conversions with no download (onnx2tf fetches sample images unless given ours);
+    the INT8 build's gate fails a model whose convolutions all read float."""
+    import requests
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"download at run time: {args}")
+
+    monkeypatch.setattr(requests, "get", no_download)
     test = DetectionSet(tiny_manifest, "test", 64)
     ref = eager_map(models / "model.pt", test, tiny)
     # float32: converted from the ONNX by the build itself
@@ -204,24 +212,9 @@ def test_litert_fp32_and_int8_run_on_xnnpack_and_keep_pytorch_accuracy(
     assert abs(got - ref) <= 0.05, (got, ref)
     size = {k: (tmp_path / k / "model.tflite").stat().st_size for k in ("f32", "i8")}
     assert size["i8"] < 0.4 * size["f32"]
-
-
-@litert_missing
-def test_litert_int8_model_running_float_convolutions_is_caught(
-    tiny, tiny_manifest, models, tmp_path, monkeypatch
-):
-    import requests
-
-    def no_download(*args, **kwargs):  # onnx2tf fetches sample images unless given ours
-        raise AssertionError(f"download at run time: {args}")
-
-    monkeypatch.setattr(requests, "get", no_download)
-    images, _, _ = quantize.calibration_set(tiny.quantize, DetectionSet(tiny_manifest, "train", 64))
-    litert.convert(models / "fp32.onnx", tmp_path / "int8.tflite", "int8", images)
-    interpreter = litert._interpreter(tmp_path / "int8.tflite", 1)
-    litert.check_int8(tmp_path / "int8.tflite", interpreter, litert.conv_precisions(interpreter))
+    interpreter = litert._interpreter(made / "model.tflite", 1)
     with pytest.raises(GateFailed, match="no convolution reads int8"):
-        litert.check_int8(tmp_path / "int8.tflite", interpreter, {"f32": 14})
+        litert.check_int8(made / "model.tflite", interpreter, {"f32": 14})
 
 
 def test_litert_without_its_extra_reports_the_reason():

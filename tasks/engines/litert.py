@@ -1,17 +1,17 @@
 """LiteRT (TFLite) on the CPU: ai-edge-litert's interpreter with the XNNPACK delegate.
 
-Conversion (`convert`): the ONNX is cut in two (`tasks.engines.litert_graph`). The
-backbone+head (every node up to the outputs of the convolutions) goes through onnx2tf (ONNX ->
-TensorFlow -> the TFLite converter) to `model.tflite`: float32, float16 (float16 weights, float compute) or full-integer INT8 (int8
-activations, per-channel int8 weights, int8 input and outputs; activation ranges from the TFLite
-converter's calibration on the images it is given). The in-graph decode after the head (peak
-pooling, top-K, boxes; YOLO's anchors and NMS) is kept as the graph's own ONNX nodes in
-`model.decode.onnx` and runs in ONNX Runtime on one thread: onnx2tf cannot convert its TopK (it
-calls `int()` on the one-element K array, which numpy 2 refuses), and full-integer quantization
-would put the scores and box arithmetic in int8. The head has one output per tensor the decode
-reads (the built-in detector's one map; YOLO's three per-scale class maps and its DFL boxes):
-the runner finds each by the name onnx2tf gave it, dequantizes it with its own scale and zero
-point, and transposes it from onnx2tf's channels-last layout to the shape the decode expects.
+Conversion (`convert`): the ONNX is cut in two (`tasks.engines.litert_graph`). The backbone+head
+(every node up to the outputs of the convolutions) goes through onnx2tf (ONNX -> TensorFlow -> the
+TFLite converter) to `model.tflite`: float32, float16 (float16 weights, float compute) or
+full-integer INT8 (int8 activations, per-channel int8 weights, int8 input and outputs; activation
+ranges from the TFLite converter's calibration on the images it is given). The in-graph decode
+after the head (peak pooling, top-K, boxes; YOLO's anchors and NMS) is kept as the graph's own ONNX
+nodes in `model.decode.onnx` and runs in ONNX Runtime on one thread: onnx2tf cannot convert its
+TopK (it calls `int()` on the one-element K array, which numpy 2 refuses), and full-integer
+quantization would put the scores and box arithmetic in int8. The head has one output per tensor
+the decode reads (the built-in detector's one map; YOLO's three per-scale class maps and its DFL
+boxes): the runner finds each by the name onnx2tf gave it, dequantizes it with its own scale and
+zero point, and transposes it from onnx2tf's channels-last layout to the shape the decode expects.
 
 Build (`LiteRt.build`): a `.tflite` beside the ONNX with the same stem (what `quantize` made for
 this target, with its `.decode.onnx`) is taken as it is; otherwise the ONNX is converted to
