@@ -39,7 +39,7 @@ from tasks.models.onnx_export import to_onnx
 from tasks.promote import candidate, stage
 from tasks.promote.ledger import AliasLedger, ChampionMoved
 from tasks.promote.numeric import numeric_format
-from tests.conftest import free_port, running_mlflow_server, tiny_params
+from tests.conftest import free_port, tiny_params
 
 KPIS = {
     "map50": 0.95,
@@ -678,24 +678,25 @@ def test_a_failure_after_registering_deletes_the_version(
 
 
 @pytest.mark.server
-def test_with_the_server_down_the_stage_names_the_uri_and_registers_nothing(candidates, tmp_path):
+def test_with_the_server_down_the_stage_names_the_uri_and_registers_nothing(
+    mlflow_server, candidates, tmp_path
+):
+    """A tracking URI nobody answers at (a free port): the stage fails fast naming it, and the
+    registry that holds the model's versions (the session's server) gets no new one."""
     name = "down"
     params = params_for(name, GATES[:1])
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    work, port = tmp_path / "server", free_port()
-    work.mkdir()
-    with running_mlflow_server(work, port) as uri:
-        promote(uri, params, candidates["good"], tmp_path / "first")
-    proc = promote_cli(uri, path, candidates["good"], tmp_path)
+    promote(mlflow_server, params, candidates["good"], tmp_path / "first")
+    down = f"http://127.0.0.1:{free_port()}"
+    proc = promote_cli(down, path, candidates["good"], tmp_path)
     assert proc.returncode == 1, proc.stderr
-    assert f"MLflow tracking at {uri} is not usable" in proc.stderr
+    assert f"MLflow tracking at {down} is not usable" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "decision.json").exists()
-    with running_mlflow_server(work, port) as uri:
-        client = MlflowClient(uri)
-        assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
-        assert aliases(uri, name) == {"champion": "1", "challenger": "1"}
+    client = MlflowClient(mlflow_server)
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert aliases(mlflow_server, name) == {"champion": "1", "challenger": "1"}
 
 
 @pytest.mark.server
