@@ -69,7 +69,8 @@ def run(
     distilled = exported
     images, _, _ = calibration_set(cfg, DetectionSet(manifest, "train", size))
     report = json.loads((quantized / "report.json").read_text())
-    onnx_files |= calibrator_models(report, quantized, distilled, images, cfg, work)
+    if cfg.compare_calibrators:  # off: no int8_<calibrator> rows (ORT's entropy search is slow)
+        onnx_files |= calibrator_models(report, quantized, distilled, images, cfg, work)
     onnx_files["deployed"] = quantized / "model.onnx"
     onnx_files["fp16"] = quantized / "model.fp16.onnx"
     bf16 = engine_cfg.model_copy(update={"openvino_precision": "bf16"})

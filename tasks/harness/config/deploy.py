@@ -52,7 +52,11 @@ class QuantizeCfg(Section):
     max_map_drop: float = Field(
         0.01, ge=0, le=1, description="largest val mAP@0.5 loss (0.01 = 1 point) INT8 may cost"
     )
-    compare_calibrators: bool = Field(True, description="report every calibrator's val mAP")
+    compare_calibrators: bool = Field(
+        True,
+        description="report every calibrator's val mAP, and variants' every-conv INT8 row per "
+        "calibrator (int8_<calibrator>)",
+    )
     keep_faster: bool = Field(
         True,
         description="keep a layer type (or the whole model) in float where INT8 measures "
