@@ -15,8 +15,9 @@ from tasks.models.training import evaluate_model
 from tests.conftest import tiny_params
 
 pytest.importorskip("ultralytics")
-# Both DAGs are `pytest -m families` (the YOLO one took 839 s on a 2-core AVX2-only VM, past CI's
-# time budget beside the rest); the YOLO family's unit tests run in CI.
+# Both DAGs are `pytest -m families` (the YOLO one took 839 s on a 2-core AVX2-only VM, both 571 s
+# on an AVX-512 one: past CI's time budget beside the rest); the YOLO family's unit tests run in
+# CI.
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 TARGETS = ["onnxruntime", "openvino", "litert"]
 
