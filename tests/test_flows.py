@@ -596,24 +596,19 @@ def test_a_fanned_out_sweep_runs_each_recipe_on_its_own_worker_and_finds_the_sam
 
     # the experiments were pushed back to the project (git ref + DVC remote), with those KPIs
     shown = json.loads(dvc(proj, "exp", "show", "--json").stdout)
-    pushed = {
-        e["name"]: e["revs"][0]["data"]["metrics"][METRICS]["data"]
+    pushed = {  # each experiment's metrics files
+        e["name"]: e["revs"][0]["data"]["metrics"]
         for b in shown
         for e in b.get("experiments") or []
         if e.get("name") in rows
     }
     assert sorted(pushed) == sorted(rows)
-    for name, m in pushed.items():
+    for name, files in pushed.items():
+        m = files[METRICS]["data"]
         assert m["map50"] == pytest.approx(rows[name]["map50"])
         assert m["latency_ms_p50"] == pytest.approx(rows[name]["latency_ms_p50"])
-    # quantize.compare_calibrators off: variants has no int8_<calibrator> rows either
-    table = {
-        e["name"]: e["revs"][0]["data"]["metrics"]["artifacts/variants/metrics.json"]["data"]
-        for b in shown
-        for e in b.get("experiments") or []
-        if e.get("name") in rows
-    }
-    for name, variants in table.items():
+        # quantize.compare_calibrators off: variants has no int8_<calibrator> rows either
+        variants = files["artifacts/variants/metrics.json"]["data"]
         assert "deployed" in variants and not any(k.startswith("int8_") for k in variants), name
 
     # the front is the one tasks/pareto (the sequential sweep's) computes from those KPIs
