@@ -1,8 +1,9 @@
 """LiteRT (TFLite) on the CPU: ai-edge-litert's interpreter with the XNNPACK delegate.
 
 Conversion (`convert`): the ONNX is cut in two (`tasks.engines.litert_graph`). The backbone+head
-(every node up to the outputs of the convolutions) goes through onnx2tf (ONNX -> TensorFlow -> the
-TFLite converter) to `model.tflite`: float32, float16 (float16 weights, float compute) or
+(every node up to the outputs of the convolutions) goes through onnx2tf (ONNX -> a Keras model)
+and the TFLite converter (`_to_tflite`, set as onnx2tf sets it, without the SavedModel onnx2tf
+would write first) to `model.tflite`: float32, float16 (float16 weights, float compute) or
 full-integer INT8 (int8 activations, per-channel int8 weights, int8 input and outputs; activation
 ranges from the TFLite converter's calibration on the images it is given). The in-graph decode
 after the head (peak pooling, top-K, boxes; YOLO's anchors and NMS) is kept as the graph's own ONNX
@@ -55,11 +56,6 @@ log = logging.getLogger(__name__)
 REQUIRED = ("ai_edge_litert", "onnx2tf", "tensorflow")  # the `litert` extra
 PRECISIONS = ("float32", "float16", "int8")
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # onnx2tf's name
-_ONNX2TF_FILES = {
-    "float32": "{}_float32.tflite",
-    "float16": "{}_float16.tflite",
-    "int8": "{}_full_integer_quant.tflite",
-}
 
 
 def unavailable(modules: tuple[str, ...] = REQUIRED) -> str | None:
@@ -93,39 +89,31 @@ def convert(
             d.dim_value for d in onnx.load(str(head)).graph.input[0].type.tensor_type.shape.dim
         ]
         name = onnx.load(str(head)).graph.input[0].name
-        options: dict = {}
-        if precision == "int8":
-            np.save(tmp / "calibration.npy", calibration.transpose(0, 2, 3, 1))  # NHWC
-            options = {
-                "output_integer_quantized_tflite": True,
-                "quant_type": "per-channel",
-                # [input, images (N, H, W, C), mean, std]: the images are used as they are
-                "custom_input_op_name_np_data_path": [
-                    [name, str(tmp / "calibration.npy"), [0.0] * shape[1], [1.0] * shape[1]]
-                ],
-            }
         # onnx2tf checks its TF graph against ONNX Runtime on sample images, which it downloads
         # unless this file is in the working directory: give it ours (no download at run time).
         samples = calibration if calibration is not None else _samples(shape)
         np.save(tmp / SAMPLE_FILE, samples[:20].transpose(0, 2, 3, 1).astype(np.float32))
         printed = io.StringIO()  # onnx2tf prints the TF graph's signatures: keep for debug
         with contextlib.chdir(tmp), contextlib.redirect_stdout(printed):
-            try:
-                onnx2tf.convert(
+            try:  # the Keras model only: its own TFLite path first writes a SavedModel (~90%
+                # of its time on the built-in detector), which `_to_tflite` has no use for
+                keras_model = onnx2tf.convert(
                     input_onnx_file_path=str(head),
                     output_folder_path=str(tmp / "out"),
                     overwrite_input_shape=[f"{name}:1,{','.join(str(d) for d in shape[1:])}"],
+                    disable_model_save=True,
                     non_verbose=True,
-                    **options,
                 )
             except SystemExit as exc:  # onnx2tf reports its errors by sys.exit(1)
                 raise ShrinkflowError(
                     f"{onnx_path}: onnx2tf could not convert it to LiteRT {precision} "
                     f"(exit {exc.code}): {printed.getvalue()[-500:].strip()}"
                 ) from None
+        nhwc = None if calibration is None else calibration.transpose(0, 2, 3, 1)
+        tflite = _to_tflite(keras_model, precision, nhwc)
         log.debug("onnx2tf: %s", printed.getvalue())
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tmp / "out" / _ONNX2TF_FILES[precision].format("head"), dst)
+        dst.write_bytes(tflite)
         shutil.copy(tmp / "decode.onnx", decode_path(dst))
     return {
         "precision": precision,
@@ -134,6 +122,34 @@ def convert(
         "batch1_folded": folded,
         "calibration_images": 0 if calibration is None else int(len(calibration)),
     }
+
+
+def _to_tflite(keras_model, precision: str, calibration: np.ndarray | None) -> bytes:
+    """The TFLite converter on onnx2tf's Keras model, set as onnx2tf sets it for the same file:
+    float32; float16 weights; or full-integer INT8 (per-channel weights, int8 input and outputs,
+    activation ranges from `calibration`, (N, H, W, C) float32 images used as they are, one at a
+    time: the model is batch 1)."""
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec(t.shape, t.dtype, t.name) for t in keras_model.inputs]
+    fn = tf.function(lambda *inputs: keras_model(inputs), input_signature=signature)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [fn.get_concrete_function()], keras_model
+    )
+    ops = (
+        tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+        if precision == "int8"
+        else tf.lite.OpsSet.TFLITE_BUILTINS
+    )
+    converter.target_spec.supported_ops = [ops, tf.lite.OpsSet.SELECT_TF_OPS]
+    if precision == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif precision == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([x[None]] for x in calibration)
+        converter.inference_input_type = converter.inference_output_type = tf.int8
+    return converter.convert()
 
 
 def _samples(shape: list[int]) -> np.ndarray:
@@ -239,9 +255,10 @@ def _layout(name: str, got: list[int], want: list) -> tuple[int, ...]:
 
 def _by_position(interpreter) -> dict[int, dict]:
     """The model's outputs (tensor details) by their position k in onnx2tf's output list (the
-    head ONNX's output order), read from the names onnx2tf's conversion gives them: the
-    signature's `output_<k>` (full-integer INT8, converted from its SavedModel) or else the
-    tensors' `Identity`, `Identity_<k>` (float, from its concrete function: no signature).
+    head ONNX's output order), read from the names the conversion gives them: the tensors'
+    `Identity`, `Identity_<k>` (`_to_tflite` converts a concrete function: no signature) or,
+    in a model converted from a SavedModel (onnx2tf's own full-integer file), the signature's
+    `output_<k>`.
     Never from the interpreter's output order, which the TFLite converter shuffles (YOLO's
     full-integer model lists 1, 3, 0, 2). Raises ShrinkflowError on a name of neither form."""
     if interpreter.get_signature_list():
