@@ -49,6 +49,7 @@ def _scores(ctx: QaContext) -> dict:
     """split -> per image: ann ids, label boxes, classes, predictions, and the three scores."""
     if ctx.model_scores or not ctx.predictions:
         return ctx.model_scores
+    from cleanlab.internal.constants import ALPHA
     from cleanlab.object_detection import rank
 
     m = ctx.cfg.model
@@ -72,7 +73,10 @@ def _scores(ctx: QaContext) -> dict:
                 }
             )
         predictions = [preds[i] for i in ids]
-        kw = {"labels": labels, "predictions": predictions}
+        # the three scores share one matching of labels to predictions per image: computed once
+        # and passed as cleanlab's `auxiliary_inputs` (its default recomputes it per score)
+        aux = rank._get_valid_inputs_for_compute_scores(ALPHA, labels, predictions)
+        kw = {"labels": labels, "predictions": predictions, "auxiliary_inputs": aux}
         swap = rank.compute_swap_box_scores(**kw, high_probability_threshold=m.high_probability)
         badloc = rank.compute_badloc_box_scores(**kw, low_probability_threshold=m.low_probability)
         over = rank.compute_overlooked_box_scores(
