@@ -1,17 +1,18 @@
 """Stage `variants`: every step of the compression recipe on the test split, in one table.
 
 Trained (the reference stage's FP32 graph, not re-exported here), pruned and distilled FP32
-models, INT8 with each calibrator (every conv INT8, on the
-distilled model), the deployed INT8 model (with the float layers that the quantize stage kept),
-FP16, and OpenVINO's bf16 precision on the distilled model; the deployed model on OpenVINO too
-(`deployed_openvino`, as build_engine@openvino builds it), and beside it what NNCF gives you
-without Shrinkflow: NNCF's PTQ and accuracy-controlled INT8 of the distilled model on OpenVINO
-(tasks/quantization/nncf_peers.py; `skipped: nncf not installed` rows without NNCF). For each:
-mAP@0.5,
-mAP@0.5:0.95, batch-1 latency p50, file size and MACs. ONNX Runtime runs the rest; all
-variants are timed in one process, in alternating blocks (tasks/metrics/timing.py), so the latency
-column compares as ratios. The INT8-per-calibrator models are the quantize stage's own
-(`calibrators/`) when it compared calibrators on the exported model, made here otherwise.
+models, INT8 with each calibrator (every conv INT8, on the distilled model), the deployed model
+on ONNX Runtime (`deployed`: the quantize stage's model for that target, as
+build_engine@onnxruntime builds it: its INT8 with the float layers it kept, or NNCF's where
+`quantize.method` picked NNCF there), FP16, and OpenVINO's bf16 precision on the distilled
+model; the deployed model on OpenVINO too (`deployed_openvino`, as build_engine@openvino builds
+it), and beside it what NNCF gives you without Shrinkflow: NNCF's PTQ and accuracy-controlled
+INT8 of the distilled model on OpenVINO (tasks/quantization/nncf_peers.py; `skipped: nncf not
+installed` rows without NNCF). For each: mAP@0.5, mAP@0.5:0.95, batch-1 latency p50, file size
+and MACs. ONNX Runtime runs the rest; all variants are timed in one process, in alternating
+blocks (tasks/metrics/timing.py), so the latency column compares as ratios. The
+INT8-per-calibrator models are the quantize stage's own (`calibrators/`) when it compared
+calibrators on the exported model, made here otherwise.
 
 Each deployed row (`OURS`) is also set against each peer row present (`PEER_ROWS`: NNCF's
 accuracy-controlled INT8, Ultralytics' INT8 export) on the same test images: the mAP@0.5
@@ -71,7 +72,10 @@ def run(
     report = json.loads((quantized / "report.json").read_text())
     if cfg.compare_calibrators:  # off: no int8_<calibrator> rows (ORT's entropy search is slow)
         onnx_files |= calibrator_models(report, quantized, distilled, images, cfg, work)
-    onnx_files["deployed"] = quantized / "model.onnx"
+    # what build_engine@onnxruntime builds: the target's own model (NNCF's where
+    # quantize.method picked it for that target), else the stage's deployable model.onnx
+    ort_target = quantized / "targets" / "onnxruntime" / "model.onnx"
+    onnx_files["deployed"] = ort_target if ort_target.exists() else quantized / "model.onnx"
     onnx_files["fp16"] = quantized / "model.fp16.onnx"
     bf16 = engine_cfg.model_copy(update={"openvino_precision": "bf16"})
     builds = {name: ("onnxruntime", path, engine_cfg) for name, path in onnx_files.items()}
@@ -259,7 +263,8 @@ def render(table: dict[str, dict]) -> str:
         "# Compression variants (test split, batch 1, one process)",
         "",
         "`int8_<calibrator>`: every conv INT8 on the distilled model. `deployed`: what the "
-        "quantize stage chose (its float layers kept; see its report).",
+        "quantize stage chose for ONNX Runtime (its float layers kept, or NNCF's model where "
+        "quantize.method picked it; see its report).",
         "",
         "`deployed_openvino`: the same deployed choice as build_engine@openvino builds it. "
         "`nncf_ptq`, `nncf_accuracy_control`: what NNCF gives you without Shrinkflow (its "

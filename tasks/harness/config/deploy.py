@@ -84,11 +84,13 @@ class QuantizeCfg(Section):
         "every target or {target: method} (unnamed targets: ort)",
     )
     best_map_tie: float = Field(
-        0.0,
+        0.002,
         ge=0,
         le=1,
         description="method best: val mAP@0.5 differences up to this count as a tie, which the "
-        "candidate measured faster on the target wins",
+        "candidate measured faster on the target wins. 0.002 (0.2 points): two INT8 models of "
+        "the default student differ by about 0.1 point on val (200 images) and their paired 95% "
+        "interval on the 300 test images is about +-0.1 point; 0 lets such noise pick the slower",
     )
 
 
