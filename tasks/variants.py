@@ -74,16 +74,17 @@ def run(
         onnx_files |= calibrator_models(report, quantized, distilled, images, cfg, work)
     # what build_engine@onnxruntime builds: the target's own model (NNCF's where
     # quantize.method picked it for that target), else the stage's deployable model.onnx
-    ort_target = quantized / "targets" / "onnxruntime" / "model.onnx"
+    ort_target = target_model(quantized, "onnxruntime")
     onnx_files["deployed"] = ort_target if ort_target.exists() else quantized / "model.onnx"
+    deployed_precision = report.get("targets", {}).get("onnxruntime", {}).get("precision")
     onnx_files["fp16"] = quantized / "model.fp16.onnx"
     bf16 = engine_cfg.model_copy(update={"openvino_precision": "bf16"})
     builds = {name: ("onnxruntime", path, engine_cfg) for name, path in onnx_files.items()}
     builds["bf16"] = ("openvino", distilled, bf16)
-    deployed_ov = quantized / "targets" / "openvino" / "model.onnx"
+    deployed_ov = target_model(quantized, "openvino")
     if deployed_ov.exists():  # the deployed model as build_engine@openvino builds it
         builds["deployed_openvino"] = ("openvino", deployed_ov, engine_cfg)
-    litert_source = quantized / "targets" / "litert" / "model.onnx"
+    litert_source = target_model(quantized, "litert")
     if litert_source.with_suffix(".tflite").exists():  # LiteRT's model, as quantize made it
         builds["litert"] = ("litert", litert_source, engine_cfg)
     runners, sizes = {}, {}
@@ -138,7 +139,9 @@ def run(
         source = name if name in macs else "distilled"
         table[name] = {
             "runtime": target + (" (bf16 hint)" if name == "bf16" else ""),
-            "precision": report["precision"] if name == "deployed" else None,
+            "precision": (deployed_precision or report["precision"])
+            if name == "deployed"
+            else None,
             "map50": quality["map50"],
             "map50_95": quality["map50_95"],
             "latency_ms_p50": latency_stats(times[name], 1)["latency_ms_p50"],
@@ -182,6 +185,11 @@ def versus(ours: list, peer: list, images: int, mine: dict, theirs: dict, cfg) -
         "verdict": "better" if lo > 0 else "worse" if hi < 0 else "equal within noise",
         "speedup": theirs["latency_ms_p50"] / mine["latency_ms_p50"],
     }
+
+
+def target_model(quantized: Path, target: str) -> Path:
+    """The model the quantize stage made for `target` (what build_engine@<target> builds)."""
+    return quantized / "targets" / target / "model.onnx"
 
 
 def fp32_graphs(

@@ -1052,3 +1052,37 @@ def test_accepted_decisions_apply_over_the_policy_and_without_a_finding(tmp_path
     assert label_qa.run(cfg, dataset=dataset).manifest["splits"]["train"]["annotations"][2][
         "bbox"
     ] == [25, 25, 10, 10]  # without the decisions the policy keeps it
+
+
+def test_objectlab_scores_from_one_shared_matching_equal_cleanlabs_own():
+    """model_checks computes cleanlab's label-to-prediction matching once and passes it to the
+    three ObjectLab scores (`auxiliary_inputs`, through a private cleanlab helper): the scores
+    must be the ones each function computes on its own, so a cleanlab change shows here."""
+    from cleanlab.internal.constants import ALPHA
+    from cleanlab.object_detection import rank
+
+    rng = np.random.default_rng(0)
+    labels, predictions = [], []
+    for _ in range(40):
+        n = int(rng.integers(0, 5))
+        xy, wh = rng.uniform(0, 100, (n, 2)), rng.uniform(5, 30, (n, 2))
+        labels.append({"bboxes": np.concatenate([xy, xy + wh], 1), "labels": rng.integers(0, 3, n)})
+        per_class = []
+        for _ in range(3):
+            m = int(rng.integers(0, 3))
+            pxy, pwh = rng.uniform(0, 100, (m, 2)), rng.uniform(5, 30, (m, 2))
+            score = rng.uniform(0, 1, (m, 1))
+            per_class.append(np.concatenate([pxy, pxy + pwh, score], 1).astype(np.float32))
+        predictions.append(per_class)
+    kw = {"labels": labels, "predictions": predictions}
+    aux = rank._get_valid_inputs_for_compute_scores(ALPHA, labels, predictions)
+    for score, extra in (
+        (rank.compute_swap_box_scores, {"high_probability_threshold": 0.7}),
+        (rank.compute_badloc_box_scores, {"low_probability_threshold": 0.04}),
+        (rank.compute_overlooked_box_scores, {"high_probability_threshold": 0.08}),
+    ):
+        own = score(**kw, **extra)
+        shared = score(**kw, **extra, auxiliary_inputs=aux)
+        assert sum(len(s) for s in own) > 0
+        for a, b in zip(own, shared, strict=True):
+            np.testing.assert_array_equal(a, b)
